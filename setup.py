@@ -1,0 +1,133 @@
+"""Packaging for mmf-multilevel.
+
+MMF itself (``mmf==1.0.0rc10``, the only release on the package registry) pins
+torch 1.5 and cannot be resolved beside a modern stack, so it is *not* listed in
+``install_requires``: ``scripts/install.sh`` installs it with ``--no-deps``.
+Everything MMF needs at import time is listed here instead, at versions that work
+with the compatibility layer in ``mmf_multilevel/compat``.
+
+Installing the package also drops ``mmf_multilevel_hook.pth`` into site-packages.
+It registers a tiny import hook (no heavy imports at interpreter start) that
+applies the compatibility patches and registers our components the first time
+``mmf`` is imported, so the stock ``mmf_run`` works with no extra flag.
+"""
+import os
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PTH_NAME = "mmf_multilevel_hook.pth"
+
+
+class build_py_with_pth(build_py):
+    """Ship the import-hook ``.pth`` file at the root of the wheel (site-packages)."""
+
+    def run(self):
+        super().run()
+        self.copy_file(os.path.join(HERE, PTH_NAME), os.path.join(self.build_lib, PTH_NAME))
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH_NAME)]
+
+
+try:  # setuptools >= 64 builds PEP 660 editable wheels through this command
+    from setuptools.command.editable_wheel import editable_wheel
+except ImportError:  # pragma: no cover - very old setuptools
+    editable_wheel = None
+
+
+class _StrategyWithPth:
+    """Wraps setuptools' editable strategy so the editable wheel carries the hook too."""
+
+    def __init__(self, strategy):
+        self._strategy = strategy
+
+    def __call__(self, wheel, files, mapping):
+        result = self._strategy(wheel, files, mapping)
+        with open(os.path.join(HERE, PTH_NAME), "rb") as f:
+            wheel.writestr(PTH_NAME, f.read())
+        return result
+
+    def __enter__(self):
+        self._strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._strategy.__exit__(*exc)
+
+
+CMDCLASS = {"build_py": build_py_with_pth}
+if editable_wheel is not None and hasattr(editable_wheel, "_select_strategy"):
+
+    class editable_wheel_with_pth(editable_wheel):
+        """``pip install -e .`` gets the import-hook ``.pth`` as ``pip install .`` does."""
+
+        def _select_strategy(self, *args, **kwargs):
+            return _StrategyWithPth(super()._select_strategy(*args, **kwargs))
+
+    CMDCLASS["editable_wheel"] = editable_wheel_with_pth
+
+
+def read_version():
+    scope = {}
+    with open(os.path.join(HERE, "mmf_multilevel", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                exec(line, scope)
+    return scope["__version__"]
+
+
+# torch/torchvision: exact pins. An unpinned torch would make pip resolve a multi-GB
+# build from the registry; these two releases import together on Python 3.11.
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+
+# What MMF rc10 imports at ``import mmf`` (it imports every module), at versions the
+# compatibility layer is tested with, plus our own runtime dependencies.
+INSTALL_REQUIRES = TORCH + [
+    "transformers>=4.40,<5",
+    "tokenizers>=0.19,<0.23",
+    "omegaconf>=2.3,<2.5",
+    "demjson3==3.0.6",
+    "scikit-learn>=1.3",
+    "numpy>=1.26,<3",
+    "lmdb>=1.4",
+    "safetensors>=0.4",
+    "tqdm>=4.60",
+    "requests>=2.28",
+    "GitPython>=3.1.30",
+    "termcolor>=2.0",
+    "editdistance>=0.6",
+    "nltk>=3.8",
+    "pillow>=10",
+    "tensorboard>=2.14",
+    "matplotlib>=3.7",
+    "pycocotools>=2.0.7",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+}
+EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
+
+setup(
+    name="mmf-multilevel",
+    version=read_version(),
+    description="SemVLP, SOHO, MVPTR, SIMLA and mu-VLA vision-language pre-training as an MMF plugin",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mmf_multilevel", "mmf_multilevel.*"]),
+    include_package_data=True,
+    package_data={"mmf_multilevel": ["configs/**/*.yaml", "zoo/*.yaml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    cmdclass=CMDCLASS,
+    entry_points={
+        "console_scripts": [
+            "mmf_ml_run = mmf_multilevel.cli:run",
+            "mmf_ml_doctor = mmf_multilevel.compat.doctor:main",
+        ]
+    },
+)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(ROOT, "tests", "configs", "visual_bert_synthetic.yaml")
+TINY_CONFIG = os.path.join(ROOT, "projects", "visual_bert", "synthetic.yaml")
 TEST_PLUGIN = os.path.join(ROOT, "tests", "plugins", "mmf_test_plugin")
 BIN = os.path.dirname(sys.executable)
 

@@ -147,3 +147,24 @@ def test_torchrun_starts_one_process_per_rank(tmp_path):
     result = subprocess.run(args, cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_same_state(load(save / "rank0.pt"), load(save / "rank1.pt"))
+
+
+def test_early_stopping_stops_every_rank_together(tmp_path, mmf_run):
+    save = tmp_path / "early"
+    # maximising the validation loss: it falls while training, so patience runs out early
+    result = mmf_run(
+        f"env.save_dir={save}",
+        "distributed.world_size=2",
+        "training.trainer=test_rank_dump",
+        f"env.user_dir={TEST_PLUGIN}",
+        "training.max_updates=60",
+        "training.evaluation_interval=2",
+        "training.early_stop.enabled=True",
+        "training.early_stop.patience=1",
+        "training.early_stop.criteria=total_loss",
+        "training.early_stop.minimize=False",
+        timeout=300,
+    )
+    assert "Early stopping activated" in result.stdout + result.stderr
+    assert load(save / "current.ckpt")["num_updates"] < 60
+    assert_same_state(load(save / "rank0.pt"), load(save / "rank1.pt"))

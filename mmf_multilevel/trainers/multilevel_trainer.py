@@ -30,7 +30,7 @@ from mmf.common.sample import SampleList
 from mmf.trainers.base_trainer import BaseTrainer
 from mmf.utils.build import build_scheduler
 from mmf.utils.configuration import get_mmf_env
-from mmf.utils.distributed import get_rank, get_world_size, is_master
+from mmf.utils.distributed import broadcast_scalar, get_rank, get_world_size, is_master
 from mmf.utils.early_stopping import EarlyStopping
 from mmf.utils.logger import TensorboardLogger
 from mmf.utils.timer import Timer
@@ -142,8 +142,12 @@ class MultilevelTrainer(BaseTrainer):
 
         self.meter = Meter()
         early = training.early_stop
+        # MMF's EarlyStopping decides on the master alone and would restore the best
+        # checkpoint there while the other ranks wait in a broadcast; it only tracks the
+        # best value here, and _try_full_validation stops every rank together.
+        self.early_stop_enabled = bool(early.enabled)
         self.early_stopping = EarlyStopping(
-            self.model, self.checkpoint, early.criteria, patience=early.patience, minimize=early.minimize, should_stop=early.enabled
+            self.model, self.checkpoint, early.criteria, patience=early.patience, minimize=early.minimize, should_stop=False
         )
         self.log_interval = training.log_interval
         self.evaluation_interval = training.evaluation_interval
@@ -324,9 +328,15 @@ class MultilevelTrainer(BaseTrainer):
         super()._try_snapshot()
 
     def _try_full_validation(self, force=False):
-        if force or self.num_updates % self.evaluation_interval == 0:
-            self._collect_rng_states()
-        return super()._try_full_validation(force=force)
+        if not (force or self.num_updates % self.evaluation_interval == 0):
+            return False
+        self._collect_rng_states()
+        should_break = super()._try_full_validation(force=force)
+        activated = bool(broadcast_scalar(int(self.early_stopping.is_activated()), src=0, device=self.device))
+        if activated and self.early_stop_enabled:
+            self.writer.write("Early stopping activated")
+            should_break = True
+        return should_break
 
     def evaluate(self, loader, use_tqdm=False, single_batch=False):
         """MMF's evaluation, leaving the training RNG streams exactly as they were."""

@@ -1,0 +1,5 @@
+import sys
+
+from mmf_multilevel.compat.doctor import main
+
+sys.exit(main())

@@ -151,28 +151,27 @@ def _transformers_module_paths(_):
     return applied
 
 
+def _restore_attribute(module_name, attribute, value):
+    """Set ``module.attribute = value()`` where a library dropped a name MMF imports."""
+    module = importlib.import_module(module_name)
+    if hasattr(module, attribute):
+        return False
+    setattr(module, attribute, value())
+    return True
+
+
 @patch("import", "mmf/models/m4c.py:8, mmf/models/mmf_bert.py:5, mmf/models/vilbert.py:13 (BertLayerNorm)")
 def _bert_layer_norm(_):
-    from transformers.models.bert import modeling_bert
-
-    if hasattr(modeling_bert, "BertLayerNorm"):
-        return False
     import torch
 
-    modeling_bert.BertLayerNorm = torch.nn.LayerNorm
-    return True
+    return _restore_attribute("transformers.models.bert.modeling_bert", "BertLayerNorm", lambda: torch.nn.LayerNorm)
 
 
 @patch("import", "mmf/modules/optimizers.py:3 `from transformers.optimization import AdamW`")
 def _transformers_adamw(_):
-    import transformers.optimization as optimization
-
-    if hasattr(optimization, "AdamW"):
-        return False
     import torch
 
-    optimization.AdamW = torch.optim.AdamW
-    return True
+    return _restore_attribute("transformers.optimization", "AdamW", lambda: torch.optim.AdamW)
 
 
 _COLLECTION_ABCS = ("Mapping", "MutableMapping", "Sequence", "MutableSequence", "Iterable", "Callable", "Set")

@@ -105,8 +105,21 @@ INSTALL_REQUIRES = TORCH + [
     "pycocotools>=2.0.7",
 ]
 
+def read_requirements(name):
+    """Pinned requirements of one extra, from ``requirements/<name>.txt`` (comments and blanks skipped)."""
+    path = os.path.join(HERE, "requirements", f"{name}.txt")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip()]
+
+
 EXTRAS = {
     "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    # mu-VLA retrieval builder: SBERT, spaCy, faiss
+    "retrieval": read_requirements("retrieval"),
+    # region feature extractor (detectron2 runtime dependencies)
+    "extract": read_requirements("extract"),
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 

@@ -13,7 +13,7 @@ fi
 pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
 # torch first, pinned: an unpinned torch would resolve a multi-GB build from the registry
 pip_install -c requirements/constraints.txt "torch==2.14.1" "torchvision==0.29.1"
-pip_install -c requirements/constraints.txt -e ".[test]"
+pip_install -c requirements/constraints.txt -e ".[all]"
 if ! "$VENV/bin/python" -m pip show -q mmf >/dev/null 2>&1; then
   pip_install --no-deps "mmf==1.0.0rc10"
 fi

@@ -14,6 +14,37 @@ pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q
 # torch first, pinned: an unpinned torch would resolve a multi-GB build from the registry
 pip_install -c requirements/constraints.txt "torch==2.14.1" "torchvision==0.29.1"
 pip_install -c requirements/constraints.txt -e ".[all]"
+# --- detectron2 for the region feature extractor (feature_extraction/, extra "extract") -------------
+# No detectron2 wheel on the registry installs on Python 3.11; the pb1-detectron2 0.6 sdist carries
+# detectron2's Python sources but not its C++ sources. We fetch that sdist by name, drop the C++
+# extension from its setup.py and install the pure-Python package (Faster R-CNN C4 runs on
+# torchvision's ROIAlign/NMS; mmf_multilevel/compat/detectron2.py covers the missing detectron2._C).
+# pip >= 25 refuses this sdist's metadata (a direct-URL extra), so a pinned pip 24.3.1 does the fetch.
+# Skipped when a detectron2 is already importable (e.g. one built from source).
+if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('detectron2') is None)" 2>/dev/null; then
+  D2_TMP=$(mktemp -d)
+  PIP_MAJOR=$("$VENV/bin/python" -c "import pip; print(pip.__version__.split('.')[0])")
+  if [ "$PIP_MAJOR" -ge 25 ]; then
+    pip_install --target "$D2_TMP/pip" "pip==24.3.1"
+    D2_PIP=(env PYTHONPATH="$D2_TMP/pip" "$VENV/bin/python" -m pip)
+  else
+    D2_PIP=("$VENV/bin/python" -m pip)
+  fi
+  "${D2_PIP[@]}" download --disable-pip-version-check -q --no-deps --no-build-isolation -d "$D2_TMP" "pb1-detectron2==0.6"
+  tar -xzf "$D2_TMP/pb1-detectron2-0.6.tar.gz" -C "$D2_TMP"
+  "$VENV/bin/python" - "$D2_TMP/pb1-detectron2-0.6/setup.py" <<'PY'
+import sys
+path = sys.argv[1]
+text = open(path).read()
+old = "ext_modules=get_extensions(),"
+if old not in text:
+    sys.exit(f"{path}: expected '{old}' in pb1-detectron2's setup.py; cannot install it without its C++ extension")
+open(path, "w").write(text.replace(old, "ext_modules=[],"))
+PY
+  pip_install --no-deps --no-build-isolation "$D2_TMP/pb1-detectron2-0.6"
+  rm -rf "$D2_TMP"
+fi
+# -----------------------------------------------------------------------------------------------------
 if ! "$VENV/bin/python" -m pip show -q mmf >/dev/null 2>&1; then
   pip_install --no-deps "mmf==1.0.0rc10"
 fi

@@ -164,9 +164,9 @@ def lookup_key(image_id):
 
 
 # --------------------------------------------------------------------------- header
-def make_header(layout, detector, weights_sha256, dtype, feature_dim=None, num_keys=0):
-    """The JSON header stored under ``__meta__``."""
-    return {
+def make_header(layout, detector, weights_sha256, dtype, feature_dim=None, num_keys=0, info=None):
+    """The JSON header stored under ``__meta__`` (``info``: optional JSON object of producer metadata)."""
+    header = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "layout": layout,
@@ -176,6 +176,9 @@ def make_header(layout, detector, weights_sha256, dtype, feature_dim=None, num_k
         "feature_dim": feature_dim,
         "num_keys": int(num_keys),
     }
+    if info is not None:
+        header["info"] = info
+    return header
 
 
 def encode_header(header):
@@ -209,6 +212,8 @@ def decode_header(raw, path):
     dim = header["feature_dim"]
     if dim is not None and (not isinstance(dim, int) or dim <= 0):
         raise CorruptRecordError(path, key, f"feature_dim is {dim!r}, expected a positive int or null")
+    if header.get("info") is not None and not isinstance(header["info"], dict):
+        raise CorruptRecordError(path, key, f"info is a {type(header['info']).__name__}, expected a JSON object or absent")
     return header
 
 

@@ -1,4 +1,5 @@
 """Resumable, batch-atomic writer of the region feature cache."""
+import json
 import os
 import re
 import warnings
@@ -29,6 +30,8 @@ class FeatureCacheWriter:
     progress is dropped; the committed batches stay. ``mmf_compat=True`` writes MMF's pickled
     layout (plus its ``keys`` entry, rewritten with each batch) for stock MMF readers; its
     path must end in ``.lmdb``. One writer per cache at a time.
+    ``info`` (optional JSON-serialisable dict: model, thresholds, class names ...) is stored in the
+    header under ``"info"``; on resume its keys must agree with the stored ones (new keys are added).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class FeatureCacheWriter:
         mmf_compat=False,
         feature_dim=None,
         map_size=DEFAULT_MAP_SIZE,
+        info=None,
     ):
         self.path = os.fspath(path)
         if not isinstance(detector, str) or not detector:
@@ -57,6 +61,14 @@ class FeatureCacheWriter:
             raise ValueError(f"{self.path}: feature_dim must be a positive int, got {feature_dim!r}")
         if mmf_compat and not self.path.rstrip("/").endswith(".lmdb"):
             raise ValueError(f"{self.path}: an MMF-compatible cache must end in '.lmdb' (MMF picks its LMDB reader by that suffix)")
+        if info is not None:
+            if not isinstance(info, dict):
+                raise ValueError(f"{self.path}: info must be a JSON-serialisable dict, got {type(info).__name__}")
+            try:  # normalise (tuples -> lists ...) so it compares equal to what a resumed run reads back
+                info = json.loads(json.dumps(info, sort_keys=True))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{self.path}: info must be JSON-serialisable ({exc})") from None
+        self.info = info
         self.layout = fmt.LAYOUT_MMF if mmf_compat else fmt.LAYOUT_SAFETENSORS
         self.detector = detector
         self.weights_sha256 = weights_sha256
@@ -103,6 +115,7 @@ class FeatureCacheWriter:
         if raw_header is not None:
             header = fmt.decode_header(raw_header, self.path)
             self._check_header(header, feature_dim)
+            self._merge_info(header.get("info"))
             self._load_keys(header["layout"], raw_keys)
             data_entries = entries - reserved
             if header["num_keys"] != len(self._existing) or data_entries != len(self._existing):
@@ -151,6 +164,21 @@ class FeatureCacheWriter:
                 f"{self.path}: existing cache has feature_dim={header['feature_dim']}, this writer was given feature_dim={feature_dim}"
             )
 
+    def _merge_info(self, existing):
+        """Resume: keys in both the stored and the given ``info`` must agree; the others are kept/added."""
+        if existing is None:
+            return
+        if self.info is None:
+            self.info = existing
+            return
+        for name in sorted(set(existing) & set(self.info)):
+            if existing[name] != self.info[name]:
+                raise fmt.HeaderMismatchError(
+                    f"{self.path}: existing cache has info[{name!r}]={_short(existing[name])}, this writer was given "
+                    f"info[{name!r}]={_short(self.info[name])}; features from different settings must not be mixed (use a new path)"
+                )
+        self.info = {**existing, **self.info}
+
     def _load_keys(self, layout, raw_keys):
         if layout == fmt.LAYOUT_MMF:
             if raw_keys is None:
@@ -184,7 +212,7 @@ class FeatureCacheWriter:
     @property
     def header(self):
         return fmt.make_header(
-            self.layout, self.detector, self.weights_sha256, self.dtype, self._feature_dim, len(self._existing)
+            self.layout, self.detector, self.weights_sha256, self.dtype, self._feature_dim, len(self._existing), self.info
         )
 
     def has(self, image_id):
@@ -268,7 +296,7 @@ class FeatureCacheWriter:
         keys = [key for key, _ in batch]
         key_list = self._key_list + keys if self.layout == fmt.LAYOUT_MMF else None
         header = fmt.make_header(
-            self.layout, self.detector, self.weights_sha256, self.dtype, self._feature_dim, len(self._existing) + len(batch)
+            self.layout, self.detector, self.weights_sha256, self.dtype, self._feature_dim, len(self._existing) + len(batch), self.info
         )
         while True:
             try:
@@ -296,3 +324,8 @@ class FeatureCacheWriter:
         current = self._env.info()["map_size"]
         new_size = max(current * 2, current + 4 * batch_bytes + (1 << 20))
         self._env.set_mapsize(new_size)
+
+
+def _short(value, limit=80):
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

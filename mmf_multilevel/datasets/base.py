@@ -1,0 +1,163 @@
+"""Shared machinery of the region-feature datasets: annotations + region LMDB + processors.
+
+``RegionTextDataset`` is an MMF ``BaseDataset`` that reads a jsonl annotation file,
+looks up each record's image in a region feature cache (``mmf_multilevel.features``)
+and fills the fields MMF's region models read:
+
+* ``image_feature_0`` - ``max_features x D`` float32, zero-padded;
+* ``image_info_0`` - ``max_features`` (number of real regions, which VisualBERT-style
+  models turn into a mask), ``bbox`` (padded ``max_features x 4``, pixels),
+  ``image_width``, ``image_height``, ``num_boxes`` and, where the detector gave
+  them, ``cls_prob`` (padded) and ``objects``;
+* ``image_id``.
+
+The cache is opened lazily, once per process (safe in DataLoader workers).
+"""
+import os
+import warnings
+
+import numpy as np
+import torch
+from mmf.common.sample import Sample
+from mmf.datasets.base_dataset import BaseDataset
+
+from mmf_multilevel.datasets.annotations import read_jsonl
+
+
+class FeatureDimensionError(ValueError):
+    """The cache's feature size D differs from what the model reads (``feature_dim``)."""
+
+
+class MissingFeaturesError(KeyError):
+    """Annotation records name images that the region feature cache does not hold."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def resolve(path, data_dir):
+    if path is None:
+        return None
+    path = os.path.expanduser(str(path))
+    if os.path.isabs(path) or data_dir is None:
+        return path
+    return os.path.join(str(data_dir), path)
+
+
+def pad_rows(array, rows):
+    array = np.asarray(array)
+    out = np.zeros((rows,) + array.shape[1:], dtype=np.float32)
+    n = min(rows, array.shape[0])
+    out[:n] = array[:n]
+    return torch.from_numpy(out)
+
+
+class RegionTextDataset(BaseDataset):
+    """Base class: subclasses implement ``build_sample(record, sample)``."""
+
+    required_fields = ("image_id",)
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        super().__init__(dataset_name, config, dataset_type)
+        data_dir = config.get("data_dir")
+        annotations = config.annotations[dataset_type]
+        if isinstance(annotations, str):
+            annotations = [annotations]
+        self.annotation_path = resolve(annotations[index], data_dir)
+        self.records = read_jsonl(self.annotation_path, self.required_fields, self.validate_record)
+        features = config.features[dataset_type] if dataset_type in config.features else config.features.get("train")
+        if isinstance(features, str):
+            features = [features]
+        self.features_path = resolve(features[index], data_dir)
+        if not os.path.exists(self.features_path):
+            raise FileNotFoundError(f"region feature cache not found: {self.features_path} (dataset_config.{dataset_name}.features.{dataset_type})")
+        self.max_features = int(config.get("max_features") or 100)
+        self.expected_dim = config.get("feature_dim")
+        self._reader = None
+        self._reader_pid = None
+        self.num_dropped = 0
+        self._check_coverage(bool(config.get("skip_missing_features", False)))
+
+    # ------------------------------------------------------------------ features
+    @property
+    def reader(self):
+        if self._reader is None or self._reader_pid != os.getpid():
+            from mmf_multilevel.features import FeatureCacheReader
+
+            self._reader = FeatureCacheReader(self.features_path)
+            self._reader_pid = os.getpid()
+            self._check_dimension()
+        return self._reader
+
+    def _check_dimension(self):
+        if self.expected_dim is None:
+            return
+        dim = self._reader.feature_dim
+        if dim is not None and int(dim) != int(self.expected_dim):
+            raise FeatureDimensionError(
+                f"{self.features_path} holds {dim}-d region features but dataset_config."
+                f"{self.dataset_name}.feature_dim (the model's input) is {self.expected_dim}"
+            )
+
+    def _check_coverage(self, skip):
+        """Every record's image must be in the cache: an error naming them, or (``skip``) a counted drop."""
+        ids = sorted({str(record["image_id"]) for record in self.records})
+        missing = {image_id for image_id in ids if image_id not in self.reader}
+        if not missing:
+            return
+        shown = ", ".join(repr(i) for i in sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
+        where = (
+            f"{len(missing)} of the {len(ids)} images named in {self.annotation_path} have no region features "
+            f"in {self.features_path}: {shown}"
+        )
+        if not skip:
+            raise MissingFeaturesError(
+                f"{where} (set dataset_config.{self.dataset_name}.skip_missing_features=True to drop their records)"
+            )
+        before = len(self.records)
+        self.records = [record for record in self.records if str(record["image_id"]) not in missing]
+        self.num_dropped = before - len(self.records)
+        if not self.records:
+            raise MissingFeaturesError(f"{where}; no record is left")
+        warnings.warn(f"{where}; dropped their {self.num_dropped} of {before} records (skip_missing_features)")
+
+    def region_fields(self, image_id):
+        record = self.reader.get(str(image_id))
+        features = np.asarray(record["features"])
+        if self.expected_dim is not None and features.shape[1] != int(self.expected_dim):
+            raise FeatureDimensionError(
+                f"{self.features_path}: image '{image_id}' has {features.shape[1]}-d features, expected {self.expected_dim}"
+            )
+        count = min(int(record.get("num_boxes", features.shape[0])), self.max_features)
+        info = Sample()
+        info.max_features = torch.tensor(count, dtype=torch.long)
+        info.num_boxes = torch.tensor(count, dtype=torch.long)
+        info.image_width = torch.tensor(int(record["image_w"]), dtype=torch.long)
+        info.image_height = torch.tensor(int(record["image_h"]), dtype=torch.long)
+        info.bbox = pad_rows(record["boxes"], self.max_features)
+        if record.get("cls_prob") is not None:
+            info.cls_prob = pad_rows(record["cls_prob"], self.max_features)
+        if record.get("objects") is not None:
+            objects = np.full(self.max_features, -1, dtype=np.int64)
+            given = np.asarray(record["objects"], dtype=np.int64)[: self.max_features]
+            objects[: len(given)] = given
+            info.objects = torch.from_numpy(objects)
+        return pad_rows(features, self.max_features), info
+
+    # ------------------------------------------------------------------ samples
+    def validate_record(self, record):
+        return None
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, idx):
+        record = self.records[idx]
+        sample = Sample()
+        sample.image_id = str(record["image_id"])
+        sample.image_feature_0, sample.image_info_0 = self.region_fields(record["image_id"])
+        self.build_sample(record, sample)
+        return sample
+
+    def build_sample(self, record, sample):
+        raise NotImplementedError

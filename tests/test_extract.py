@@ -260,7 +260,8 @@ def test_butd_bottom_up_attention_pytorch_pth(tmp_path, butd):
         state[f"roi_heads.box_predictor.bbox_pred.{suffix}"] = torch.cat([torch.zeros_like(box[:4]), box])
         state[f"roi_heads.box_predictor.attr_linear1.{suffix}"] = state.pop(f"roi_heads.attribute_predictor.fc.0.{suffix}")
         state[f"roi_heads.box_predictor.attr_linear2.{suffix}"] = state.pop(f"roi_heads.attribute_predictor.attr_score.{suffix}")
-    state["roi_heads.box_predictor.cls_embed.weight"] = state.pop("roi_heads.attribute_predictor.obj_embed.weight")
+    embed = state.pop("roi_heads.attribute_predictor.obj_embed.weight")
+    state["roi_heads.box_predictor.cls_embed.weight"] = torch.cat([embed[-1:], embed[:-1]])  # caffe order
     path = tmp_path / "bua-caffe-frcn-r101_with_attributes.pth"
     _save_torch(path, state)
     target = models.build_detector(cfg)
@@ -268,6 +269,22 @@ def test_butd_bottom_up_attention_pytorch_pth(tmp_path, butd):
     a, b = _outputs(source), _outputs(target)
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def test_attribute_head_without_no_attribute_column(tmp_path, butd):
+    """detectron2 attribute heads trained with ignore_index have A outputs; the converter adds column 0."""
+    cfg, source = butd
+    state = dict(source.state_dict())
+    state["roi_heads.attribute_predictor.attr_score.weight"] = state["roi_heads.attribute_predictor.attr_score.weight"][1:]
+    state["roi_heads.attribute_predictor.attr_score.bias"] = state["roi_heads.attribute_predictor.attr_score.bias"][1:]
+    _save_torch(tmp_path / "grid.pth", state)
+    target = models.build_detector(cfg)
+    converters.load_weights(target, str(tmp_path / "grid.pth"), converters.anchor_shape(cfg))
+    out = _outputs(target)
+    ref = _outputs(source)
+    assert torch.all(out["attr_prob"][:, 0] < 1e-6)
+    expected = torch.softmax(torch.log(ref["attr_prob"][:, 1:]), dim=1)  # the source's distribution without column 0
+    assert torch.allclose(out["attr_prob"][:, 1:], expected, atol=1e-5)
 
 
 def test_checkpoint_errors_name_the_key(tmp_path, butd):

@@ -8,7 +8,9 @@ Supported source layouts (detected from the key names; ``module.`` prefixes are 
     ``{"model": {name: tensor}}``). Backbone/RPN/res5 names are detectron2's. The class head is
     ``roi_heads.box_predictor.{cls_score,bbox_pred}``; its background row is taken as detectron2's
     (last) when ``cls_score`` has C + 1 rows and ``bbox_pred`` C x 4 rows, as caffe's (first) when
-    ``bbox_pred`` has (C + 1) x 4 rows. The attribute head is either
+    ``bbox_pred`` has (C + 1) x 4 rows (the attribute head's object embedding follows the same
+    order). An attribute head with A outputs (no "no attribute" column) gets one added that is
+    never chosen. The attribute head is either
     ``roi_heads.attribute_predictor.{obj_embed, fc.0, attr_score}`` or bottom-up-attention.pytorch's
     ``roi_heads.box_predictor.{cls_embed, attr_linear1, attr_linear2}``.
 ``maskrcnn_benchmark`` - VinVL's ``vinvl_vg_x152c4.pth`` (scene_graph_benchmark / maskrcnn-benchmark
@@ -223,7 +225,7 @@ def _maskrcnn_name(key):
         "roi_heads.box.predictor.cls_score.bias": ("roi_heads.box_predictor.cls_score.bias", "cls_bg_first"),
         "roi_heads.box.predictor.bbox_pred.weight": ("roi_heads.box_predictor.bbox_pred.weight", "bbox_bg_first"),
         "roi_heads.box.predictor.bbox_pred.bias": ("roi_heads.box_predictor.bbox_pred.bias", "bbox_bg_first"),
-        "roi_heads.attribute.predictor.cls_embed.weight": ("roi_heads.attribute_predictor.obj_embed.weight", "param"),
+        "roi_heads.attribute.predictor.cls_embed.weight": ("roi_heads.attribute_predictor.obj_embed.weight", "cls_bg_first"),
         "roi_heads.attribute.predictor.attr_linear1.weight": ("roi_heads.attribute_predictor.fc.0.weight", "param"),
         "roi_heads.attribute.predictor.attr_linear1.bias": ("roi_heads.attribute_predictor.fc.0.bias", "param"),
         "roi_heads.attribute.predictor.attr_score.weight": ("roi_heads.attribute_predictor.attr_score.weight", "param"),
@@ -292,6 +294,7 @@ def convert_state_dict(state, model_state, layout, anchors=(5, 3), path="<checkp
         _fix_class_head_order(out, num_classes, path)
     else:
         raise CheckpointError(f"{path}: unknown layout {layout!r}")
+    _add_no_attribute_column(out, model_state)
     if unknown:
         shown = ", ".join(unknown[:8]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
         raise CheckpointError(f"{path} ({layout} layout): keys the {len(model_state)}-tensor model has no place for: {shown}")
@@ -304,6 +307,9 @@ def _fix_class_head_order(out, num_classes, path):
         return
     rows = out["roi_heads.box_predictor.bbox_pred.weight"].shape[0]
     if rows == (num_classes + 1) * 4:  # caffe order: background first, with its own deltas
+        embed = "roi_heads.attribute_predictor.obj_embed.weight"
+        if embed in out:
+            out[embed] = torch.cat([out[embed][1:], out[embed][:1]], dim=0)
         for suffix in ("weight", "bias"):
             cls_key = f"roi_heads.box_predictor.cls_score.{suffix}"
             box_key = f"roi_heads.box_predictor.bbox_pred.{suffix}"
@@ -322,6 +328,19 @@ def _fix_class_head_order(out, num_classes, path):
 def anchor_shape(cfg):
     """(number of anchor sizes, number of aspect ratios) of a single-level RPN config."""
     return len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0]), len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])
+
+
+def _add_no_attribute_column(out, model_state):
+    """Attribute heads trained without a "no attribute" output (A rows for our A + 1): add one that is never chosen."""
+    key = "roi_heads.attribute_predictor.attr_score"
+    if f"{key}.weight" not in out or f"{key}.weight" not in model_state:
+        return
+    have, want = out[f"{key}.weight"].shape[0], model_state[f"{key}.weight"].shape[0]
+    if have == want - 1:
+        weight, bias = out[f"{key}.weight"], out.get(f"{key}.bias")
+        out[f"{key}.weight"] = torch.cat([torch.zeros_like(weight[:1]), weight], dim=0)
+        if bias is not None:
+            out[f"{key}.bias"] = torch.cat([bias.new_full((1,), -1e4), bias], dim=0)
 
 
 def load_weights(model, path, anchors):

@@ -87,7 +87,7 @@ class RegionFeatureExtractor:
             probs = prob_i[chosen]
             objects = probs[:, 1:].argmax(dim=1)
             with self._autocast():
-                attr_prob = model.roi_heads.attribute_probs(feats, objects + 1)
+                attr_prob = model.roi_heads.attribute_probs(feats, objects)
             scale = box_tensor.new_tensor([sx, sy, sx, sy])
             limit = box_tensor.new_tensor([width, height, width, height])
             kept_boxes = torch.minimum((box_tensor[chosen] / scale).clamp_min(0.0), limit)

@@ -11,8 +11,9 @@ Conventions of the modules (what the weight converters in :mod:`.converters` map
 * ``roi_heads.box_predictor.cls_score``: detectron2 order, C object classes then background;
   ``bbox_pred``: C x 4 class-specific deltas (the extractor keeps the proposal boxes, as the
   originals' feature extraction does, so the deltas are loaded but unused).
-* ``roi_heads.attribute_predictor.obj_embed``: C + 1 rows, row 0 = background, row k = object
-  class k (1-based, the originals' numbering); ``fc.0`` (Linear(D + E, F) + ReLU) and
+* ``roi_heads.attribute_predictor.obj_embed``: C + 1 rows in detectron2's class order (row k =
+  object class k, 0-based; row C = background), as in detectron2 attribute heads
+  (grid-feats-vqa, py-bottom-up-attention); ``fc.0`` (Linear(D + E, F) + ReLU) and
   ``attr_score`` (A + 1 outputs, column 0 = "no attribute").
 
 Extra config keys (:func:`add_region_config`): ``MODEL.RESNETS.CAFFE_MAXPOOL`` (caffe's
@@ -112,7 +113,7 @@ class AttributePredictor(nn.Module):
         self.attr_score = nn.Linear(fc_dim, num_attributes)
 
     def forward(self, features, object_labels):
-        """``object_labels``: 1-based object class per region (0 = background)."""
+        """``object_labels``: 0-based object class per region (detectron2 order)."""
         return self.attr_score(self.fc(torch.cat([features, self.obj_embed(object_labels)], dim=1)))
 
 

@@ -155,6 +155,8 @@ def exact_search(base, queries, k, metric="cosine", shard_rows=DEFAULT_SHARD_ROW
                         os.unlink(os.path.join(state_dir, f"state_{d:05d}.npz"))
                     except OSError:
                         pass
+    if manifest is not None and not manifest.complete:
+        manifest.mark_complete()
     return _to_scores(keys, metric), ids
 
 
@@ -219,6 +221,8 @@ def build_ann_index(base, kind, metric, state_dir, shard_rows=DEFAULT_SHARD_ROWS
             os.replace(tmp, index_path)
             manifest.mark_done(s)
             bar.update(stop - start)
+    if not manifest.complete:
+        manifest.mark_complete()
     return index
 
 
@@ -258,6 +262,8 @@ def ann_search(index, kind, queries, k, metric, state_dir, nprobe=32, ef_search=
             bar.update(qb - qa)
     keys, ids = np.array(keys_mm), np.array(ids_mm)
     del keys_mm, ids_mm
+    if not manifest.complete:
+        manifest.mark_complete()
     keys[ids < 0] = -np.inf
     return _to_scores(keys, metric), ids
 

@@ -39,7 +39,11 @@ text = open(path).read()
 old = "ext_modules=get_extensions(),"
 if old not in text:
     sys.exit(f"{path}: expected '{old}' in pb1-detectron2's setup.py; cannot install it without its C++ extension")
-open(path, "w").write(text.replace(old, "ext_modules=[],"))
+text = text.replace(old, "ext_modules=[],")
+# formatting/caffe2-export tools the extractor never imports (keeps `pip check` clean)
+for dev_only in ('"black==21.4b2",', '"future",  # used by caffe2', '"pydot",  # used to save caffe2 SVGs'):
+    text = text.replace(dev_only, "")
+open(path, "w").write(text)
 PY
   pip_install --no-deps --no-build-isolation "$D2_TMP/pb1-detectron2-0.6"
   rm -rf "$D2_TMP"

@@ -201,10 +201,12 @@ def test_vinvl_maskrcnn_checkpoint_round_trip(tmp_path, vinvl):
     # the released file's layout: maskrcnn-benchmark names, background first, ratio-major anchors
     assert "backbone.body.stem.bn1.running_var" in mrcnn and "backbone.body.layer3.0.downsample.1.weight" in mrcnn
     assert "roi_heads.box.feature_extractor.head.layer4.2.conv3.weight" in mrcnn
-    assert "roi_heads.attribute.predictor.cls_embed.weight" in mrcnn
+    assert "attribute.predictor.cls_embedding.weight" in mrcnn and "attribute.predictor.fc_attr.weight" in mrcnn
     assert mrcnn["roi_heads.box.predictor.cls_score.weight"].shape[0] == 21
     assert mrcnn["roi_heads.box.predictor.bbox_pred.weight"].shape[0] == 21 * 4
     mrcnn["rpn.anchor_generator.cell_anchors.0"] = torch.zeros(15, 4)
+    for key in [k for k in mrcnn if k.startswith("roi_heads.box.feature_extractor.")]:  # AttrRCNN shares it
+        mrcnn["attribute.feature_extractor." + key[len("roi_heads.box.feature_extractor."):]] = mrcnn[key]
     path = tmp_path / "vinvl_vg_x152c4.pth"
     _save_torch(path, mrcnn, prefix="module.")
     target = models.build_detector(cfg)

@@ -16,7 +16,9 @@ Supported source layouts (detected from the key names; ``module.`` prefixes are 
 ``maskrcnn_benchmark`` - VinVL's ``vinvl_vg_x152c4.pth`` (scene_graph_benchmark / maskrcnn-benchmark
     names: ``backbone.body.stem``, ``backbone.body.layer1-3``, ``rpn.head.{conv,cls_logits,bbox_pred}``,
     ``roi_heads.box.feature_extractor.head.layer4``, ``roi_heads.box.predictor.{cls_score,bbox_pred}``
-    with the background first, ``roi_heads.attribute.predictor.{cls_embed,attr_linear1,attr_score}``).
+    with the background first, and the attribute head ``attribute.predictor.{cls_embedding,fc_attr,attr_score}``
+    (``attribute.feature_extractor`` is the box head's res5, shared, and skipped); vqa-maskrcnn-benchmark's
+    ``roi_heads.box.predictor.{cls_embed,attr_linear1,attr_linear2}`` is read too).
     RPN anchors are reordered from maskrcnn-benchmark's ratio-major to detectron2's size-major order,
     and FrozenBatchNorm statistics are adjusted for detectron2's epsilon (maskrcnn-benchmark's has none).
 
@@ -39,7 +41,7 @@ LAYOUT_MASKRCNN = "maskrcnn_benchmark"
 _IGNORED = (
     re.compile(r"^rpn\.anchor_generator\."),
     re.compile(r"^proposal_generator\.anchor_generator\."),
-    re.compile(r"^roi_heads\.attribute\.feature_extractor\."),  # VinVL: shares the box head's res5
+    re.compile(r"^attribute\.feature_extractor\."),  # VinVL: the box head's res5, shared
     re.compile(r".*num_batches_tracked$"),
     re.compile(r"^pixel_(mean|std)$"),
 )
@@ -225,16 +227,28 @@ def _maskrcnn_name(key):
         "roi_heads.box.predictor.cls_score.bias": ("roi_heads.box_predictor.cls_score.bias", "cls_bg_first"),
         "roi_heads.box.predictor.bbox_pred.weight": ("roi_heads.box_predictor.bbox_pred.weight", "bbox_bg_first"),
         "roi_heads.box.predictor.bbox_pred.bias": ("roi_heads.box_predictor.bbox_pred.bias", "bbox_bg_first"),
-        "roi_heads.attribute.predictor.cls_embed.weight": ("roi_heads.attribute_predictor.obj_embed.weight", "cls_bg_first"),
-        "roi_heads.attribute.predictor.attr_linear1.weight": ("roi_heads.attribute_predictor.fc.0.weight", "param"),
-        "roi_heads.attribute.predictor.attr_linear1.bias": ("roi_heads.attribute_predictor.fc.0.bias", "param"),
-        "roi_heads.attribute.predictor.attr_score.weight": ("roi_heads.attribute_predictor.attr_score.weight", "param"),
-        "roi_heads.attribute.predictor.attr_score.bias": ("roi_heads.attribute_predictor.attr_score.bias", "param"),
+        # scene_graph_benchmark's AttrRCNN: the attribute head is a top-level module
+        "attribute.predictor.cls_embedding.weight": ("roi_heads.attribute_predictor.obj_embed.weight", "cls_bg_first"),
+        "attribute.predictor.fc_attr.weight": ("roi_heads.attribute_predictor.fc.0.weight", "param"),
+        "attribute.predictor.fc_attr.bias": ("roi_heads.attribute_predictor.fc.0.bias", "param"),
+        "attribute.predictor.attr_score.weight": ("roi_heads.attribute_predictor.attr_score.weight", "param"),
+        "attribute.predictor.attr_score.bias": ("roi_heads.attribute_predictor.attr_score.bias", "param"),
+        # vqa-maskrcnn-benchmark's box predictor with attributes (the same head, other names)
+        "roi_heads.box.predictor.cls_embed.weight": ("roi_heads.attribute_predictor.obj_embed.weight", "cls_bg_first"),
+        "roi_heads.box.predictor.attr_linear1.weight": ("roi_heads.attribute_predictor.fc.0.weight", "param"),
+        "roi_heads.box.predictor.attr_linear1.bias": ("roi_heads.attribute_predictor.fc.0.bias", "param"),
+        "roi_heads.box.predictor.attr_linear2.weight": ("roi_heads.attribute_predictor.attr_score.weight", "param"),
+        "roi_heads.box.predictor.attr_linear2.bias": ("roi_heads.attribute_predictor.attr_score.bias", "param"),
     }
     return table.get(key, (None, None))
 
 
 _D2_ALIASES = {
+    # caffe layer names of the BUTD attribute head (cls_embedding, fc_attr, attr_score)
+    "roi_heads.attribute_predictor.cls_embedding.weight": "roi_heads.attribute_predictor.obj_embed.weight",
+    "roi_heads.attribute_predictor.fc_attr.weight": "roi_heads.attribute_predictor.fc.0.weight",
+    "roi_heads.attribute_predictor.fc_attr.bias": "roi_heads.attribute_predictor.fc.0.bias",
+    # bottom-up-attention.pytorch: the attribute head inside the box predictor
     "roi_heads.box_predictor.cls_embed.weight": "roi_heads.attribute_predictor.obj_embed.weight",
     "roi_heads.box_predictor.attr_linear1.weight": "roi_heads.attribute_predictor.fc.0.weight",
     "roi_heads.box_predictor.attr_linear1.bias": "roi_heads.attribute_predictor.fc.0.bias",
@@ -440,9 +454,9 @@ def _maskrcnn_source_name(name):
         "rpn.head.bbox_pred.weight", "rpn.head.bbox_pred.bias",
         "roi_heads.box.predictor.cls_score.weight", "roi_heads.box.predictor.cls_score.bias",
         "roi_heads.box.predictor.bbox_pred.weight", "roi_heads.box.predictor.bbox_pred.bias",
-        "roi_heads.attribute.predictor.cls_embed.weight",
-        "roi_heads.attribute.predictor.attr_linear1.weight", "roi_heads.attribute.predictor.attr_linear1.bias",
-        "roi_heads.attribute.predictor.attr_score.weight", "roi_heads.attribute.predictor.attr_score.bias",
+        "attribute.predictor.cls_embedding.weight",
+        "attribute.predictor.fc_attr.weight", "attribute.predictor.fc_attr.bias",
+        "attribute.predictor.attr_score.weight", "attribute.predictor.attr_score.bias",
     ):
         if _maskrcnn_name(key)[0] == name:
             return key

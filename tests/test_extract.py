@@ -178,9 +178,21 @@ def test_selection_matches_an_independent_implementation():
     logits = rng.normal(size=(40, 6)) * 2
     probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
     for min_b, max_b, conf in [(3, 10, 0.3), (1, 40, 0.0), (12, 20, 0.99)]:
-        ours, _ = select_regions(torch.from_numpy(boxes), torch.from_numpy(probs), min_b, max_b, conf, 0.3)
         ref = _reference_selection(boxes, probs, min_b, max_b, conf, 0.3)
-        assert ours.tolist() == ref.tolist()
+        for method in ("loop", "vectorised"):
+            ours, _ = select_regions(torch.from_numpy(boxes), torch.from_numpy(probs), min_b, max_b, conf, 0.3, method=method)
+            assert ours.tolist() == ref.tolist(), method
+
+
+def test_vectorised_selection_equals_the_per_class_loop():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(120, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 10 + torch.rand(120, 2, generator=g) * 80], 1)
+    probs = torch.softmax(torch.randn(120, 51, generator=g) * 3, 1)
+    for thresh in (0.3, 0.5, 0.7):
+        a, ca = select_regions(boxes, probs, 10, 100, 0.2, thresh, method="loop")
+        b, cb = select_regions(boxes, probs, 10, 100, 0.2, thresh, method="vectorised")
+        assert a.tolist() == b.tolist() and torch.equal(ca, cb)
 
 
 # --------------------------------------------------------------------------- converters

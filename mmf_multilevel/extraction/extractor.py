@@ -2,10 +2,43 @@
 import contextlib
 
 import torch
-from torchvision.ops import nms
+from torchvision.ops import box_iou, nms
 
 
-def select_regions(boxes, cls_prob, min_boxes, max_boxes, conf_thresh, nms_thresh):
+def _max_conf_loop(boxes, scores, nms_thresh):
+    """Per-class NMS, one torchvision call per class (fast on CPU)."""
+    max_conf = torch.zeros(scores.shape[0], dtype=scores.dtype, device=scores.device)
+    for c in range(1, scores.shape[1]):
+        column = scores[:, c]
+        keep = nms(boxes, column, nms_thresh)
+        max_conf[keep] = torch.maximum(max_conf[keep], column[keep])
+    return max_conf
+
+
+def _max_conf_vectorised(boxes, scores, nms_thresh):
+    """The same greedy per-class NMS, all classes at once (fast on GPU: no per-class host sync).
+
+    All classes share the proposal boxes, hence one IoU matrix; the greedy scan runs over
+    score ranks, every class in parallel: the box at rank k of class c is kept unless a kept
+    box of higher rank in c overlaps it by more than ``nms_thresh`` (torchvision's rule).
+    """
+    fg = scores[:, 1:]
+    num, classes = fg.shape
+    overlaps = box_iou(boxes, boxes) > nms_thresh
+    order = torch.argsort(fg, dim=0, descending=True, stable=True).t().contiguous()  # (C, R): box at rank k
+    kept = torch.zeros(classes, num, dtype=torch.bool, device=boxes.device)
+    kept[:, 0] = True
+    for k in range(1, num):
+        candidates = order[:, k]
+        suppressed = overlaps[candidates[:, None], order[:, :k]] & kept[:, :k]
+        kept[:, k] = ~suppressed.any(dim=1)
+    ranked = fg.t().gather(1, order)  # (C, R) score of the box at each rank
+    kept_scores = torch.where(kept, ranked, torch.zeros_like(ranked))
+    max_conf = torch.zeros(num, dtype=scores.dtype, device=scores.device)
+    return max_conf.scatter_reduce(0, order.reshape(-1), kept_scores.reshape(-1), reduce="amax", include_self=True)
+
+
+def select_regions(boxes, cls_prob, min_boxes, max_boxes, conf_thresh, nms_thresh, method="auto"):
     """Bottom-up attention's region selection.
 
     For every object class (column 1.. of ``cls_prob``; column 0 is the background), NMS at
@@ -13,6 +46,8 @@ def select_regions(boxes, cls_prob, min_boxes, max_boxes, conf_thresh, nms_thres
     highest class score with which it survived. Boxes with confidence >= ``conf_thresh`` are
     kept, at least ``min_boxes`` and at most ``max_boxes`` of them (the most confident; fewer
     when the image has fewer proposals). -> (indices sorted by confidence, descending; confidences).
+    ``method``: ``loop`` (one NMS per class), ``vectorised`` (all classes at once) or ``auto``
+    (vectorised on GPU); both give the same result.
     """
     num = boxes.shape[0]
     if num == 0:
@@ -20,11 +55,14 @@ def select_regions(boxes, cls_prob, min_boxes, max_boxes, conf_thresh, nms_thres
         return empty, torch.zeros(0, dtype=cls_prob.dtype, device=boxes.device)
     boxes = boxes.float()
     scores = cls_prob.float()
-    max_conf = torch.zeros(num, dtype=scores.dtype, device=scores.device)
-    for c in range(1, scores.shape[1]):
-        column = scores[:, c]
-        keep = nms(boxes, column, nms_thresh)
-        max_conf[keep] = torch.maximum(max_conf[keep], column[keep])
+    if method == "auto":
+        method = "vectorised" if boxes.device.type == "cuda" else "loop"
+    if method == "loop":
+        max_conf = _max_conf_loop(boxes, scores, nms_thresh)
+    elif method == "vectorised":
+        max_conf = _max_conf_vectorised(boxes, scores, nms_thresh)
+    else:
+        raise ValueError(f"method must be auto, loop or vectorised, got {method!r}")
     order = torch.argsort(max_conf, descending=True, stable=True)
     passing = int((max_conf >= conf_thresh).sum())
     count = min(max(passing, min_boxes), max_boxes, num)

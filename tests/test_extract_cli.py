@@ -111,7 +111,7 @@ def test_bad_images_give_exit_code_1_and_an_errors_file(tmp_path):
     make_images(str(tmp_path / "images"), 2)
     (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
     out = tmp_path / "feats.lmdb"
-    r = subprocess.run(_extract(tmp_path, tmp_path / "images", out, "--workers", "0", "--fp16-store"),
+    r = subprocess.run(_extract(tmp_path, tmp_path / "images", out, "--workers", "2", "--batch-size", "2", "--fp16-store"),
                        env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "2 written" in r.stderr and "1 failed" in r.stderr
@@ -135,3 +135,16 @@ def test_setup_errors_exit_2_with_a_message(tmp_path):
     r = subprocess.run(cli_args("--model", "butd_r101", "--random-init", "0", "--images", str(tmp_path / "absent"),
                                 "--output", str(tmp_path / "o.lmdb")), env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_shard_naming_and_torchrun_ranks(monkeypatch):
+    from mmf_multilevel.extraction import cli
+
+    assert cli.shard_output("feats.lmdb", 1, 4) == "feats.shard1of4.lmdb"
+    assert cli.shard_output("out/feats/", 0, 2) == "out/feats.shard0of2"
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cli._torchrun_rank() == (3, 8, 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli._torchrun_rank() is None

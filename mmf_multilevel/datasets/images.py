@@ -387,6 +387,15 @@ class ZipImageSource(ImageSource):
         return str(image_id) in self._members
 
 
+_LMDB_ENVS = {}
+
+
+def _close_lmdb(path):
+    env = _LMDB_ENVS.pop((os.path.realpath(os.fspath(path)), os.getpid()), None)
+    if env is not None:
+        env.close()
+
+
 class LmdbImageSource(ImageSource):
     """Encoded images in an LMDB (key = image id, value = the file's bytes; built by build_image_lmdb)."""
 
@@ -402,11 +411,22 @@ class LmdbImageSource(ImageSource):
     def _open(self):
         import lmdb
 
-        try:
-            return lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False,
-                             subdir=os.path.isdir(self.path), max_readers=512)
-        except lmdb.Error as exc:
-            raise ImageSourceError(f"{self.path}: cannot open as an LMDB ({exc})") from None
+        # LMDB allows one environment per file and process: sources of the same path share it
+        key = (os.path.realpath(self.path), os.getpid())
+        env = _LMDB_ENVS.get(key)
+        if env is None:
+            try:
+                env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False,
+                                subdir=os.path.isdir(self.path), max_readers=512)
+            except lmdb.Error as exc:
+                raise ImageSourceError(f"{self.path}: cannot open as an LMDB ({exc})") from None
+            _LMDB_ENVS[key] = env
+        return env
+
+    def close(self):
+        """Close the (shared) environment of this path in this process."""
+        _close_lmdb(self.path)
+        self._handle = None
 
     def _read_header(self):
         with self.handle.begin() as txn:
@@ -518,6 +538,7 @@ def build_image_lmdb(source, out, batch_size=256, verify=True, on_error="skip", 
     if os.path.exists(out) and not is_lmdb(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise FileExistsError(f"{out} exists and is not an image LMDB; choose another output")
     ids = list(src.keys()) if image_ids is None else [str(i) for i in image_ids]
+    _close_lmdb(out)  # a reader of the same path in this process would block the writer
     os.makedirs(out, exist_ok=True)
     env = lmdb.open(out, map_size=int(map_size), subdir=True, readahead=False, meminit=False, max_dbs=0)
     bad = {}

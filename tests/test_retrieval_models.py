@@ -72,7 +72,7 @@ def test_linking_man_riding_a_horse(tmp_path, sbert):
     assert rec["image_id"] == 7 and rec["captions"] == ["a man riding a horse"] and rec["caption_ids"] == [0]
     assert rec["noun_phrases"] == [["a man", "a horse"]]
     assert rec["objects"] == ["man", "horse", "hat", "horse"]
-    assert rec["objects_ids"] == [2, 1, 0, 1]  # ids of the sorted tag vocabulary [hat, horse, man]
+    assert rec["objects_ids"] == [0, 1, 2, 1]  # ids of the tag vocabulary, first appearance: [man, horse, hat]
     e = sbert.encode(["man", "horse", "hat", "a man", "a horse"], normalize_embeddings=True)
     sims = e[:3] @ e[3:].T  # tags x phrases
     # independent computation of s' = s/0.5 * [s > 0.5] per region, argmax phrase or -1

@@ -139,8 +139,12 @@ def test_tags_jsonl_bad_input(tmp_path):
     assert [im["image_id"] for im in images] == [1, 4]
     assert images[0]["query"] == "horse man"  # horse: bigger box
     vocab = json.load(open(tmp_path / "img" / "tag_vocab.json"))["tags"]
-    assert vocab == ["cat", "dog", "horse", "man"]
-    assert images[1]["objects_ids"] == [0, 1]
+    assert vocab == ["man", "horse", "cat", "dog"]  # first appearance
+    assert images[0]["objects_ids"] == [0, 1] and images[1]["objects_ids"] == [2, 3]
+    store = inp.ImageStore(str(tmp_path / "img"))
+    assert len(store) == 2 and store[1] == images[1] and store.queries(0, 2) == ["horse man", images[1]["query"]]
+    assert store.ids() == [1, 4] and store.tags() == ["cat", "dog", "horse", "man"]
+    store.close()
 
 
 def test_feature_cache_input_with_object_vocab(tmp_path):

@@ -10,6 +10,7 @@ or from a region feature cache (LMDB, :class:`mmf_multilevel.features.FeatureCac
 whose records hold class *ids*; their names come from ``--object-vocab FILE`` (one class name a
 line, line i = id i, VG-1600 style) or from the cache header field ``info.object_names``.
 """
+import array
 import json
 import os
 import re
@@ -370,7 +371,8 @@ def prepare_images(features_path, out_dir, report, object_vocab=None, query_mode
     Skipped and counted: images with no tags, repeated image ids (the first is kept), malformed lines.
     ``objects_ids`` (the MRC label per region) are the detector's class ids for a feature cache,
     the given ``objects_ids`` or ids in ``--object-vocab`` for a tags jsonl, else ids of a vocabulary
-    built from the data (sorted distinct tags), written to ``tag_vocab.json``.
+    built from the data (tags in order of first appearance), written to ``tag_vocab.json``.
+    Images are streamed to disk (with byte offsets, ``images_offsets.npy``): memory does not grow with their number.
     """
     if not os.path.exists(features_path):
         raise RetrievalError(f"--features {features_path}: no such file or directory")
@@ -397,50 +399,85 @@ def prepare_images(features_path, out_dir, report, object_vocab=None, query_mode
     else:
         source = _iter_tags_jsonl(features_path, local)
         kind = "tags_jsonl"
-    seen = {}
-    records = []
-    fallbacks = 0
-    for rec in source:
-        key = str(rec["image_id"])
-        if key in seen:
-            local.problem("images_duplicate_id", f"{rec['where']}: image id {rec['image_id']!r} already seen at {seen[key]}; skipped (first one kept)")
-            continue
-        seen[key] = rec["where"]
-        if not rec["tags"]:
-            local.problem("images_no_tags", f"{rec['where']}: image {rec['image_id']!r} has no tags; it cannot form a query and is skipped")
-            continue
-        query, fallback = build_query(
-            rec["tags"], rec.get("conf"), rec.get("boxes"), rec.get("image_w"), rec.get("image_h"), query_mode, min_conf, min_area
-        )
-        fallbacks += fallback
-        records.append({"image_id": rec["image_id"], "objects": rec["tags"], "objects_ids": rec.get("objects_ids"), "query": query})
-    # MRC label ids
-    if names is not None:
-        vocab = list(names)
-    else:
-        vocab = sorted({t for r in records for t in r["objects"]})
-    index = {t: i for i, t in enumerate(vocab)}
-    for r in records:
-        if r["objects_ids"] is None:
-            ids = []
-            for t in r["objects"]:
-                if t not in index:
-                    index[t] = len(vocab)
-                    vocab.append(t)
-                ids.append(index[t])
-            r["objects_ids"] = ids
     os.makedirs(out_dir, exist_ok=True)
-    with AtomicFile(os.path.join(out_dir, "images.jsonl")) as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    seen = {}
+    offsets = array.array("q", [0])
+    fallbacks = 0
+    vocab = list(names) if names is not None else []
+    index = {}
+    for i, t in enumerate(vocab):
+        index.setdefault(t, i)
+    with AtomicFile(os.path.join(out_dir, "images.jsonl"), "wb") as f:
+        for rec in source:  # streamed: nothing per image is kept but its id
+            key = str(rec["image_id"])
+            if key in seen:
+                local.problem("images_duplicate_id", f"{rec['where']}: image id {rec['image_id']!r} already seen at {seen[key]}; skipped (first one kept)")
+                continue
+            seen[key] = rec["where"]
+            if not rec["tags"]:
+                local.problem("images_no_tags", f"{rec['where']}: image {rec['image_id']!r} has no tags; it cannot form a query and is skipped")
+                continue
+            query, fallback = build_query(
+                rec["tags"], rec.get("conf"), rec.get("boxes"), rec.get("image_w"), rec.get("image_h"), query_mode, min_conf, min_area
+            )
+            fallbacks += fallback
+            ids = rec.get("objects_ids")
+            if ids is None:  # MRC label ids: --object-vocab ids, else first-seen order of the data's tags
+                ids = []
+                for t in rec["tags"]:
+                    if t not in index:
+                        index[t] = len(vocab)
+                        vocab.append(t)
+                    ids.append(index[t])
+            line = json.dumps({"image_id": rec["image_id"], "objects": rec["tags"], "objects_ids": ids, "query": query}, ensure_ascii=False)
+            data = line.encode("utf-8") + b"\n"
+            f.write(data)
+            offsets.append(offsets[-1] + len(data))
+    atomic_write_bytes(os.path.join(out_dir, "images_offsets.npy"), _npy_bytes(np.frombuffer(offsets, dtype=np.int64)))
     atomic_write_json(os.path.join(out_dir, "tag_vocab.json"), {"tags": vocab})
     info = {
-        "signature": signature, "images": len(records), "kind": kind, "query_filter_fallbacks": fallbacks,
+        "signature": signature, "images": len(offsets) - 1, "kind": kind, "query_filter_fallbacks": fallbacks,
         "problems": dict(local.counts), "examples": local.examples,
     }
     atomic_write_json(info_path, info)
     report.merge_counts(local.counts, local.examples)
     return info
+
+
+class ImageStore:
+    """Random access to the prepared images (``images[i]``, ``len``, ``queries(a, b)``, ``ids()``) without loading them all."""
+
+    def __init__(self, out_dir):
+        self.offsets = np.load(os.path.join(out_dir, "images_offsets.npy"), mmap_mode="r")
+        self._f = open(os.path.join(out_dir, "images.jsonl"), "rb")
+        self.vocab_path = os.path.join(out_dir, "tag_vocab.json")
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def slice(self, start, stop):
+        a, b = int(self.offsets[start]), int(self.offsets[stop])
+        self._f.seek(a)
+        return [json.loads(line) for line in self._f.read(b - a).decode("utf-8").splitlines()]
+
+    def __getitem__(self, i):
+        return self.slice(i, i + 1)[0]
+
+    def queries(self, start, stop):
+        return [r["query"] for r in self.slice(start, stop)]
+
+    def ids(self, block=65536):
+        out = []
+        for a in range(0, len(self), block):
+            out.extend(r["image_id"] for r in self.slice(a, min(len(self), a + block)))
+        return out
+
+    def tags(self):
+        """Distinct tag strings (the tag vocabulary), sorted."""
+        return sorted(set(read_json(self.vocab_path)["tags"]))
+
+    def close(self):
+        self._f.close()
 
 
 def load_images(out_dir):

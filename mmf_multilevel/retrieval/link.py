@@ -48,7 +48,7 @@ def link_tags(tag_vecs, phrase_vecs, threshold=DEFAULT_THRESHOLD):
     return scores, args
 
 
-def extract_noun_phrases(texts_of_rows, rows, nlp_factory, state_dir, chunk_rows=8192, batch_size=256, settings=None):
+def extract_noun_phrases(texts_of_rows, rows, nlp_factory, state_dir, chunk_rows=8192, batch_size=256, settings=None, n_process=1):
     """spaCy noun chunks of the corpus ``rows`` (sorted unique ids), chunk files + manifest; returns {row: [phrases]}."""
     os.makedirs(state_dir, exist_ok=True)
     remove_stale_temps(state_dir)
@@ -67,7 +67,7 @@ def extract_noun_phrases(texts_of_rows, rows, nlp_factory, state_dir, chunk_rows
         with progress(total=len(rows), initial=done_rows, desc="spaCy noun chunks", unit="doc") as bar:
             for c in todo:
                 part = rows[c * chunk_rows : (c + 1) * chunk_rows]
-                phrases = noun_chunks(nlp, texts_of_rows(part), batch_size=batch_size)
+                phrases = noun_chunks(nlp, texts_of_rows(part), batch_size=batch_size, n_process=n_process)
                 with AtomicFile(os.path.join(state_dir, f"np_{c:05d}.json")) as f:
                     json.dump({"rows": part, "phrases": phrases}, f, ensure_ascii=False)
                 manifest.mark_done(c)

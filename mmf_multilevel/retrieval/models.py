@@ -119,6 +119,6 @@ def load_spacy(name, log=print):
     )
 
 
-def noun_chunks(nlp, texts, batch_size=256):
+def noun_chunks(nlp, texts, batch_size=256, n_process=1):
     """spaCy noun chunks (``str(chunk)``, determiners kept, original case) of each text, via ``nlp.pipe``."""
-    return [[chunk.text for chunk in doc.noun_chunks] for doc in nlp.pipe(texts, batch_size=batch_size)]
+    return [[chunk.text for chunk in doc.noun_chunks] for doc in nlp.pipe(texts, batch_size=batch_size, n_process=n_process)]

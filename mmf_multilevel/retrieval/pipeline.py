@@ -4,9 +4,9 @@ Work directory layout (every stage resumable after kill -9; a stage whose settin
 what the directory holds is refused, ``force=True`` rebuilds it)::
 
     corpus/   text.txt offsets.npy owners.json info.json     the cleaned corpus (row = corpus id)
-    images/   images.jsonl tag_vocab.json images_info.json   valid images, their tags and queries
+    images/   images.jsonl images_offsets.npy tag_vocab.json images_info.json   valid images, tags, queries
     emb/      corpus.npy queries.npy (+ .manifest.json)       float16 SBERT embeddings (memmap)
-    search/<index>-<metric>-k<K>[-noself]/                    running top-K state or ANN index
+    search/<index>-<metric>-k<K>[-noself]-<emb hash>/         running top-K state or ANN index
               result.npz                                      scores + corpus ids (Q x K)
     search/current.json                                       which result ``link`` uses
     link/<search tag>/ np_*.json phrases.npy tags.npy part_*.jsonl   noun phrases, their embeddings, output parts
@@ -52,6 +52,7 @@ DEFAULTS = {
     "clip_top_k": False,
     "spacy_batch_size": 256,
     "np_chunk_rows": 8192,
+    "spacy_processes": 1,
     "part_rows": 10000,
     "force": False,
     "quiet": False,
@@ -176,20 +177,31 @@ class Builder:
             did = True
         if self.s.features or os.path.exists(self.d("images", "images_info.json")):
             info = self.prepare_images()
-            queries = [r["query"] for r in inp.load_images(self.d("images"))]
-            self._timed("encode_queries", lambda: encode_to_memmap(
-                self.d("emb"), "queries", len(queries), lambda a, b: queries[a:b], lambda: self.sbert(self.s.sbert), self.s.sbert,
-                batch_size=self.s.batch_size, chunk_rows=self.s.chunk_rows, desc="encode queries", source=info["signature"], force=self.s.force,
-            ))
+            store = inp.ImageStore(self.d("images"))
+            try:
+                self._timed("encode_queries", lambda: encode_to_memmap(
+                    self.d("emb"), "queries", len(store), store.queries, lambda: self.sbert(self.s.sbert), self.s.sbert,
+                    batch_size=self.s.batch_size, chunk_rows=self.s.chunk_rows, desc="encode queries", source=info["signature"], force=self.s.force,
+                ))
+            finally:
+                store.close()
             did = True
         if not did:
             raise RetrievalError("encode: pass --corpus and/or --features (or a --work directory that holds them)")
 
     # ------------------------------------------------------------------ search
-    def search_tag(self):
-        return f"{self.s.index}-{self.s.metric}-k{self.s.top_k}{'-noself' if self.s.exclude_self else ''}"
+    def embeddings_fingerprint(self):
+        """A short hash of both embedding stages' settings (inputs, model, rows): results of other embeddings never mix."""
+        import hashlib
 
-    def _excluded(self, images):
+        parts = [read_json(self.d("emb", f"{name}.manifest.json")).get("settings") for name in ("corpus", "queries")]
+        return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+    def search_tag(self):
+        """``<index>-<metric>-k<K>[-noself]-<embeddings fingerprint>``: one folder per search setting."""
+        return f"{self.s.index}-{self.s.metric}-k{self.s.top_k}{'-noself' if self.s.exclude_self else ''}-{self.embeddings_fingerprint()}"
+
+    def _excluded(self, image_ids):
         """(Q x m) corpus rows owned by each query image (-2 padded) for --exclude-self."""
         owners = inp.CorpusText(self.d("corpus"))
         try:
@@ -205,9 +217,9 @@ class Builder:
         for row, owner in enumerate(owner_of_row):
             if owner is not None:
                 rows_of.setdefault(owner, []).append(row)
-        own = [rows_of.get(str(im["image_id"]), []) for im in images]
+        own = [rows_of.get(str(image_id), []) for image_id in image_ids]
         m = max((len(r) for r in own), default=0)
-        excluded = np.full((len(images), m), -2, dtype=np.int64)
+        excluded = np.full((len(own), m), -2, dtype=np.int64)
         for i, rows in enumerate(own):
             excluded[i, : len(rows)] = rows
         self.report.note("self_captions_excluded", int(sum(len(r) for r in own)))
@@ -227,8 +239,13 @@ class Builder:
             raise RetrievalError(f"--metric must be one of {srch.METRICS}, got {self.s.metric!r}")
         base = open_embeddings(self.d("emb", "corpus.npy"))
         queries = open_embeddings(self.d("emb", "queries.npy"))
-        images = inp.load_images(self.d("images"))
-        excluded = self._excluded(images) if self.s.exclude_self else None
+        excluded = None
+        if self.s.exclude_self:
+            store = inp.ImageStore(self.d("images"))
+            try:
+                excluded = self._excluded(store.ids())
+            finally:
+                store.close()
         m = 0 if excluded is None else excluded.shape[1]
         k = self.s.top_k
         n = base.shape[0]
@@ -266,13 +283,18 @@ class Builder:
                     rows = np.sort(rng.choice(queries.shape[0], size=sample, replace=False))
                     _, exact_ids = srch.exact_search(base, np.asarray(queries[rows]), kk, self.s.metric, self.s.shard_rows, self.s.query_block, "faiss", "cpu", desc="recall check")
                     recall = srch.recall_at_k(ids[rows], exact_ids)
-                    self.report.note(f"recall@{kk}_vs_exact", round(recall, 4))
+                    settings[f"recall@{kk}_vs_exact"] = round(recall, 4)
                     self.log(f"{self.s.index}: recall@{kk} against exact search on {sample} queries = {recall:.4f}")
                 return scores, ids
 
             scores, ids = self._timed("search", run)
             scores, ids = srch.exclude_rows(scores, ids, excluded, k, self.s.metric)
             atomic_write_bytes(result_path, _npz(scores=scores.astype(np.float32), ids=ids, settings=np.array(json.dumps(settings))))
+        else:
+            settings = json.loads(str(np.load(result_path)["settings"]))
+        for key, value in settings.items():
+            if key.startswith("recall@"):
+                self.report.note(key, value)
         atomic_write_json(self.d("search", "current.json"), {"tag": tag, "settings": settings})
         return result_path
 
@@ -290,8 +312,9 @@ class Builder:
         current = read_json(current_path)
         result = np.load(self.d("search", current["tag"], "result.npz"))
         ids, scores = result["ids"], result["scores"]
-        images = inp.load_images(self.d("images"))
+        images = inp.ImageStore(self.d("images"))
         if len(images) != ids.shape[0]:
+            images.close()
             raise RetrievalError(f"{self.work}: {len(images)} images but {ids.shape[0]} search results; rerun the search step with --force")
         corpus = inp.CorpusText(self.d("corpus"))
         state = self.d("link", current["tag"])
@@ -302,9 +325,10 @@ class Builder:
             phrases_of = self._timed("noun_phrases", lambda: lk.extract_noun_phrases(
                 lambda part: [corpus.text(r) for r in part], rows.tolist(), lambda: load_spacy(self.s.spacy, log=self.log), state,
                 chunk_rows=self.s.np_chunk_rows, batch_size=self.s.spacy_batch_size, settings={"spacy": self.s.spacy},
+                n_process=self.s.spacy_processes,
             ))
             phrase_list = sorted({p for plist in phrases_of.values() for p in plist})
-            tag_list = sorted({t for im in images for t in im["objects"]})
+            tag_list = images.tags()
             self._timed("encode_phrases", lambda: encode_to_memmap(
                 state, "phrases", len(phrase_list), lambda a, b: phrase_list[a:b], lambda: self.sbert(link_model), link_model,
                 batch_size=self.s.batch_size, chunk_rows=self.s.chunk_rows, desc="encode noun phrases", source=len(phrase_list),
@@ -318,18 +342,28 @@ class Builder:
             phrase_index = {p: i for i, p in enumerate(phrase_list)}
             tag_index = {t: i for i, t in enumerate(tag_list)}
 
+            cache = {"start": -1, "records": []}
+
+            def image(i):  # one read per output part
+                start = (i // self.s.part_rows) * self.s.part_rows
+                if cache["start"] != start:
+                    cache["records"] = images.slice(start, min(len(images), start + self.s.part_rows))
+                    cache["start"] = start
+                return cache["records"][i - start]
+
             def make(i):
                 valid = ids[i] >= 0
                 rows_i, scores_i = ids[i][valid], scores[i][valid]
                 if not any(phrases_of.get(int(r)) for r in rows_i) and not self.s.keep_no_phrase:
                     return None
                 texts = [corpus.text(int(r)) for r in rows_i]
-                return lk.build_record(images[i], rows_i, scores_i, texts, phrases_of, tag_index, tag_vecs, phrase_index, phrase_vecs, self.s.link_threshold)
+                return lk.build_record(image(i), rows_i, scores_i, texts, phrases_of, tag_index, tag_vecs, phrase_index, phrase_vecs, self.s.link_threshold)
 
             settings = {"threshold": self.s.link_threshold, "keep_no_phrase": self.s.keep_no_phrase, "link_sbert": link_model, "spacy": self.s.spacy}
             parts, counts = self._timed("link", lambda: lk.write_parts(images, self.s.part_rows, state, make, settings))
         finally:
             corpus.close()
+            images.close()
         written = sum(c[0] for c in counts.values())
         dropped = sum(c[1] for c in counts.values())
         if dropped:

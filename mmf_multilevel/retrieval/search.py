@@ -69,14 +69,20 @@ class _TorchShard:
         self.sq = (self.x.float() ** 2).sum(1) if metric == "l2" else None
         self.dtype = dtype
 
-    def search(self, q, k):
+    def search(self, q, k, max_elements=1 << 28):
+        """Top-k per query row; the query x shard similarity block is capped at ``max_elements`` (1 GiB fp32)."""
         torch = self.torch
-        qt = torch.from_numpy(q).to(device=self.device, dtype=self.dtype)
-        sims = (qt @ self.x.T).float()
-        if self.metric == "l2":
-            sims = 2 * sims - self.sq[None, :] - (qt.float() ** 2).sum(1, keepdim=True)  # = -||q - x||^2
-        keys, idx = torch.topk(sims, k, dim=1)
-        return keys.cpu().numpy(), idx.cpu().numpy().astype(np.int64)
+        step = max(1, max_elements // max(1, self.x.shape[0]))
+        keys_out, ids_out = [], []
+        for a in range(0, q.shape[0], step):
+            qt = torch.from_numpy(q[a:a + step]).to(device=self.device, dtype=self.dtype)
+            sims = (qt @ self.x.T).float()
+            if self.metric == "l2":
+                sims = 2 * sims - self.sq[None, :] - (qt.float() ** 2).sum(1, keepdim=True)  # = -||q - x||^2
+            keys, idx = torch.topk(sims, k, dim=1)
+            keys_out.append(keys.cpu().numpy())
+            ids_out.append(idx.cpu().numpy().astype(np.int64))
+        return np.concatenate(keys_out), np.concatenate(ids_out)
 
 
 def _faiss_shard(x, metric):

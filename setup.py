@@ -133,7 +133,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mmf_multilevel", "mmf_multilevel.*"]),
     include_package_data=True,
-    package_data={"mmf_multilevel": ["configs/**/*.yaml", "zoo/*.yaml"]},
+    package_data={"mmf_multilevel": ["configs/**/*.yaml", "zoo/*.yaml", "extraction/configs/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     cmdclass=CMDCLASS,
@@ -141,6 +141,7 @@ setup(
         "console_scripts": [
             "mmf_ml_run = mmf_multilevel.cli:run",
             "mmf_ml_doctor = mmf_multilevel.compat.doctor:main",
+            "mmf_ml_extract = mmf_multilevel.extraction.cli:run",
         ]
     },
 )

@@ -508,3 +508,139 @@ class VQASoftScoreAccuracy(BaseMetric):
         predicted = scores.argmax(dim=1, keepdim=True)
         picked = targets.gather(1, predicted).squeeze(1).double()
         return picked.mean()
+
+
+# --------------------------------------------------------------------------- GQA / VG-QA
+@registry.register_metric("gqa_accuracy")
+class GQAAccuracy(BaseMetric):
+    """Exact-match accuracy of ``argmax(scores)`` against ``answer_index`` (``qa_single_answer``).
+
+    An answer outside the vocabulary (``answer_index`` -1) is always wrong, as in the official GQA
+    evaluation, whatever the model predicts.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("gqa_accuracy")
+        self.required_params = ["scores", "answer_index"]
+
+    def calculate(self, sample_list, model_output, *args, **kwargs):
+        scores = model_output["scores"]
+        gold = sample_list["answer_index"].to(scores.device).view(-1)
+        if scores.dim() != 2 or scores.size(0) != gold.numel():
+            raise ValueError(f"gqa_accuracy: scores must be batch x vocabulary, got {tuple(scores.shape)} for {gold.numel()} answers")
+        if gold.numel() == 0:
+            raise ValueError("gqa_accuracy: empty batch")
+        hits = (scores.argmax(dim=1) == gold) & (gold >= 0)
+        return hits.double().mean()
+
+
+# --------------------------------------------------------------------------- RefCOCO+
+@registry.register_metric("refcoco_accuracy")
+class RefCOCOAccuracy(BaseMetric):
+    """Share of expressions whose top-scoring real proposal has IoU > 0.5 with the gold box.
+
+    ``scores``: batch x proposals (one score per proposal; padding is never chosen), with the
+    sample fields ``proposal_boxes``, ``num_proposals`` and ``gold_box`` of ``refcoco_plus``.
+    """
+
+    def __init__(self, threshold=0.5, *args, **kwargs):
+        super().__init__("refcoco_accuracy")
+        self.threshold = float(threshold)
+        self.required_params = ["scores", "proposal_boxes", "num_proposals", "gold_box"]
+
+    def calculate(self, sample_list, model_output, *args, **kwargs):
+        from mmf_multilevel.evaluation.grounding import grounding_hits
+
+        scores = model_output["scores"].float().cpu()
+        proposals = sample_list["proposal_boxes"].float().cpu()
+        if scores.dim() != 2 or scores.shape != proposals.shape[:2]:
+            raise ValueError(
+                f"refcoco_accuracy: scores must be batch x proposals {tuple(proposals.shape[:2])}, got {tuple(scores.shape)}"
+            )
+        hits = grounding_hits(scores, proposals, sample_list["num_proposals"].cpu(), sample_list["gold_box"].float().cpu(), self.threshold)
+        return hits.double().mean()
+
+
+# --------------------------------------------------------------------------- retrieval
+def _gather_varsize(tensor):
+    """All ranks' ``tensor`` (first dimension may differ), concatenated in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest,) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(s.item())] for part, s in zip(parts, sizes)])
+
+
+def pair_match_scores(scores):
+    """One matching score per pair: the log-odds of a 2-way head, or a single logit."""
+    if scores.dim() == 2 and scores.size(1) == 2:
+        return scores[:, 1] - scores[:, 0]
+    if scores.dim() == 2 and scores.size(1) == 1:
+        return scores[:, 0]
+    if scores.dim() == 1:
+        return scores
+    raise ValueError(f"retrieval metrics: expected scores of shape P x 2 or P x 1, got {tuple(scores.shape)}")
+
+
+class _RetrievalMetric(BaseMetric):
+    """Recall@K of image-text retrieval over all (image, caption) pairs of an evaluation split.
+
+    Needs the whole split's pairs at once (MMF accumulates ``scores``, ``pair_image_index``,
+    ``pair_text_index`` and ``targets`` over the evaluation batches); the pairs of all ranks are
+    gathered first, so the value is that of the whole gallery on every rank. Ties between scores
+    count against the model (see ``mmf_multilevel.evaluation.retrieval``).
+    """
+
+    key = None
+    _cache = {}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(f"retrieval_{self.key}")
+        self.required_params = ["scores", "pair_image_index", "pair_text_index", "targets"]
+
+    @classmethod
+    def _all(cls, sample_list, model_output):
+        from mmf_multilevel.evaluation.retrieval import ranks, retrieval_metrics
+
+        import weakref
+
+        scores = model_output["scores"]
+        cached = cls._cache.get("scores")
+        if cached is not None and cached() is scores:  # the other recall keys of the same evaluation
+            return cls._cache["values"]
+        match = _gather_varsize(pair_match_scores(scores.detach().float().cpu()))
+        image = _gather_varsize(sample_list["pair_image_index"].view(-1).cpu())
+        text = _gather_varsize(sample_list["pair_text_index"].view(-1).cpu())
+        target = _gather_varsize(sample_list["targets"].view(-1).cpu())
+        if image.numel() == 0:
+            raise ValueError("retrieval metrics: the evaluation gallery is empty")
+        num_images, num_texts = int(image.max()) + 1, int(text.max()) + 1
+        matrix = torch.full((num_images, num_texts), float("nan"))
+        gt = torch.zeros((num_images, num_texts), dtype=torch.bool)
+        matrix[image, text] = match
+        gt[image, text] = target.bool()
+        missing = int(torch.isnan(matrix).sum())
+        if missing:
+            raise ValueError(
+                f"retrieval metrics: {missing} of the {num_images} x {num_texts} pairs were not scored; evaluate "
+                "the whole split (eval_pairs: all) without evaluation.max_batches"
+            )
+        values = retrieval_metrics(*ranks(matrix, gt))
+        cls._cache.clear()
+        cls._cache.update(scores=weakref.ref(scores), values=values)
+        return values
+
+    def calculate(self, sample_list, model_output, *args, **kwargs):
+        return torch.tensor(self._all(sample_list, model_output)[self.key], dtype=torch.float64)
+
+
+for _key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"):
+    registry.register_metric(f"retrieval_{_key}")(type(f"Retrieval_{_key}", (_RetrievalMetric,), {"key": _key}))

@@ -18,10 +18,15 @@ import warnings
 
 import numpy as np
 import torch
+from mmf.common.registry import registry
 from mmf.common.sample import Sample
 from mmf.datasets.base_dataset import BaseDataset
+from mmf.datasets.base_dataset_builder import BaseDatasetBuilder
 
 from mmf_multilevel.datasets.annotations import read_jsonl
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "datasets")
 
 
 class FeatureDimensionError(ValueError):
@@ -101,7 +106,7 @@ class RegionTextDataset(BaseDataset):
 
     def _check_coverage(self, skip):
         """Every record's image must be in the cache: an error naming them, or (``skip``) a counted drop."""
-        ids = sorted({str(record["image_id"]) for record in self.records})
+        ids = sorted({str(i) for record in self.records for i in self.image_ids_of(record)})
         missing = {image_id for image_id in ids if image_id not in self.reader}
         if not missing:
             return
@@ -115,7 +120,7 @@ class RegionTextDataset(BaseDataset):
                 f"{where} (set dataset_config.{self.dataset_name}.skip_missing_features=True to drop their records)"
             )
         before = len(self.records)
-        self.records = [record for record in self.records if str(record["image_id"]) not in missing]
+        self.records = [r for r in self.records if not any(str(i) in missing for i in self.image_ids_of(r))]
         self.num_dropped = before - len(self.records)
         if not self.records:
             raise MissingFeaturesError(f"{where}; no record is left")
@@ -145,6 +150,10 @@ class RegionTextDataset(BaseDataset):
         return pad_rows(features, self.max_features), info
 
     # ------------------------------------------------------------------ samples
+    def image_ids_of(self, record):
+        """The images a record needs features of (NLVR2: two)."""
+        return (record["image_id"],)
+
     def validate_record(self, record):
         return None
 
@@ -161,3 +170,52 @@ class RegionTextDataset(BaseDataset):
 
     def build_sample(self, record, sample):
         raise NotImplementedError
+
+
+def tokenize(text_processor, text):
+    """MMF text-processor output without the fields a sample does not carry (tokens, raw text)."""
+    processed = text_processor({"text": text})
+    for key in ("tokens", "text", "lm_label_ids"):
+        processed.pop(key, None)
+    return processed
+
+
+class RegionTaskBuilder(BaseDatasetBuilder):
+    """Builder of one region-feature dataset class: ``name``, ``dataset_class``, ``config_file``.
+
+    ``config_file`` is relative to ``mmf_multilevel/configs/datasets``. ``num_outputs(dataset)``
+    (optional) is registered as ``<name>_num_final_outputs`` for classification heads.
+    """
+
+    name = None
+    dataset_class = None
+    config_file = None
+
+    def __init__(self):
+        super().__init__(self.name)
+        self.dataset = None
+
+    @classmethod
+    def config_path(cls):
+        return os.path.join(CONFIG_DIR, cls.config_file)
+
+    def build(self, config, dataset_type="train", *args, **kwargs):
+        return None
+
+    def load(self, config, dataset_type="train", *args, **kwargs):
+        if dataset_type not in config.annotations:
+            raise KeyError(
+                f"dataset_config.{self.dataset_name}.annotations has no '{dataset_type}' split "
+                f"(it has {sorted(config.annotations)})"
+            )
+        self.dataset = self.dataset_class(self.dataset_name, config, dataset_type)
+        return self.dataset
+
+    def num_outputs(self, dataset):
+        return None
+
+    def update_registry_for_model(self, config):
+        if self.dataset is not None:
+            count = self.num_outputs(self.dataset)
+            if count is not None:
+                registry.register(f"{self.dataset_name}_num_final_outputs", count)

@@ -48,7 +48,7 @@ SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MANIFEST = "manifest.json"
 FORMAT = "mmf_multilevel.demo_data"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: downstream-task annotations
 
 
 def _plural(shape):
@@ -205,6 +205,153 @@ def answer_vocabulary():
     return list(COLORS) + list(SHAPES) + [str(i) for i in range(len(COUNT_WORDS))] + ["yes", "no"]
 
 
+def gqa_answer_vocabulary():
+    """GQA-style answers; "diamond" is left out on purpose, so some gold answers are outside it."""
+    return list(COLORS) + [s for s in SHAPES if s != "diamond"] + ["yes", "no", "left", "right"]
+
+
+def _side(box, width):
+    return "left" if (box[0] + box[2]) / 2 < width / 2 else "right"
+
+
+def _xywh(box):
+    return [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
+
+
+def _texts_of(records):
+    for record in records:
+        for field in ("sentence", "hypothesis", "question", "expression"):
+            if field in record:
+                yield record[field]
+        for caption in record.get("captions", ()):
+            yield caption
+
+
+def _nlvr2(split, items, rng):
+    """Statements about two images; true/false balanced; about half mention left/right."""
+    out = []
+    for n in range(len(items)):
+        left, right = items[n], items[(n + 1 + int(rng.integers(max(len(items) - 1, 1)))) % len(items)]
+        counts = {}
+        for _, _, _, objs in (left, right):
+            for shape, _, _ in objs:
+                counts[shape] = counts.get(shape, 0) + 1
+        kind = int(rng.integers(3))
+        if kind == 0:
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            n_true = counts.get(shape, 0)
+            n_said = n_true if rng.random() < 0.5 else n_true + int(rng.integers(1, 3))
+            sentence = f"there are {COUNT_WORDS[min(n_said, 6)]} {_plural(shape)} in total ."
+            label = n_said == n_true and n_said <= 6
+        elif kind == 1:
+            which, scene = (("left", left) if rng.random() < 0.5 else ("right", right))
+            shape, color, _ = scene[3][int(rng.integers(len(scene[3])))]
+            if rng.random() < 0.5:
+                sentence, label = f"the {which} image contains a {color} {shape} .", True
+            else:
+                color2 = [c for c in COLORS if c != color][int(rng.integers(len(COLORS) - 1))]
+                label = any(s == shape and c == color2 for s, c, _ in scene[3])
+                sentence = f"the {which} image contains a {color2} {shape} ."
+        else:
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            label = all(any(s == shape for s, _, _ in scene[3]) for scene in (left, right))
+            sentence = f"both images contain a {shape} ."
+        out.append({
+            "identifier": f"{split}-{n}-0", "sentence": sentence, "left_image": left[0], "right_image": right[0],
+            "label": bool(label),
+        })
+    return out
+
+
+def _snli_ve(split, items, rng):
+    labels = ("entailment", "neutral", "contradiction")
+    out = []
+    for image_id, _, _, objs in items:
+        present = {s for s, _, _ in objs}
+        for label in labels:
+            if label == "entailment":
+                shape, color, _ = objs[int(rng.integers(len(objs)))]
+                hypothesis = f"there is a {color} {shape} ."
+            elif label == "contradiction":
+                absent = [s for s in SHAPES if s not in present]
+                hypothesis = f"there is a {absent[0]} ." if absent else f"there are {COUNT_WORDS[6]} shapes ."
+            else:
+                shape = objs[int(rng.integers(len(objs)))][0]
+                hypothesis = f"the {shape} was drawn by a child ."
+            out.append({"pair_id": f"{image_id}#{label}", "image_id": image_id, "hypothesis": hypothesis, "label": label})
+    return out
+
+
+def _gqa(split, items, rng, prefix="gqa"):
+    out = []
+    for image_id, width, _, objs in items:
+        by_shape = {}
+        for shape, color, box in objs:
+            by_shape.setdefault(shape, []).append((color, box))
+        unique = [(s, v[0]) for s, v in by_shape.items() if len(v) == 1]
+        if unique:
+            shape, (color, box) = unique[int(rng.integers(len(unique)))]
+            out.append({"question_id": f"{prefix}{len(out)}_{image_id}", "image_id": image_id,
+                        "question": f"what color is the {shape}?", "answer": color})
+            out.append({"question_id": f"{prefix}{len(out)}_{image_id}", "image_id": image_id,
+                        "question": f"on which side is the {shape}?", "answer": _side(box, width)})
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        out.append({"question_id": f"{prefix}{len(out)}_{image_id}", "image_id": image_id,
+                    "question": f"is there a {shape}?", "answer": "yes" if shape in by_shape else "no"})
+        colors_of = {}
+        for s, c, _ in objs:
+            colors_of.setdefault(c, []).append(s)
+        single = [(c, ss[0]) for c, ss in colors_of.items() if len(ss) == 1]
+        if single:
+            color, shape = single[int(rng.integers(len(single)))]
+            out.append({"question_id": f"{prefix}{len(out)}_{image_id}", "image_id": image_id,
+                        "question": f"which shape is {color}?", "answer": shape})
+    return out
+
+
+def _refcoco(split, items, rng):
+    """Referring expressions for shapes whose (colour, shape) is unique in their image; gold box = the drawn box."""
+    out = []
+    for image_id, width, _, objs in items:
+        combos = {}
+        for shape, color, box in objs:
+            combos.setdefault((color, shape), []).append(box)
+        for (color, shape), boxes in sorted(combos.items()):
+            if len(boxes) != 1:
+                continue
+            same_shape = [b for s, _, b in objs if s == shape]
+            expression = f"the {color} {shape}"
+            if len(same_shape) == 2 and rng.random() < 0.5:
+                other = [b for b in same_shape if b is not boxes[0]][0]
+                expression = f"the {shape} on the {'left' if boxes[0][0] < other[0] else 'right'}"
+            out.append({"ref_id": len(out), "image_id": image_id, "expression": expression,
+                        "bbox": _xywh(boxes[0]), "category": shape})
+    return out
+
+
+def _retrieval(split, items, rng):
+    return [{"image_id": image_id, "captions": _captions(objs, rng)} for image_id, _, _, objs in items]
+
+
+def _task_annotations(split, items, rng):
+    """The downstream-task files of one split."""
+    tasks = {
+        f"nlvr2_{split}": _nlvr2(split, items, rng),
+        f"snli_ve_{split}": _snli_ve(split, items, rng),
+        f"gqa_{split}": _gqa(split, items, rng),
+        f"vgqa_{split}": _gqa(split, items, rng, prefix="vg"),
+        f"retrieval_{split}": _retrieval(split, items, rng),
+    }
+    refs = _refcoco(split, items, rng)
+    if split == "test":  # UNC's testA / testB: two disjoint halves of the test images
+        half = {image_id for image_id, _, _, _ in items[: len(items) // 2]}
+        tasks["refcoco+_testA"] = [r for r in refs if r["image_id"] in half]
+        tasks["refcoco+_testB"] = [r for r in refs if r["image_id"] not in half]
+    else:
+        tasks[f"refcoco+_{split}"] = refs
+    return {name: records for name, records in tasks.items() if records}
+
+
 def _wordpiece_vocab(texts):
     import re
 
@@ -239,7 +386,8 @@ def _existing(out, settings):
             manifest = json.load(f)
     except (OSError, ValueError):
         return None
-    return manifest if manifest.get("settings") == settings else None
+    same = manifest.get("settings") == settings and manifest.get("version") == FORMAT_VERSION
+    return manifest if same else None
 
 
 def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5, seed=0, float16=False,
@@ -290,6 +438,7 @@ def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5
     captions = {name: [] for name, _ in SPLITS}
     questions = {name: [] for name, _ in SPLITS}
     texts = []
+    scenes = {name: [] for name, _ in SPLITS}
     question_id = 0
     with FeatureCacheWriter(cache, detector="demo_shapes", dtype=dtype, batch_size=64, mmf_compat=args.mmf_compat,
                             feature_dim=args.feature_dim) as writer:
@@ -303,6 +452,7 @@ def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5
             record = _regions(objects, prototypes, args.feature_dim, rng, dtype)
             record.update(image_w=width, image_h=height)
             writer.write(image_id, record)
+            scenes[split].append((image_id, width, height, objects))
             for caption in _captions(objects, rng):
                 captions[split].append({"image_id": image_id, "caption": caption})
                 texts.append(caption)
@@ -317,8 +467,14 @@ def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5
     for split in captions:
         write_jsonl(os.path.join(ann, f"captions_{split}.jsonl"), captions[split])
         write_jsonl(os.path.join(ann, f"vqa_{split}.jsonl"), questions[split])
+    task_rng = np.random.default_rng(args.seed + 1)
+    for split, items in scenes.items():
+        for name, records in _task_annotations(split, items, task_rng).items():
+            write_jsonl(os.path.join(ann, f"{name}.jsonl"), records)
+            texts.extend(_texts_of(records))
     answers = answer_vocabulary()
     _write_lines(os.path.join(work, "answers.txt"), answers)
+    _write_lines(os.path.join(work, "answers_gqa.txt"), gqa_answer_vocabulary())
     _write_lines(os.path.join(work, "objects_vocab.txt"), SHAPES)
     _write_lines(os.path.join(work, "attributes_vocab.txt"), list(COLORS))
     vocab = _wordpiece_vocab(texts)

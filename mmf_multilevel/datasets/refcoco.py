@@ -1,0 +1,75 @@
+"""RefCOCO+ (UNC splits val / testA / testB) on region features: ``datasets=refcoco_plus``.
+
+Annotations: jsonl, one referring expression per line: ``{"ref_id", "image_id", "expression",
+"bbox": [x, y, w, h]}`` (COCO box convention, pixels). The region cache holds the detector's
+proposals of each image; the model scores every proposal, and a prediction is a hit when the
+top-scoring proposal has IoU > 0.5 with the gold box (``refcoco_accuracy``).
+
+Sample fields: the expression's tokens, ``image_feature_0`` / ``image_info_0`` (proposals),
+``proposal_boxes`` (``max_features x 4`` xyxy, zero-padded), ``num_proposals``, ``gold_box``
+(xyxy) and, with ``supervision: box`` (default), ``targets`` = the index of the proposal with the
+highest IoU with the gold box (softmax cross-entropy over proposals) and ``label_mask`` = the
+proposals with IoU > 0.5. ``supervision: none`` is the weakly supervised variant (SIMLA, ALBEF):
+no box enters training - samples carry ``is_correct = 1`` for (image, expression) matching
+losses - while evaluation still uses the gold box.
+"""
+import torch
+from mmf.common.registry import registry
+
+from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, tokenize
+from mmf_multilevel.evaluation.grounding import pairwise_iou, xywh_to_xyxy
+
+SUPERVISION = ("box", "none")
+
+
+class RefCOCODataset(RegionTextDataset):
+    required_fields = ("ref_id", "image_id", "expression", "bbox")
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        self.supervision = str(config.get("supervision") or "box")
+        if self.supervision not in SUPERVISION:
+            raise ValueError(f"dataset_config.{dataset_name}.supervision must be one of {list(SUPERVISION)}, got {self.supervision!r}")
+        self.iou_threshold = float(config.get("iou_threshold") or 0.5)
+        super().__init__(dataset_name, config, dataset_type, index)
+
+    def validate_record(self, record):
+        if not isinstance(record.get("expression"), str) or not record["expression"].strip():
+            return "field 'expression' must be a non-empty string"
+        box = record.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            return f"field 'bbox' must be [x, y, w, h], got {box!r}"
+        if box[2] <= 0 or box[3] <= 0:
+            return f"field 'bbox' has a non-positive width or height: {box!r}"
+        return None
+
+    def build_sample(self, record, sample):
+        sample.update(tokenize(self.text_processor, record["expression"]))
+        info = sample.image_info_0
+        count = int(info.max_features)
+        gold = xywh_to_xyxy(record["bbox"])
+        width, height = int(info.image_width), int(info.image_height)
+        if gold[0] < 0 or gold[1] < 0 or gold[2] > width + 1 or gold[3] > height + 1:
+            raise ValueError(
+                f"{self.annotation_path}: ref_id {record['ref_id']}: gold box {record['bbox']} (x, y, w, h) lies outside "
+                f"the {width}x{height} image {record['image_id']!r}"
+            )
+        sample.ref_id = torch.tensor(int(record["ref_id"]), dtype=torch.long)
+        sample.proposal_boxes = info.bbox
+        sample.num_proposals = torch.tensor(count, dtype=torch.long)
+        sample.gold_box = gold
+        iou = pairwise_iou(info.bbox[:count], gold.unsqueeze(0)).squeeze(1) if count else torch.zeros(0)
+        mask = torch.zeros(self.max_features, dtype=torch.bool)
+        mask[:count] = iou > self.iou_threshold
+        sample.label_mask = mask
+        if self.supervision == "box":
+            sample.targets = torch.tensor(int(iou.argmax()) if count else -100, dtype=torch.long)
+        else:
+            sample.is_correct = torch.tensor(1, dtype=torch.long)
+        return sample
+
+
+@registry.register_builder("refcoco_plus")
+class RefCOCOPlusBuilder(RegionTaskBuilder):
+    name = "refcoco_plus"
+    dataset_class = RefCOCODataset
+    config_file = "refcoco_plus/defaults.yaml"

@@ -1,0 +1,157 @@
+"""Image-text retrieval evaluation: ranks with ties, R@K / RSUM, all-pairs and two-stage scoring.
+
+Scores form a matrix ``S[i, t]`` (image i, text t); ``gt[i, t]`` marks matching pairs (an image
+has several captions, a caption one image).
+
+*Ranks and ties.* The rank of a query is the number of non-matching candidates that score at
+least as high as its best-scoring match (0 = the match is first). Ties therefore count against
+the model (``ties="pessimistic"``, the default): a model that gives every pair the same score
+gets R@K = 0, not the R@K of whatever order the sort happened to leave. The usual evaluation
+scripts take ``argsort`` positions, which breaks ties by index order and can report a constant
+model as perfect when the matches happen to come first. ``ties="optimistic"`` counts only
+strictly higher candidates (an upper bound); the truth for any tie-breaking lies between.
+
+*Scoring.* :func:`all_pair_scores` scores every (image, text) pair with a matching function in
+chunks of at most ``chunk_size`` pairs. :func:`two_stage_scores` first ranks with embeddings
+(contrastive similarity) and re-scores only each query's top ``k`` candidates with the matching
+function (as ALBEF-style models do); the other entries are ``-inf``, and i2t / t2i get separate
+matrices because their top-k sets differ.
+
+*Distributed.* :func:`distributed_ranks` computes the ranks when each process holds the score
+rows of a shard of the images: per text, the best matching score is combined with an
+``all_reduce(MAX)`` and the counts of images scoring at least as high with ``all_reduce(SUM)``,
+so no process ever holds the whole matrix.
+"""
+import math
+
+import torch
+
+TIES = ("pessimistic", "optimistic")
+
+
+def _check(scores, gt):
+    if scores.dim() != 2 or gt.shape != scores.shape:
+        raise ValueError(f"scores and gt must be matrices of one shape, got {tuple(scores.shape)} and {tuple(gt.shape)}")
+    gt = gt.bool()
+    if not gt.any(dim=1).all():
+        raise ValueError(f"{int((~gt.any(dim=1)).sum())} image(s) have no matching text")
+    if not gt.any(dim=0).all():
+        raise ValueError(f"{int((~gt.any(dim=0)).sum())} text(s) have no matching image")
+    return gt
+
+
+def query_ranks(scores, gt, ties="pessimistic"):
+    """Rank of each row's best match among the row's non-matching candidates. ``scores``: Q x C."""
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    scores = scores.float()
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    best = torch.where(gt, scores, neg_inf).max(dim=1, keepdim=True).values
+    beats = scores >= best if ties == "pessimistic" else scores > best
+    return (beats & ~gt).sum(dim=1)
+
+
+def ranks(scores, gt, ties="pessimistic"):
+    """(i2t ranks per image, t2i ranks per text) of a full score matrix."""
+    gt = _check(scores, gt)
+    return query_ranks(scores, gt, ties), query_ranks(scores.t(), gt.t(), ties)
+
+
+def recall_at(rank, ks=(1, 5, 10)):
+    """{k: % of queries whose rank < k}."""
+    rank = torch.as_tensor(rank)
+    if rank.numel() == 0:
+        raise ValueError("no queries: the retrieval gallery is empty")
+    return {k: 100.0 * float((rank < k).float().mean()) for k in ks}
+
+
+def retrieval_metrics(i2t_rank, t2i_rank, ks=(1, 5, 10)):
+    """``ir_r1 ... tr_r10`` (text→image = image retrieval "ir", image→text = text retrieval "tr"), ``rsum``."""
+    tr = recall_at(i2t_rank, ks)
+    ir = recall_at(t2i_rank, ks)
+    out = {f"tr_r{k}": v for k, v in tr.items()}
+    out.update({f"ir_r{k}": v for k, v in ir.items()})
+    out["rsum"] = sum(tr.values()) + sum(ir.values())
+    return out
+
+
+def all_pair_scores(num_images, num_texts, match_fn, chunk_size=4096, image_rows=None, progress=None):
+    """``S[i, t] = match_fn(image_idx, text_idx)`` over all pairs, at most ``chunk_size`` pairs per call.
+
+    ``match_fn(image_idx: LongTensor P, text_idx: LongTensor P) -> FloatTensor P``. ``image_rows``
+    restricts the rows (a shard of the images); the result then has ``len(image_rows)`` rows.
+    """
+    rows = torch.arange(num_images) if image_rows is None else torch.as_tensor(image_rows, dtype=torch.long)
+    if num_texts == 0 or rows.numel() == 0:
+        raise ValueError(f"empty retrieval gallery: {rows.numel()} images x {num_texts} texts")
+    out = torch.empty(rows.numel(), num_texts)
+    total = rows.numel() * num_texts
+    for start in range(0, total, chunk_size):
+        flat = torch.arange(start, min(start + chunk_size, total))
+        r, t = flat // num_texts, flat % num_texts
+        out[r, t] = match_fn(rows[r], t).float().cpu()
+        if progress is not None:
+            progress(flat.numel())
+    return out
+
+
+def two_stage_scores(image_embeds, text_embeds, match_fn, k=128, chunk_size=4096):
+    """(i2t matrix, t2i matrix): contrastive top-k per query, re-scored by ``match_fn``; others ``-inf``.
+
+    Embeddings are L2-normalised here; ``k`` is clipped to the gallery size.
+    """
+    if image_embeds.numel() == 0 or text_embeds.numel() == 0:
+        raise ValueError(f"empty retrieval gallery: {image_embeds.shape[0]} images x {text_embeds.shape[0]} texts")
+    img = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+    txt = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
+    sim = img @ txt.t()
+    n_img, n_txt = sim.shape
+    i2t = torch.full_like(sim, float("-inf"))
+    t2i = torch.full_like(sim, float("-inf"))
+    for matrix, candidates, transpose in ((i2t, sim, False), (t2i, sim.t(), True)):
+        top = candidates.topk(min(k, candidates.shape[1]), dim=1).indices  # Q x k
+        q = torch.arange(candidates.shape[0]).unsqueeze(1).expand_as(top).reshape(-1)
+        c = top.reshape(-1)
+        image_idx, text_idx = (c, q) if transpose else (q, c)
+        values = torch.empty(q.numel())
+        for start in range(0, q.numel(), chunk_size):
+            end = start + chunk_size
+            values[start:end] = match_fn(image_idx[start:end], text_idx[start:end]).float().cpu()
+        matrix[image_idx, text_idx] = values
+    return i2t, t2i
+
+
+def distributed_ranks(shard_scores, shard_gt, ties="pessimistic", group=None):
+    """Ranks when this process holds the score rows of a shard of the images.
+
+    ``shard_scores`` / ``shard_gt``: (images of this shard) x (all texts). Returns (i2t ranks of
+    this shard's images, t2i ranks of every text - identical on all processes). Without an
+    initialised process group this is :func:`ranks` on the one shard.
+    """
+    import torch.distributed as dist
+
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    gt = shard_gt.bool()
+    scores = shard_scores.float()
+    i2t = query_ranks(scores, gt, ties) if scores.shape[0] else torch.zeros(0, dtype=torch.long)
+    neg_inf = torch.tensor(float("-inf"))
+    best = torch.where(gt, scores, neg_inf).max(dim=0).values if scores.shape[0] else torch.full((scores.shape[1],), float("-inf"))
+    has_match = gt.any(dim=0).long()
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(has_match, op=dist.ReduceOp.SUM, group=group)
+    if not bool((has_match > 0).all()):
+        raise ValueError(f"{int((has_match == 0).sum())} text(s) have no matching image")
+    beats = scores >= best if ties == "pessimistic" else scores > best
+    counts = (beats & ~gt).sum(dim=0)
+    if distributed:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    return i2t, counts
+
+
+def shard_rows(num_images, rank, world_size):
+    """The image rows a process scores: a contiguous, near-equal shard."""
+    per = math.ceil(num_images / world_size)
+    return torch.arange(rank * per, min((rank + 1) * per, num_images))

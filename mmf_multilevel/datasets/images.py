@@ -57,7 +57,8 @@ Datasets on raw images
 sample, flipped)``, the raw-image twin of ``RegionTextDataset``; :class:`ImageCaptionDataset`
 is the caption corpus (``coco_captions_images``, ``vg_captions_images``,
 ``conceptual_captions_images``, ``sbu_captions_images``, ``captions_images``) with the same text
-fields as ``CaptionDataset``.
+fields as ``CaptionDataset``; ``itm_targets: true`` also sets ``targets = is_correct``, so MMF's own
+losses and metrics (``cross_entropy``, ``accuracy``) can train and score image-text matching.
 """
 import argparse
 import io
@@ -391,9 +392,11 @@ _LMDB_ENVS = {}
 
 
 def _close_lmdb(path):
-    env = _LMDB_ENVS.pop((os.path.realpath(os.fspath(path)), os.getpid()), None)
-    if env is not None:
-        env.close()
+    real = os.path.realpath(os.fspath(path))
+    entry = _LMDB_ENVS.get(real)
+    if entry is not None and entry[0] == os.getpid():
+        del _LMDB_ENVS[real]
+        entry[1].close()
 
 
 class LmdbImageSource(ImageSource):
@@ -411,17 +414,26 @@ class LmdbImageSource(ImageSource):
     def _open(self):
         import lmdb
 
-        # LMDB allows one environment per file and process: sources of the same path share it
-        key = (os.path.realpath(self.path), os.getpid())
-        env = _LMDB_ENVS.get(key)
-        if env is None:
+        # LMDB allows one environment per file and process: sources of the same path share it; one
+        # inherited through fork is closed here (the parent's stays open) so this process can open its own
+        real = os.path.realpath(self.path)
+        entry = _LMDB_ENVS.get(real)
+        if entry is not None and entry[0] != os.getpid():
+            try:
+                entry[1].close()
+            except lmdb.Error:
+                pass
+            del _LMDB_ENVS[real]
+            entry = None
+        if entry is None:
             try:
                 env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False,
                                 subdir=os.path.isdir(self.path), max_readers=512)
             except lmdb.Error as exc:
-                raise ImageSourceError(f"{self.path}: cannot open as an LMDB ({exc})") from None
-            _LMDB_ENVS[key] = env
-        return env
+                hint = "; an LMDB writer on this path is still open in this process" if "already open" in str(exc) else ""
+                raise ImageSourceError(f"{self.path}: cannot open as an LMDB ({exc}){hint}") from None
+            entry = _LMDB_ENVS[real] = (os.getpid(), env)
+        return entry[1]
 
     def close(self):
         """Close the (shared) environment of this path in this process."""
@@ -784,6 +796,7 @@ class ImageCaptionDataset(ImageTextDataset):
     def __init__(self, dataset_name, config, dataset_type, index=0):
         super().__init__(dataset_name, config, dataset_type, index)
         self.itm_probability = float(config.get("itm_probability") or 0.0)
+        self.itm_targets = bool(config.get("itm_targets", False))
 
     def validate_record(self, record):
         from mmf_multilevel.datasets.captions import _check_caption
@@ -814,6 +827,8 @@ class ImageCaptionDataset(ImageTextDataset):
         sample.update(processed)
         if "is_correct" not in sample:
             sample.is_correct = torch.tensor(is_correct)
+        if self.itm_targets:  # MMF's losses and metrics read `targets`: image-text matching as 2-way classification
+            sample.targets = torch.as_tensor(sample.is_correct).long()
         sample.caption = caption
         return sample
 

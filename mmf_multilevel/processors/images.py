@@ -50,6 +50,7 @@ All randomness comes from torch's global generator, which the trainer seeds per 
 DataLoader workers (``mmf_multilevel.trainers.data.SeededDataset``).
 """
 import copy
+import functools
 import re
 
 import torch
@@ -168,26 +169,44 @@ def _pair(value, where, low=None, high=None):
 
 
 # --------------------------------------------------------------------------- RandAugment
+def _pixel_range(limit, num_bins, height, width):
+    return torch.linspace(0.0, limit, num_bins)
+
+
 class OpSubsetRandAugment(v2.RandAugment):
     """torchvision's RandAugment drawing only from ``ops``; translation optionally capped in pixels."""
 
     def __init__(self, ops=ALBEF_OPS, max_translate_pixels=None, **kwargs):
         super().__init__(**kwargs)
-        space = dict(v2.RandAugment._AUGMENTATION_SPACE)
+        space = v2.RandAugment._AUGMENTATION_SPACE
         unknown = [op for op in ops if op not in space]
         if unknown or not ops:
             raise ImageTransformConfigError(
                 f"randaugment.ops: unknown op(s) {unknown} (torchvision's RandAugment has {sorted(space)})"
                 if unknown else "randaugment.ops: empty"
             )
-        if max_translate_pixels is not None:
-            limit = float(max_translate_pixels)
-            space["TranslateX"] = (lambda num_bins, height, width: torch.linspace(0.0, limit, num_bins), True)
-            space["TranslateY"] = (lambda num_bins, height, width: torch.linspace(0.0, limit, num_bins), True)
         self.ops = tuple(ops)
-        self.max_translate_pixels = max_translate_pixels
+        self.max_translate_pixels = None if max_translate_pixels is None else float(max_translate_pixels)
+        self._AUGMENTATION_SPACE = self._space()
+
+    def _space(self):
         # an instance attribute: the class's table is left as torchvision has it
-        self._AUGMENTATION_SPACE = {op: space[op] for op in self.ops}
+        space = dict(v2.RandAugment._AUGMENTATION_SPACE)
+        if self.max_translate_pixels is not None:
+            magnitudes = functools.partial(_pixel_range, self.max_translate_pixels)
+            space["TranslateX"] = (magnitudes, True)
+            space["TranslateY"] = (magnitudes, True)
+        return {op: space[op] for op in self.ops}
+
+    # the table holds torchvision's lambdas: rebuilt after unpickling (spawned DataLoader workers)
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_AUGMENTATION_SPACE", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._AUGMENTATION_SPACE = self._space()
 
     def extra_repr(self):
         return f"num_ops={self.num_ops}, magnitude={self.magnitude}/{self.num_magnitude_bins - 1}, ops={list(self.ops)}"

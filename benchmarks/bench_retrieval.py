@@ -176,10 +176,12 @@ def bench_search(args, res):
               f"(generated in {time.perf_counter() - t0:.1f} s)", flush=True)
         out = {"corpus_rows": n, "queries": args.queries}
 
-        t0 = time.perf_counter()
-        _, exact_ids = srch.exact_search(base, queries, k, "cosine")
-        t = time.perf_counter() - t0
-        out["ours_flat_cosine"] = {"seconds": t, "qps": rate(args.queries, t)}
+        best = float("inf")
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            _, exact_ids = srch.exact_search(base, queries, k, "cosine")
+            best = min(best, time.perf_counter() - t0)
+        out["ours_flat_cosine"] = {"seconds": best, "qps": rate(args.queries, best)}
 
         t0 = time.perf_counter()
         xb = np.asarray(base, dtype=np.float32)
@@ -194,16 +196,21 @@ def bench_search(args, res):
             index.search(xq[i:i + 100], k)
         t = time.perf_counter() - t0
         out["official_flat_l2_b100"] = {"seconds": t, "queries": nq, "qps": rate(nq, t), "add_seconds": t_add}
-        t0 = time.perf_counter()
-        _, l2_ids = index.search(xq, k)
-        t = time.perf_counter() - t0
-        out["official_flat_l2_all"] = {"seconds": t, "queries": nq, "qps": rate(nq, t)}
+        best = float("inf")
+        xq_all = queries.astype(np.float32)
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            _, l2_ids = index.search(xq_all, k)
+            best = min(best, time.perf_counter() - t0)
+        out["official_flat_l2_all"] = {"seconds": best, "queries": args.queries, "qps": rate(args.queries, best)}
+        l2_ids = l2_ids[:nq]
         del index
         out["cosine_vs_l2_top5_overlap"] = srch.recall_at_k(l2_ids, exact_ids[:nq])
 
         o, f = out["ours_flat_cosine"], out["official_flat_l2_b100"]
+        a = out["official_flat_l2_all"]
         print(f"  exact: ours cosine (IndexFlatIP, shards+blocks) {o['qps']:8.0f} q/s | official IndexFlatL2 batch 100 {f['qps']:8.0f} q/s "
-              f"-> {o['qps'] / f['qps']:.2f}x | IndexFlatL2 one call {out['official_flat_l2_all']['qps']:8.0f} q/s | "
+              f"-> {o['qps'] / f['qps']:.2f}x | IndexFlatL2 all queries in one call {a['qps']:8.0f} q/s -> {o['qps'] / a['qps']:.2f}x | "
               f"top-5 overlap cosine vs unnormalised L2: {out['cosine_vs_l2_top5_overlap']:.3f}", flush=True)
 
         nlist = args.nlist or srch.default_nlist(n)
@@ -290,7 +297,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="100k corpus, 2,000 queries, 1,024 sentences, 1,000 docs")
     p.add_argument("--corpus-rows", type=int, default=1_000_000)
-    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--queries", type=int, default=5000)
     p.add_argument("--official-queries", type=int, default=1000, help="queries timed for the official batch-100 search loop")
     p.add_argument("--reps", type=int, default=2, help="repetitions of the encoding/spaCy timings (best kept)")
     p.add_argument("--encode-sentences", type=int, default=4096)

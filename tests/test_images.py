@@ -293,6 +293,13 @@ def test_shapes_dtype_and_normalisation():
         assert out["image"].shape == (3, 1000, 1000) and out["image_size"].tolist() == [ch, cw]
         assert out["image"][:, ch:, :].abs().sum() == 0 and out["image"][:, :, cw:].abs().sum() == 0
         assert out["image"][:, :ch, :cw].flatten(1).std(dim=1).max() < 1e-4
+    # on a real picture: the same numbers as torchvision's ToDtype(scale=True) + Normalize after the same resize
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    plain = P.ImageTransformProcessor({"preset": "simla_finetune"})
+    reference = P.v2.Compose([P.v2.Resize([384, 384], interpolation=P.InterpolationMode.BICUBIC), P.v2.PILToTensor(),
+                              P.v2.ToDtype(torch.float32, scale=True), P.v2.Normalize(list(P.CLIP_MEAN), list(P.CLIP_STD))])
+    torch.testing.assert_close(plain({"image": picture, "train": False})["image"], reference(picture).as_subclass(torch.Tensor),
+                               atol=2e-6, rtol=0)
     unpadded = P.ImageTransformProcessor({"preset": "soho", "eval": {"pad_to": None}})
     assert unpadded({"image": Image.new("RGB", (320, 240)), "train": False})["image"].shape == (3, 600, 800)
 

@@ -287,8 +287,11 @@ class ImagePipeline:
         self.randaugment = build_randaugment(config.get("randaugment"), f"{where}.randaugment") if train else None
         if len(mean) != 3 or len(std) != 3 or any(float(s) <= 0 for s in std):
             raise ImageTransformConfigError(f"mean/std: expected 3 values each (std > 0), got mean={mean} std={std}")
-        self.to_tensor = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
-        self.normalize = v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std])
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+        # (x / 255 - mean) / std as one multiply-add from uint8, written straight into the (padded) output
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(3, 1, 1)
+        self._bias = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
         pad_to = config.get("pad_to")
         self.pad_to = None if pad_to is None else _size(list(pad_to), f"{where}.pad_to")
         if isinstance(self.pad_to, int):
@@ -302,15 +305,22 @@ class ImagePipeline:
             flipped = True
         if self.randaugment is not None:
             image = self.randaugment(image)
-        tensor = self.normalize(self.to_tensor(image))
-        h, w = int(tensor.shape[-2]), int(tensor.shape[-1])
-        if self.pad_to is not None:
+        pixels = F.pil_to_tensor(image) if not isinstance(image, torch.Tensor) else image
+        pixels = pixels.as_subclass(torch.Tensor)
+        if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise ValueError(f"{self.where}: expected an RGB image, got a {tuple(pixels.shape)} {pixels.dtype} tensor")
+        h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
+        if self.pad_to is None:
+            tensor = torch.empty((3, h, w), dtype=torch.float32)
+            content = tensor
+        else:
             ph, pw = self.pad_to
             if h > ph or w > pw:
                 raise ValueError(f"{self.where}: a {h}x{w} image does not fit pad_to={self.pad_to} (raise pad_to)")
-            if (h, w) != (ph, pw):
-                tensor = torch.nn.functional.pad(tensor, (0, pw - w, 0, ph - h), value=0.0)
-        return tensor.as_subclass(torch.Tensor).contiguous(), flipped, (h, w)
+            tensor = torch.zeros((3, ph, pw), dtype=torch.float32)  # padding: 0 after normalisation
+            content = tensor[:, :h, :w]
+        torch.addcmul(self._bias, pixels, self._scale, out=content)
+        return tensor, flipped, (h, w)
 
     def __repr__(self):
         parts = [repr(self.geometry)]
@@ -318,7 +328,7 @@ class ImagePipeline:
             parts.append(f"hflip(p={self.hflip})")
         if self.randaugment is not None:
             parts.append(repr(self.randaugment))
-        parts.append(repr(self.normalize))
+        parts.append(f"Normalize(mean={self.mean}, std={self.std})")
         if self.pad_to:
             parts.append(f"pad_to({self.pad_to})")
         return f"ImagePipeline[{'train' if self.train else 'eval'}](" + ", ".join(parts) + ")"

@@ -190,3 +190,26 @@ def test_corpus_smaller_than_k_and_images_without_phrases(tmp_path):
     kept = build(tags, corpus, str(tmp_path / "k.jsonl"), **opts(top_k=2, keep_no_phrase=True, work=str(tmp_path / "w3")))
     recs = read_jsonl(tmp_path / "k.jsonl")
     assert kept["records_written"] == 2 and recs[0]["noun_phrases"] == [[], []] and recs[0]["objects_cs"] == [[0.0, 0.0]]
+
+
+def test_build_from_a_region_feature_cache(tmp_path):
+    from mmf_multilevel.features import FeatureCacheWriter
+
+    cache = str(tmp_path / "feats.lmdb")
+    names = ["man", "horse", "hat", "dog", "frisbee"]
+    rng = np.random.default_rng(0)
+    with FeatureCacheWriter(cache, detector="test", dtype="float16") as w:
+        w.write("cc_000001", {"features": rng.standard_normal((3, 16)), "boxes": [[0, 0, 60, 80], [10, 10, 90, 90], [0, 0, 30, 20]],
+                              "objects": [0, 1, 2], "cls_prob": np.full((3, 5), 0.9, np.float32), "image_w": 100, "image_h": 100})
+        w.write("cc_000002", {"features": rng.standard_normal((2, 16)), "boxes": [[0, 0, 50, 50], [20, 20, 40, 40]],
+                              "objects": [3, 4], "image_w": 100, "image_h": 100})
+    vocab = write_lines(tmp_path / "objects_vocab.txt", names)
+    corpus = write_lines(tmp_path / "corpus.txt", ["A man riding a horse on a beach.", "A dog catches a frisbee.", "A bowl of soup."])
+    out = str(tmp_path / "weak.jsonl")
+    summary = build(cache, corpus, out, **opts(top_k=1, object_vocab=vocab))
+    a, b = read_jsonl(out)
+    assert a["image_id"] == "cc_000001" and a["objects"] == ["man", "horse", "hat"] and a["objects_ids"] == [0, 1, 2]
+    assert a["captions"] == ["A man riding a horse on a beach."]
+    assert b["objects"] == ["dog", "frisbee"] and b["objects_ids"] == [3, 4] and b["captions"] == ["A dog catches a frisbee."]
+    assert b["objects_cs_arg"] == [[0], [1]]  # dog -> "A dog", frisbee -> "a frisbee"
+    assert summary["images_read"] == 2

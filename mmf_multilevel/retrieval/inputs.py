@@ -74,7 +74,7 @@ def prepare_corpus(corpus_path, out_dir, report, lowercase=False, text_field=Non
     from mmf_multilevel.retrieval._util import Report
 
     local = Report(stream=report.stream, quiet=report.quiet)
-    offsets = [0]
+    offsets = array.array("q", [0])  # 8 bytes a row (a 14M-line corpus: 112 MB)
     owners = []
     any_owner = False
     seen_ids = set()
@@ -129,7 +129,7 @@ def prepare_corpus(corpus_path, out_dir, report, lowercase=False, text_field=Non
             offsets.append(position)
             owners.append(owner)
     rows = len(offsets) - 1
-    atomic_write_bytes(os.path.join(out_dir, "offsets.npy"), _npy_bytes(np.asarray(offsets, dtype=np.int64)))
+    atomic_write_bytes(os.path.join(out_dir, "offsets.npy"), _npy_bytes(np.frombuffer(offsets, dtype=np.int64)))
     atomic_write_json(os.path.join(out_dir, "owners.json"), owners if any_owner else None)
     info = {"signature": signature, "rows": rows, "has_owners": any_owner, "problems": dict(local.counts), "examples": local.examples}
     atomic_write_json(info_path, info)

@@ -9,7 +9,8 @@ and fills the fields MMF's region models read:
   models turn into a mask), ``bbox`` (padded ``max_features x 4``, pixels),
   ``image_width``, ``image_height``, ``num_boxes`` and, where the detector gave
   them, ``cls_prob`` (padded) and ``objects``;
-* ``image_id``.
+* ``id`` - the record's index in the annotation file (prediction files map it back to the
+  record's own ids; MMF's test reporter gathers it across ranks).
 
 The cache is opened lazily, once per process (safe in DataLoader workers).
 """
@@ -163,7 +164,8 @@ class RegionTextDataset(BaseDataset):
     def __getitem__(self, idx):
         record = self.records[idx]
         sample = Sample()
-        sample.image_id = str(record["image_id"])
+        # the record's position (MMF's test reporter gathers ``id`` over ranks; ids as strings it cannot)
+        sample.id = torch.tensor(idx, dtype=torch.long)
         sample.image_feature_0, sample.image_info_0 = self.region_fields(record["image_id"])
         self.build_sample(record, sample)
         return sample

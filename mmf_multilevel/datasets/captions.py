@@ -52,7 +52,7 @@ class CaptionDataset(RegionTextDataset):
     def build_sample(self, record, sample):
         caption, is_correct = record["caption"], 1
         if self.itm_probability > 0 and random.random() < self.itm_probability:
-            other = self._mismatched_caption(sample.image_id)
+            other = self._mismatched_caption(str(record["image_id"]))
             if other is not None:
                 caption, is_correct = other, 0
         processed = self.text_processor({"text_a": caption, "text": caption, "is_correct": is_correct})

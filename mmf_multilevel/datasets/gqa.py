@@ -31,7 +31,6 @@ class SingleAnswerQADataset(RegionTextDataset):
 
     def build_sample(self, record, sample):
         sample.update(tokenize(self.text_processor, record["question"]))
-        sample.question_id = str(record["question_id"])
         if "answer" in record:
             out = self.answer_processor({"answer": record["answer"], "question_id": record["question_id"]})
             sample.targets = out["answers_scores"]
@@ -42,8 +41,8 @@ class SingleAnswerQADataset(RegionTextDataset):
         """GQA's submission format: ``[{"questionId", "prediction"}]``."""
         processor = self.answer_processor
         return [
-            {"questionId": qid, "prediction": processor.idx2word(index)}
-            for qid, index in zip(report.question_id, report.scores.argmax(dim=1).tolist())
+            {"questionId": str(self.records[i]["question_id"]), "prediction": processor.idx2word(index)}
+            for i, index in zip(report.id.tolist(), report.scores.argmax(dim=1).tolist())
         ]
 
 

@@ -71,7 +71,7 @@ class NLVR2Dataset(RegionTextDataset):
         record = self.records[idx]
         left, right = self.image_ids_of(record)
         sample = Sample()
-        sample.identifier = str(record["identifier"])
+        sample.id = torch.tensor(idx, dtype=torch.long)
         sample.update(tokenize(self.text_processor, record["sentence"]))
         (f0, i0), (f1, i1) = self.region_fields(left), self.region_fields(right)
         if self.layout == "paired":
@@ -98,7 +98,10 @@ class NLVR2Dataset(RegionTextDataset):
     def format_for_prediction(self, report):
         """The official submission: ``identifier,prediction`` rows with True/False."""
         predictions = report.scores.argmax(dim=1).tolist()
-        return [{"identifier": i, "prediction": "True" if p == 1 else "False"} for i, p in zip(report.identifier, predictions)]
+        return [
+            {"identifier": str(self.records[i]["identifier"]), "prediction": "True" if p == 1 else "False"}
+            for i, p in zip(report.id.tolist(), predictions)
+        ]
 
 
 @registry.register_builder("nlvr2")

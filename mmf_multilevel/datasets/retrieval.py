@@ -80,7 +80,7 @@ class RetrievalDataset(RegionTextDataset):
             image, text = divmod(idx, self.num_texts)
         sample = Sample()
         record = self.records[image]
-        sample.image_id = str(record["image_id"])
+        sample.id = torch.tensor(idx, dtype=torch.long)
         sample.image_feature_0, sample.image_info_0 = self.region_fields(record["image_id"])
         sample.update(self._text(text))
         match = int(self.texts[text][0] == image)

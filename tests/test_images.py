@@ -63,7 +63,10 @@ def test_source_round_trips_generated_images(demo, kind):
         image = source.get(image_id)
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected)
         assert source.get_bytes(image_id) == (demo["folder"] / f"{image_id}.jpg").read_bytes()
-        assert image_id in source
+        assert image_id in source and f"{image_id}.jpg" in source
+        assert source.get_bytes(f"{image_id}.jpg") == source.get_bytes(image_id)  # with its extension too
+    if kind == "zip":  # ids are relative to the zip's single top folder; full member names work as well
+        assert source.prefix == "images/" and source.get_bytes(f"images/{ids[0]}") == source.get_bytes(ids[0])
     assert "demo_999999" not in source
     with pytest.raises(I.MissingImageError) as info:
         source.get("demo_999999")
@@ -457,6 +460,7 @@ def test_builder_gives_batches_through_mmf(demo, kind):
     for field in ("input_ids", "input_mask", "segment_ids", "lm_label_ids"):
         assert batch[field].shape == (4, 20)
     assert batch.is_correct.shape == (4,) and len(batch.caption) == 4 and len(batch.image_id) == 4
+    assert batch.id.tolist() == [0, 1, 2, 3]
     # the same text fields as the region-feature CaptionDataset produces
     from mmf_multilevel.datasets.captions import CaptionDataset
 
@@ -468,7 +472,7 @@ def test_builder_gives_batches_through_mmf(demo, kind):
     region_dataset = CaptionDataset("coco_captions", region, "train")
     region_dataset.init_processors()
     region_fields = set(region_dataset[0]) - {"image_feature_0", "image_info_0"}
-    assert region_fields <= set(dataset[0]) and set(dataset[0]) - region_fields == {"image", "image_size", "image_flipped"}
+    assert region_fields <= set(dataset[0]) and set(dataset[0]) - region_fields - {"image_id"} == {"image", "image_size", "image_flipped"}
 
 
 def test_val_split_uses_the_eval_pipeline(demo):
@@ -505,3 +509,50 @@ def test_missing_and_bad_images(demo, tmp_path):
         make_dataset("coco_captions_images", demo, folder, bad_images="ignore")
     with pytest.raises(FileNotFoundError, match="images.train"):
         make_dataset("coco_captions_images", demo, tmp_path / "absent")
+
+
+class PairDataset(I.RawImageMixin, mmf.datasets.base_dataset.BaseDataset):
+    """What a two-image task (NLVR2) does with the mixin: two fields, independent augmentation."""
+
+    def __init__(self, config, records):
+        super().__init__("pair_images", config, "train")
+        self.init_images(config, "train")
+        self.records = self.check_images(records, "pairs")
+
+    def image_ids_of(self, record):
+        return [record["left"], record["right"]]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.get_with_replacement(index, self._build)
+
+    def _build(self, index):
+        from mmf.common.sample import Sample
+
+        record, sample = self.records[index], Sample()
+        flips = [self.image_fields(record[side], sample, field=f"image_{i}") for i, side in enumerate(("left", "right"))]
+        sample.text = self.text_for_image(record["text"], flips[0] and flips[1])
+        return sample
+
+
+def test_the_mixin_serves_a_two_image_task(demo):
+    ids = _ids(demo)
+    config = OmegaConf.create({"data_dir": str(demo["root"]), "images": {"train": "images.lmdb"},
+                               "processors": {"image_processor": {"type": "image_transform",
+                                                                  "params": {"train": {"size": 32, "hflip": 0.5}}}}})
+    records = [{"left": ids[i], "right": ids[i + 1], "text": "the left image has more shapes"} for i in range(0, 20, 2)]
+    records.append({"left": ids[0], "right": "demo_missing", "text": "x"})
+    with pytest.raises(I.MissingImageError, match="demo_missing"):
+        PairDataset(config, records)
+    config.skip_missing_images = True
+    registry.unregister("pair_images_image_processor")
+    with pytest.warns(UserWarning, match="dropped their 1 of 11 records"):
+        dataset = PairDataset(config, records)
+    dataset.init_processors()
+    torch.manual_seed(0)
+    batch = SampleList([dataset[i] for i in range(len(dataset))])
+    assert batch.image_0.shape == batch.image_1.shape == (10, 3, 32, 32) and dataset.num_dropped == 1
+    # each image of a pair draws its own flip
+    assert (batch.image_0_flipped != batch.image_1_flipped).any()

@@ -54,7 +54,8 @@ Datasets on raw images
 * ``self.get_with_replacement(index, build)`` wraps ``__getitem__`` for ``bad_images: replace``.
 
 :class:`ImageTextDataset` = mixin + jsonl annotations (``read_jsonl``) + ``build_sample(record,
-sample, flipped)``, the raw-image twin of ``RegionTextDataset``; :class:`ImageCaptionDataset`
+sample, flipped)``, the raw-image twin of ``RegionTextDataset`` (samples carry ``id``, the record's
+index, and ``image_id``); :class:`ImageCaptionDataset`
 is the caption corpus (``coco_captions_images``, ``vg_captions_images``,
 ``conceptual_captions_images``, ``sbu_captions_images``, ``captions_images``) with the same text
 fields as ``CaptionDataset``; ``itm_targets: true`` also sets ``targets = is_correct``, so MMF's own
@@ -257,9 +258,7 @@ class FolderImageSource(ImageSource):
         return index
 
     def _rank(self, rel):
-        ext = os.path.splitext(rel)[1]
-        return self.extensions.index(ext) if ext in self.extensions else len(self.extensions) + (
-            self._lower.index(ext.lower()) if ext.lower() in self._lower else 0)
+        return self._lower.index(os.path.splitext(rel)[1].lower())
 
     def resolve(self, image_id):
         """The file of ``image_id`` or None."""
@@ -273,9 +272,10 @@ class FolderImageSource(ImageSource):
         if os.path.splitext(image_id)[1].lower() in self._lower and os.path.isfile(direct):
             return direct
         for ext in self.extensions:
-            candidate = direct + ext
-            if os.path.isfile(candidate):
-                return candidate
+            for variant in dict.fromkeys((ext, ext.lower(), ext.upper())):  # a.jpg, a.JPG
+                candidate = direct + variant
+                if os.path.isfile(candidate):
+                    return candidate
         return None
 
     def get_bytes(self, image_id):
@@ -342,22 +342,21 @@ class ZipImageSource(ImageSource):
             prefix = (next(iter(tops)) + "/") if len(tops) == 1 and all("/" in n for n in images) else ""
         self.prefix = prefix
         self._members = {}
-        self._ids = []
+        ids = set()
         ranks = {}
         for name in sorted(images):
-            if not name.startswith(prefix):
-                continue
-            rel = name[len(prefix):]
-            stem = _strip_extension(rel, self._lower)
-            ext = os.path.splitext(rel)[1]
-            rank = self.extensions.index(ext) if ext in self.extensions else len(self.extensions)
-            self._members[rel] = name
-            if stem not in ranks:
-                self._ids.append(stem)
-            if stem not in ranks or rank < ranks[stem]:
-                ranks[stem] = rank
-                self._members[stem] = name
-        self._ids.sort()
+            rank = self._lower.index(os.path.splitext(name)[1].lower())
+            relative = name[len(prefix):] if name.startswith(prefix) else None
+            if relative is not None:
+                ids.add(_strip_extension(relative, self._lower))
+            # ids relative to the prefix, and the full member names as aliases (with or without extension)
+            for rel in {relative, name} - {None}:
+                stem = _strip_extension(rel, self._lower)
+                self._members[rel] = name
+                if stem not in ranks or rank < ranks[stem]:
+                    ranks[stem] = rank
+                    self._members[stem] = name
+        self._ids = sorted(ids)
 
     def _open(self):
         return zipfile.ZipFile(self.path)
@@ -456,6 +455,8 @@ class LmdbImageSource(ImageSource):
             raise self._missing(image_id)
         with self.handle.begin(buffers=False) as txn:
             data = txn.get(key)
+            if data is None and _strip_extension(str(image_id), IMAGE_EXTENSIONS) is not None:
+                data = txn.get(_strip_extension(str(image_id), IMAGE_EXTENSIONS).encode("utf-8"))
         if data is None:
             raise self._missing(image_id)
         return data
@@ -474,11 +475,21 @@ class LmdbImageSource(ImageSource):
         if key == HEADER_KEY:
             return False
         with self.handle.begin() as txn:
-            return txn.get(key) is not None
+            return self._has(txn, str(image_id))
+
+    @staticmethod
+    def _has(txn, image_id):
+        key = image_id.encode("utf-8")
+        if key == HEADER_KEY:
+            return False
+        if txn.get(key) is not None:
+            return True
+        stem = _strip_extension(image_id, IMAGE_EXTENSIONS)
+        return stem is not None and txn.get(stem.encode("utf-8")) is not None
 
     def missing(self, image_ids):
         with self.handle.begin() as txn:
-            return [i for i in image_ids if str(i).encode("utf-8") == HEADER_KEY or txn.get(str(i).encode("utf-8")) is None]
+            return [i for i in image_ids if not self._has(txn, str(i))]
 
 
 def is_lmdb(path):
@@ -776,8 +787,12 @@ class ImageTextDataset(RawImageMixin, BaseDataset):
         return self.get_with_replacement(idx, self._build)
 
     def _build(self, idx):
+        import torch
+
         record = self.records[idx]
         sample = Sample()
+        # the record's position, as the region datasets give it (MMF's test reporter gathers ``id`` over ranks)
+        sample.id = torch.tensor(idx, dtype=torch.long)
         image_id = str(record[self.image_field])
         sample.image_id = image_id
         flipped = self.image_fields(image_id, sample)

@@ -12,6 +12,8 @@ TASKS = {
     "gqa": r"val/gqa/gqa_accuracy: [0-9.]+",
     "retrieval_coco": r"val/coco_retrieval/retrieval_rsum: [0-9.]+",
     "refcoco_plus": r"val/refcoco_plus/refcoco_accuracy: [0-9.]+",
+    # LXMERT's QA mix: one classifier over VQA v2 + GQA + VG-QA
+    "qa_pretrain": r"val/vqa2/logit_bce: [0-9.]+, val/gqa/logit_bce: [0-9.]+, val/vgqa/logit_bce: [0-9.]+",
 }
 
 

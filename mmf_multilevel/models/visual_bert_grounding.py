@@ -12,18 +12,8 @@ import os
 
 from mmf.common.registry import registry
 from mmf.models.visual_bert import VisualBERT
-from torch import nn
 
-
-class RegionScorer(nn.Module):
-    def __init__(self, hidden_size, layer_norm_eps=1e-12):
-        super().__init__()
-        self.transform = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size, eps=layer_norm_eps))
-        self.score = nn.Linear(hidden_size, 1)
-
-    def forward(self, regions, mask):
-        scores = self.score(self.transform(regions)).squeeze(-1)
-        return scores.masked_fill(~mask.bool(), -1e4)
+from mmf_multilevel.modules.task_heads import RegionScoringHead
 
 
 @registry.register_model("visual_bert_grounding")
@@ -40,7 +30,7 @@ class VisualBERTGrounding(VisualBERT):
             )
         super().build()
         bert_config = self.model.bert.config
-        self.region_scorer = RegionScorer(bert_config.hidden_size, getattr(bert_config, "layer_norm_eps", 1e-12))
+        self.region_scorer = RegionScoringHead(bert_config.hidden_size, getattr(bert_config, "layer_norm_eps", 1e-12))
 
     def forward(self, sample_list):
         sample_list = self.update_sample_list_based_on_head(sample_list)

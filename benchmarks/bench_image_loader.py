@@ -8,7 +8,9 @@ sizes), then stored three ways: a folder, a zip (stored, as image zips usually a
   ``image_transform`` processor's *training* pipeline, batched by ``torch.stack``:
   ``224``: SIMLA's pre-training pipeline at 224 (RandomResizedCrop scale 0.2-1 bicubic, flip,
   ALBEF's RandAugment 2 x p 0.5, CLIP normalisation); ``256``: the same at SIMLA's own 256;
-  ``soho``: shorter side 600 / longer <= 1000, ImageNet normalisation, padded to 1000 x 1000;
+  ``soho``: shorter side 600 / longer <= 1000, ImageNet normalisation, padded to 1000 x 1000
+  (what MMF's collator needs); ``soho-unpadded``: the same without the canvas (batches are lists,
+  as for the reference, or ``collate_images`` pads per batch);
 * ``reference`` - ``PIL.Image.open(path).convert("RGB")`` from the folder + torchvision
   ``Resize`` to the same size (224 x 224, 256 x 256, or shorter 600 / longer <= 1000) +
   ``ToTensor``: no augmentation, no normalisation, no padding (SOHO batches stay lists).
@@ -37,6 +39,7 @@ RESOLUTIONS = {
     "224": {"preset": "simla_pretrain", "train": {"size": 224}},
     "256": {"preset": "simla_pretrain"},
     "soho": {"preset": "soho"},
+    "soho-unpadded": {"preset": "soho", "train": {"pad_to": None}},
 }
 
 
@@ -64,7 +67,7 @@ class ReferenceImages(Dataset):
         from torchvision import transforms
 
         self.paths = [os.path.join(folder, f"{i}.jpg") for i in ids]
-        resize = transforms.Resize(600, max_size=1000) if resolution == "soho" else transforms.Resize((int(resolution),) * 2)
+        resize = transforms.Resize(600, max_size=1000) if resolution.startswith("soho") else transforms.Resize((int(resolution),) * 2)
         self.transform = transforms.Compose([resize, transforms.ToTensor()])
 
     def __len__(self):

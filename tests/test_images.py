@@ -494,19 +494,29 @@ def test_missing_and_bad_images(demo, tmp_path):
         make_dataset("coco_captions_images", demo, folder)
     text = str(info.value)
     assert f"'{ids[0]}'" in text and "skip_missing_images" in text and str(folder) in text
-    dataset = make_dataset("coco_captions_images", demo, folder, skip_missing_images=True)
+    with pytest.warns(UserWarning, match="dropped their 2 of"):
+        dataset = make_dataset("coco_captions_images", demo, folder, skip_missing_images=True)
     assert dataset.num_dropped == 2 and all(r["image_id"] != ids[0] for r in dataset.records)
     # an image that breaks after the check: an error naming it, or (replace) the next sample, counted
     victim = dataset.records[0]["image_id"]
     (folder / f"{victim}.jpg").write_bytes(b"garbage" * 20)
     with pytest.raises(I.ImageDecodeError, match=victim):
         dataset[0]
-    replacing = make_dataset("coco_captions_images", demo, folder, skip_missing_images=True, bad_images="replace")
+    with pytest.warns(UserWarning, match="dropped their 2 of"):
+        replacing = make_dataset("coco_captions_images", demo, folder, skip_missing_images=True, bad_images="replace")
     with pytest.warns(UserWarning, match=victim):
         sample = replacing[0]
     assert sample.image_id != victim and replacing.num_bad_images >= 1
     with pytest.raises(ValueError, match="bad_images"):
         make_dataset("coco_captions_images", demo, folder, bad_images="ignore")
+    # unchecked: a missing image surfaces when loaded, named, or is replaced like an undecodable one
+    unchecked = make_dataset("coco_captions_images", demo, folder, check_images=False)
+    first = next(i for i, r in enumerate(unchecked.records) if r["image_id"] == ids[0])
+    with pytest.raises(I.MissingImageError, match=ids[0]):
+        unchecked[first]
+    unchecked.bad_images = "replace"
+    with pytest.warns(UserWarning, match=ids[0]):
+        assert unchecked[first].image_id != ids[0]
     with pytest.raises(FileNotFoundError, match="images.train"):
         make_dataset("coco_captions_images", demo, tmp_path / "absent")
 
@@ -556,3 +566,19 @@ def test_the_mixin_serves_a_two_image_task(demo):
     assert batch.image_0.shape == batch.image_1.shape == (10, 3, 32, 32) and dataset.num_dropped == 1
     # each image of a pair draws its own flip
     assert (batch.image_0_flipped != batch.image_1_flipped).any()
+
+
+def test_collate_images_pads_to_the_batch_maximum(demo):
+    dataset = make_dataset("coco_captions_images", demo, demo["zip"], split="val",
+                           image_params={"preset": "soho", "eval": {"size": 60, "max_size": 100, "pad_to": None}})
+    samples = [dataset[i] for i in range(6)]
+    sizes = [tuple(s.image.shape[-2:]) for s in samples]
+    assert len(set(sizes)) > 1 and all(tuple(s.image_size.tolist()) == size for s, size in zip(samples, sizes))
+    originals = [s.image.clone() for s in samples]
+    batch = I.collate_images(samples, "coco_captions_images", "val", size_divisor=64)
+    height, width = batch.image.shape[-2:]
+    assert height % 64 == 0 and width % 64 == 0 and height >= max(h for h, _ in sizes) and width >= max(w for _, w in sizes)
+    for i, (h, w) in enumerate(sizes):
+        assert torch.equal(batch.image[i, :, :h, :w], originals[i])
+        assert batch.image[i, :, h:, :].abs().sum() == 0 and batch.image[i, :, :, w:].abs().sum() == 0
+    assert batch.image_size.tolist() == [list(s) for s in sizes] and batch.dataset_type == "val"

@@ -37,8 +37,10 @@ Datasets on raw images
       exif_transpose: true
       alpha_background: null         # null: drop alpha; [r, g, b]: composite on that colour
       min_image_side: 1              # smaller images raise ImageDecodeError
+      check_images: true             # look every record's image up in the source when the dataset is built
       skip_missing_images: false     # records whose image is missing: error, or dropped and counted
-      bad_images: error              # undecodable image at load time: error | replace (counted, warned)
+      bad_images: error              # an undecodable (or, unchecked, missing) image at load time:
+                                     # error | replace (the next sample; counted, warned)
       augment_splits: [train]        # splits that get the train pipeline (random crop, flip, RandAugment)
       swap_left_right: true          # after a flip, swap left/right in the paired text
       processors: {image_processor: {type: image_transform, params: {...}}}
@@ -46,12 +48,17 @@ Datasets on raw images
 * ``self.init_images(config, dataset_type, index)`` in ``__init__`` (after ``BaseDataset.__init__``);
 * ``self.records = self.check_images(self.records)`` - every record's image must be in the source
   (an error naming the missing ids, or with ``skip_missing_images`` a counted drop, ``num_dropped``);
+  a record naming several images overrides ``image_ids_of(record) -> [ids]``;
+* the dataset's ``processors`` include ``image_processor`` (``image_transform``), which MMF's
+  ``init_processors()`` builds; training splits (``augment_splits``) get its train pipeline;
 * ``flipped = self.image_fields(image_id, sample, field="image")`` sets ``sample[field]``
   (float 3 x H x W), ``sample[field + "_size"]`` (content h, w) and ``sample[field + "_flipped"]``;
   a second image goes to ``field="image_1"`` (NLVR2), with its own random augmentation;
 * ``text = self.text_for_image(text, flipped)`` swaps left/right when the image was flipped and
   ``swap_left_right`` is on;
-* ``self.get_with_replacement(index, build)`` wraps ``__getitem__`` for ``bad_images: replace``.
+* ``self.get_with_replacement(index, build)`` wraps ``__getitem__`` for ``bad_images: replace``;
+* :func:`collate_images` batches images of different sizes (padding to the batch maximum) for a
+  loader that takes a ``collate_fn``; with MMF's own collator use ``pad_to`` (a fixed canvas).
 
 :class:`ImageTextDataset` = mixin + jsonl annotations (``read_jsonl``) + ``build_sample(record,
 sample, flipped)``, the raw-image twin of ``RegionTextDataset`` (samples carry ``id``, the record's
@@ -315,9 +322,15 @@ class FolderImageSource(ImageSource):
 
     def missing(self, image_ids):
         image_ids = list(image_ids)
-        if len(image_ids) > 256 and self._index is None:
-            self._build_index()  # one walk is cheaper than several stat calls per id
-        return super().missing(image_ids)
+        if len(image_ids) <= 256 or self._index is not None:
+            return super().missing(image_ids)
+        # one walk is cheaper than several stat calls per id; the index is not kept (its memory
+        # would be copied into every DataLoader worker), later lookups stat the few candidates
+        self._build_index()
+        try:
+            return super().missing(image_ids)
+        finally:
+            self._index = None
 
 
 class ZipImageSource(ImageSource):
@@ -685,6 +698,7 @@ class RawImageMixin:
         if self.bad_images not in ("error", "replace"):
             raise ValueError(f"dataset_config.{name}.bad_images must be 'error' or 'replace', got {self.bad_images!r}")
         self.skip_missing_images = bool(config.get("skip_missing_images", False))
+        self.check_images_enabled = bool(config.get("check_images", True))
         self.num_bad_images = 0
         self.num_dropped = getattr(self, "num_dropped", 0)
         self._image_source = None
@@ -703,6 +717,8 @@ class RawImageMixin:
 
     def check_images(self, records, where=None):
         """``records`` whose images are all in the source: an error naming the missing ones, or a counted drop."""
+        if not self.check_images_enabled:
+            return records
         ids = sorted({i for record in records for i in self.image_ids_of(record)})
         missing = set(self.image_source.missing(ids))
         if not missing:
@@ -751,11 +767,11 @@ class RawImageMixin:
             current = (index + attempt) % length
             try:
                 return build(current)
-            except ImageDecodeError as exc:
+            except (ImageDecodeError, MissingImageError) as exc:
                 self.num_bad_images += 1
                 if self.num_bad_images <= 10 or self.num_bad_images % 1000 == 0:
                     warnings.warn(f"{exc}; replaced by the next sample (bad_images=replace; {self.num_bad_images} so far in this process)")
-        raise ImageDecodeError(f"{self.images_path}: 100 consecutive samples from index {index} have undecodable images")
+        raise ImageDecodeError(f"{self.images_path}: {min(length, 100)} consecutive samples from index {index} have bad images")
 
 
 class ImageTextDataset(RawImageMixin, BaseDataset):
@@ -846,6 +862,37 @@ class ImageCaptionDataset(ImageTextDataset):
             sample.targets = torch.as_tensor(sample.is_correct).long()
         sample.caption = caption
         return sample
+
+
+def collate_images(samples, dataset_name=None, dataset_type=None, fields=None, size_divisor=1):
+    """MMF's collation for images of different sizes: pads each image field (bottom/right, zeros
+    after normalisation) to the batch's largest height/width (rounded up to ``size_divisor``),
+    then builds the ``SampleList`` as MMF's ``BatchCollator`` does; ``<field>_size`` keeps each
+    content size. Lets SOHO-style inputs (``pad_to: null``) batch without a fixed canvas, for
+    loaders that take a ``collate_fn``.
+    """
+    import torch
+    from mmf.common.sample import SampleList
+
+    if not samples:
+        raise ValueError("collate_images: empty batch")
+    fields = fields or [k for k, v in samples[0].items() if isinstance(v, torch.Tensor) and v.ndim == 3
+                        and f"{k}_size" in samples[0]]
+    divisor = max(1, int(size_divisor))
+    for field in fields:
+        heights = [int(s[field].shape[-2]) for s in samples]
+        widths = [int(s[field].shape[-1]) for s in samples]
+        height = -(-max(heights) // divisor) * divisor
+        width = -(-max(widths) // divisor) * divisor
+        for sample, h, w in zip(samples, heights, widths):
+            if (h, w) != (height, width):
+                sample[field] = torch.nn.functional.pad(sample[field], (0, width - w, 0, height - h), value=0.0)
+    batch = SampleList(samples)
+    if dataset_name is not None:
+        batch.dataset_name = dataset_name
+    if dataset_type is not None:
+        batch.dataset_type = dataset_type
+    return batch
 
 
 def _register_builders():

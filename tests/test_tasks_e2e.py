@@ -75,3 +75,20 @@ def test_prediction_files_in_the_official_formats(config, fmt, first_keys, data,
     else:
         items = json.loads(text)
         assert items and sorted(items[0]) == sorted(first_keys)
+
+
+@pytest.mark.slow
+def test_retrieval_evaluation_over_two_ranks_equals_one(data, tmp_path):
+    """The gallery's pairs are split over 2 gloo ranks; the metric gathers them: same recalls."""
+    common = [f"env.data_dir={data}", "training.batch_size=8", "training.progress_bar=False"]
+    config = f"{ROOT}/projects/visual_bert/demo/retrieval_coco.yaml"
+    run_mmf(tmp_path, *common, f"env.save_dir={tmp_path / 'train'}", "training.max_updates=4",
+            "training.evaluation_interval=4", "training.checkpoint_interval=4", config=config)
+    values = {}
+    for world in (1, 2):
+        save = tmp_path / f"val{world}"
+        run_mmf(tmp_path, *common, f"env.save_dir={save}", "run_type=val", f"distributed.world_size={world}",
+                f"checkpoint.resume_file={tmp_path / 'train' / 'current.ckpt'}", config=config)
+        found = re.findall(r"val/coco_retrieval/(retrieval_\w+): ([0-9.]+)", (save / "train.log").read_text())
+        values[world] = dict(found)
+    assert len(values[1]) == 7 and values[1] == values[2]

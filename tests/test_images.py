@@ -582,3 +582,35 @@ def test_collate_images_pads_to_the_batch_maximum(demo):
         assert torch.equal(batch.image[i, :, :h, :w], originals[i])
         assert batch.image[i, :, h:, :].abs().sum() == 0 and batch.image[i, :, :, w:].abs().sum() == 0
     assert batch.image_size.tolist() == [list(s) for s in sizes] and batch.dataset_type == "val"
+
+
+@pytest.mark.slow
+def test_lmdb_builder_survives_kill_9(demo, tmp_path):
+    """SIGKILL in the middle of a batch (from inside the process: deterministic), then a rerun: every image once."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed.lmdb"
+    script = f"""
+import os, signal
+from mmf_multilevel.datasets import images as I
+source = I.open_image_source({str(demo["folder"])!r})
+original, calls = source.get_bytes, [0]
+def dying(image_id):
+    calls[0] += 1
+    if calls[0] == 35:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(image_id)
+source.get_bytes = dying
+I.build_image_lmdb(source, {str(out)!r}, batch_size=8, progress=False)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]
+    ids = _ids(demo)
+    partial = I.open_image_source(out)
+    assert sorted(partial.keys()) == ids[:32] and partial.header["count"] == 32
+    partial.close()
+    assert I.main(["build-lmdb", str(demo["folder"]), str(out), "--quiet", "--batch-size", "8"]) == 0
+    done = I.open_image_source(out)
+    assert sorted(done.keys()) == ids and done.header["count"] == 60
+    assert all(done.get_bytes(i) == (demo["folder"] / f"{i}.jpg").read_bytes() for i in ids)

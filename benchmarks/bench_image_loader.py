@@ -132,16 +132,16 @@ def main(argv=None):
     print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {cores} cores, python {platform.python_version()}, "
           f"torch {torch.__version__}; {len(ids)} JPEGs 320-640 x 240-480 px, batch {args.batch_size}, "
           f"median of {args.repeats} passes after a warm-up pass")
-    print(f"{'resolution':<10} {'workers':>7} {'source':<10} {'images/s':>9} {'vs ref':>7}  pipeline")
+    print(f"{'resolution':<13} {'workers':>7} {'source':<10} {'images/s':>9} {'vs ref':>7}  pipeline")
     for resolution in args.resolutions:
         params = RESOLUTIONS[resolution]
         for workers in (0, args.workers):
             reference = rate(ReferenceImages(folder, ids, resolution), args.batch_size, workers, args.repeats)
-            print(f"{resolution:<10} {workers:>7} {'reference':<10} {reference:>9.1f} {1.0:>6.2f}x  "
+            print(f"{resolution:<13} {workers:>7} {'reference':<10} {reference:>9.1f} {1.0:>6.2f}x  "
                   f"PIL open + Resize + ToTensor (no augmentation)")
             for kind, path in sources.items():
                 ours = rate(SourceImages(path, ids, params), args.batch_size, workers, args.repeats)
-                print(f"{resolution:<10} {workers:>7} {kind:<10} {ours:>9.1f} {ours / reference:>6.2f}x  "
+                print(f"{resolution:<13} {workers:>7} {kind:<10} {ours:>9.1f} {ours / reference:>6.2f}x  "
                       f"decode + image_transform train ({params['preset']})")
             sys.stdout.flush()
     return 0

@@ -79,8 +79,9 @@ import zipfile
 import zlib
 
 import numpy as np
+import torch
 from mmf.common.registry import registry
-from mmf.common.sample import Sample
+from mmf.common.sample import Sample, SampleList
 from mmf.datasets.base_dataset import BaseDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -742,8 +743,6 @@ class RawImageMixin:
 
     def image_fields(self, image_id, sample, field="image"):
         """Decode + transform one image into ``sample[field]``; returns whether it was flipped."""
-        import torch
-
         image = self.load_image(image_id)
         out = self.image_processor({"image": image, "train": self.augment, "image_id": str(image_id)})
         sample[field] = out["image"]
@@ -803,8 +802,6 @@ class ImageTextDataset(RawImageMixin, BaseDataset):
         return self.get_with_replacement(idx, self._build)
 
     def _build(self, idx):
-        import torch
-
         record = self.records[idx]
         sample = Sample()
         # the record's position, as the region datasets give it (MMF's test reporter gathers ``id`` over ranks)
@@ -844,8 +841,6 @@ class ImageCaptionDataset(ImageTextDataset):
         return None
 
     def build_sample(self, record, sample, flipped):
-        import torch
-
         caption, is_correct = record["caption"], 1
         if self.itm_probability > 0 and random.random() < self.itm_probability:
             other = self._mismatched_caption(sample.image_id)
@@ -871,9 +866,6 @@ def collate_images(samples, dataset_name=None, dataset_type=None, fields=None, s
     content size. Lets SOHO-style inputs (``pad_to: null``) batch without a fixed canvas, for
     loaders that take a ``collate_fn``.
     """
-    import torch
-    from mmf.common.sample import SampleList
-
     if not samples:
         raise ValueError("collate_images: empty batch")
     fields = fields or [k for k, v in samples[0].items() if isinstance(v, torch.Tensor) and v.ndim == 3

@@ -9,6 +9,7 @@ import mmf_multilevel.datasets.snli_ve  # noqa: F401
 import mmf_multilevel.datasets.synthetic  # noqa: F401
 import mmf_multilevel.datasets.vqa2  # noqa: F401
 import mmf_multilevel.metrics  # noqa: F401
+import mmf_multilevel.models.semvlp  # noqa: F401
 import mmf_multilevel.models.visual_bert_grounding  # noqa: F401
 import mmf_multilevel.processors.answers  # noqa: F401
 import mmf_multilevel.processors.images  # noqa: F401

@@ -302,7 +302,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=2, help="repetitions of the encoding/spaCy timings (best kept)")
     p.add_argument("--encode-sentences", type=int, default=4096)
     p.add_argument("--spacy-docs", type=int, default=3000)
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4*sqrt(N))")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~sqrt(N))")
     p.add_argument("--nprobe", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64])
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--json", help="write every figure to this file")

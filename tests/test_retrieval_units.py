@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from retrieval_fixtures import read_jsonl, write_jsonl, write_lines
+from retrieval_fixtures import write_jsonl, write_lines
 
 from mmf_multilevel.retrieval import inputs as inp
 from mmf_multilevel.retrieval import search as srch

@@ -50,7 +50,7 @@ def _add_search(p):
     p.add_argument("--query-block", type=int, default=D["query_block"], help="queries per search call (default: %(default)s)")
     p.add_argument("--search-backend", default=D["search_backend"], choices=["auto", "faiss", "torch"],
                    help="exact search engine: faiss (CPU default) or torch matmul+topk (the GPU path); default: %(default)s")
-    p.add_argument("--nlist", type=int, help="ivf: number of lists (default: ~4*sqrt(N))")
+    p.add_argument("--nlist", type=int, help="ivf: number of lists (default: ~sqrt(N), at least 39 vectors a list)")
     p.add_argument("--nprobe", type=int, default=D["nprobe"], help="ivf: lists probed (default: %(default)s)")
     p.add_argument("--hnsw-m", type=int, default=D["hnsw_m"], help="hnsw: links per node (default: %(default)s)")
     p.add_argument("--ef-construction", type=int, default=D["ef_construction"], help="hnsw: build beam (default: %(default)s)")

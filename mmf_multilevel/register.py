@@ -1,6 +1,7 @@
 """Imported once MMF is loaded: registers every mmf-multilevel component with MMF."""
 import mmf_multilevel.datasets.captions  # noqa: F401
 import mmf_multilevel.datasets.gqa  # noqa: F401
+import mmf_multilevel.datasets.image_tasks  # noqa: F401
 import mmf_multilevel.datasets.images  # noqa: F401
 import mmf_multilevel.datasets.nlvr2  # noqa: F401
 import mmf_multilevel.datasets.refcoco  # noqa: F401

@@ -71,6 +71,18 @@ class RegionTextDataset(BaseDataset):
             annotations = [annotations]
         self.annotation_path = resolve(annotations[index], data_dir)
         self.records = read_jsonl(self.annotation_path, self.required_fields, self.validate_record)
+        self.num_dropped = 0
+        self._flipped = False
+        self.open_visual(config, dataset_type, index)
+
+    # ------------------------------------------------------------------ visual input
+    def open_visual(self, config, dataset_type, index):
+        """Open the visual input (here: the region feature cache) and check every record's images are in it.
+
+        Raw-image variants (``mmf_multilevel.datasets.image_tasks``) override this, ``attach_visual``
+        and ``view_text``.
+        """
+        dataset_name, data_dir = self.dataset_name, config.get("data_dir")
         features = config.features[dataset_type] if dataset_type in config.features else config.features.get("train")
         if isinstance(features, str):
             features = [features]
@@ -81,8 +93,16 @@ class RegionTextDataset(BaseDataset):
         self.expected_dim = config.get("feature_dim")
         self._reader = None
         self._reader_pid = None
-        self.num_dropped = 0
         self._check_coverage(bool(config.get("skip_missing_features", False)))
+
+    def attach_visual(self, sample, image_id):
+        """Put one image's visual input into ``sample`` (regions: ``image_feature_0`` / ``image_info_0``)."""
+        sample.image_feature_0, sample.image_info_0 = self.region_fields(image_id)
+        return False
+
+    def view_text(self, text):
+        """The text as the sample's image shows it (a raw-image variant swaps left/right after a flip)."""
+        return text
 
     # ------------------------------------------------------------------ features
     @property
@@ -166,7 +186,7 @@ class RegionTextDataset(BaseDataset):
         sample = Sample()
         # the record's position (MMF's test reporter gathers ``id`` over ranks; ids as strings it cannot)
         sample.id = torch.tensor(idx, dtype=torch.long)
-        sample.image_feature_0, sample.image_info_0 = self.region_fields(record["image_id"])
+        self.attach_visual(sample, record["image_id"])
         self.build_sample(record, sample)
         return sample
 

@@ -30,9 +30,9 @@ class SingleAnswerQADataset(RegionTextDataset):
         return None
 
     def build_sample(self, record, sample):
-        sample.update(tokenize(self.text_processor, record["question"]))
+        sample.update(tokenize(self.text_processor, self.view_text(record["question"])))
         if "answer" in record:
-            out = self.answer_processor({"answer": record["answer"], "question_id": record["question_id"]})
+            out = self.answer_processor({"answer": self.view_text(record["answer"]), "question_id": record["question_id"]})
             sample.targets = out["answers_scores"]
             sample.answer_index = out["answer_index"]
         return sample

@@ -73,12 +73,12 @@ class NLVR2Dataset(RegionTextDataset):
         sample = Sample()
         sample.id = torch.tensor(idx, dtype=torch.long)
         sample.update(tokenize(self.text_processor, record["sentence"]))
-        (f0, i0), (f1, i1) = self.region_fields(left), self.region_fields(right)
         if self.layout == "paired":
             sample.img0, sample.img1 = Sample(), Sample()
-            sample.img0.image_feature_0, sample.img0.image_info_0 = f0, i0
-            sample.img1.image_feature_0, sample.img1.image_info_0 = f1, i1
+            self.attach_visual(sample.img0, left)
+            self.attach_visual(sample.img1, right)
         else:
+            (f0, i0), (f1, i1) = self.region_fields(left), self.region_fields(right)
             rows = self.max_features
             sample.image_feature_0 = torch.cat([f0, f1])
             info = Sample()

@@ -43,7 +43,7 @@ class RefCOCODataset(RegionTextDataset):
         return None
 
     def build_sample(self, record, sample):
-        sample.update(tokenize(self.text_processor, record["expression"]))
+        sample.update(tokenize(self.text_processor, self.view_text(record["expression"])))
         info = sample.image_info_0
         count = int(info.max_features)
         gold = xywh_to_xyxy(record["bbox"])

@@ -81,8 +81,8 @@ class RetrievalDataset(RegionTextDataset):
         sample = Sample()
         record = self.records[image]
         sample.id = torch.tensor(idx, dtype=torch.long)
-        sample.image_feature_0, sample.image_info_0 = self.region_fields(record["image_id"])
-        sample.update(self._text(text))
+        flipped = self.attach_visual(sample, record["image_id"])
+        sample.update(tokenize(self.text_processor, self.view_text(self.texts[text][1])) if flipped else self._text(text))
         match = int(self.texts[text][0] == image)
         sample.targets = torch.tensor(match, dtype=torch.long)
         if self.training:

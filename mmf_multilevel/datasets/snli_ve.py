@@ -32,7 +32,7 @@ class SNLIVEDataset(RegionTextDataset):
         return None
 
     def build_sample(self, record, sample):
-        sample.update(tokenize(self.text_processor, record["hypothesis"]))
+        sample.update(tokenize(self.text_processor, self.view_text(record["hypothesis"])))
         sample.targets = torch.tensor(LABELS.index(record["label"]), dtype=torch.long)
         return sample
 

@@ -10,16 +10,11 @@ VQA accuracy metric.
 This builder replaces rc10's own ``vqa2`` builder, which depends on MMF's dataset zoo
 files and configs that the rc10 package does not ship.
 """
-import os
 
 import torch
 from mmf.common.registry import registry
-from mmf.datasets.base_dataset_builder import BaseDatasetBuilder
 
-from mmf_multilevel.datasets.base import RegionTextDataset
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "datasets")
-
+from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset
 
 class VQA2Dataset(RegionTextDataset):
     required_fields = ("question_id", "image_id", "question")
@@ -37,14 +32,14 @@ class VQA2Dataset(RegionTextDataset):
         return None
 
     def build_sample(self, record, sample):
-        processed = self.text_processor({"text": record["question"]})
+        processed = self.text_processor({"text": self.view_text(record["question"])})
         processed.pop("tokens", None)
         processed.pop("text", None)
         processed.pop("lm_label_ids", None)
         sample.update(processed)
         sample.question_id = torch.tensor(int(record["question_id"]), dtype=torch.long)
         if record.get("answers") is not None:
-            answers = self.answer_processor({"answers": record["answers"], "question_id": record["question_id"]})
+            answers = self.answer_processor({"answers": [self.view_text(a) for a in record["answers"]], "question_id": record["question_id"]})
             sample.targets = answers["answers_scores"]
             sample.update({k: v for k, v in answers.items() if k not in ("answers_scores",)})
         return sample
@@ -59,23 +54,11 @@ class VQA2Dataset(RegionTextDataset):
 
 
 @registry.register_builder("vqa2")
-class VQA2Builder(BaseDatasetBuilder):
-    def __init__(self):
-        super().__init__("vqa2")
+class VQA2Builder(RegionTaskBuilder):
+    name = "vqa2"
+    dataset_class = VQA2Dataset
+    config_file = "vqa2/defaults.yaml"
 
-    @classmethod
-    def config_path(cls):
-        return os.path.join(CONFIG_DIR, "vqa2", "defaults.yaml")
-
-    def build(self, config, dataset_type="train", *args, **kwargs):
-        return None
-
-    def load(self, config, dataset_type="train", *args, **kwargs):
-        if dataset_type not in config.annotations:
-            raise KeyError(f"dataset_config.{self.dataset_name}.annotations has no '{dataset_type}' split")
-        self.dataset = VQA2Dataset(self.dataset_name, config, dataset_type)
-        return self.dataset
-
-    def update_registry_for_model(self, config):
+    def num_outputs(self, dataset):
         # classification heads size themselves from the answer vocabulary
-        registry.register(f"{self.dataset_name}_num_final_outputs", self.dataset.answer_processor.get_vocab_size())
+        return dataset.answer_processor.get_vocab_size()

@@ -536,12 +536,32 @@ class SemVLP(BaseModel):
                              "(the answer vocabulary's / label set's size)")
         return int(value)
 
-    def update_frequency(self) -> int:
+    @staticmethod
+    def _training_setting(key: str, default: int) -> int:
         config = registry.get("config", no_warning=True) if registry is not None else None
         try:
-            return max(1, int(config.training.get("update_frequency") or 1))
-        except AttributeError:
-            return 1
+            return max(1, int(config.training.get(key) or default))
+        except (AttributeError, TypeError, ValueError):
+            return default
+
+    def update_frequency(self) -> int:
+        return self._training_setting("update_frequency", 1)
+
+    def _log_mode(self, mode: str, micro_step: int) -> None:
+        """Every ``training.log_interval`` updates, write the schedule's tally to MMF's log."""
+        frequency = self.update_frequency()
+        if (micro_step + 1) % frequency:
+            return
+        update = (micro_step + 1) // frequency
+        if update % self._training_setting("log_interval", 100):
+            return
+        writer = registry.get("writer", no_warning=True) if registry is not None else None
+        message = (
+            f"semvlp modes: update {update} ran {mode}-stream; updates so far: single {self.mode_counts[SINGLE] // frequency}, "
+            f"two {self.mode_counts[TWO] // frequency} (mode_schedule: {self.schedule.kind})"
+        )
+        if writer is not None:
+            writer.write(message)
 
     def next_mode(self) -> str:
         """The mode of this training forward: the schedule at the current optimizer-update index."""
@@ -605,8 +625,10 @@ class SemVLP(BaseModel):
     def _pretraining_forward(self, sample_list):
         if self.training:
             mode = self.next_mode()
+            micro_step = int(self.schedule_step.item())
             self.schedule_step += 1
             self.mode_counts[mode] += 1
+            self._log_mode(mode, micro_step)
         else:
             mode = self.mode
         input_ids, text_mask, segment = self._text(sample_list)

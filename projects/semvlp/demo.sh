@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# SemVLP's main job in one command, on the generated demo set: pre-train a tiny SemVLP (captions: MLM,
+# masked objects, ITM; VQA questions: image QA; single-/two-stream mini-batches 50/50), fine-tune it on
+# VQA with `mmf_run config=projects/semvlp/demo/vqa.yaml` and print the official VQA accuracy.
+#   bash projects/semvlp/demo.sh
+#   DATA=/tmp/data SAVE=/tmp/save NUM_IMAGES=400 bash projects/semvlp/demo.sh training.max_updates=50
+# Extra arguments go to both mmf_run calls.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV=${VENV:-.venv}
+DATA=$(realpath -m "${DATA:-data}")
+SAVE=$(realpath -m "${SAVE:-save/semvlp_demo}")
+NUM_IMAGES=${NUM_IMAGES:-1200}
+"$VENV/bin/python" -m mmf_multilevel.datasets.generate --out "$DATA/demo" --num-images "$NUM_IMAGES" --quiet
+echo "== SemVLP pre-training (single-/two-stream 50/50) -> $SAVE/pretrain"
+"$VENV/bin/mmf_run" config=projects/semvlp/demo/pretrain.yaml \
+  env.data_dir="$DATA" env.save_dir="$SAVE/pretrain" training.progress_bar=False "$@"
+echo "== VQA fine-tuning and evaluation -> $SAVE/vqa"
+"$VENV/bin/mmf_run" config=projects/semvlp/demo/vqa.yaml \
+  env.data_dir="$DATA" env.save_dir="$SAVE/vqa" training.progress_bar=False \
+  checkpoint.resume_file="$SAVE/pretrain/semvlp_final.pth" checkpoint.resume_pretrained=True "$@"
+"$VENV/bin/python" - "$SAVE/pretrain/train.log" "$SAVE/vqa/train.log" <<'PY'
+import re, sys
+modes = re.findall(r"semvlp modes: .*updates so far: single (\d+), two (\d+)", open(sys.argv[1]).read())
+if modes:
+    print(f"pre-training updates: single-stream {modes[-1][0]}, two-stream {modes[-1][1]}")
+found = re.findall(r"val/vqa2/vqa_official_accuracy: ([0-9.]+)", open(sys.argv[2]).read())
+if not found:
+    sys.exit(f"no VQA accuracy in {sys.argv[2]}")
+print(f"SemVLP VQA accuracy (official metric, demo val split, best checkpoint): {100 * float(found[-1]):.2f} %")
+PY

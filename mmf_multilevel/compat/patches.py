@@ -556,6 +556,75 @@ def _visual_bert_config(module):
     return True
 
 
+# ------------------------------------------------------------------------- model zoo
+def _rc10_has_no_zoo():
+    from mmf.utils.general import get_mmf_root
+
+    return not os.path.exists(os.path.join(get_mmf_root(), "configs", "zoo", "models.yaml"))
+
+
+def _user_zoo_from_config():
+    try:
+        from mmf.common.registry import registry
+
+        config = registry.get("config", no_warning=True)
+        value = config.env.get("user_zoo") if config is not None else None
+    except Exception:
+        return None
+    return value or None
+
+
+def zoo_download_pretrained_model(model_name, *args, **kwargs):
+    """rc10's ``download_pretrained_model`` contract on our zoo (verified, atomic, offline-aware)."""
+    from mmf_multilevel.zoo.zoo import download_model
+
+    return download_model(model_name, extra=_user_zoo_from_config())
+
+
+def zoo_load_pretrained_model(model_name_or_path, *args, **kwargs):
+    """rc10's ``load_pretrained_model`` contract; checkpoints load with ``weights_only=True``."""
+    from mmf_multilevel.zoo.zoo import load_pretrained
+
+    return load_pretrained(model_name_or_path, extra=_user_zoo_from_config())
+
+
+def _zoo_names(module, names):
+    if not _rc10_has_no_zoo():
+        return False
+    functions = {"download_pretrained_model": zoo_download_pretrained_model, "load_pretrained_model": zoo_load_pretrained_model}
+    for name in names:
+        if hasattr(module, name):
+            setattr(module, name, functions[name])
+    return True
+
+
+@patch("mmf.utils.download", "mmf/utils/download.py:334 download_pretrained_model(): rc10 ships no configs/zoo/models.yaml, "
+       "checks the SHA-256 only after extracting and leaves failed downloads in place")
+def _zoo_download(module):
+    return _zoo_names(module, ["download_pretrained_model"])
+
+
+@patch("mmf.utils.checkpoint", "mmf/utils/checkpoint.py:34,315 load_pretrained_model() (from_pretrained, "
+       "checkpoint.resume_zoo): our zoo, one checkpoint per folder, torch.load(weights_only=True)")
+def _zoo_checkpoint(module):
+    return _zoo_names(module, ["download_pretrained_model", "load_pretrained_model"])
+
+
+@patch("mmf.models.base_model", "mmf/models/base_model.py:51-52,180,196 BaseModel.from_pretrained / load_requirements")
+def _zoo_base_model(module):
+    return _zoo_names(module, ["download_pretrained_model", "load_pretrained_model"])
+
+
+@patch("mmf.models.mmbt", "mmf/models/mmbt.py:20,515 MMBT.from_pretrained")
+def _zoo_mmbt(module):
+    return _zoo_names(module, ["load_pretrained_model"])
+
+
+@patch("mmf.modules.encoders", "mmf/modules/encoders.py:16,56 the detectron weights of ImageFeatureEncoder")
+def _zoo_encoders(module):
+    return _zoo_names(module, ["download_pretrained_model"])
+
+
 # ------------------------------------------------------------------------- CLI
 @patch(
     "mmf_cli.run",

@@ -123,3 +123,15 @@ def test_missing_image_is_named(tmp_path, demo):
     os.remove(target / "images" / f"{records[0]['image_id']}.jpg")
     with pytest.raises(KeyError, match=records[0]["image_id"]):
         make("snli_ve", target)
+
+
+def test_rc10_unimodal_image_patches():
+    """rc10's unimodal_image: its missing config is ours, and a batch of two images keeps both."""
+    from mmf.models.unimodal import UnimodalBase, UnimodalModal
+
+    assert os.path.isfile(UnimodalModal.config_path())
+    base = UnimodalBase.__new__(UnimodalBase)
+    torch.nn.Module.__init__(base)
+    base.encoder = lambda x: x * 2
+    out = UnimodalBase.forward(base, torch.ones(2, 3, 1, 1))
+    assert out.shape == (2, 3) and torch.equal(out, torch.full((2, 3), 2.0))

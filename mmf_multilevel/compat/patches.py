@@ -556,6 +556,37 @@ def _visual_bert_config(module):
     return True
 
 
+@patch("mmf.models.unimodal", "mmf/models/unimodal.py:81 config_path() names configs/models/unimodal/image.yaml, absent from rc10")
+def _unimodal_image_config(module):
+    from mmf.utils.general import get_mmf_root
+
+    own = module.UnimodalModal.config_path()
+    if os.path.exists(os.path.join(get_mmf_root(), own)):
+        return False
+    path = os.path.join(os.path.dirname(DEFAULTS_YAML), "models", "unimodal_image", "defaults.yaml")
+    module.UnimodalModal.config_path = classmethod(lambda cls: path)
+    return True
+
+
+@patch("mmf.models.unimodal", "mmf/models/unimodal.py:33 UnimodalBase.forward: `if len(x) == 2: x = x[1]` meant a BERT "
+       "(sequence, pooled) tuple, but also takes the second image of every batch of two")
+def _unimodal_batch_of_two(module):
+    source = _source(module.UnimodalBase.forward)
+    if "len(x) == 2" not in source:
+        return False
+
+    def forward(self, x, *args, **kwargs):
+        x = self.encoder(x, *args, **kwargs)
+        if isinstance(x, (tuple, list)) and len(x) == 2:  # a BERT encoder: the pooled output
+            x = x[1]
+        return torch.flatten(x, start_dim=1)
+
+    import torch
+
+    module.UnimodalBase.forward = forward
+    return True
+
+
 # ------------------------------------------------------------------------- model zoo
 def _rc10_has_no_zoo():
     from mmf.utils.general import get_mmf_root

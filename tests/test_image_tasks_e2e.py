@@ -1,0 +1,93 @@
+"""Raw-image task datasets through the stock mmf_run with MMF's own image model (unimodal_image)."""
+import re
+
+import pytest
+
+from conftest import run_mmf
+from mmf_multilevel.datasets import generate as gen
+
+TASKS = {
+    # task: (annotation prefix, classifier outputs, loss, metric, answer vocabulary)
+    "snli_ve": ("snli_ve", 3, "cross_entropy", "accuracy", None),
+    "vqa2": ("vqa", 19, "logit_bce", "vqa_official_accuracy", "answers.txt"),
+    "gqa": ("gqa", 13, "logit_bce", "gqa_accuracy", "answers_gqa.txt"),
+    "coco_retrieval": ("retrieval", 2, "cross_entropy", "retrieval_rsum", None),
+}
+
+CONFIG = """
+model: unimodal_image
+datasets: {name}
+run_type: train_val
+model_config:
+  unimodal_image:
+    modal_encoder:
+      params:
+        pretrained: false
+    classifier:
+      params:
+        out_dim: {outputs}
+        hidden_dim: 32
+    losses:
+    - type: {loss}
+dataset_config:
+  {name}:
+    data_dir: {data}
+    annotations:
+      train: annotations/{prefix}_train.jsonl
+      val: annotations/{prefix}_val.jsonl
+      test: annotations/{prefix}_test.jsonl
+    processors:
+      text_processor:
+        params:
+          max_seq_length: 16
+          tokenizer_config:
+            type: {data}/vocab
+      image_processor:
+        params:
+          preset: simla_finetune
+          train:
+            size: 64
+          eval:
+            size: [64, 64]
+{answers}
+optimizer:
+  type: adam_w
+  params:
+    lr: 1.0e-4
+evaluation:
+  metrics:
+  - {metric}
+training:
+  trainer: mmf_multilevel
+  batch_size: 4
+  num_workers: 0
+  max_updates: 3
+  log_interval: 3
+  checkpoint_interval: 3
+  evaluation_interval: 3
+  early_stop:
+    criteria: total_loss
+    minimize: true
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("image_tasks_e2e") / "demo"
+    gen.generate(out, num_images=20, feature_dim=8, progress=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_raw_image_task_through_mmf_run(task, data, tmp_path):
+    prefix, outputs, loss, metric, vocab = TASKS[task]
+    name = f"{task}_images"
+    answers = "" if vocab is None else f"      answer_processor:\n        params:\n          vocab_file: {vocab}\n"
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.format(name=name, outputs=outputs, loss=loss, data=data, prefix=prefix, answers=answers, metric=metric))
+    save = tmp_path / "save"
+    run_mmf(tmp_path, f"env.save_dir={save}", "training.progress_bar=False", config=str(config), timeout=600)
+    log = (save / "train.log").read_text()
+    assert re.search(rf"val/{name}/{metric}: [0-9.]+", log), log[-3000:]
+    assert (save / "current.ckpt").is_file()

@@ -17,3 +17,4 @@ import mmf_multilevel.processors.images  # noqa: F401
 import mmf_multilevel.processors.qa  # noqa: F401
 import mmf_multilevel.trainers.multilevel_trainer  # noqa: F401
 import mmf_multilevel.models.muvla  # noqa: F401
+import mmf_multilevel.datasets.muvla  # noqa: F401

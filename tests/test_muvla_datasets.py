@@ -273,3 +273,31 @@ def test_batches_of_every_dataset_train_the_tiny_model(demo):
         total = sum(out["losses"].values())
         assert torch.isfinite(total)
         total.backward()
+
+
+def test_text_corpus_is_masked_text_without_an_image_and_the_model_trains_on_it(demo, tmp_path):
+    from mmf_multilevel.datasets.muvla import TextCorpusDataset
+    from test_muvla_model import build
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("a red circle and a blue square.\n\nthere are two shapes.\n")
+    config = OmegaConf.load(os.path.join(CONFIGS, "muvla_text.yaml")).dataset_config.muvla_text
+    config.data_dir, config.annotations = str(tmp_path), {"train": "corpus.txt"}
+    config.processors.text_processor.params.tokenizer_config.type = str(demo / "vocab")
+    config.mlm_probability = 0.5
+    config.processors.text_processor.params.max_seq_length = 20
+    registry.unregister("muvla_text_text_processor")
+    ds = TextCorpusDataset("muvla_text", config, "train")
+    ds.init_processors()
+    assert len(ds) == 2 and "image_feature_0" not in ds[0]
+    assert int(ds[0].muvla_task) == TASK_IDS["text"]
+    registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
+    model = build(vocab_size=len(ds.tokenizer), pretraining=dict(itm_weight_start_update=0)).train()
+    torch.manual_seed(0)
+    batch = SampleList([ds[0], ds[1]])
+    batch.dataset_type, batch.dataset_name = "train", "muvla_text"
+    out = model(batch)
+    assert list(out["losses"]) == ["train/muvla_text/mlm"] and torch.isfinite(out["losses"]["train/muvla_text/mlm"])
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: no non-empty 'text'"):
+        TextCorpusDataset._read(str(tmp_path / "bad.jsonl"))

@@ -83,3 +83,16 @@ def test_pretraining_on_the_weak_corpus_then_vqa_from_its_backbone(weak, tmp_pat
     out = result.stdout + result.stderr + (save / "train.log").read_text()
     assert "Copying backbone." in out and "Copying heads." not in out
     assert re.search(DOWNSTREAM["vqa"], out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("baseline,expected", [
+    ("u_visualbert", ("val/muvla_region_tag/mrc", "val/muvla_text/mlm")),
+    ("aligned_vlp", ("val/muvla_region_tag/mlm", "val/conceptual_captions/mlm", "val/conceptual_captions/itm")),
+])
+def test_baselines_pretrain_through_mmf_run(baseline, expected, weak, tmp_path):
+    save, result = run(tmp_path, weak, baseline)
+    log = (save / "train.log").read_text()
+    for key in expected:
+        assert re.search(rf"{key}: [0-9.]+", log), (key, log[-3000:])
+    assert (save / "muvla_final.pth").is_file()

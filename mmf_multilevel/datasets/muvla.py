@@ -22,17 +22,21 @@ and tag id, feature-row order), ``noun_phrases`` (per caption), ``objects_cs`` /
   MLM (on positive pairs only unless ``mlm_on_negatives``) and ITM. ``muvla_sentence_mlm`` and
   ``muvla_sentence_itm`` are the same dataset with ``[mlm]`` / ``[itm]``: the official code's split
   into two datasets (4 pre-training datasets in all).
+* ``muvla_text``: unpaired sentences for MLM alone, no image (U-VisualBERT's text side).
 
 Masks are drawn in the dataset (per sample, in the loader workers); the features stay unmasked in
 ``image_feature_0`` (the MRFR target), the model zeroes ``region_zeroed`` rows itself.
 """
+import json
 import os
 import random
 
 import torch
 from mmf.common.registry import registry
+from mmf.common.sample import Sample
+from mmf.datasets.base_dataset import BaseDataset
 
-from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset
+from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, resolve
 from mmf_multilevel.models.muvla import TASK_IDS
 from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_tokens
 from mmf_multilevel.modules.visual import normalize_boxes
@@ -50,43 +54,9 @@ def _check_matrix(value, rows, cols, name):
     return None
 
 
-class WeakCorpusDataset(RegionTextDataset):
-    """Base of the μ-VLA datasets: one weak-corpus record per image (see the module docstring)."""
+class _TextMixin:
+    """Tokenising, padding and BERT masking through the dataset's ``text_processor`` tokenizer."""
 
-    required_fields = ("image_id", "captions", "objects")
-    task = None
-
-    def __init__(self, dataset_name, config, dataset_type, index=0):
-        super().__init__(dataset_name, config, dataset_type, index)
-        self.mlm_probability = float(config.get("mlm_probability", 0.15))
-        self.region_mask_probability = float(config.get("region_mask_probability", 0.15))
-        self.region_zero_ratio = float(config.get("region_zero_ratio", 0.9))
-        for key in ("mlm_probability", "region_mask_probability", "region_zero_ratio"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"dataset_config.{dataset_name}.{key} must lie in [0, 1], got {getattr(self, key)}")
-
-    # ------------------------------------------------------------------ records
-    def validate_record(self, record):
-        captions = record.get("captions")
-        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-            return "field 'captions' must be a non-empty list of non-empty strings"
-        objects = record.get("objects")
-        if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
-            return "field 'objects' must be a list of tag strings (one per region)"
-        ids = record.get("objects_ids")
-        if ids is not None and (not isinstance(ids, list) or len(ids) != len(objects)):
-            return f"field 'objects_ids' must list one tag id per region ({len(objects)})"
-        phrases = record.get("noun_phrases")
-        if phrases is not None and (not isinstance(phrases, list) or len(phrases) != len(captions)):
-            return f"field 'noun_phrases' must hold one list per caption ({len(captions)})"
-        for key in ("objects_cs", "objects_cs_arg"):
-            if record.get(key) is not None:
-                problem = _check_matrix(record[key], len(objects), len(captions), key)
-                if problem:
-                    return problem
-        return None
-
-    # ------------------------------------------------------------------ text
     @property
     def tokenizer(self):
         tokenizer = getattr(self.text_processor, "_tokenizer", None)
@@ -128,6 +98,48 @@ class WeakCorpusDataset(RegionTextDataset):
         sample.lm_label_ids = torch.full_like(sample.input_ids, IGNORE_INDEX)
         return sample
 
+
+    def _finish(self, sample):
+        sample.muvla_task = torch.tensor(TASK_IDS[self.task], dtype=torch.long)
+        return sample
+
+
+class WeakCorpusDataset(_TextMixin, RegionTextDataset):
+    """Base of the μ-VLA datasets: one weak-corpus record per image (see the module docstring)."""
+
+    required_fields = ("image_id", "captions", "objects")
+    task = None
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        super().__init__(dataset_name, config, dataset_type, index)
+        self.mlm_probability = float(config.get("mlm_probability", 0.15))
+        self.region_mask_probability = float(config.get("region_mask_probability", 0.15))
+        self.region_zero_ratio = float(config.get("region_zero_ratio", 0.9))
+        for key in ("mlm_probability", "region_mask_probability", "region_zero_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"dataset_config.{dataset_name}.{key} must lie in [0, 1], got {getattr(self, key)}")
+
+    # ------------------------------------------------------------------ records
+    def validate_record(self, record):
+        captions = record.get("captions")
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+            return "field 'captions' must be a non-empty list of non-empty strings"
+        objects = record.get("objects")
+        if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
+            return "field 'objects' must be a list of tag strings (one per region)"
+        ids = record.get("objects_ids")
+        if ids is not None and (not isinstance(ids, list) or len(ids) != len(objects)):
+            return f"field 'objects_ids' must list one tag id per region ({len(objects)})"
+        phrases = record.get("noun_phrases")
+        if phrases is not None and (not isinstance(phrases, list) or len(phrases) != len(captions)):
+            return f"field 'noun_phrases' must hold one list per caption ({len(captions)})"
+        for key in ("objects_cs", "objects_cs_arg"):
+            if record.get(key) is not None:
+                problem = _check_matrix(record[key], len(objects), len(captions), key)
+                if problem:
+                    return problem
+        return None
+
     # ------------------------------------------------------------------ regions
     def _num_regions(self, sample):
         return int(sample.image_info_0.max_features)
@@ -151,11 +163,6 @@ class WeakCorpusDataset(RegionTextDataset):
         prob = torch.zeros(self.max_features)
         prob[: self._num_regions(sample)] = p
         return prob
-
-    def _finish(self, sample):
-        sample.muvla_task = torch.tensor(TASK_IDS[self.task], dtype=torch.long)
-        return sample
-
 
 # ====================================================================================== R-T
 class RegionTagDataset(WeakCorpusDataset):
@@ -336,6 +343,68 @@ class SentenceMLMDataset(ImageSentenceDataset):
 
 class SentenceITMDataset(ImageSentenceDataset):
     default_objectives = ("itm",)
+
+
+# ====================================================================================== text only
+class TextCorpusDataset(_TextMixin, BaseDataset):
+    """Unpaired text for MLM alone (U-VisualBERT's BookCorpus side): a ``.txt`` file (one sentence a
+    line) or a jsonl with ``text`` (or ``caption`` / ``sentence``) per line; no image input."""
+
+    task = "text"
+    TEXT_FIELDS = ("text", "caption", "sentence")
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        super().__init__(dataset_name, config, dataset_type)
+        annotations = config.annotations[dataset_type]
+        if isinstance(annotations, str):
+            annotations = [annotations]
+        self.annotation_path = resolve(annotations[index], config.get("data_dir"))
+        self.mlm_probability = float(config.get("mlm_probability", 0.15))
+        self.sentences = self._read(self.annotation_path)
+
+    @classmethod
+    def _read(cls, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"text corpus not found: {path}")
+        sentences = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if path.endswith(".jsonl"):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                    text = next((record[k] for k in cls.TEXT_FIELDS if isinstance(record.get(k), str)), None)
+                    if text is None or not text.strip():
+                        raise ValueError(f"{path}:{number}: no non-empty 'text' (or 'caption' / 'sentence') field")
+                    line = text.strip()
+                sentences.append(line)
+        if not sentences:
+            raise ValueError(f"{path}: the text corpus holds no sentence")
+        return sentences
+
+    def __len__(self):
+        return len(self.sentences)
+
+    def __getitem__(self, idx):
+        sample = Sample()
+        sample.id = torch.tensor(idx, dtype=torch.long)
+        pieces = self.tokenizer.tokenize(self.sentences[idx])[: self.max_seq_length - 2]
+        self._finish_text(sample, pieces)
+        self._mask_text(sample, self.mlm_probability)
+        return self._finish(sample)
+
+
+class TextCorpusBuilder(RegionTaskBuilder):
+    name = "muvla_text"
+    dataset_class = TextCorpusDataset
+    config_file = os.path.join("muvla", "muvla_text.yaml")
+
+
+registry.register_builder("muvla_text")(TextCorpusBuilder)
 
 
 # ====================================================================================== builders

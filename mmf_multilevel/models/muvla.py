@@ -73,8 +73,9 @@ __all__ = [
     "MuVLA",
 ]
 
-#: pre-training tasks and the integer ids the datasets put in ``muvla_task``
-TASKS = ("region_tag", "region_phrase", "image_sentence")
+#: pre-training tasks and the integer ids the datasets put in ``muvla_task`` ("text": text-only MLM,
+#: U-VisualBERT's unpaired text)
+TASKS = ("region_tag", "region_phrase", "image_sentence", "text")
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}
 EMBEDDING_STYLES = ("paper", "released")
 MRM_NORMALIZATIONS = ("masked", "official")
@@ -307,8 +308,8 @@ def pretraining_losses(
     if use_mrfr is None:
         use_mrfr = task == "region_tag"
     weights = itm_weights
-    if weights is not None and itm_weighting == "per_pair" and task == "region_tag":
-        weights = None  # the paper leaves R-T unweighted
+    if weights is not None and (task == "text" or (itm_weighting == "per_pair" and task == "region_tag")):
+        weights = None  # the paper leaves R-T unweighted; unimodal text has no pair to weight
     losses = {}
     if mlm_labels is not None:
         losses["mlm"] = _token_loss(heads.mlm, out["text"], mlm_labels, weights, itm_weighting)
@@ -321,6 +322,10 @@ def pretraining_losses(
             if mrc_labels is None:
                 raise KeyError("masked region classification needs mrc_labels (the regions' tag ids)")
             targets = mrc_labels.long().masked_fill(mrc_labels < 0, IGNORE_INDEX)
+            classes = heads.mrc.decoder.out_features
+            if (targets >= classes).any():
+                raise ValueError(f"a region's tag id {int(targets.max())} is outside the {classes} MRC classes: set "
+                                 "model_config.muvla.pretraining.num_tags to the weak corpus' tag vocabulary size")
             per_region = region_classification_loss(heads.mrc(regions), targets, selected, reduction="none")
             losses["mrc"] = masked_region_mean(per_region, selected & (targets != IGNORE_INDEX), mrm_normalization)
         if use_mrfr:
@@ -410,10 +415,16 @@ class MuVLA(BaseModel):
             start_update = pre.get("itm_weight_start_update") if hasattr(pre, "get") else None
             self.itm_weight_start_update = None if start_update is None else int(start_update)
             self.itm_weight_start_epoch = int(_get(pre, "itm_weight_start_epoch", 1))
+            default_task = pre.get("default_task") if hasattr(pre, "get") else None
+            if default_task is not None and default_task not in TASKS:
+                raise ValueError(f"model_config.muvla.pretraining.default_task must be one of {list(TASKS)} or null, "
+                                 f"got {default_task!r}")
+            self.default_task = default_task
             self.extra_losses = {
                 "region_phrase": {"use_mrfr": bool(_get(pre, "rp_mrfr", False))},
                 "image_sentence": {"use_mrc": bool(_get(pre, "is_mrm", False)), "use_mrfr": bool(_get(pre, "is_mrm", False))},
                 "region_tag": {},
+                "text": {},
             }
             # forward passes in training (a buffer: saved in checkpoints, so a resumed run keeps its place)
             self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
@@ -509,9 +520,10 @@ class MuVLA(BaseModel):
         epoch = registry.get("current_epoch", no_warning=True) if registry is not None else None
         return epoch is not None and int(epoch) > self.itm_weight_start_epoch
 
-    @staticmethod
-    def _task_of(sample_list) -> str:
+    def _task_of(self, sample_list) -> str:
         if "muvla_task" not in sample_list:
+            if self.default_task is not None:
+                return self.default_task
             raise KeyError("training_head_type: pretraining needs a μ-VLA pre-training dataset (muvla_region_tag, "
                            "muvla_region_phrase, muvla_image_sentence, ...): the batch has no 'muvla_task' field")
         ids = sample_list["muvla_task"].view(-1)
@@ -527,7 +539,13 @@ class MuVLA(BaseModel):
         if self.training:
             self.train_steps += 1
         input_ids, text_mask, segment = self._text(sample_list)
-        features, boxes, region_mask = self._regions(sample_list.get("image_feature_0"), sample_list.get("image_info_0"))
+        if task == "text":  # unpaired text: no region positions at all
+            batch = input_ids.size(0)
+            features = input_ids.new_zeros((batch, 0, self.backbone.feature_dim), dtype=torch.float32)
+            boxes = features.new_zeros((batch, 0, 5))
+            region_mask = input_ids.new_zeros((batch, 0))
+        else:
+            features, boxes, region_mask = self._regions(sample_list.get("image_feature_0"), sample_list.get("image_info_0"))
         selected = sample_list["region_selected"].bool() if "region_selected" in sample_list else None
         masked_features = features
         if "region_zeroed" in sample_list:
@@ -537,7 +555,7 @@ class MuVLA(BaseModel):
         mlm_labels = sample_list["lm_label_ids"] if "lm_label_ids" in sample_list else None
         itm_labels = sample_list["is_correct"].long() if "is_correct" in sample_list else None
         weights = None
-        if self.itm_weighting_active() and (task != "region_tag" or self.itm_weighting == "batch_mean"):
+        if self.itm_weighting_active() and task != "text" and (task != "region_tag" or self.itm_weighting == "batch_mean"):
             if self.itm_weight_source == "clean":
                 with torch.no_grad():
                     clean_ids = input_ids

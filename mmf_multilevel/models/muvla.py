@@ -70,6 +70,9 @@ __all__ = [
     "weighted_sample_mean",
     "itm_pair_weights",
     "pretraining_losses",
+    "convert_visual_bert_state",
+    "load_visual_bert",
+    "read_visual_bert_checkpoint",
     "MuVLA",
 ]
 
@@ -77,7 +80,7 @@ __all__ = [
 #: U-VisualBERT's unpaired text)
 TASKS = ("region_tag", "region_phrase", "image_sentence", "text")
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}
-EMBEDDING_STYLES = ("paper", "released")
+EMBEDDING_STYLES = ("paper", "released", "visual_bert")
 MRM_NORMALIZATIONS = ("masked", "official")
 ITM_WEIGHTINGS = ("per_pair", "batch_mean", "off")
 #: the official code's MRM scale (≈ 1 / 0.15, LXMERT's)
@@ -102,11 +105,21 @@ class MuVLANetwork(nn.Module):
         self.embedding_style = embedding_style
         config = text.config
         hidden = config.hidden_size
-        self.regions = RegionEmbedding(
-            feature_dim, hidden, box_dim=5, style="sum", dropout=config.hidden_dropout_prob,
-            final_layer_norm=embedding_style == "paper", layer_norm_eps=config.layer_norm_eps,
-            initializer_range=config.initializer_range,
-        )
+        if embedding_style == "visual_bert":
+            # VisualBERT's: W_v f + visual type + visual position(0), one LayerNorm over [text ; regions]
+            self.regions = RegionEmbedding(feature_dim, hidden, box_dim=0, style="concat", dropout=0.0, layer_norm=False,
+                                           initializer_range=config.initializer_range)
+            self.visual_token_type = nn.Embedding(config.type_vocab_size, hidden)
+            self.visual_position = nn.Embedding(config.max_position_embeddings, hidden)
+            with torch.no_grad():  # as VisualBERT's special_visual_initialize
+                self.visual_token_type.weight.copy_(text.token_type_embeddings.weight)
+                self.visual_position.weight.copy_(text.position_embeddings.weight)
+        else:
+            self.regions = RegionEmbedding(
+                feature_dim, hidden, box_dim=5, style="sum", dropout=config.hidden_dropout_prob,
+                final_layer_norm=embedding_style == "paper", layer_norm_eps=config.layer_norm_eps,
+                initializer_range=config.initializer_range,
+            )
         self.tag_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.tag_dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -141,6 +154,20 @@ class MuVLANetwork(nn.Module):
         embeddings, _ = self.regions(features, boxes, region_mask, extra=extra)
         return embeddings
 
+    def _visual_bert_embeddings(self, input_ids, token_type_ids, features, tag_boxes):
+        if tag_boxes is not None:
+            raise ValueError("embedding_style: visual_bert has no box embedding, so it cannot embed R-T tag sequences; "
+                             "use embedding_style paper or released")
+        emb = self.text.embeddings
+        length = input_ids.size(1)
+        positions = torch.arange(length, device=input_ids.device).unsqueeze(0)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        text = emb.word_embeddings(input_ids) + emb.position_embeddings(positions) + emb.token_type_embeddings(token_type_ids)
+        visual = self.regions.proj(features.to(self.regions.proj.weight.dtype))
+        visual = visual + self.visual_token_type.weight[1] + self.visual_position.weight[0]
+        return emb.dropout(emb.LayerNorm(torch.cat([text, visual.to(text.dtype)], dim=1)))
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -158,12 +185,15 @@ class MuVLANetwork(nn.Module):
         parts) and ``pooled`` (the BERT pooler on [CLS])."""
         if input_ids.shape != text_mask.shape:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and their mask {tuple(text_mask.shape)} differ")
-        if tag_boxes is not None:
-            text = self.embed_tags(input_ids, tag_boxes)
+        if self.embedding_style == "visual_bert":
+            hidden = self._visual_bert_embeddings(input_ids, token_type_ids, features, tag_boxes)
         else:
-            text = self.embed_text(input_ids, token_type_ids)
-        visual = self.embed_regions(features, boxes, region_mask)
-        hidden = torch.cat([text, visual.to(text.dtype)], dim=1)
+            if tag_boxes is not None:
+                text = self.embed_tags(input_ids, tag_boxes)
+            else:
+                text = self.embed_text(input_ids, token_type_ids)
+            visual = self.embed_regions(features, boxes, region_mask)
+            hidden = torch.cat([text, visual.to(text.dtype)], dim=1)
         mask = torch.cat([text_mask.long(), region_mask.long()], dim=1)
         sequence = self.text.encode(hidden, attention_mask=mask)
         length = input_ids.size(1)
@@ -197,6 +227,84 @@ class MuVLAPretrainingHeads(nn.Module):
         """BERT's LM head into ``mlm`` and its next-sentence head into ``itm`` (``cls.*`` keys)."""
         self.mlm.load_bert_state_dict(state)
         self.itm.load_nsp_state_dict(state)
+
+
+# ====================================================================================== checkpoints
+#: source names of VisualBERT's visual embedding in MMF (``visual_bert``) and HF (``VisualBertModel``)
+_VISUAL_KEYS = {
+    "mmf": {"projection": "regions.proj", "token_type_embeddings_visual": "visual_token_type",
+            "position_embeddings_visual": "visual_position"},
+    "hf": {"visual_projection": "regions.proj", "visual_token_type_embeddings": "visual_token_type",
+           "visual_position_embeddings": "visual_position"},
+}
+
+
+def convert_visual_bert_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A VisualBERT state dict -> :class:`MuVLANetwork` (``embedding_style: visual_bert``) keys.
+
+    Reads MMF ``visual_bert`` checkpoints (``model.bert.*``, any outer prefix) and HF transformers'
+    ``VisualBertModel`` / ``VisualBertFor*`` ones (``[visual_bert.]embeddings.visual_projection``,
+    ...). Heads and buffers are left out; the text embeddings, encoder layers and pooler keep BERT's names.
+    """
+    anchor = "embeddings.word_embeddings.weight"
+    prefixes = [k[: -len(anchor)] for k in state if k.endswith(anchor)]
+    if len(prefixes) != 1:
+        raise KeyError(f"not a VisualBERT state dict: expected one '*{anchor}' entry, found {len(prefixes)}")
+    prefix = prefixes[0]
+    source = "hf" if f"{prefix}embeddings.visual_projection.weight" in state else "mmf"
+    if f"{prefix}embeddings.{next(iter(_VISUAL_KEYS[source]))}.weight" not in state:
+        raise KeyError(f"no VisualBERT visual embedding under '{prefix}embeddings.' (expected MMF's 'projection' or "
+                       "HF's 'visual_projection')")
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(prefix) or key.endswith(("position_ids", "token_type_ids")):
+            continue
+        name = key[len(prefix):]
+        part, _, rest = name.partition(".")
+        if part == "embeddings":
+            module, _, leaf = rest.partition(".")
+            if module in _VISUAL_KEYS[source]:
+                out[f"{_VISUAL_KEYS[source][module]}.{leaf}"] = value
+            else:
+                out[f"text.bert.{name}"] = value
+        elif part in ("encoder", "pooler"):
+            out[f"text.bert.{name}"] = value
+    return out
+
+
+def load_visual_bert(network: "MuVLANetwork", state: Dict[str, torch.Tensor]) -> None:
+    """Load a VisualBERT state dict (MMF or HF, see :func:`convert_visual_bert_state`) into ``network``."""
+    if network.embedding_style != "visual_bert":
+        raise ValueError("VisualBERT weights need embedding_style: visual_bert (its visual embedding has no box input)")
+    converted = convert_visual_bert_state(state)
+    own = network.state_dict()
+    for key, value in converted.items():
+        if key not in own:
+            raise KeyError(f"VisualBERT entry {key!r} has no place in this network")
+        if own[key].shape != value.shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != network {tuple(own[key].shape)} "
+                             "(hidden size, vocabulary, layers or feature_dim differ)")
+    # tag_norm belongs to the R-T tag path, which VisualBERT does not have (it keeps its initialisation)
+    missing = [k for k in own if k not in converted and not k.endswith(("position_ids", "token_type_ids"))
+               and not k.startswith("tag_norm.")]
+    if missing:
+        raise KeyError(f"the VisualBERT checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    network.load_state_dict(converted, strict=False)
+
+
+def read_visual_bert_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """State dict of an MMF checkpoint file (``.pth`` / ``.ckpt``, optionally under ``model``) or of an HF
+    ``save_pretrained`` folder (``VisualBertModel``)."""
+    if os.path.isdir(path):
+        from transformers import VisualBertModel
+
+        from mmf_multilevel.modules.text import load_pretrained
+
+        return load_pretrained(VisualBertModel, path).state_dict()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VisualBERT checkpoint not found: {path} (model_config.muvla.visual_bert_checkpoint)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state.get("model", state) if isinstance(state, dict) else state
 
 
 # ====================================================================================== losses
@@ -396,6 +504,9 @@ class MuVLA(BaseModel):
         text = BertTextEncoder.from_name(str(name), **overrides) if name else BertTextEncoder.from_config(bert_config_from(config))
         self.backbone = MuVLANetwork(text, int(_get(config, "feature_dim", 2048)),
                                      str(_get(config, "embedding_style", "paper")))
+        checkpoint = config.get("visual_bert_checkpoint")
+        if checkpoint:
+            load_visual_bert(self.backbone, read_visual_bert_checkpoint(str(checkpoint)))
         hidden, bert = self.backbone.hidden_size, self.backbone.config
         if self.head_type == "pretraining":
             pre = _get(config, "pretraining", {})

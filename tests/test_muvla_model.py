@@ -368,3 +368,39 @@ def test_bert_checkpoint_by_path_loads_backbone_mlm_and_nsp_heads(tmp_path):
     torch.testing.assert_close(model.heads.mlm.transform.dense.weight, state["cls.predictions.transform.dense.weight"])
     torch.testing.assert_close(model.heads.itm.classifier.weight, state["cls.seq_relationship.weight"])
     torch.testing.assert_close(model.heads.itm.classifier.bias, state["cls.seq_relationship.bias"])
+
+
+def test_weighting_starts_after_epoch_m_and_clean_source_uses_the_unmasked_pair():
+    from mmf.common.registry import registry
+
+    model = build(pretraining=dict(itm_weight_start_epoch=1, itm_weight_source="clean")).train()
+    registry.register("current_epoch", 1)
+    assert not model.itm_weighting_active()
+    registry.register("current_epoch", 2)
+    try:
+        assert model.itm_weighting_active()
+        sl = sample_list()
+        torch.manual_seed(0)
+        out = model(sl)
+        # the clean pass: masked tokens restored from their labels, so its p_match differs from the masked pass
+        clean_ids = torch.where(sl.lm_label_ids >= 0, sl.lm_label_ids, sl.input_ids)
+        features, boxes, rmask = model._regions(sl.image_feature_0, sl.image_info_0)
+        with torch.no_grad():
+            clean = model.backbone(clean_ids, sl.input_mask, features, boxes, rmask, sl.segment_ids)
+        w = itm_pair_weights(model.heads.itm(clean["pooled"]), sl.is_correct)
+        ce = F.cross_entropy(out["scores"], sl.is_correct, reduction="none")
+        torch.testing.assert_close(out["losses"]["train/muvla_image_sentence/itm"], (ce * w).mean())
+        assert model(sl)["losses"]["train/muvla_image_sentence/itm"].requires_grad
+        model.eval()
+        assert not model.itm_weighting_active()  # evaluation is never weighted
+    finally:
+        registry.unregister("current_epoch")
+
+
+def test_mrc_tag_ids_outside_the_vocabulary_name_the_config_key():
+    net, heads = heads_and_output()
+    ids, mask, feats, boxes, rmask, labels, selected, mrc = region_tag_targets()
+    out = net(ids, mask, feats, boxes, rmask)
+    mrc[0, 0] = TAGS
+    with pytest.raises(ValueError, match="num_tags"):
+        pretraining_losses(heads, out, "region_tag", region_selected=selected, region_targets=feats, mrc_labels=mrc)

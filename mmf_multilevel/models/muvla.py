@@ -9,6 +9,10 @@ The network (:class:`MuVLANetwork`, a plain ``nn.Module``) is a single-stream BE
   (:class:`~mmf_multilevel.modules.visual.RegionEmbedding`). ``embedding_style: paper`` (default,
   spec §8 #16) adds the token-type embedding of segment 1 and a LayerNorm over the sum;
   ``released`` is the official code's plain sum;
+* ``embedding_style: visual_bert``: VisualBERT's own embedding (``W_v f`` + visual token-type and
+  position embeddings, one LayerNorm over ``[text ; regions]``, no boxes), so that MMF ``visual_bert``
+  checkpoints and HF ``VisualBertModel`` weights load unchanged (:func:`load_visual_bert`,
+  ``visual_bert_checkpoint``; no R-T tag path in this style);
 * R-T tag sequences: ``LN_tag(word_emb(tag word-piece)) + LN_b(W_b loc5 of the tag's region)``, no
   position or segment embedding, ``W_b`` / ``LN_b`` shared with the regions; [CLS], [SEP] and padding
   carry an all-zero box.

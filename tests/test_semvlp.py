@@ -310,7 +310,7 @@ def test_losses_with_nothing_to_predict_are_zero_not_nan():
         pretraining_losses(heads, out, None, targets, selected, bad)
 
 
-@pytest.mark.parametrize("mode", [SINGLE, TWO])
+@pytest.mark.parametrize("mode", [SINGLE, TWO, "alternate"])
 def test_a_few_steps_on_a_fixed_batch_lower_every_loss(mode):
     net = tiny_network().train()
     heads = heads_for(net)
@@ -321,8 +321,9 @@ def test_a_few_steps_on_a_fixed_batch_lower_every_loss(mode):
     masked = data[2].masked_fill(selected.unsqueeze(-1), 0.0)
     data = (data[0], data[1], masked, data[3], data[4])
     history = []
-    for _ in range(40):
-        out = run(net, mode, data)
+    schedule = ModeSchedule("alternate") if mode == "alternate" else ModeSchedule(mode)
+    for step in range(40):
+        out = run(net, schedule(step), data)
         losses = pretraining_losses(heads, out, mlm, targets, selected, labels, matched, qa)
         history.append({k: v.item() for k, v in losses.items()})
         optimizer.zero_grad()

@@ -89,6 +89,18 @@ def test_task_fine_tunes_from_the_pretrained_network_and_evaluates(task, data, p
 
 
 @pytest.mark.slow
+def test_pretraining_over_two_gloo_ranks(data, tmp_path):
+    """MMF's distributed path (2 CPU processes, gloo): single-stream updates leave the cross-attention
+    unused, which DDP accepts with find_unused_parameters (pretrain.yaml); both modes run."""
+    save = tmp_path / "save"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "distributed.world_size=2",
+                     config=f"{ROOT}/projects/semvlp/demo/pretrain.yaml")
+    _assert_finished(save, result)
+    tallies = re.findall(r"updates so far: single (\d+), two (\d+)", (save / "train.log").read_text())
+    assert tallies and sum(map(int, tallies[-1])) == 6
+
+
+@pytest.mark.slow
 def test_demo_script_pretrains_finetunes_and_prints_the_vqa_accuracy(tmp_path):
     env = clean_env(tmp_path, VENV=os.path.dirname(os.path.dirname(sys.executable)), DATA=tmp_path / "data",
                     SAVE=tmp_path / "save", NUM_IMAGES=40)

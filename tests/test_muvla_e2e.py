@@ -96,3 +96,13 @@ def test_baselines_pretrain_through_mmf_run(baseline, expected, weak, tmp_path):
     for key in expected:
         assert re.search(rf"{key}: [0-9.]+", log), (key, log[-3000:])
     assert (save / "muvla_final.pth").is_file()
+
+
+@pytest.mark.slow
+def test_pretraining_over_two_gloo_processes(weak, tmp_path):
+    """MMF's distributed path: each update's task differs in which heads it uses (find_unused_parameters)."""
+    save, result = run(tmp_path, weak, "pretrain_cc", "distributed.world_size=2",
+                       "model_config.muvla.pretraining.itm_weight_start_update=2")
+    log = (save / "train.log").read_text()
+    assert re.search(r"val/muvla_region_phrase/mrtc: [0-9.]+", log) and re.search(r"val/muvla_sentence_itm/itm: [0-9.]+", log)
+    assert (save / "muvla_final.pth").is_file()

@@ -166,6 +166,10 @@ def test_region_phrase_paper_masks_one_modality_linked_spans_and_regions_at_rate
             side = int(s.rp_side)
             assert side in (0, 1) and not (side == 0 and region_masked) and not (side == 1 and text_masked)
             if side == 0:
+                # rp_text_unit: phrase - a phrase's pieces are masked all together or not at all
+                for k in set(spans.values()):
+                    state = {p in masked_positions for p, kk in spans.items() if kk == k}
+                    assert len(state) == 1, (k, spans, masked_positions)
                 text_samples += 1
                 for p in linked_positions:
                     hit = token_hits.setdefault(scores[spans[p]], [0, 0])

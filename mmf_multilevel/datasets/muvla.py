@@ -11,8 +11,9 @@ and tag id, feature-row order), ``noun_phrases`` (per caption), ``objects_cs`` /
   ``lm_label_ids``) and 15 % of the real regions selected (``region_selected``), 90 % of those
   zeroed (``region_zeroed``), with their tag ids as MRC labels (``mrc_labels``).
 * ``muvla_region_phrase`` (R-P): one of the K captions, uniformly. ``rp_mask_mode: paper`` (default,
-  spec §8 #6): a fair coin picks the modality. Text: every word-piece of linked noun phrase k is
-  masked with probability ``0.15 * s'_k`` (s'_k: the best link score of the phrase). Regions:
+  spec §8 #6): a fair coin picks the modality. Text: linked noun phrase k is masked with
+  probability ``0.15 * s'_k`` (s'_k: the best link score of the phrase), all its word-pieces
+  together (``rp_text_unit: phrase``) or each on its own (``token``), then 80/10/10. Regions:
   region i is selected with probability ``0.15 * s'_i`` (0 when unlinked), and predicts one
   word-piece of its linked phrase, drawn uniformly (``mrtc_labels``, p-MRTC). When the chosen side
   has nothing linked, the other side is masked (``rp_side``: 0 text, 1 regions, 2 both). ``released``: the official recipe, standard 15 %
@@ -215,6 +216,9 @@ class RegionPhraseDataset(WeakCorpusDataset):
         self.mask_mode = str(config.get("rp_mask_mode", "paper"))
         if self.mask_mode not in RP_MASK_MODES:
             raise ValueError(f"dataset_config.{dataset_name}.rp_mask_mode must be one of {list(RP_MASK_MODES)}, got {self.mask_mode!r}")
+        self.text_unit = str(config.get("rp_text_unit", "phrase"))
+        if self.text_unit not in ("phrase", "token"):
+            raise ValueError(f"dataset_config.{dataset_name}.rp_text_unit must be 'phrase' or 'token', got {self.text_unit!r}")
 
     def phrase_scores(self, record, j):
         """s'_k of every noun phrase k of caption j: the best link score of a region linked to it."""
@@ -236,6 +240,7 @@ class RegionPhraseDataset(WeakCorpusDataset):
         # text side: word-pieces of linked phrases with probability 0.15 * s'_k
         token_prob = torch.zeros(self.max_seq_length)
         used = [False] * len(pieces)
+        has_text = False  # a linked phrase is in the (truncated) text
         for k, score in enumerate(self.phrase_scores(record, j)):
             if score <= 0:
                 continue
@@ -245,7 +250,11 @@ class RegionPhraseDataset(WeakCorpusDataset):
                 continue
             for p in range(start, start + len(phrase)):
                 used[p] = True
-            token_prob[1 + start: 1 + start + len(phrase)] = min(1.0, self.mlm_probability * score)
+            has_text = True
+            p_mask = min(1.0, self.mlm_probability * score)
+            if self.text_unit == "phrase":  # the phrase as a whole: all its pieces or none
+                p_mask = 1.0 if random.random() < p_mask else 0.0
+            token_prob[1 + start: 1 + start + len(phrase)] = p_mask
         # region side: 0.15 * s'_i for tagged regions; untagged real rows 0 (paper) / 0.15 (released)
         region_prob = torch.zeros(self.max_features)
         tagged = min(count, len(record["objects"]))
@@ -259,7 +268,7 @@ class RegionPhraseDataset(WeakCorpusDataset):
             side = "both"
         else:
             side = "text" if random.random() < 0.5 else "regions"
-            has_text, has_regions = bool((token_prob > 0).any()), bool((region_prob[:tagged] > 0).any())
+            has_regions = bool((region_prob[:tagged] > 0).any())
             if side == "text" and not has_text and has_regions:
                 side = "regions"
             elif side == "regions" and not has_regions and has_text:

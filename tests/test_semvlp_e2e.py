@@ -52,6 +52,7 @@ def test_pretraining_runs_both_modes_and_logs_every_loss(pretrained):
     save, result = pretrained
     _assert_finished(save, result)
     log = (save / "train.log").read_text()
+    assert re.search(r"semvlp network parameters: single-stream mode [0-9,]+, two-stream mode [0-9,]+", log)
     tallies = re.findall(r"semvlp modes: update (\d+) ran (single|two)-stream; updates so far: single (\d+), two (\d+)", log)
     assert tallies, log[-3000:]
     update, _, single, two = tallies[-1]

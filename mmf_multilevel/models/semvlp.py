@@ -499,6 +499,13 @@ class SemVLP(BaseModel):
         )
         hidden = self.semvlp.hidden_size
         bert = self.semvlp.config
+        writer = registry.get("writer", no_warning=True) if registry is not None else None
+        if writer is not None:
+            writer.write(
+                f"semvlp network parameters: single-stream mode {self.semvlp.num_parameters(SINGLE):,}, two-stream mode "
+                f"{self.semvlp.num_parameters(TWO):,} (L_s = {self.semvlp.cross_layer_start}, cross_attention_layers: "
+                f"{self.semvlp.cross_attention_layers}, stored {sum(p.numel() for p in self.semvlp.parameters()):,})"
+            )
         pretraining = _get(config, "pretraining", {})
         if self.head_type == "pretraining":
             self.schedule = ModeSchedule(

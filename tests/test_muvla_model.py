@@ -404,3 +404,21 @@ def test_mrc_tag_ids_outside_the_vocabulary_name_the_config_key():
     mrc[0, 0] = TAGS
     with pytest.raises(ValueError, match="num_tags"):
         pretraining_losses(heads, out, "region_tag", region_selected=selected, region_targets=feats, mrc_labels=mrc)
+
+
+def test_paired_caption_batches_use_the_default_task_and_skip_mlm_on_negatives():
+    model = build(pretraining=dict(default_task="image_sentence", itm_weighting="off")).train()
+    sl = sample_list()
+    del sl["muvla_task"]
+    sl.dataset_name = "conceptual_captions"
+    sl.lm_label_ids[1, 1] = 13  # sample 1 is a negative (is_correct 0): its masked token is not predicted
+    torch.manual_seed(0)
+    out = model(sl)
+    assert set(out["losses"]) == {"train/conceptual_captions/mlm", "train/conceptual_captions/itm"}
+    model.eval()
+    with torch.no_grad():
+        enc = model.backbone(sl.input_ids, sl.input_mask, *model._regions(sl.image_feature_0, sl.image_info_0),
+                             sl.segment_ids)
+        expected = F.cross_entropy(model.heads.mlm(enc["text"][[0, 2], [2, 3]]), torch.tensor([10, 12]))
+        got = model(sl)["losses"]["train/conceptual_captions/mlm"]
+    torch.testing.assert_close(got, expected)

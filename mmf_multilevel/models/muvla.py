@@ -669,6 +669,9 @@ class MuVLA(BaseModel):
         out = self.backbone(input_ids, text_mask, masked_features, boxes, region_mask, segment, tag_boxes=tag_boxes)
         mlm_labels = sample_list["lm_label_ids"] if "lm_label_ids" in sample_list else None
         itm_labels = sample_list["is_correct"].long() if "is_correct" in sample_list else None
+        if "muvla_task" not in sample_list and mlm_labels is not None and itm_labels is not None:
+            # a paired caption dataset masks every caption: MLM only where the caption is the image's own
+            mlm_labels = mlm_labels.masked_fill((itm_labels == 0).unsqueeze(1).to(mlm_labels.device), IGNORE_INDEX)
         weights = None
         if self.itm_weighting_active() and task != "text" and (task != "region_tag" or self.itm_weighting == "batch_mean"):
             if self.itm_weight_source == "clean":

@@ -1,10 +1,8 @@
 """SemVLP (mmf_multilevel/models/semvlp.py): sharing, parameter counts, information flow, losses,
 mode schedule and the MMF adapter, on tiny random configs (CPU)."""
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import BertConfig
 

@@ -452,11 +452,15 @@ def _get(config, key, default=None):
     return default if value is None else value
 
 
-try:  # MMF is optional for the plain network above
+try:  # the plain networks above work without MMF; the adapter below needs it
     from mmf.common.registry import registry
     from mmf.models.base_model import BaseModel
 except ImportError:  # pragma: no cover - exercised only without MMF
-    registry, BaseModel = None, nn.Module
+    registry = None
+
+    class BaseModel(nn.Module):
+        def __init__(self, config):
+            raise ImportError("the registered semvlp model needs MMF: pip install --no-deps mmf==1.0.0rc10")
 
 
 HEAD_TYPES = ("pretraining", "classification", "nlvr2", "retrieval")

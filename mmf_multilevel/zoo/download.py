@@ -59,7 +59,7 @@ def sha256_of(path):
 
 
 def offline():
-    return os.environ.get("MMF_ZOO_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return os.environ.get("MMF_ZOO_OFFLINE", "") not in ("", "0")
 
 
 def _progress(total, name, initial):

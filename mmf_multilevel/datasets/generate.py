@@ -10,7 +10,10 @@
       annotations/vqa_{train,val}.jsonl             {"question_id", "image_id", "question",
                                                      "answers": [10 human answers]}
       annotations/vqa_test.jsonl                    the same without "answers" (like test-dev)
-      answers.txt                      answer vocabulary, one answer per line
+      annotations/{nlvr2,snli_ve,gqa,vgqa,retrieval}_{split}.jsonl, refcoco+_{train,val,testA,testB}.jsonl
+                                       the downstream tasks' annotations
+      corpus.txt                       the train captions as unpaired text (μ-VLA's retrieval corpus)
+      answers.txt, answers_gqa.txt     answer vocabularies (VQA, GQA), one answer per line
       objects_vocab.txt / attributes_vocab.txt      detector class / attribute names
       vocab/vocab.txt, vocab/tokenizer_config.json  a WordPiece vocabulary covering the texts
                                        (a BERT tokenizer folder: AutoTokenizer.from_pretrained(dir))
@@ -48,7 +51,7 @@ SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MANIFEST = "manifest.json"
 FORMAT = "mmf_multilevel.demo_data"
-FORMAT_VERSION = 2  # 2: downstream-task annotations
+FORMAT_VERSION = 3  # 2: downstream-task annotations; 3: corpus.txt
 
 
 def _plural(shape):
@@ -472,6 +475,8 @@ def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5
         for name, records in _task_annotations(split, items, task_rng).items():
             write_jsonl(os.path.join(ann, f"{name}.jsonl"), records)
             texts.extend(_texts_of(records))
+    # every train caption as unpaired text, one per line: the text corpus of the retrieval builder
+    _write_lines(os.path.join(work, "corpus.txt"), [c["caption"] for c in captions["train"]])
     answers = answer_vocabulary()
     _write_lines(os.path.join(work, "answers.txt"), answers)
     _write_lines(os.path.join(work, "answers_gqa.txt"), gqa_answer_vocabulary())

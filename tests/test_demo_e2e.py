@@ -1,4 +1,4 @@
-"""The README's main job (scripts/demo.sh) end to end through the stock mmf_run, shortened."""
+"""The VisualBERT reference demo (projects/visual_bert/demo.sh) end to end through the stock mmf_run, shortened."""
 import os
 import re
 import subprocess
@@ -15,7 +15,7 @@ def test_demo_script_pretrains_finetunes_and_reports_vqa_accuracy(tmp_path):
     env = clean_env(tmp_path, VENV=os.path.dirname(os.path.dirname(sys.executable)), DATA=tmp_path / "data", SAVE=tmp_path / "save")
     short = ["training.max_updates=12", "training.evaluation_interval=6", "training.checkpoint_interval=6", "training.log_interval=6"]
     result = subprocess.run(
-        ["bash", os.path.join(ROOT, "scripts", "demo.sh"), *short],
+        ["bash", os.path.join(ROOT, "projects", "visual_bert", "demo.sh"), *short],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     output = result.stdout + result.stderr

@@ -106,7 +106,7 @@ def test_demo_script_pretrains_finetunes_and_prints_the_vqa_accuracy(tmp_path):
     env = clean_env(tmp_path, VENV=os.path.dirname(os.path.dirname(sys.executable)), DATA=tmp_path / "data",
                     SAVE=tmp_path / "save", NUM_IMAGES=40)
     result = subprocess.run(
-        ["bash", os.path.join(ROOT, "projects", "semvlp", "demo.sh"), *SHORT],
+        ["bash", os.path.join(ROOT, "scripts", "demo.sh"), *SHORT],  # the README main job: projects/semvlp/demo.sh
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     output = result.stdout + result.stderr

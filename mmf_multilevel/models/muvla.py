@@ -307,7 +307,9 @@ def read_visual_bert_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         return load_pretrained(VisualBertModel, path).state_dict()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VisualBERT checkpoint not found: {path} (model_config.muvla.visual_bert_checkpoint)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from mmf_multilevel.zoo.zoo import load_checkpoint
+
+    state = load_checkpoint(path)  # weights only; a legacy pickle needs MMF_ZOO_ALLOW_PICKLE=1
     return state.get("model", state) if isinstance(state, dict) else state
 
 

@@ -1,0 +1,155 @@
+"""μ-VLA pre-training speed and memory against HF transformers' VisualBertForPreTraining, same run.
+
+One training step = forward + backward + AdamW step on one batch of ``--batch`` samples of
+``--tokens`` text tokens + ``--regions`` 2048-d regions (default 8 x (60 + 100), BERT-base):
+
+* ``muvla``: ``MuVLANetwork`` + ``MuVLAPretrainingHeads`` - MLM (15 % of the tokens), masked-region
+  feature regression (15 % of the regions) and ITM, AdamW with ``foreach``;
+* ``hf``: ``transformers.VisualBertForPreTraining`` of the same size - MLM over the same labels and
+  its sentence-image head (no region loss: it does less work), AdamW with ``foreach``.
+
+Each configuration runs in its own process (peak RSS is then that configuration's), in fp32 and
+under bf16 autocast. Printed: median step time, samples/s, peak RSS, the ratio to HF, and the
+analytic model FLOPs per sample (forward + backward = 3 x forward) and the achieved FLOP/s.
+
+    python benchmarks/bench_muvla.py [--steps 3] [--batch 8] [--layers 12]
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+
+def flops_per_sample(layers, hidden, intermediate, length, vocab, masked, regions_masked, feature_dim):
+    """Forward FLOPs (2 x multiply-adds) of one sample; training is 3 x this."""
+    attention = 2 * (4 * length * hidden * hidden + 2 * length * length * hidden)
+    ffn = 2 * 2 * length * hidden * intermediate
+    encoder = layers * (attention + ffn)
+    visual = 2 * 100 * feature_dim * hidden
+    heads = 2 * masked * (hidden * hidden + hidden * vocab) + 2 * regions_masked * (hidden * hidden + hidden * feature_dim)
+    return encoder + visual + heads
+
+
+def run_one(kind, precision, args):
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    from transformers import BertConfig
+
+    config = BertConfig(num_hidden_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.hidden // 64,
+                        intermediate_size=4 * args.hidden, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    B, T, N, D = args.batch, args.tokens, args.regions, 2048
+    input_ids = torch.randint(1000, config.vocab_size, (B, T))
+    text_mask = torch.ones(B, T, dtype=torch.long)
+    features = torch.rand(B, N, D)
+    xy = torch.rand(B, N, 2) * 0.5
+    wh = torch.rand(B, N, 2) * 0.5
+    boxes = torch.cat([xy, xy + wh, (wh[..., :1] * wh[..., 1:])], dim=-1)
+    region_mask = torch.ones(B, N, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    chosen = torch.rand(B, T) < 0.15
+    chosen[:, 0] = False
+    labels[chosen] = input_ids[chosen]
+    region_sel = torch.rand(B, N) < 0.15
+    itm_labels = torch.randint(0, 2, (B,))
+
+    if kind == "muvla":
+        from mmf_multilevel.models.muvla import MuVLANetwork, MuVLAPretrainingHeads
+        from mmf_multilevel.modules.text import BertTextEncoder
+
+        network = MuVLANetwork(BertTextEncoder.from_config(config), D)
+        heads = MuVLAPretrainingHeads(network, 0)
+        model = torch.nn.ModuleDict({"network": network, "heads": heads})
+
+        def loss_fn():
+            out = network(input_ids, text_mask, features, boxes, region_mask)
+            sel = labels != -100
+            mlm = F.cross_entropy(heads.mlm(out["text"][sel]).float(), labels[sel])
+            masked = region_sel.unsqueeze(-1)
+            mrfr = F.mse_loss(heads.mrfr(out["regions"][region_sel]).float(), features[region_sel])
+            itm = F.cross_entropy(heads.itm(out["pooled"]).float(), itm_labels)
+            del masked
+            return mlm + mrfr + itm
+    else:
+        from transformers import VisualBertConfig, VisualBertForPreTraining
+
+        vconfig = VisualBertConfig(visual_embedding_dim=D, **{k: getattr(config, k) for k in (
+            "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+            "hidden_dropout_prob", "attention_probs_dropout_prob")})
+        model = VisualBertForPreTraining(vconfig)
+        full_labels = torch.cat([labels, torch.full((B, N), -100, dtype=torch.long)], dim=1)
+
+        def loss_fn():
+            out = model(input_ids=input_ids, attention_mask=text_mask, token_type_ids=torch.zeros_like(input_ids),
+                        visual_embeds=features, visual_attention_mask=region_mask,
+                        visual_token_type_ids=torch.ones(B, N, dtype=torch.long),
+                        labels=full_labels, sentence_image_labels=itm_labels)
+            return out.loss
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    times = []
+    for step in range(args.steps + 1):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:  # the first step (allocation, warm-up) is not timed
+            times.append(time.perf_counter() - start)
+    times.sort()
+    step_time = times[len(times) // 2]
+    return {"kind": kind, "precision": precision, "step_s": step_time, "samples_per_s": B / step_time,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "masked": int(chosen.sum()) / B,
+            "regions_masked": int(region_sel.sum()) / B, "loss": float(loss)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up step)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=60)
+    p.add_argument("--regions", type=int, default=100)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--one", nargs=2, metavar=("KIND", "PRECISION"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.one[1], args)))
+        return 0
+    import torch
+
+    print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"batch {args.batch} x ({args.tokens} tokens + {args.regions} regions), {args.layers} layers, hidden {args.hidden}")
+    base = [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--batch", str(args.batch), "--tokens",
+            str(args.tokens), "--regions", str(args.regions), "--layers", str(args.layers), "--hidden", str(args.hidden)]
+    print(f"{'precision':>9} {'model':>6} {'step s':>8} {'samples/s':>10} {'vs hf':>6} {'peak RSS MiB':>13} "
+          f"{'GFLOP/sample':>13} {'GFLOP/s':>8}")
+    for precision in args.precisions.split(","):
+        results = {}
+        for kind in ("hf", "muvla"):
+            out = subprocess.run(base + ["--one", kind, precision], capture_output=True, text=True, check=True)
+            results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        for kind in ("hf", "muvla"):
+            r = results[kind]
+            masked = r["masked"] if kind == "muvla" else args.tokens + args.regions  # HF scores every position
+            regions_masked = r["regions_masked"] if kind == "muvla" else 0
+            flops = 3 * flops_per_sample(args.layers, args.hidden, 4 * args.hidden, args.tokens + args.regions, 30522,
+                                         masked, regions_masked, 2048)
+            ratio = r["samples_per_s"] / results["hf"]["samples_per_s"]
+            print(f"{precision:>9} {kind:>6} {r['step_s']:>8.2f} {r['samples_per_s']:>10.2f} {ratio:>5.2f}x "
+                  f"{r['peak_rss_mib']:>13.0f} {flops / 1e9:>13.1f} {flops * r['samples_per_s'] / 1e9:>8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
 
+from mmf_multilevel.models.common import bert_config_from, model_config_path
+from mmf_multilevel.models.common import config_get as _get
 from mmf_multilevel.modules.heads import (
     ITMHead,
     MLMHead,
@@ -55,7 +57,6 @@ from mmf_multilevel.modules.heads import (
     VQAHead,
     bert_pretraining_head_state,
     itm_loss,
-    mlm_loss,
     region_classification_loss,
     region_feature_regression_loss,
 )
@@ -89,13 +90,6 @@ MRM_NORMALIZATIONS = ("masked", "official")
 ITM_WEIGHTINGS = ("per_pair", "batch_mean", "off")
 #: the official code's MRM scale (≈ 1 / 0.15, LXMERT's)
 OFFICIAL_MRM_SCALE = 6.67
-
-BERT_CONFIG_KEYS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-    "initializer_range", "layer_norm_eps",
-)
-
 
 # ====================================================================================== network
 class MuVLANetwork(nn.Module):
@@ -463,16 +457,6 @@ def pretraining_losses(
 
 
 # ====================================================================================== MMF adapter
-def bert_config_from(config) -> BertConfig:
-    """A ``BertConfig`` from the BERT fields of ``model_config.muvla`` (random initialisation)."""
-    return BertConfig(**{key: config[key] for key in BERT_CONFIG_KEYS if config.get(key) is not None})
-
-
-def _get(config, key, default=None):
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
-
-
 try:  # MMF is optional for the plain network above
     from mmf.common.registry import registry
     from mmf.models.base_model import BaseModel
@@ -497,7 +481,7 @@ class MuVLA(BaseModel):
 
     @classmethod
     def config_path(cls):
-        return os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models", "muvla", "defaults.yaml")
+        return model_config_path("muvla")
 
     # ------------------------------------------------------------------ build
     def build(self):

@@ -35,7 +35,6 @@ The registered MMF model ``semvlp`` (:class:`SemVLP`) turns a SampleList into te
 """
 import argparse
 import math
-import os
 import random
 from fractions import Fraction
 from typing import Dict, Iterable, List, Optional
@@ -45,6 +44,8 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertAttention
 
+from mmf_multilevel.models.common import bert_config_from, model_config_path
+from mmf_multilevel.models.common import config_get as _get
 from mmf_multilevel.modules.heads import (
     ITMHead,
     MLMHead,
@@ -79,13 +80,6 @@ SINGLE, TWO = "single", "two"
 MODES = (SINGLE, TWO)
 CROSS_LAYOUTS = ("upper", "all")
 BOX_DIM = 4  # (x1/W, y1/H, x2/W, y2/H)
-
-BERT_CONFIG_KEYS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-    "initializer_range", "layer_norm_eps",
-)
-
 
 def _check_mode(mode: str, key: str = "mode") -> str:
     if mode not in MODES:
@@ -441,17 +435,6 @@ class ModeSchedule:
 
 
 # ================================================================================== MMF adapter
-def bert_config_from(config) -> BertConfig:
-    """A ``BertConfig`` from the BERT fields of ``model_config.semvlp`` (random initialisation)."""
-    values = {key: config[key] for key in BERT_CONFIG_KEYS if config.get(key) is not None}
-    return BertConfig(**values)
-
-
-def _get(config, key, default=None):
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
-
-
 try:  # the plain networks above work without MMF; the adapter below needs it
     from mmf.common.registry import registry
     from mmf.models.base_model import BaseModel
@@ -480,7 +463,7 @@ class SemVLP(BaseModel):
 
     @classmethod
     def config_path(cls):
-        return os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models", "semvlp", "defaults.yaml")
+        return model_config_path("semvlp")
 
     # ------------------------------------------------------------------ build
     def build(self):

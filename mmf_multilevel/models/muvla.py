@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
 
-from mmf_multilevel.models.common import bert_config_from, model_config_path
+from mmf_multilevel.models.common import head_type_of, model_config_path, text_encoder_from
 from mmf_multilevel.models.common import config_get as _get
 from mmf_multilevel.modules.heads import (
     ITMHead,
@@ -486,12 +486,9 @@ class MuVLA(BaseModel):
     # ------------------------------------------------------------------ build
     def build(self):
         config = self.config
-        self.head_type = str(_get(config, "training_head_type", "pretraining"))
-        if self.head_type not in HEAD_TYPES:
-            raise ValueError(f"model_config.muvla.training_head_type must be one of {list(HEAD_TYPES)}, got {self.head_type!r}")
+        self.head_type = head_type_of(config, "muvla", HEAD_TYPES)
         name = config.get("bert_model_name")
-        overrides = {k: config[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if config.get(k) is not None}
-        text = BertTextEncoder.from_name(str(name), **overrides) if name else BertTextEncoder.from_config(bert_config_from(config))
+        text = text_encoder_from(config)
         self.backbone = MuVLANetwork(text, int(_get(config, "feature_dim", 2048)),
                                      str(_get(config, "embedding_style", "paper")))
         checkpoint = config.get("visual_bert_checkpoint")

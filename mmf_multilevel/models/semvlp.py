@@ -44,7 +44,7 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertAttention
 
-from mmf_multilevel.models.common import bert_config_from, model_config_path
+from mmf_multilevel.models.common import bert_config_from, head_type_of, model_config_path, text_encoder_from
 from mmf_multilevel.models.common import config_get as _get
 from mmf_multilevel.modules.heads import (
     ITMHead,
@@ -53,6 +53,7 @@ from mmf_multilevel.modules.heads import (
     RegionFeatureRegressionHead,
     VQAHead,
     bert_pretraining_head_state,
+    init_bert_weights,
     itm_loss,
     mlm_loss,
     region_classification_loss,
@@ -85,17 +86,6 @@ def _check_mode(mode: str, key: str = "mode") -> str:
     if mode not in MODES:
         raise ValueError(f"{key} must be one of {list(MODES)}, got {mode!r}")
     return mode
-
-
-def _init_bert_weights(module: nn.Module, std: float) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # ================================================================================== the network
@@ -144,7 +134,7 @@ class SemVLPNetwork(nn.Module):
         # key = 0-based block index; BertAttention fed encoder_hidden_states = multi-head cross-attention
         # with its own output dense + residual + LayerNorm (LXMERT's cross-attention layer)
         self.cross_attention = nn.ModuleDict({str(i): BertAttention(config) for i in range(first, num_layers)})
-        _init_bert_weights(self.cross_attention, config.initializer_range)
+        init_bert_weights(self.cross_attention, config.initializer_range)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -468,16 +458,10 @@ class SemVLP(BaseModel):
     # ------------------------------------------------------------------ build
     def build(self):
         config = self.config
-        self.head_type = str(_get(config, "training_head_type", "pretraining"))
-        if self.head_type not in HEAD_TYPES:
-            raise ValueError(f"model_config.semvlp.training_head_type must be one of {list(HEAD_TYPES)}, got {self.head_type!r}")
+        self.head_type = head_type_of(config, "semvlp", HEAD_TYPES)
         self.mode = _check_mode(str(_get(config, "mode", SINGLE)), "model_config.semvlp.mode")
         name = config.get("bert_model_name")
-        overrides = {k: config[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if config.get(k) is not None}
-        if name:
-            text = BertTextEncoder.from_name(str(name), **overrides)
-        else:
-            text = BertTextEncoder.from_config(bert_config_from(config))
+        text = text_encoder_from(config)
         self.semvlp = SemVLPNetwork(
             text,
             feature_dim=int(_get(config, "feature_dim", 2048)),

@@ -37,7 +37,8 @@ def _transform(hidden_size: int, hidden_act: str, layer_norm_eps: float) -> Bert
     return BertPredictionHeadTransform(config)
 
 
-def _init_bert(module: nn.Module, std: float) -> None:
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation of the Linear and LayerNorm layers in ``module``: N(0, std) weights, zero biases."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
@@ -94,7 +95,7 @@ class MLMHead(nn.Module):
         self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         self.tied = False
-        _init_bert(self, initializer_range)
+        init_bert_weights(self, initializer_range)
 
     @classmethod
     def from_config(cls, config: BertConfig) -> "MLMHead":
@@ -147,7 +148,7 @@ class ITMHead(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
-        _init_bert(self, initializer_range)
+        init_bert_weights(self, initializer_range)
 
     def load_nsp_state_dict(
         self, state: Mapping[str, torch.Tensor], prefix: str = "cls.seq_relationship.", swap: bool = False
@@ -192,7 +193,7 @@ class VQAHead(nn.Module):
         self.activation = nn.GELU()
         self.LayerNorm = nn.LayerNorm(inner, eps=layer_norm_eps)
         self.classifier = nn.Linear(inner, num_answers)
-        _init_bert(self, initializer_range)
+        init_bert_weights(self, initializer_range)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.LayerNorm(self.activation(self.dense(self.dropout(pooled)))))
@@ -204,7 +205,7 @@ class _RegionHead(nn.Module):
         super().__init__()
         self.transform = _transform(hidden_size, hidden_act, layer_norm_eps) if transform else nn.Identity()
         self.decoder = nn.Linear(hidden_size, out_dim)
-        _init_bert(self, initializer_range)
+        init_bert_weights(self, initializer_range)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(hidden_states))

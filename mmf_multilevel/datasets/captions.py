@@ -30,12 +30,21 @@ def _check_caption(record):
     return None
 
 
-class CaptionDataset(RegionTextDataset):
-    required_fields = ("image_id", "caption")
+class CaptionSamples:
+    """The text side of a caption corpus, shared by the region and the raw-image datasets.
 
-    def __init__(self, dataset_name, config, dataset_type, index=0):
-        super().__init__(dataset_name, config, dataset_type, index)
+    ``validate_record`` checks the caption; ``add_caption(record, sample, view)`` MLM-masks it through
+    the ``text_processor`` - replaced, with probability ``itm_probability``, by a caption of another
+    image (``is_correct = 0``) - after ``view`` (the raw-image datasets swap left/right there when
+    the image was flipped); with ``itm_targets`` it also sets ``targets = is_correct`` for MMF's
+    losses and metrics.
+    """
+
+    image_field = "image_id"
+
+    def init_captions(self, config):
         self.itm_probability = float(config.get("itm_probability") or 0.0)
+        self.itm_targets = bool(config.get("itm_targets", False))
 
     def validate_record(self, record):
         return _check_caption(record)
@@ -45,26 +54,41 @@ class CaptionDataset(RegionTextDataset):
             return None
         for _ in range(10):
             other = self.records[random.randrange(len(self.records))]
-            if str(other["image_id"]) != image_id:
+            if str(other[self.image_field]) != image_id:
                 return other["caption"]
         return None
 
-    def build_sample(self, record, sample):
+    def add_caption(self, record, sample, view=None):
+        import torch
+
         caption, is_correct = record["caption"], 1
         if self.itm_probability > 0 and random.random() < self.itm_probability:
-            other = self._mismatched_caption(str(record["image_id"]))
+            other = self._mismatched_caption(str(record[self.image_field]))
             if other is not None:
                 caption, is_correct = other, 0
+        if view is not None:
+            caption = view(caption)
         processed = self.text_processor({"text_a": caption, "text": caption, "is_correct": is_correct})
         processed.pop("tokens", None)
         processed.pop("text", None)
         sample.update(processed)
         if "is_correct" not in sample:
-            import torch
-
             sample.is_correct = torch.tensor(is_correct)
+        if self.itm_targets:  # MMF's losses and metrics read `targets`: image-text matching as 2-way classification
+            sample.targets = torch.as_tensor(sample.is_correct).long()
         sample.caption = caption
         return sample
+
+
+class CaptionDataset(CaptionSamples, RegionTextDataset):
+    required_fields = ("image_id", "caption")
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        super().__init__(dataset_name, config, dataset_type, index)
+        self.init_captions(config)
+
+    def build_sample(self, record, sample):
+        return self.add_caption(record, sample, self.view_text)
 
 
 class CaptionBuilder(BaseDatasetBuilder):

@@ -10,7 +10,6 @@ processors at one shared vocabulary file and train on ``datasets=vqa2,gqa,vgqa``
 the datasets in proportion to their size); every dataset's targets then index the same
 classifier outputs.
 """
-import torch
 from mmf.common.registry import registry
 
 from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, tokenize

@@ -23,7 +23,6 @@ import os
 
 from mmf.common.registry import registry
 
-from mmf_multilevel.datasets.base import CONFIG_DIR, RegionTaskBuilder, resolve
 from mmf_multilevel.datasets.gqa import GQABuilder, VGQABuilder
 from mmf_multilevel.datasets.images import RawImageMixin
 from mmf_multilevel.datasets.nlvr2 import NLVR2Builder

@@ -72,7 +72,6 @@ import argparse
 import io
 import json
 import os
-import random
 import sys
 import warnings
 import zipfile
@@ -83,6 +82,8 @@ import torch
 from mmf.common.registry import registry
 from mmf.common.sample import Sample, SampleList
 from mmf.datasets.base_dataset import BaseDataset
+
+from mmf_multilevel.datasets.captions import CaptionSamples
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 HEADER_KEY = b"__mmf_multilevel_images__"
@@ -816,47 +817,17 @@ class ImageTextDataset(RawImageMixin, BaseDataset):
         raise NotImplementedError
 
 
-class ImageCaptionDataset(ImageTextDataset):
+class ImageCaptionDataset(CaptionSamples, ImageTextDataset):
     """Image-caption corpus on raw pixels: ``image`` + the MLM/ITM text fields of ``CaptionDataset``."""
 
     required_fields = ("image_id", "caption")
 
     def __init__(self, dataset_name, config, dataset_type, index=0):
         super().__init__(dataset_name, config, dataset_type, index)
-        self.itm_probability = float(config.get("itm_probability") or 0.0)
-        self.itm_targets = bool(config.get("itm_targets", False))
-
-    def validate_record(self, record):
-        from mmf_multilevel.datasets.captions import _check_caption
-
-        return _check_caption(record)
-
-    def _mismatched_caption(self, image_id):
-        if len(self.records) < 2:
-            return None
-        for _ in range(10):
-            other = self.records[random.randrange(len(self.records))]
-            if str(other[self.image_field]) != image_id:
-                return other["caption"]
-        return None
+        self.init_captions(config)
 
     def build_sample(self, record, sample, flipped):
-        caption, is_correct = record["caption"], 1
-        if self.itm_probability > 0 and random.random() < self.itm_probability:
-            other = self._mismatched_caption(sample.image_id)
-            if other is not None:
-                caption, is_correct = other, 0
-        caption = self.text_for_image(caption, flipped)
-        processed = self.text_processor({"text_a": caption, "text": caption, "is_correct": is_correct})
-        processed.pop("tokens", None)
-        processed.pop("text", None)
-        sample.update(processed)
-        if "is_correct" not in sample:
-            sample.is_correct = torch.tensor(is_correct)
-        if self.itm_targets:  # MMF's losses and metrics read `targets`: image-text matching as 2-way classification
-            sample.targets = torch.as_tensor(sample.is_correct).long()
-        sample.caption = caption
-        return sample
+        return self.add_caption(record, sample, lambda caption: self.text_for_image(caption, flipped))
 
 
 def collate_images(samples, dataset_name=None, dataset_type=None, fields=None, size_divisor=1):

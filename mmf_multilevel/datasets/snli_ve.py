@@ -7,7 +7,6 @@ index in that order (three-way classification, ``accuracy`` on val / test).
 """
 import torch
 from mmf.common.registry import registry
-from mmf.common.sample import Sample
 
 from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, tokenize
 

@@ -18,10 +18,10 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import time
+
+from training_bench import median_step_seconds, peak_rss_mib, run_isolated
 
 
 def flops_per_sample(layers, hidden, intermediate, length, vocab, masked, regions_masked, feature_dim):
@@ -71,10 +71,8 @@ def run_one(kind, precision, args):
             out = network(input_ids, text_mask, features, boxes, region_mask)
             sel = labels != -100
             mlm = F.cross_entropy(heads.mlm(out["text"][sel]).float(), labels[sel])
-            masked = region_sel.unsqueeze(-1)
             mrfr = F.mse_loss(heads.mrfr(out["regions"][region_sel]).float(), features[region_sel])
             itm = F.cross_entropy(heads.itm(out["pooled"]).float(), itm_labels)
-            del masked
             return mlm + mrfr + itm
     else:
         from transformers import VisualBertConfig, VisualBertForPreTraining
@@ -92,24 +90,11 @@ def run_one(kind, precision, args):
                         labels=full_labels, sentence_image_labels=itm_labels)
             return out.loss
 
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    times = []
-    for step in range(args.steps + 1):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step:  # the first step (allocation, warm-up) is not timed
-            times.append(time.perf_counter() - start)
-    times.sort()
-    step_time = times[len(times) // 2]
+    step_time = median_step_seconds(model, loss_fn, args.steps, precision)
     return {"kind": kind, "precision": precision, "step_s": step_time, "samples_per_s": B / step_time,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": peak_rss_mib(),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "masked": int(chosen.sum()) / B,
-            "regions_masked": int(region_sel.sum()) / B, "loss": float(loss)}
+            "regions_masked": int(region_sel.sum()) / B}
 
 
 def main():
@@ -130,15 +115,14 @@ def main():
 
     print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
           f"batch {args.batch} x ({args.tokens} tokens + {args.regions} regions), {args.layers} layers, hidden {args.hidden}")
-    base = [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--batch", str(args.batch), "--tokens",
-            str(args.tokens), "--regions", str(args.regions), "--layers", str(args.layers), "--hidden", str(args.hidden)]
+    options = ["--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens), "--regions",
+               str(args.regions), "--layers", str(args.layers), "--hidden", str(args.hidden)]
     print(f"{'precision':>9} {'model':>6} {'step s':>8} {'samples/s':>10} {'vs hf':>6} {'peak RSS MiB':>13} "
           f"{'GFLOP/sample':>13} {'GFLOP/s':>8}")
     for precision in args.precisions.split(","):
         results = {}
         for kind in ("hf", "muvla"):
-            out = subprocess.run(base + ["--one", kind, precision], capture_output=True, text=True, check=True)
-            results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[kind] = run_isolated(os.path.abspath(__file__), options, kind, precision)
         for kind in ("hf", "muvla"):
             r = results[kind]
             masked = r["masked"] if kind == "muvla" else args.tokens + args.regions  # HF scores every position

@@ -20,10 +20,10 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import time
+
+from training_bench import median_step_seconds, peak_rss_mib, run_isolated
 
 H, I, V, D = 768, 3072, 30522, 2048
 
@@ -98,22 +98,9 @@ def run_one(kind, precision, args):
             out = model(input_ids=input_ids, visual_feats=inputs, visual_pos=boxes, attention_mask=text_mask,
                         labels=labels, obj_labels=obj_targets, matched_label=matched)
             return out.loss
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    times = []
-    for step in range(args.steps + 1):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    step_time = times[len(times) // 2]
+    step_time = median_step_seconds(model, loss_fn, args.steps, precision)
     return {"samples_per_s": B / step_time, "step_s": step_time, "masked_t": int(chosen.sum()) / B,
-            "masked_o": int(obj_sel.sum()) / B, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "masked_o": int(obj_sel.sum()) / B, "peak_rss_mib": peak_rss_mib()}
 
 
 def main():
@@ -134,13 +121,12 @@ def main():
           f"batch {args.batch} x ({args.tokens} tokens + {args.objects} objects)")
     print(f"{'precision':>9} {'model':>14} {'step s':>7} {'samples/s':>10} {'GFLOP/sample':>13} {'GFLOP/s':>8} "
           f"{'FLOP/s vs lxmert':>17} {'peak RSS MiB':>13}")
-    base = [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--batch", str(args.batch),
-            "--tokens", str(args.tokens), "--objects", str(args.objects)]
+    options = ["--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens),
+               "--objects", str(args.objects)]
     for precision in args.precisions.split(","):
         rows = {}
         for kind in ("lxmert", "semvlp-single", "semvlp-two"):
-            out = subprocess.run(base + ["--one", kind, precision], capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = run_isolated(os.path.abspath(__file__), options, kind, precision)
             if kind == "lxmert":
                 flops = lxmert_flops(args.tokens, args.objects, r["masked_t"], r["masked_o"])
             else:

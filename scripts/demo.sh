@@ -3,7 +3,7 @@
 # SemVLP (single-/two-stream mini-batches 50/50: MLM, masked objects, ITM, image QA), fine-tune it
 # with `mmf_run config=projects/semvlp/demo/vqa.yaml` and print the official VQA accuracy.
 #   bash scripts/demo.sh
-#   DATA=/tmp/data SAVE=/tmp/save bash scripts/demo.sh training.bf16=True   # extra args go to both runs
+#   DATA=../shared_data SAVE=../runs bash scripts/demo.sh training.bf16=True   # extra args go to both runs
 # MMF's VisualBERT on the same data, for comparison: bash projects/visual_bert/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,7 +3,7 @@
 # masked objects, ITM; VQA questions: image QA; single-/two-stream mini-batches 50/50), fine-tune it on
 # VQA with `mmf_run config=projects/semvlp/demo/vqa.yaml` and print the official VQA accuracy.
 #   bash projects/semvlp/demo.sh
-#   DATA=/tmp/data SAVE=/tmp/save NUM_IMAGES=400 bash projects/semvlp/demo.sh training.max_updates=50
+#   DATA=../shared_data SAVE=../runs NUM_IMAGES=400 bash projects/semvlp/demo.sh training.max_updates=50
 # Extra arguments go to both mmf_run calls.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

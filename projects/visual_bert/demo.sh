@@ -3,7 +3,7 @@
 # captions, VQA questions with 10 human answers), pre-train a tiny VisualBERT on the captions
 # (masked LM), fine-tune it on VQA and print the official VQA accuracy on the demo's val split.
 #   bash projects/visual_bert/demo.sh          # installs into .venv first if needed
-#   DATA=/tmp/data SAVE=/tmp/save bash projects/visual_bert/demo.sh training.bf16=True   # extra args go to both runs
+#   DATA=../shared_data SAVE=../runs bash projects/visual_bert/demo.sh training.bf16=True   # extra args go to both runs
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv}

@@ -12,7 +12,7 @@ Each configuration runs in its own process (peak RSS is then that configuration'
 under bf16 autocast. Printed: median step time, samples/s, peak RSS, the ratio to HF, and the
 analytic model FLOPs per sample (forward + backward = 3 x forward) and the achieved FLOP/s.
 
-    python benchmarks/bench_muvla.py [--steps 3] [--batch 8] [--layers 12]
+    python benchmarks/bench_muvla.py [--steps 4] [--rounds 2] [--batch 8] [--layers 12]
 """
 import argparse
 import json
@@ -21,7 +21,7 @@ import platform
 import sys
 import time
 
-from training_bench import median_step_seconds, peak_rss_mib, run_isolated
+from training_bench import WARMUP_STEPS, peak_rss_mib, run_rounds, step_seconds
 
 
 def flops_per_sample(layers, hidden, intermediate, length, vocab, masked, regions_masked, feature_dim):
@@ -90,8 +90,7 @@ def run_one(kind, precision, args):
                         labels=full_labels, sentence_image_labels=itm_labels)
             return out.loss
 
-    step_time = median_step_seconds(model, loss_fn, args.steps, precision)
-    return {"kind": kind, "precision": precision, "step_s": step_time, "samples_per_s": B / step_time,
+    return {"kind": kind, "precision": precision, "step_times": step_seconds(model, loss_fn, args.steps, precision),
             "peak_rss_mib": peak_rss_mib(),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "masked": int(chosen.sum()) / B,
             "regions_masked": int(region_sel.sum()) / B}
@@ -99,7 +98,8 @@ def run_one(kind, precision, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=4, help=f"timed steps per run (after {WARMUP_STEPS} untimed ones)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each configuration, alternating; their steps are pooled")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tokens", type=int, default=60)
     p.add_argument("--regions", type=int, default=100)
@@ -120,9 +120,9 @@ def main():
     print(f"{'precision':>9} {'model':>6} {'step s':>8} {'samples/s':>10} {'vs hf':>6} {'peak RSS MiB':>13} "
           f"{'GFLOP/sample':>13} {'GFLOP/s':>8}")
     for precision in args.precisions.split(","):
-        results = {}
-        for kind in ("hf", "muvla"):
-            results[kind] = run_isolated(os.path.abspath(__file__), options, kind, precision)
+        results = run_rounds(os.path.abspath(__file__), options, ("hf", "muvla"), precision, args.rounds)
+        for r in results.values():
+            r["samples_per_s"] = args.batch / r["step_s"]
         for kind in ("hf", "muvla"):
             r = results[kind]
             masked = r["masked"] if kind == "muvla" else args.tokens + args.regions  # HF scores every position

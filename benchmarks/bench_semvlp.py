@@ -14,7 +14,7 @@ The two models do different amounts of work per sample, so besides samples/s the
 is the achieved FLOP/s (analytic FLOPs per sample x samples/s). Each configuration runs in its own
 process (peak RSS is its own), in fp32 and under bf16 autocast.
 
-    python benchmarks/bench_semvlp.py [--steps 3] [--batch 8]
+    python benchmarks/bench_semvlp.py [--steps 4] [--rounds 2] [--batch 8]
 """
 import argparse
 import json
@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 
-from training_bench import median_step_seconds, peak_rss_mib, run_isolated
+from training_bench import WARMUP_STEPS, peak_rss_mib, run_rounds, step_seconds
 
 H, I, V, D = 768, 3072, 30522, 2048
 
@@ -98,14 +98,14 @@ def run_one(kind, precision, args):
             out = model(input_ids=input_ids, visual_feats=inputs, visual_pos=boxes, attention_mask=text_mask,
                         labels=labels, obj_labels=obj_targets, matched_label=matched)
             return out.loss
-    step_time = median_step_seconds(model, loss_fn, args.steps, precision)
-    return {"samples_per_s": B / step_time, "step_s": step_time, "masked_t": int(chosen.sum()) / B,
+    return {"step_times": step_seconds(model, loss_fn, args.steps, precision), "masked_t": int(chosen.sum()) / B,
             "masked_o": int(obj_sel.sum()) / B, "peak_rss_mib": peak_rss_mib()}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help=f"timed steps per run (after {WARMUP_STEPS} untimed ones)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each configuration, alternating; their steps are pooled")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tokens", type=int, default=20)
     p.add_argument("--objects", type=int, default=100)
@@ -124,16 +124,16 @@ def main():
     options = ["--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens),
                "--objects", str(args.objects)]
     for precision in args.precisions.split(","):
-        rows = {}
-        for kind in ("lxmert", "semvlp-single", "semvlp-two"):
-            r = run_isolated(os.path.abspath(__file__), options, kind, precision)
+        rows = run_rounds(os.path.abspath(__file__), options, ("lxmert", "semvlp-single", "semvlp-two"), precision,
+                          args.rounds)
+        for kind, r in rows.items():
+            r["samples_per_s"] = args.batch / r["step_s"]
             if kind == "lxmert":
                 flops = lxmert_flops(args.tokens, args.objects, r["masked_t"], r["masked_o"])
             else:
                 flops = semvlp_flops(kind.split("-")[1], args.tokens, args.objects, r["masked_t"], r["masked_o"])
             r["gflop"] = flops / 1e9
             r["gflops"] = flops * r["samples_per_s"] / 1e9
-            rows[kind] = r
         for kind, r in rows.items():
             print(f"{precision:>9} {kind:>14} {r['step_s']:>7.2f} {r['samples_per_s']:>10.2f} {r['gflop']:>13.1f} "
                   f"{r['gflops']:>8.1f} {r['gflops'] / rows['lxmert']['gflops']:>16.2f}x {r['peak_rss_mib']:>13.0f}")

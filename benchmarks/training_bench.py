@@ -1,30 +1,37 @@
-"""What the training-step benchmarks share (bench_muvla.py, bench_semvlp.py): timing one
-forward + backward + AdamW step, peak memory, and running each configuration in its own process."""
+"""What the training-step benchmarks share (bench_muvla.py, bench_semvlp.py): timing forward +
+backward + AdamW steps, peak memory, and running each configuration in its own process, in
+alternating rounds so that a change in the machine's load falls on every configuration alike."""
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
+WARMUP_STEPS = 2  # untimed: allocation, thread pools, the optimizer's state
 
-def median_step_seconds(model, loss_fn, steps, precision):
-    """Median time of ``steps`` training steps after one untimed warm-up step; bf16 = CPU autocast."""
+
+def step_seconds(model, loss_fn, steps, precision):
+    """Times of ``steps`` training steps after ``WARMUP_STEPS`` untimed ones; bf16 = CPU autocast.
+
+    The optimizer is torch's fused AdamW for every model: what HF's Trainer uses by default with
+    torch >= 2.8 and what the ``mmf_multilevel`` trainer builds from MMF's ``adam_w``.
+    """
     import torch
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     times = []
-    for step in range(steps + 1):
+    for step in range(steps + WARMUP_STEPS):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step:  # the first step (allocation, warm-up) is not timed
+        if step >= WARMUP_STEPS:
             times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+    return times
 
 
 def peak_rss_mib():
@@ -35,3 +42,20 @@ def run_isolated(script, options, kind, precision):
     """``script --one KIND PRECISION`` in a fresh process (its peak RSS is its own); its JSON result."""
     out = subprocess.run([sys.executable, script, *options, "--one", kind, precision], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_rounds(script, options, kinds, precision, rounds):
+    """Each of ``kinds`` run ``rounds`` times in turn (k1 k2 k1 k2 ...), one process per run. Per kind:
+    the last run's fields, ``step_times`` of every round pooled, ``step_s`` their median and
+    ``peak_rss_mib`` the largest of the runs."""
+    pooled = {}
+    for _ in range(rounds):
+        for kind in kinds:
+            r = run_isolated(script, options, kind, precision)
+            if kind in pooled:
+                r["step_times"] = pooled[kind]["step_times"] + r["step_times"]
+                r["peak_rss_mib"] = max(r["peak_rss_mib"], pooled[kind]["peak_rss_mib"])
+            pooled[kind] = r
+    for r in pooled.values():
+        r["step_s"] = statistics.median(r["step_times"])
+    return pooled

@@ -37,6 +37,7 @@ def test_single_process_train_val_writes_checkpoints_and_reports_metric(tmp_path
     result = mmf_run(f"env.save_dir={save}", "training.tensorboard=True")
     out = result.stdout + result.stderr
     assert "Finished run" in out
+    assert "Optimizer: AdamW (fused)" in out  # MMF's adam_w, rebuilt fused by the trainer
     accuracy = re.findall(r"val/synthetic_vl/accuracy: ([0-9.]+)", out)
     assert accuracy, out[-2000:]
     for name in ("current.ckpt", "best.ckpt", "visual_bert_final.pth", "models/model_12.ckpt", "config.yaml"):

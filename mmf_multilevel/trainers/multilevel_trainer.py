@@ -14,9 +14,13 @@ early stopping, evaluation and checkpoint format, and adds:
 * exact resume: ``checkpoint.resume=True`` restores model, optimizer, scheduler,
   scaler, every rank's RNG states and the position in the epoch's data order, then
   continues as if never stopped; atomic checkpoint writes;
+* fused Adam/AdamW: the optimizer MMF builds is rebuilt with ``fused=True`` (one kernel per
+  parameter tensor instead of a Python loop over them; torch's own default on CPU is the loop)
+  unless ``optimizer.params`` names ``fused`` or ``foreach`` itself;
 * a tqdm progress bar and TensorBoard scalars (losses, lr, samples/s).
 """
 import contextlib
+import inspect
 import math
 import os
 import time
@@ -48,6 +52,26 @@ from mmf_multilevel.trainers.data import (
     TrainBatchStream,
     make_loader,
 )
+
+
+_FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def fused_optimizer(optimizer, config):
+    """``optimizer`` rebuilt with ``fused=True`` when it is a plain torch Adam/AdamW whose params in
+    ``config.optimizer.params`` say nothing of ``fused``/``foreach`` and whose parameters all sit on
+    a device the fused kernel runs on (CPU, CUDA) and are floating point; else ``optimizer`` itself. Only called before
+    any step, so there is no state to carry over."""
+    params = config.optimizer.get("params", {}) or {}
+    if type(optimizer) not in _FUSABLE or "fused" in params or "foreach" in params:
+        return optimizer
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    if not tensors or any(p.device.type not in ("cpu", "cuda") or not p.is_floating_point() for p in tensors):
+        return optimizer
+    groups = [{k: v for k, v in group.items() if k not in ("fused", "foreach")} for group in optimizer.param_groups]
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in ("fused", "foreach", "params")}
+    return type(optimizer)(groups, **{**defaults, "fused": True, "foreach": None})
 
 
 def _collator(dataset):
@@ -137,6 +161,9 @@ class MultilevelTrainer(BaseTrainer):
     def load_extras(self):
         self.writer.write("Torch version is: " + torch.__version__)
         self.training_config = training = self.config.training
+        self.optimizer = fused_optimizer(self.optimizer, self.config)
+        self.writer.write(f"Optimizer: {type(self.optimizer).__name__}"
+                          f"{' (fused)' if self.optimizer.defaults.get('fused') else ''}")
         self.checkpoint = MultilevelCheckpoint(self)
         from mmf.common.meter import Meter
 

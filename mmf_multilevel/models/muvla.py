@@ -541,6 +541,27 @@ class MuVLA(BaseModel):
             self.classifier = NLVR2PairedHead(hidden, 2, dropout=bert.hidden_dropout_prob, layer_norm_eps=bert.layer_norm_eps)
         else:
             self.classifier = RegionScoringHead(hidden, bert.layer_norm_eps)
+        released = config.get("released_checkpoint")
+        if released:
+            self._load_released(str(released))
+
+    def _load_released(self, path: str) -> None:
+        """The official μ-VLA (UVLP) checkpoint at ``path``: backbone, plus the pre-training heads when
+        this model has them (see :mod:`mmf_multilevel.zoo.converters`)."""
+        from mmf_multilevel.zoo.converters import convert_uvlp_state, load_converted, read_state
+
+        if self.backbone.embedding_style != "released":
+            raise ValueError("model_config.muvla.released_checkpoint needs embedding_style: released (the official "
+                             f"code's embedding), got {self.backbone.embedding_style!r}")
+        converted, _ = convert_uvlp_state(read_state(path))
+        if self.head_type != "pretraining":
+            converted = {k: v for k, v in converted.items() if not k.startswith("heads.")}
+        elif self.heads.mrc is None:  # num_tags: 0 builds no region-class head
+            converted = {k: v for k, v in converted.items() if not k.startswith("heads.mrc.")}
+        left = load_converted(self, converted, f"model_config.muvla.released_checkpoint={path}")
+        missing = [k for k in left if k.startswith("backbone.") and not k.endswith(("position_ids", "token_type_ids"))]
+        if missing:
+            raise KeyError(f"{path} lacks backbone entries {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
     # ------------------------------------------------------------------ inputs
     def _regions(self, features, info):

@@ -169,6 +169,10 @@ def test_cli_writes_a_weights_only_checkpoint_and_refuses_other_layouts(tmp_path
     written = torch.load(output, weights_only=True)["model"]
     assert written.keys() == C.convert_uvlp_state(state)[0].keys()
     assert not list(tmp_path.glob("*.tmp-*"))
+    # the converted file is what released_checkpoint also takes (weights only, no second conversion)
+    direct, converted = build(source), build(output)
+    for key, value in direct.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
     torch.save({"model": {"encoder.weight": torch.zeros(1)}}, source)
     assert C.main(["uvlp", str(source), str(tmp_path / "other.pth")]) == 2
     assert "not a UVLP" in capsys.readouterr().err and not (tmp_path / "other.pth").exists()

@@ -546,14 +546,18 @@ class MuVLA(BaseModel):
             self._load_released(str(released))
 
     def _load_released(self, path: str) -> None:
-        """The official μ-VLA (UVLP) checkpoint at ``path``: backbone, plus the pre-training heads when
-        this model has them (see :mod:`mmf_multilevel.zoo.converters`)."""
+        """The official μ-VLA (UVLP) checkpoint at ``path``, or its weights-only conversion: backbone,
+        plus the pre-training heads when this model has them (see :mod:`mmf_multilevel.zoo.converters`)."""
         from mmf_multilevel.zoo.converters import convert_uvlp_state, load_converted, read_state
 
         if self.backbone.embedding_style != "released":
             raise ValueError("model_config.muvla.released_checkpoint needs embedding_style: released (the official "
                              f"code's embedding), got {self.backbone.embedding_style!r}")
-        converted, _ = convert_uvlp_state(read_state(path))
+        state = read_state(path)
+        if any(k.startswith("backbone.") for k in state):  # already converted (python -m mmf_multilevel.zoo.converters)
+            converted = state
+        else:
+            converted, _ = convert_uvlp_state(state)
         if self.head_type != "pretraining":
             converted = {k: v for k, v in converted.items() if not k.startswith("heads.")}
         elif self.heads.mrc is None:  # num_tags: 0 builds no region-class head

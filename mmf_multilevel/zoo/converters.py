@@ -21,8 +21,9 @@ region-head transform is copied into both of our region heads (``mrc``, ``mrfr``
     python -m mmf_multilevel.zoo.converters uvlp OFFICIAL.ckpt OUT.pth [--allow-pickle]
 
 writes a weights-only MMF checkpoint (``{"model": state}``) of the ``muvla`` model, loadable with
-``checkpoint.resume_file=OUT.pth`` / ``checkpoint.resume_pretrained`` or publishable in a user zoo, and
-prints the keys it dropped (used by no ``muvla`` module) and the ones it could not fill.
+``model_config.muvla.released_checkpoint=OUT.pth`` (which takes the official file too), and
+prints the source keys it left out (used by no ``muvla`` module); loading reports any model key the
+file does not fill.
 """
 import argparse
 import os

@@ -46,6 +46,7 @@ from transformers.models.bert.modeling_bert import BertAttention
 
 from mmf_multilevel.models.common import bert_config_from, head_type_of, model_config_path, text_encoder_from
 from mmf_multilevel.models.common import config_get as _get
+from mmf_multilevel.modules.attention import use_fast_attention
 from mmf_multilevel.modules.heads import (
     ITMHead,
     MLMHead,
@@ -135,6 +136,7 @@ class SemVLPNetwork(nn.Module):
         # with its own output dense + residual + LayerNorm (LXMERT's cross-attention layer)
         self.cross_attention = nn.ModuleDict({str(i): BertAttention(config) for i in range(first, num_layers)})
         init_bert_weights(self.cross_attention, config.initializer_range)
+        use_fast_attention(self.cross_attention)
 
     # ------------------------------------------------------------------ structure
     @property

@@ -99,6 +99,9 @@ class BertTextEncoder(nn.Module):
         super().__init__()
         if not isinstance(bert, BertModel):
             raise TypeError(f"BertTextEncoder wraps a transformers.BertModel, got {type(bert).__name__}")
+        from mmf_multilevel.modules.attention import use_fast_attention
+
+        use_fast_attention(bert)  # same parameters and results; a faster training path on CPU
         self.bert = bert
 
     # ------------------------------------------------------------------ construction

@@ -1,0 +1,91 @@
+"""The faster BERT attention / dropout: the same function as HF's, checked against independent computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel
+
+from mmf_multilevel.modules.attention import FastBertSelfAttention, FastDropout, dropout, use_fast_attention
+from mmf_multilevel.modules.text import BertTextEncoder
+
+CONFIG = dict(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=40)
+
+
+def test_dropout_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    x = torch.rand(400_000) + 0.5
+    x.requires_grad_(True)
+    for p in (0.1, 0.5):
+        y = dropout(x, p)
+        dropped = (y == 0).float().mean().item()
+        assert abs(dropped - p) < 4 * math.sqrt(p * (1 - p) / x.numel())  # 4 sigma
+        kept = y != 0
+        torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(grad, kept.float() / (1 - p))
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        dropout(x, 1.0)
+
+
+def test_swapped_model_keeps_its_state_and_matches_hf_in_evaluation():
+    torch.manual_seed(1)
+    reference = BertModel(BertConfig(**CONFIG)).eval()
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    encoder = BertTextEncoder.from_config(BertConfig(**CONFIG))
+    encoder.bert.load_state_dict(state)
+    encoder.eval()
+    selves = [layer.attention.self for layer in encoder.layers]
+    assert all(type(s) is FastBertSelfAttention for s in selves)
+    assert all(type(m) is FastDropout for m in encoder.modules() if isinstance(m, torch.nn.Dropout))
+    assert encoder.bert.state_dict().keys() == state.keys()
+    ids = torch.randint(0, 80, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.bert(ids, attention_mask=mask).last_hidden_state,
+                                   reference(ids, attention_mask=mask).last_hidden_state, atol=1e-6, rtol=0)
+    assert use_fast_attention(encoder) == 0  # already swapped
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_training_path_equals_softmax_attention_with_the_drawn_mask(cross):
+    torch.manual_seed(2)
+    config = BertConfig(**CONFIG, attention_probs_dropout_prob=0.25)
+    attention = FastBertSelfAttention(config).train()
+    B, S, K, H = 2, 5, 7 if cross else 5, 32
+    hidden = torch.randn(B, S, H)
+    memory = torch.randn(B, K, H) if cross else None
+    keep = torch.ones(B, K)
+    keep[1, 3:] = 0
+    additive = (1.0 - keep)[:, None, None, :] * torch.finfo(torch.float32).min
+    torch.manual_seed(7)
+    out, _ = attention(hidden, attention_mask=additive, encoder_hidden_states=memory)
+    # independent: the keep mask is the first draw after seeding (the projections draw nothing)
+    torch.manual_seed(7)
+    draws = torch.empty(B, 4, S, K, dtype=torch.int32).random_(0, 2 ** 31)
+    mask = draws >= round(0.25 * 2 ** 31)
+    source = hidden if memory is None else memory
+
+    def heads(x):
+        return x.view(B, -1, 4, 8).transpose(1, 2)
+
+    q, k, v = heads(attention.query(hidden)), heads(attention.key(source)), heads(attention.value(source))
+    probs = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + additive, dim=-1)
+    expected = ((probs * mask / 0.75) @ v).transpose(1, 2).reshape(B, S, H)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    # with p = 0 (or in evaluation) the SDPA kernel gives HF's numbers
+    attention.eval()
+    with torch.no_grad():
+        plain = attention(hidden, attention_mask=additive, encoder_hidden_states=memory)[0]
+    torch.testing.assert_close(plain, (probs @ v).transpose(1, 2).reshape(B, S, H), atol=1e-6, rtol=0)
+
+
+def test_cases_it_does_not_cover_fall_back_to_hf():
+    torch.manual_seed(3)
+    attention = FastBertSelfAttention(BertConfig(**CONFIG, attn_implementation="eager")).eval()
+    hidden = torch.randn(2, 5, 32)
+    out = attention(hidden, output_attentions=True)
+    assert out[1] is not None and out[1].shape == (2, 4, 5, 5)  # HF's eager code returned the maps

@@ -98,7 +98,9 @@ def run_one(kind, precision, args):
             out = model(input_ids=input_ids, visual_feats=inputs, visual_pos=boxes, attention_mask=text_mask,
                         labels=labels, obj_labels=obj_targets, matched_label=matched)
             return out.loss
-    return {"step_times": step_seconds(model, loss_fn, args.steps, precision), "masked_t": int(chosen.sum()) / B,
+    measured = step_seconds(model, loss_fn, args.steps, precision, profile=args.profile)
+    times, split = measured if args.profile else (measured, {})
+    return {"step_times": times, **split, "masked_t": int(chosen.sum()) / B,
             "masked_o": int(obj_sel.sum()) / B, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -110,6 +112,8 @@ def main():
     p.add_argument("--tokens", type=int, default=20)
     p.add_argument("--objects", type=int, default=100)
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step per run: time in matrix products (GEMM) vs everything else")
     p.add_argument("--one", nargs=2, metavar=("KIND", "PRECISION"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -122,7 +126,7 @@ def main():
     print(f"{'precision':>9} {'model':>14} {'step s':>7} {'samples/s':>10} {'GFLOP/sample':>13} {'GFLOP/s':>8} "
           f"{'FLOP/s vs lxmert':>17} {'peak RSS MiB':>13}")
     options = ["--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens),
-               "--objects", str(args.objects)]
+               "--objects", str(args.objects)] + (["--profile"] if args.profile else [])
     for precision in args.precisions.split(","):
         rows = run_rounds(os.path.abspath(__file__), options, ("lxmert", "semvlp-single", "semvlp-two"), precision,
                           args.rounds)
@@ -136,7 +140,10 @@ def main():
             r["gflops"] = flops * r["samples_per_s"] / 1e9
         for kind, r in rows.items():
             print(f"{precision:>9} {kind:>14} {r['step_s']:>7.2f} {r['samples_per_s']:>10.2f} {r['gflop']:>13.1f} "
-                  f"{r['gflops']:>8.1f} {r['gflops'] / rows['lxmert']['gflops']:>16.2f}x {r['peak_rss_mib']:>13.0f}")
+                  f"{r['gflops']:>8.1f} {r['gflops'] / rows['lxmert']['gflops']:>16.2f}x {r['peak_rss_mib']:>13.0f}"
+                  + (f"  GEMM {r['gemm_s']:.2f} s of {r['ops_s']:.2f} s in operators "
+                     f"({r['gemm_s'] / r['ops_s']:.0%}), {r['gflop'] * args.batch / r['gemm_s']:.0f} GFLOP/s inside GEMMs"
+                     if args.profile else ""))
     return 0
 
 

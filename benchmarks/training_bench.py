@@ -9,29 +9,45 @@ import sys
 import time
 
 WARMUP_STEPS = 2  # untimed: allocation, thread pools, the optimizer's state
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def step_seconds(model, loss_fn, steps, precision):
+def step_seconds(model, loss_fn, steps, precision, profile=False):
     """Times of ``steps`` training steps after ``WARMUP_STEPS`` untimed ones; bf16 = CPU autocast.
 
     The optimizer is torch's fused AdamW for every model: what HF's Trainer uses by default with
     torch >= 2.8 and what the ``mmf_multilevel`` trainer builds from MMF's ``adam_w``.
+    With ``profile``, one more step runs under ``torch.profiler`` and the result is
+    ``(times, {"gemm_s": time in matrix products, "ops_s": time in all operators})``.
     """
     import torch
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    times = []
-    for step in range(steps + WARMUP_STEPS):
-        start = time.perf_counter()
+
+    def one_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for step in range(steps + WARMUP_STEPS):
+        start = time.perf_counter()
+        one_step()
         if step >= WARMUP_STEPS:
             times.append(time.perf_counter() - start)
-    return times
+    if not profile:
+        return times
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        one_step()
+    events = prof.key_averages()
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6
+    return times, {"gemm_s": gemm, "ops_s": sum(e.self_cpu_time_total for e in events) / 1e6}
 
 
 def peak_rss_mib():

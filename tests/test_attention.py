@@ -76,6 +76,9 @@ def test_training_path_equals_softmax_attention_with_the_drawn_mask(cross):
     probs = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + additive, dim=-1)
     expected = ((probs * mask / 0.75) @ v).transpose(1, 2).reshape(B, S, H)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    torch.manual_seed(7)  # a boolean mask (True = attend, SDPA's convention) means the same
+    as_bool = attention(hidden, attention_mask=keep.bool()[:, None, None, :], encoder_hidden_states=memory)[0]
+    torch.testing.assert_close(as_bool, expected, atol=1e-6, rtol=0)
     # with p = 0 (or in evaluation) the SDPA kernel gives HF's numbers
     attention.eval()
     with torch.no_grad():

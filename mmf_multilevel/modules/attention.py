@@ -79,7 +79,9 @@ class FastBertSelfAttention(BertSelfAttention):
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=p)
         else:
             scores = torch.matmul(query * (1.0 / math.sqrt(size)), key.transpose(-1, -2))
-            if attention_mask is not None:
+            if attention_mask is not None and attention_mask.dtype == torch.bool:  # SDPA's convention: True = attend
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            elif attention_mask is not None:
                 scores = scores + attention_mask
             context = torch.matmul(dropout(scores.softmax(dim=-1), p).to(value.dtype), value)
         return context.transpose(1, 2).reshape(batch, length, self.all_head_size), None

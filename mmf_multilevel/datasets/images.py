@@ -57,8 +57,10 @@ Datasets on raw images
 * ``text = self.text_for_image(text, flipped)`` swaps left/right when the image was flipped and
   ``swap_left_right`` is on;
 * ``self.get_with_replacement(index, build)`` wraps ``__getitem__`` for ``bad_images: replace``;
-* :func:`collate_images` batches images of different sizes (padding to the batch maximum) for a
-  loader that takes a ``collate_fn``; with MMF's own collator use ``pad_to`` (a fixed canvas).
+* :func:`collate_images` batches images of different sizes (padding to the batch maximum); the
+  ``mmf_multilevel`` trainer uses it for these datasets (``collate_fn``), so ``pad_to: null`` works
+  there; rc10's own trainer and tools collate with MMF's ``BatchCollator``, which needs ``pad_to`` (a
+  fixed canvas) when sizes differ.
 
 :class:`ImageTextDataset` = mixin + jsonl annotations (``read_jsonl``) + ``build_sample(record,
 sample, flipped)``, the raw-image twin of ``RegionTextDataset`` (samples carry ``id``, the record's
@@ -741,6 +743,12 @@ class RawImageMixin:
 
     def load_image(self, image_id):
         return self.image_source.get(str(image_id))
+
+    def collate_fn(self, samples):
+        """The batch collation the ``mmf_multilevel`` trainer uses for this dataset:
+        :func:`collate_images`, so images of different sizes (``pad_to: null``) batch by padding to
+        the batch's largest; equal sizes give MMF's ``BatchCollator`` batch."""
+        return collate_images(samples, getattr(self, "dataset_name", None), getattr(self, "dataset_type", None))
 
     def image_fields(self, image_id, sample, field="image"):
         """Decode + transform one image into ``sample[field]``; returns whether it was flipped."""

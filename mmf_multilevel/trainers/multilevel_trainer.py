@@ -11,6 +11,8 @@ early stopping, evaluation and checkpoint format, and adds:
 * gradient accumulation (``training.update_frequency``), gradient clipping
   (``training.clip_gradients`` + ``max_grad_l2_norm``) on unscaled gradients;
 * ``training.batch_size_per_device``;
+* a dataset's own ``collate_fn`` when it has one (raw images of different sizes), else MMF's
+  ``BatchCollator``;
 * exact resume: ``checkpoint.resume=True`` restores model, optimizer, scheduler,
   scaler, every rank's RNG states and the position in the epoch's data order, then
   continues as if never stopped; atomic checkpoint writes;
@@ -75,6 +77,11 @@ def fused_optimizer(optimizer, config):
 
 
 def _collator(dataset):
+    """The dataset's own ``collate_fn`` when it has one (e.g. raw images of different sizes), else
+    MMF's ``BatchCollator``."""
+    own = getattr(dataset, "collate_fn", None)
+    if callable(own):
+        return own
     from mmf.common.batch_collator import BatchCollator
 
     return BatchCollator(dataset.dataset_name, dataset.dataset_type)

@@ -10,9 +10,10 @@ import mmf  # noqa: F401  (applies the compatibility layer)
 from mmf_multilevel.models.muvla import MuVLA
 from mmf_multilevel.zoo import converters as C
 
-SIZES = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-FEAT, TAGS, B, T, N = 24, 9, 3, 7, 5
+from test_muvla_checkpoints import FEAT, SIZES, B, N, T  # the same tiny sizes
+from test_muvla_checkpoints import inputs as text_and_regions
+
+TAGS = 9
 H = SIZES["hidden_size"]
 
 
@@ -50,18 +51,13 @@ def official_state():
 
 
 def inputs():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 60, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 4:] = 0
-    feats = torch.randn(B, N, FEAT, generator=g)
+    """The μ-VLA checkpoint tests' text and regions, plus 5-d region boxes and R-T tag boxes."""
+    ids, mask, feats, rmask = text_and_regions()
+    g = torch.Generator().manual_seed(1)
     xy = torch.rand(B, N, 2, generator=g) * 0.5
     wh = torch.rand(B, N, 2, generator=g) * 0.5
     boxes = torch.cat([xy, xy + wh, wh[..., :1] * wh[..., 1:]], -1)
-    rmask = torch.ones(B, N, dtype=torch.long)
-    rmask[2, 3:] = 0
-    tag_boxes = torch.rand(B, T, 5, generator=g)
-    return ids, mask, feats, boxes, rmask, tag_boxes
+    return ids, mask, feats, boxes, rmask, torch.rand(B, T, 5, generator=g)
 
 
 def ln(x, state, name):

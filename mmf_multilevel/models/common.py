@@ -1,7 +1,52 @@
-"""What the registered method models share: reading their MMF model config."""
+"""What the registered method models share: MMF registration, reading their model config, and
+turning MMF sample lists into text and region tensors."""
 import os
 
+from torch import nn
 from transformers import BertConfig
+
+from mmf_multilevel.modules.visual import normalize_boxes, num_boxes_to_mask
+
+
+class MMFMissingBaseModel(nn.Module):
+    """Stands in for MMF's ``BaseModel`` where MMF is not installed: the plain networks of each method
+    still import and work, the registered adapters say what is missing."""
+
+    def __init__(self, config, *args, **kwargs):
+        raise ImportError(f"the registered {type(self).__name__} model needs MMF: pip install --no-deps mmf==1.0.0rc10")
+
+
+def _registry():
+    # imported when called, not with this module: importing MMF's registry loads this plugin's
+    # models, which import this module
+    try:
+        from mmf.common.registry import registry
+    except ImportError:  # pragma: no cover - exercised only without MMF
+        return None
+    return registry
+
+
+def register_model(name):
+    """``registry.register_model(name)`` when MMF is installed, else a no-op decorator."""
+    def register(cls):
+        registry = _registry()
+        return registry.register_model(name)(cls) if registry is not None else cls
+    return register
+
+
+def registry_value(key):
+    """``registry.get(key)`` (None when unset or without MMF)."""
+    registry = _registry()
+    return registry.get(key, no_warning=True) if registry is not None else None
+
+
+def training_setting(key, default):
+    """``training.<key>`` of the run's registered config as a positive int, else ``default``."""
+    config = registry_value("config")
+    try:
+        return max(1, int(config.training.get(key) or default))
+    except (AttributeError, TypeError, ValueError):
+        return default
 
 #: the ``model_config.<method>`` keys that size a randomly initialised BERT
 BERT_CONFIG_KEYS = (
@@ -45,3 +90,35 @@ def head_type_of(config, model, allowed):
     if head_type not in allowed:
         raise ValueError(f"model_config.{model}.training_head_type must be one of {list(allowed)}, got {head_type!r}")
     return head_type
+
+
+def sample_text(sample_list, model):
+    """``(input_ids, input_mask, segment_ids or None)`` of a sample list (the mask defaults to the
+    non-zero ids); ``model`` names the model in the error when the ids are missing."""
+    if "input_ids" not in sample_list:
+        raise KeyError(f"{model} needs 'input_ids' (the text processor's output) in the sample list")
+    input_ids = sample_list["input_ids"]
+    mask = sample_list["input_mask"] if "input_mask" in sample_list else (input_ids != 0).long()
+    segment = sample_list["segment_ids"] if "segment_ids" in sample_list else None
+    return input_ids, mask, segment
+
+
+def sample_regions(features, info, feature_dim, box_mode, model):
+    """Region features ``(B, N, D)`` and MMF's ``image_info_0`` -> ``(features, boxes, region_mask)``:
+    float features checked against ``feature_dim``, the region mask from ``max_features`` /
+    ``num_boxes``, and ``box_mode`` (``"4d"`` / ``"5d"``) normalised boxes, zero on padding."""
+    if features is None or info is None:
+        raise KeyError(f"{model} needs 'image_feature_0' and 'image_info_0' (region features) in the sample list")
+    features = features.float()
+    batch, num, dim = features.shape
+    if dim != feature_dim:
+        raise ValueError(f"image_feature_0 has {dim}-d features but model_config.{model}.feature_dim is {feature_dim}")
+    for key in ("bbox", "image_width", "image_height"):
+        if key not in info:
+            raise KeyError(f"{model} needs image_info_0.{key} for the {box_mode} region boxes")
+    count = info["max_features"] if "max_features" in info else info["num_boxes"]
+    region_mask = num_boxes_to_mask(count.view(-1).clamp(max=num).to(features.device), num)
+    boxes = normalize_boxes(info["bbox"].to(features.device).float()[:, :num], info["image_width"].to(features.device),
+                            info["image_height"].to(features.device), mode=box_mode)
+    boxes = boxes * region_mask.unsqueeze(-1).to(boxes.dtype)
+    return features, boxes, region_mask

@@ -47,7 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
 
-from mmf_multilevel.models.common import head_type_of, model_config_path, text_encoder_from
+from mmf_multilevel.models.common import (
+    MMFMissingBaseModel, head_type_of, model_config_path, register_model, registry_value, sample_regions, sample_text,
+    text_encoder_from, training_setting,
+)
 from mmf_multilevel.models.common import config_get as _get
 from mmf_multilevel.modules.heads import (
     ITMHead,
@@ -63,7 +66,7 @@ from mmf_multilevel.modules.heads import (
 from mmf_multilevel.modules.masking import IGNORE_INDEX
 from mmf_multilevel.modules.task_heads import NLVR2PairedHead, RegionScoringHead
 from mmf_multilevel.modules.text import BertTextEncoder
-from mmf_multilevel.modules.visual import RegionEmbedding, normalize_boxes, num_boxes_to_mask
+from mmf_multilevel.modules.visual import RegionEmbedding
 
 __all__ = [
     "TASKS",
@@ -457,21 +460,16 @@ def pretraining_losses(
 
 
 # ====================================================================================== MMF adapter
-try:  # MMF is optional for the plain network above
-    from mmf.common.registry import registry
+try:  # the plain networks above work without MMF; the adapter below needs it
     from mmf.models.base_model import BaseModel
 except ImportError:  # pragma: no cover - exercised only without MMF
-    registry, BaseModel = None, nn.Module
+    BaseModel = MMFMissingBaseModel
 
 HEAD_TYPES = ("pretraining", "classification", "nlvr2", "refcoco")
 POOLINGS = ("last_text", "cls")
 
 
-def _register(cls):
-    return registry.register_model("muvla")(cls) if registry is not None else cls
-
-
-@_register
+@register_model("muvla")
 class MuVLA(BaseModel):
     """The registered MMF model ``muvla`` (see the module docstring and its ``defaults.yaml``)."""
 
@@ -569,31 +567,11 @@ class MuVLA(BaseModel):
 
     # ------------------------------------------------------------------ inputs
     def _regions(self, features, info):
-        if features is None or info is None:
-            raise KeyError("muvla needs 'image_feature_0' and 'image_info_0' (region features) in the sample list")
-        features = features.float()
-        batch, num, dim = features.shape
-        if dim != self.backbone.feature_dim:
-            raise ValueError(f"image_feature_0 has {dim}-d features but model_config.muvla.feature_dim is "
-                             f"{self.backbone.feature_dim}")
-        for key in ("bbox", "image_width", "image_height"):
-            if key not in info:
-                raise KeyError(f"muvla needs image_info_0.{key} for the 5-d region locations")
-        count = info["max_features"] if "max_features" in info else info["num_boxes"]
-        region_mask = num_boxes_to_mask(count.view(-1).clamp(max=num).to(features.device), num)
-        boxes = normalize_boxes(info["bbox"].to(features.device).float()[:, :num], info["image_width"].to(features.device),
-                                info["image_height"].to(features.device), mode="5d")
-        boxes = boxes * region_mask.unsqueeze(-1).to(boxes.dtype)
-        return features, boxes, region_mask
+        return sample_regions(features, info, self.backbone.feature_dim, "5d", "muvla")
 
     @staticmethod
     def _text(sample_list):
-        if "input_ids" not in sample_list:
-            raise KeyError("muvla needs 'input_ids' (the text processor's output) in the sample list")
-        input_ids = sample_list["input_ids"]
-        mask = sample_list["input_mask"] if "input_mask" in sample_list else (input_ids != 0).long()
-        segment = sample_list["segment_ids"] if "segment_ids" in sample_list else None
-        return input_ids, mask, segment
+        return sample_text(sample_list, "muvla")
 
     def _encode(self, sample_list, features, info, text=None):
         input_ids, mask, segment = text if text is not None else self._text(sample_list)
@@ -626,21 +604,14 @@ class MuVLA(BaseModel):
         return {"scores": self.classifier(pooled)}
 
     # ------------------------------------------------------------------ pre-training
-    def _update_frequency(self) -> int:
-        config = registry.get("config", no_warning=True) if registry is not None else None
-        try:
-            return max(1, int(config.training.get("update_frequency") or 1))
-        except (AttributeError, TypeError, ValueError):
-            return 1
-
     def itm_weighting_active(self) -> bool:
         """Whether the ITM re-weighting is on for this batch: from ``itm_weight_start_update`` optimizer
         updates when set, else after ``itm_weight_start_epoch`` MMF epochs (m = 1: from epoch 2)."""
         if self.itm_weighting == "off" or not self.training:
             return False
         if self.itm_weight_start_update is not None:
-            return int(self.train_steps.item()) // self._update_frequency() >= self.itm_weight_start_update
-        epoch = registry.get("current_epoch", no_warning=True) if registry is not None else None
+            return int(self.train_steps.item()) // training_setting("update_frequency", 1) >= self.itm_weight_start_update
+        epoch = registry_value("current_epoch")
         return epoch is not None and int(epoch) > self.itm_weight_start_epoch
 
     def _task_of(self, sample_list) -> str:

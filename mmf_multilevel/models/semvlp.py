@@ -44,7 +44,10 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertAttention
 
-from mmf_multilevel.models.common import bert_config_from, head_type_of, model_config_path, text_encoder_from
+from mmf_multilevel.models.common import (
+    MMFMissingBaseModel, bert_config_from, head_type_of, model_config_path, register_model, registry_value, sample_regions,
+    sample_text, text_encoder_from, training_setting,
+)
 from mmf_multilevel.models.common import config_get as _get
 from mmf_multilevel.modules.attention import use_fast_attention
 from mmf_multilevel.modules.heads import (
@@ -64,7 +67,7 @@ from mmf_multilevel.modules.heads import (
 from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_regions, mask_tokens
 from mmf_multilevel.modules.task_heads import NLVR2PairedHead
 from mmf_multilevel.modules.text import BertTextEncoder, extended_attention_mask, mask_compute_dtype
-from mmf_multilevel.modules.visual import RegionEmbedding, normalize_boxes, num_boxes_to_mask
+from mmf_multilevel.modules.visual import RegionEmbedding
 
 __all__ = [
     "MODES",
@@ -428,24 +431,14 @@ class ModeSchedule:
 
 # ================================================================================== MMF adapter
 try:  # the plain networks above work without MMF; the adapter below needs it
-    from mmf.common.registry import registry
     from mmf.models.base_model import BaseModel
 except ImportError:  # pragma: no cover - exercised only without MMF
-    registry = None
-
-    class BaseModel(nn.Module):
-        def __init__(self, config):
-            raise ImportError("the registered semvlp model needs MMF: pip install --no-deps mmf==1.0.0rc10")
-
+    BaseModel = MMFMissingBaseModel
 
 HEAD_TYPES = ("pretraining", "classification", "nlvr2", "retrieval")
 
 
-def _register(cls):
-    return registry.register_model("semvlp")(cls) if registry is not None else cls
-
-
-@_register
+@register_model("semvlp")
 class SemVLP(BaseModel):
     """The registered MMF model ``semvlp`` (see the module docstring and its ``defaults.yaml``)."""
 
@@ -472,7 +465,7 @@ class SemVLP(BaseModel):
         )
         hidden = self.semvlp.hidden_size
         bert = self.semvlp.config
-        writer = registry.get("writer", no_warning=True) if registry is not None else None
+        writer = registry_value("writer")
         if writer is not None:
             writer.write(
                 f"semvlp network parameters: single-stream mode {self.semvlp.num_parameters(SINGLE):,}, two-stream mode "
@@ -516,16 +509,8 @@ class SemVLP(BaseModel):
                              "(the answer vocabulary's / label set's size)")
         return int(value)
 
-    @staticmethod
-    def _training_setting(key: str, default: int) -> int:
-        config = registry.get("config", no_warning=True) if registry is not None else None
-        try:
-            return max(1, int(config.training.get(key) or default))
-        except (AttributeError, TypeError, ValueError):
-            return default
-
     def update_frequency(self) -> int:
-        return self._training_setting("update_frequency", 1)
+        return training_setting("update_frequency", 1)
 
     def _log_mode(self, mode: str, micro_step: int) -> None:
         """Every ``training.log_interval`` updates, write the schedule's tally to MMF's log."""
@@ -533,9 +518,9 @@ class SemVLP(BaseModel):
         if (micro_step + 1) % frequency:
             return
         update = (micro_step + 1) // frequency
-        if update % self._training_setting("log_interval", 100):
+        if update % training_setting("log_interval", 100):
             return
-        writer = registry.get("writer", no_warning=True) if registry is not None else None
+        writer = registry_value("writer")
         message = (
             f"semvlp modes: update {update} ran {mode}-stream; updates so far: single {self.mode_counts[SINGLE] // frequency}, "
             f"two {self.mode_counts[TWO] // frequency} (mode_schedule: {self.schedule.kind})"
@@ -550,29 +535,11 @@ class SemVLP(BaseModel):
 
     # ------------------------------------------------------------------ inputs
     def _regions(self, features, info):
-        if features is None or info is None:
-            raise KeyError("semvlp needs 'image_feature_0' and 'image_info_0' (region features) in the sample list")
-        features = features.float()
-        batch, num, dim = features.shape
-        if dim != self.semvlp.feature_dim:
-            raise ValueError(f"image_feature_0 has {dim}-d features but model_config.semvlp.feature_dim is "
-                             f"{self.semvlp.feature_dim}")
-        count = info["max_features"] if "max_features" in info else info["num_boxes"]
-        region_mask = num_boxes_to_mask(count.view(-1).clamp(max=num).to(features.device), num)
-        if "bbox" not in info or "image_width" not in info or "image_height" not in info:
-            raise KeyError("semvlp needs image_info_0.bbox, image_width and image_height for the 4-d box features")
-        bbox = info["bbox"].to(features.device).float()[:, :num]
-        boxes = normalize_boxes(bbox, info["image_width"].to(features.device), info["image_height"].to(features.device),
-                                mode="4d")
-        boxes = boxes * region_mask.unsqueeze(-1).to(boxes.dtype)
-        return features, boxes, region_mask
+        return sample_regions(features, info, self.semvlp.feature_dim, "4d", "semvlp")
 
     @staticmethod
     def _text(sample_list):
-        input_ids = sample_list["input_ids"]
-        mask = sample_list["input_mask"] if "input_mask" in sample_list else (input_ids != 0).long()
-        segment = sample_list["segment_ids"] if "segment_ids" in sample_list else None
-        return input_ids, mask, segment
+        return sample_text(sample_list, "semvlp")
 
     def _encode(self, sample_list, features, info, mode, text=None):
         input_ids, mask, segment = text if text is not None else self._text(sample_list)

@@ -21,7 +21,7 @@ import platform
 import sys
 import time
 
-from training_bench import WARMUP_STEPS, peak_rss_mib, run_rounds, step_seconds
+from training_bench import add_run_options, child_options, peak_rss_mib, run_rounds, step_seconds
 
 
 def flops_per_sample(layers, hidden, intermediate, length, vocab, masked, regions_masked, feature_dim):
@@ -98,15 +98,11 @@ def run_one(kind, precision, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=4, help=f"timed steps per run (after {WARMUP_STEPS} untimed ones)")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each configuration, alternating; their steps are pooled")
-    p.add_argument("--batch", type=int, default=8)
+    add_run_options(p)
     p.add_argument("--tokens", type=int, default=60)
     p.add_argument("--regions", type=int, default=100)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--one", nargs=2, metavar=("KIND", "PRECISION"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args)))
@@ -115,14 +111,11 @@ def main():
 
     print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
           f"batch {args.batch} x ({args.tokens} tokens + {args.regions} regions), {args.layers} layers, hidden {args.hidden}")
-    options = ["--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens), "--regions",
-               str(args.regions), "--layers", str(args.layers), "--hidden", str(args.hidden)]
+    options = child_options(args, ("tokens", "regions", "layers", "hidden"))
     print(f"{'precision':>9} {'model':>6} {'step s':>8} {'samples/s':>10} {'vs hf':>6} {'peak RSS MiB':>13} "
           f"{'GFLOP/sample':>13} {'GFLOP/s':>8}")
     for precision in args.precisions.split(","):
-        results = run_rounds(os.path.abspath(__file__), options, ("hf", "muvla"), precision, args.rounds)
-        for r in results.values():
-            r["samples_per_s"] = args.batch / r["step_s"]
+        results = run_rounds(os.path.abspath(__file__), options, ("hf", "muvla"), precision, args.rounds, args.batch)
         for kind in ("hf", "muvla"):
             r = results[kind]
             masked = r["masked"] if kind == "muvla" else args.tokens + args.regions  # HF scores every position

@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 
-from training_bench import WARMUP_STEPS, peak_rss_mib, run_rounds, step_seconds
+from training_bench import add_run_options, child_options, peak_rss_mib, run_rounds, step_seconds
 
 H, I, V, D = 768, 3072, 30522, 2048
 
@@ -106,15 +106,11 @@ def run_one(kind, precision, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=4, help=f"timed steps per run (after {WARMUP_STEPS} untimed ones)")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each configuration, alternating; their steps are pooled")
-    p.add_argument("--batch", type=int, default=8)
+    add_run_options(p)
     p.add_argument("--tokens", type=int, default=20)
     p.add_argument("--objects", type=int, default=100)
-    p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step per run: time in matrix products (GEMM) vs everything else")
-    p.add_argument("--one", nargs=2, metavar=("KIND", "PRECISION"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args)))
@@ -125,13 +121,11 @@ def main():
           f"batch {args.batch} x ({args.tokens} tokens + {args.objects} objects)")
     print(f"{'precision':>9} {'model':>14} {'step s':>7} {'samples/s':>10} {'GFLOP/sample':>13} {'GFLOP/s':>8} "
           f"{'FLOP/s vs lxmert':>17} {'peak RSS MiB':>13}")
-    options = ["--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens),
-               "--objects", str(args.objects)] + (["--profile"] if args.profile else [])
+    options = child_options(args, ("tokens", "objects"), flags=("profile",))
     for precision in args.precisions.split(","):
         rows = run_rounds(os.path.abspath(__file__), options, ("lxmert", "semvlp-single", "semvlp-two"), precision,
-                          args.rounds)
+                          args.rounds, args.batch)
         for kind, r in rows.items():
-            r["samples_per_s"] = args.batch / r["step_s"]
             if kind == "lxmert":
                 flops = lxmert_flops(args.tokens, args.objects, r["masked_t"], r["masked_o"])
             else:

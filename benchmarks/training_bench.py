@@ -1,6 +1,7 @@
 """What the training-step benchmarks share (bench_muvla.py, bench_semvlp.py): timing forward +
 backward + AdamW steps, peak memory, and running each configuration in its own process, in
 alternating rounds so that a change in the machine's load falls on every configuration alike."""
+import argparse
 import json
 import resource
 import statistics
@@ -60,10 +61,29 @@ def run_isolated(script, options, kind, precision):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_rounds(script, options, kinds, precision, rounds):
+def add_run_options(parser):
+    """The options every training-step benchmark takes: timed steps, rounds, precisions, and the
+    hidden ``--one KIND PRECISION`` a child process runs."""
+    parser.add_argument("--steps", type=int, default=4, help=f"timed steps per run (after {WARMUP_STEPS} untimed ones)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration, alternating; their steps are pooled")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--one", nargs=2, metavar=("KIND", "PRECISION"), help=argparse.SUPPRESS)
+
+
+def child_options(args, names, flags=()):
+    """The command line passing ``--steps``, ``--batch`` and each of ``names`` (values) and ``flags``
+    (booleans that are set) on to a child process."""
+    options = []
+    for name in ("steps", "batch", *names):
+        options += [f"--{name}", str(getattr(args, name))]
+    return options + [f"--{flag}" for flag in flags if getattr(args, flag)]
+
+
+def run_rounds(script, options, kinds, precision, rounds, batch):
     """Each of ``kinds`` run ``rounds`` times in turn (k1 k2 k1 k2 ...), one process per run. Per kind:
-    the last run's fields, ``step_times`` of every round pooled, ``step_s`` their median and
-    ``peak_rss_mib`` the largest of the runs."""
+    the last run's fields, ``step_times`` of every round pooled, ``step_s`` their median,
+    ``samples_per_s`` (``batch`` / ``step_s``) and ``peak_rss_mib`` the largest of the runs."""
     pooled = {}
     for _ in range(rounds):
         for kind in kinds:
@@ -74,4 +94,5 @@ def run_rounds(script, options, kinds, precision, rounds):
             pooled[kind] = r
     for r in pooled.values():
         r["step_s"] = statistics.median(r["step_times"])
+        r["samples_per_s"] = batch / r["step_s"]
     return pooled

@@ -47,3 +47,16 @@ def mmf_run(tmp_path):
         return run_mmf(tmp_path, *opts, **kwargs)
 
     return runner
+
+
+@pytest.fixture
+def mmf_global_config():
+    """The global config MMF's Losses and our models read (``evaluation.predict``,
+    ``training.update_frequency``), registered as mmf_run does; the previous one is put back after."""
+    from mmf.common.registry import registry
+    from omegaconf import OmegaConf
+
+    previous = registry.get("config", no_warning=True)
+    registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
+    yield
+    registry.register("config", previous)

@@ -259,10 +259,9 @@ def test_bad_weak_corpus_record_names_the_field(demo, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- with the model
-def test_batches_of_every_dataset_train_the_tiny_model(demo):
+def test_batches_of_every_dataset_train_the_tiny_model(demo, mmf_global_config):
     from test_muvla_model import build
 
-    registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
     model = build(vocab_size=len(make(RegionTagDataset, "muvla_region_tag", demo).tokenizer), feature_dim=DIM,
                   pretraining=dict(num_tags=len(gen.SHAPES), itm_weight_start_update=0)).train()
     expected = {"muvla_region_tag": {"mlm", "mrc", "mrfr"}, "muvla_region_phrase": {"mlm", "mrtc"},
@@ -279,7 +278,7 @@ def test_batches_of_every_dataset_train_the_tiny_model(demo):
         total.backward()
 
 
-def test_text_corpus_is_masked_text_without_an_image_and_the_model_trains_on_it(demo, tmp_path):
+def test_text_corpus_is_masked_text_without_an_image_and_the_model_trains_on_it(demo, tmp_path, mmf_global_config):
     from mmf_multilevel.datasets.muvla import TextCorpusDataset
     from test_muvla_model import build
 
@@ -295,7 +294,6 @@ def test_text_corpus_is_masked_text_without_an_image_and_the_model_trains_on_it(
     ds.init_processors()
     assert len(ds) == 2 and "image_feature_0" not in ds[0]
     assert int(ds[0].muvla_task) == TASK_IDS["text"]
-    registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
     model = build(vocab_size=len(ds.tokenizer), pretraining=dict(itm_weight_start_update=0)).train()
     torch.manual_seed(0)
     batch = SampleList([ds[0], ds[1]])

@@ -16,8 +16,10 @@ from mmf_multilevel.models.muvla import (
     masked_region_mean,
     pretraining_losses,
 )
-from mmf_multilevel.modules.masking import IGNORE_INDEX
 from mmf_multilevel.modules.text import BertTextEncoder
+
+# the global config MMF's Losses and the models read, as mmf_run registers it
+pytestmark = pytest.mark.usefixtures("mmf_global_config")
 
 VOCAB, HIDDEN, FEAT, TAGS, B, T, N = 50, 32, 12, 6, 4, 7, 5
 
@@ -250,14 +252,6 @@ def test_a_few_optimisation_steps_lower_each_loss(task, key):
 
 
 # ----------------------------------------------------------------------------------------- MMF adapter
-@pytest.fixture(autouse=True)
-def mmf_config():
-    from mmf.common.registry import registry
-
-    previous = registry.get("config", no_warning=True)
-    registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
-    yield
-    registry.register("config", previous)
 
 
 def model_config(**overrides):

@@ -19,6 +19,9 @@ from mmf_multilevel.models.semvlp import (
 from mmf_multilevel.modules.masking import IGNORE_INDEX
 from mmf_multilevel.modules.text import BertTextEncoder
 
+# the global config MMF's Losses and the models read, as mmf_run registers it
+pytestmark = pytest.mark.usefixtures("mmf_global_config")
+
 VOCAB, HIDDEN, LAYERS, LS, FEAT, NOBJ, CLASSES, ANSWERS = 60, 32, 4, 2, 16, 5, 7, 9
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 
@@ -369,15 +372,6 @@ def model_config(**overrides):
     return OmegaConf.merge(base, tiny, overrides)
 
 
-@pytest.fixture(autouse=True)
-def mmf_config():
-    """The global config MMF's Losses read (``evaluation.predict``), as mmf_run registers it."""
-    from mmf.common.registry import registry
-
-    previous = registry.get("config", no_warning=True)
-    registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
-    yield
-    registry.register("config", previous)
 
 
 def build_model(**overrides):

@@ -60,7 +60,7 @@ def run_one(kind, precision, args):
     itm_labels = torch.randint(0, 2, (B,))
 
     if kind == "muvla":
-        from mmf_multilevel.models.muvla import MuVLANetwork, MuVLAPretrainingHeads
+        from mmf_multilevel.methods.muvla import MuVLANetwork, MuVLAPretrainingHeads
         from mmf_multilevel.modules.text import BertTextEncoder
 
         network = MuVLANetwork(BertTextEncoder.from_config(config), D)

@@ -73,7 +73,7 @@ def run_one(kind, precision, args):
     if kind.startswith("semvlp"):
         from transformers import BertConfig
 
-        from mmf_multilevel.models.semvlp import SemVLPNetwork, SemVLPPretrainingHeads, pretraining_losses
+        from mmf_multilevel.methods.semvlp import SemVLPNetwork, SemVLPPretrainingHeads, pretraining_losses
         from mmf_multilevel.modules.text import BertTextEncoder
 
         network = SemVLPNetwork(BertTextEncoder.from_config(BertConfig()), D, 6)

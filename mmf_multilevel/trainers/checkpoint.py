@@ -127,6 +127,34 @@ class MultilevelCheckpoint(Checkpoint):
         self.last_loaded = ckpt
         return ckpt
 
+    def _load_pretrained(self, ckpt):
+        """MMF's ``pretrained_state_mapping`` load (``own_prefix: checkpoint_prefix``), with each
+        prefix written before a rename translated by the model's key map (``semvlp`` -> ``backbone``),
+        and an error when a mapping entry copies nothing (a misspelt prefix used to load nothing, silently)."""
+        model = self.trainer.model
+        inner = model.module if hasattr(model, "module") else model
+        translate = getattr(inner, "map_pretrained_prefix", lambda prefix: prefix)
+        own_state = model.state_dict()
+        formatted = {attr: (inner.format_state_key(attr) if hasattr(inner, "format_state_key") else attr) for attr in ckpt}
+        mapping = self.trainer.config.checkpoint.pretrained_state_mapping
+        for own_prefix, ckpt_prefix in mapping.items():
+            key, value = translate(str(own_prefix)) + ".", translate(str(ckpt_prefix)) + "."
+            copied = 0
+            for attr, name in formatted.items():
+                if value not in name:
+                    continue
+                rest = name.replace(value, "")
+                for own_attr in own_state:
+                    if key in own_attr and own_attr.replace(key, "") == rest:
+                        self.trainer.writer.write(f"Copying {own_attr} from {attr}")
+                        own_state[own_attr].copy_(ckpt[attr])
+                        copied += 1
+            if copied == 0:
+                raise KeyError(f"checkpoint.pretrained_state_mapping {own_prefix}: {ckpt_prefix} copied nothing: the "
+                               f"checkpoint has no '{value}*' entry matching a model '{key}*' entry")
+            self.trainer.writer.write(f"Copied {copied} tensors from '{value}*' of the checkpoint into '{key}*'")
+        self.trainer.writer.write("Pretrained model loaded")
+
     def state(self, update, iteration):
         trainer = self.trainer
         model = trainer.model

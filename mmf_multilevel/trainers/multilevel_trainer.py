@@ -19,7 +19,12 @@ early stopping, evaluation and checkpoint format, and adds:
 * fused Adam/AdamW: the optimizer MMF builds is rebuilt with ``fused=True`` (one kernel per
   parameter tensor instead of a Python loop over them; torch's own default on CPU is the loop)
   unless ``optimizer.params`` names ``fused`` or ``foreach`` itself;
-* a tqdm progress bar and TensorBoard scalars (losses, lr, samples/s).
+* a tqdm progress bar and TensorBoard scalars (losses, lr, samples/s);
+* the method-level training hooks of :class:`~mmf_multilevel.methods.base.MethodModel`, so a method
+  owns its optimisation policy without editing this trainer: ``configure_optimizer`` (its own
+  optimizer and parameter groups), ``on_update_start`` (the update index and epoch pushed before the
+  first forward of every update), ``synchronize`` (every rank, after the backward passes, before the
+  step: buffers kept identical across ranks) and ``log_message`` (a line every ``log_interval``).
 """
 import contextlib
 import inspect
@@ -42,6 +47,7 @@ from mmf.utils.logger import TensorboardLogger
 from mmf.utils.timer import Timer
 from tqdm import tqdm
 
+from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.trainers.checkpoint import (
     MultilevelCheckpoint,
     gather_rng_states,
@@ -168,9 +174,14 @@ class MultilevelTrainer(BaseTrainer):
     def load_extras(self):
         self.writer.write("Torch version is: " + torch.__version__)
         self.training_config = training = self.config.training
-        self.optimizer = fused_optimizer(self.optimizer, self.config)
-        self.writer.write(f"Optimizer: {type(self.optimizer).__name__}"
-                          f"{' (fused)' if self.optimizer.defaults.get('fused') else ''}")
+        own = self._method_hook("configure_optimizer", self.config)
+        if own is not None:
+            self.optimizer = own
+            self.writer.write(f"Optimizer: {type(self.optimizer).__name__} (the model's configure_optimizer)")
+        else:
+            self.optimizer = fused_optimizer(self.optimizer, self.config)
+            self.writer.write(f"Optimizer: {type(self.optimizer).__name__}"
+                              f"{' (fused)' if self.optimizer.defaults.get('fused') else ''}")
         self.checkpoint = MultilevelCheckpoint(self)
         from mmf.common.meter import Meter
 
@@ -245,6 +256,17 @@ class MultilevelTrainer(BaseTrainer):
         self.writer.write(
             f"Resuming at update {self.num_updates}, epoch {self.current_epoch}, batch {self.epoch_batch} of the epoch"
         )
+
+    # --------------------------------------------------------------- method hooks
+    def _method_hook(self, name, *args):
+        """Call the model's training hook ``name`` when it has one (models on the methods' adapter
+        base; MMF's own models have none); the model is unwrapped from DDP / DataParallel."""
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        hook = getattr(model, name, None)
+        return hook(*args) if callable(hook) else None
+
+    def _progress(self):
+        return TrainingProgress(update=int(self.num_updates), epoch=int(self.current_epoch))
 
     # --------------------------------------------------------------- training
     def _autocast(self):
@@ -323,6 +345,8 @@ class MultilevelTrainer(BaseTrainer):
                 self.profile("Batch load time")
                 self.current_iteration += 1
                 self.epoch_batch += 1
+                if micro == 0:
+                    self._method_hook("on_update_start", self._progress())
                 micro += 1
                 last_micro = micro == self.update_frequency
                 sync = contextlib.nullcontext()
@@ -339,6 +363,7 @@ class MultilevelTrainer(BaseTrainer):
                 if not last_micro:
                     continue
                 micro = 0
+                self._method_hook("synchronize", get_world_size() if self.distributed else 1)
                 self._step()
                 self.profile("Backward time")
                 progress.update(1)
@@ -382,6 +407,9 @@ class MultilevelTrainer(BaseTrainer):
 
     def _logistics(self, report):
         if self.num_updates % self.log_interval == 0:
+            message = self._method_hook("log_message", self._progress())
+            if message:
+                self.writer.write(message)
             elapsed = max(1e-9, time.perf_counter() - self._log_clock)
             samples_per_s = self._samples_since_log * get_world_size() / elapsed
             lr = self.optimizer.param_groups[0]["lr"]

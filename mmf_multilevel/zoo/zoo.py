@@ -25,6 +25,7 @@ files one trusts.
 """
 import glob
 import os
+from typing import Dict, List, Mapping
 
 from mmf_multilevel.zoo.download import ZooError, fetch_resources
 
@@ -181,3 +182,34 @@ def load_pretrained(name_or_path, data_dir=None, extra=None, allow_pickle=None):
         model_config = model_config[key]
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     return {"config": model_config, "checkpoint": state, "full_config": config}
+
+
+def load_converted(model: "torch.nn.Module", converted: Mapping[str, "torch.Tensor"], source: str) -> List[str]:
+    """Load ``converted`` into ``model`` (shape-checked); returns the model keys it did not fill.
+
+    A key the model lacks is an error naming ``source`` (e.g. pre-training heads into a model built
+    for a downstream task are skipped before this is called, never silently dropped here)."""
+    own = model.state_dict()
+    unexpected = [k for k in converted if k not in own]
+    if unexpected:
+        raise KeyError(f"{source}: {len(unexpected)} converted entries have no place in this model, e.g. {unexpected[:5]}")
+    for key, value in converted.items():
+        if own[key].shape != value.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                             f"{tuple(own[key].shape)} in the model (hidden size, vocabulary, tag classes or "
+                             "feature_dim differ)")
+    model.load_state_dict(converted, strict=False)
+    return [k for k in own if k not in converted]
+
+
+def read_state(path: str, allow_pickle=None) -> Dict[str, "torch.Tensor"]:
+    """The tensors of an MMF checkpoint (``.ckpt`` / ``.pth``, optionally under ``model``)."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = load_checkpoint(path, allow_pickle)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (optionally under 'model')")
+    return dict(state)

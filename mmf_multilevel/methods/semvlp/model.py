@@ -1,0 +1,130 @@
+"""The registered MMF model ``semvlp``: SemVLP's network and heads on the adapter base.
+
+* ``training_head_type: pretraining`` - MLM, masked object prediction (``mrfr`` feature regression +
+  ``mrc`` detected label), ITM and image QA with equal weights (paper §2.3); each optimizer update
+  runs one mode, picked by ``mode_schedule`` from the update index the trainer pushes
+  (:meth:`on_update_start`), so every rank and a resumed run pick the same modes. Losses are named
+  ``<split>/<dataset>/<mode>/<loss>`` so the log shows each mode's losses.
+* ``classification`` (VQA, GQA, SNLI-VE), ``nlvr2`` (paired head) and ``retrieval`` (the ITM head's
+  2-way scores): the fine-tuning mode is ``mode: single | two`` (paper §3, Table 5).
+
+Checkpoints written before the one-folder layout (backbone ``semvlp.*``, heads ``object_feature`` /
+``object_label``, the ``schedule_step`` counter) load through :attr:`SemVLP.state_key_map`.
+"""
+from mmf_multilevel.methods.base import MethodModel, register_method
+from mmf_multilevel.methods.progress import TrainingProgress
+from mmf_multilevel.methods.batch import detector_labels, region_inputs, text_inputs
+from mmf_multilevel.methods.config import build_text_encoder
+from mmf_multilevel.methods.semvlp.config import SemVLPConfig
+from mmf_multilevel.methods.semvlp.network import SINGLE, TWO, SemVLPNetwork, check_mode
+from mmf_multilevel.methods.semvlp.pretraining import ModeSchedule, SemVLPPretrainingHeads, pretraining_losses
+from mmf_multilevel.modules.heads import ITMHead, VQAHead, bert_pretraining_head_state
+from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_regions, mask_tokens
+from mmf_multilevel.modules.task_heads import NLVR2PairedHead
+
+
+@register_method
+class SemVLP(MethodModel):
+    """The registered MMF model ``semvlp`` (see the module docstring and ``defaults.yaml`` beside it)."""
+
+    name = "semvlp"
+    config_class = SemVLPConfig
+    head_types = ("pretraining", "classification", "nlvr2", "retrieval")
+    state_key_map = (
+        ("semvlp.", "backbone."),
+        ("heads.object_feature.", "heads.mrfr."),
+        ("heads.object_label.", "heads.mrc."),
+        ("schedule_step", None),
+    )
+
+    # ------------------------------------------------------------------ build
+    def build_backbone(self):
+        s = self.settings
+        self.mode = check_mode(s.mode, "model_config.semvlp.mode")
+        backbone = SemVLPNetwork(build_text_encoder(s), feature_dim=s.feature_dim,
+                                 cross_layer_start=s.cross_layer_start, cross_attention_layers=s.cross_attention_layers)
+        self.write(
+            f"semvlp network parameters: single-stream mode {backbone.num_parameters(SINGLE):,}, two-stream mode "
+            f"{backbone.num_parameters(TWO):,} (L_s = {backbone.cross_layer_start}, cross_attention_layers: "
+            f"{backbone.cross_attention_layers}, stored {sum(p.numel() for p in backbone.parameters()):,})"
+        )
+        return backbone
+
+    def build_head(self, head_type):
+        s, hidden, bert = self.settings, self.backbone.hidden_size, self.backbone.config
+        if head_type == "pretraining":
+            pre = s.pretraining
+            self.schedule = ModeSchedule(s.mode_schedule, s.single_stream_ratio, s.schedule_seed)
+            self.heads = SemVLPPretrainingHeads(self.backbone, pre.num_object_labels, pre.num_qa_answers)
+            if s.bert_model_name and pre.init_mlm_from_bert:
+                self.heads.mlm.load_bert_state_dict(bert_pretraining_head_state(str(s.bert_model_name)))
+        elif head_type == "classification":
+            if s.num_labels is None:
+                raise ValueError("model_config.semvlp.num_labels must be set for training_head_type: classification "
+                                 "(the answer vocabulary's / label set's size)")
+            self.classifier = VQAHead(hidden, s.num_labels, dropout=bert.hidden_dropout_prob,
+                                      layer_norm_eps=bert.layer_norm_eps, initializer_range=bert.initializer_range)
+        elif head_type == "nlvr2":
+            self.classifier = NLVR2PairedHead(hidden, 2, dropout=bert.hidden_dropout_prob, layer_norm_eps=bert.layer_norm_eps)
+        else:  # retrieval: the pre-training ITM head, so a pre-trained checkpoint brings its matching head
+            self.itm_head = ITMHead(hidden, 2, dropout=bert.hidden_dropout_prob, initializer_range=bert.initializer_range)
+
+    # ------------------------------------------------------------------ training hooks
+    def current_mode(self) -> str:
+        """The mode of this forward pass: in pre-training the schedule at the update the trainer
+        pushed; otherwise (fine-tuning, evaluation) ``mode``."""
+        if self.head_type == "pretraining" and self.training:
+            return self.schedule(self.progress.update)
+        return self.mode
+
+    def log_message(self, progress: TrainingProgress):
+        if self.head_type != "pretraining" or progress.update < 1:
+            return None
+        done = self.schedule.modes(progress.update)
+        return (f"semvlp modes: update {progress.update} ran {done[-1]}-stream; updates so far: single "
+                f"{done.count(SINGLE)}, two {done.count(TWO)} (mode_schedule: {self.schedule.kind})")
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, sample_list, side=None, mode=None):
+        text = text_inputs(sample_list, self.name)
+        regions = region_inputs(sample_list, self.name, self.backbone.feature_dim, "4d", side)
+        return self.backbone(text.input_ids, text.mask, regions.features, regions.boxes, regions.mask, text.segment_ids,
+                             mode=mode or self.mode)
+
+    def task_forward(self, sample_list):
+        out = self.encode(sample_list)
+        head = self.classifier if self.head_type == "classification" else self.itm_head
+        return {"scores": head(out["pooled"])}
+
+    def pretraining_forward(self, sample_list):
+        mode = self.current_mode()
+        pre = self.settings.pretraining
+        text = text_inputs(sample_list, self.name)
+        input_ids = text.input_ids
+        # MLM: the dataset's masked_token processor (lm_label_ids, -1 = not masked), else masked here
+        if "lm_label_ids" in sample_list:
+            labels = sample_list["lm_label_ids"].long()
+            labels = labels.masked_fill(labels < 0, IGNORE_INDEX)
+        else:
+            input_ids, labels = mask_tokens(
+                input_ids, attention_mask=text.mask, vocab_size=self.backbone.config.vocab_size,
+                mask_token_id=pre.mask_token_id, prob=pre.mlm_probability, special_token_ids=list(pre.special_token_ids),
+            )
+        regions = region_inputs(sample_list, self.name, self.backbone.feature_dim, "4d")
+        masked, selected = mask_regions(regions.features, regions.mask, pre.object_mask_probability,
+                                        zero_ratio=pre.object_zero_ratio, random_ratio=pre.object_random_ratio)
+        object_labels = None
+        if self.heads.mrc is not None:
+            object_labels = detector_labels(regions, self.name,
+                                            "set model_config.semvlp.pretraining.num_object_labels: 0 to train without it")
+        is_matched = sample_list["is_correct"] if "is_correct" in sample_list else None
+        qa_targets = sample_list["targets"].float() if ("targets" in sample_list and self.heads.qa is not None) else None
+        out = self.backbone(input_ids, text.mask, masked, regions.boxes, regions.mask, text.segment_ids, mode=mode)
+        losses = pretraining_losses(
+            self.heads, out, mlm_labels=labels, object_targets=regions.features, object_selected=selected,
+            object_labels=object_labels, is_matched=is_matched, qa_targets=qa_targets, feature_loss=pre.feature_loss,
+        )
+        output = {"losses": self.named_losses(sample_list, losses, mode), "mode": mode}
+        if is_matched is not None:
+            output["scores"] = self.heads.itm(out["pooled"])
+        return output

@@ -2,6 +2,7 @@
 import pytest
 
 from helpers.mmf import run_mmf
+from helpers.zoo import start_server, stop_server
 
 
 @pytest.fixture
@@ -23,3 +24,11 @@ def mmf_global_config():
     registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
     yield
     registry.register("config", previous)
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server (``server.files``: name -> bytes, ``server.url``) for zoo downloads."""
+    httpd = start_server()
+    yield httpd
+    stop_server(httpd)

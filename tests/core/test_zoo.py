@@ -1,77 +1,15 @@
 """Model zoo: real downloads from a local HTTP server, checksums, resume, atomic extraction, safe loading."""
 import hashlib
-import http.server
 import io
-import os
 import pickle
-import tarfile
-import threading
 
 import pytest
 import torch
 
 from helpers.mmf import clean_env, run_mmf
+from helpers.zoo import tar_bytes
 from mmf_multilevel.zoo import download as D
 from mmf_multilevel.zoo import zoo as Z
-
-
-class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files`` (name -> bytes) with Range support; ``server.cut`` drops a connection once."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        name = self.path.lstrip("/")
-        data = self.server.files.get(name)
-        self.server.requests.append((name, self.headers.get("Range")))
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        if self.headers.get("Range"):
-            start = int(self.headers["Range"].split("=")[1].split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        body = data[start:]
-        cut = self.server.cut.pop(name, None)
-        if cut is not None:
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(2)
-            return
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.files, httpd.cut, httpd.requests = {}, {}, []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def tar_bytes(files):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def state_bytes(obj):
@@ -229,57 +167,3 @@ def test_from_pretrained_and_resume_zoo_through_mmf(tmp_path, server):
             env=env)
     log = (save / "train.log").read_text()
     assert "Loading checkpoint" in log and "Checkpoint loaded" in log
-
-
-def test_from_pretrained_for_our_models_through_a_user_zoo(tmp_path, server):
-    """``muvla`` and ``semvlp`` weights published in a user zoo load with MMF's ``from_pretrained`` in a
-    fresh interpreter: download over HTTP, checksum, extraction, then the same parameters."""
-    from omegaconf import OmegaConf
-
-    from mmf_multilevel.methods.muvla.model import MuVLA
-    from mmf_multilevel.methods.semvlp.model import SemVLP
-
-    tiny = dict(bert_model_name=None, vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64, max_position_embeddings=40, feature_dim=16, num_labels=5)
-    zoo_lines, expected = [], {}
-    for key, cls, extra in (("muvla", MuVLA, dict(training_head_type="classification")),
-                            ("semvlp", SemVLP, dict(training_head_type="classification", cross_layer_start=1))):
-        config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config[key], tiny, extra)
-        torch.manual_seed(5)
-        model = cls(config)
-        model.build()
-        weights = tmp_path / f"{key}_final.pth"
-        torch.save(model.state_dict(), weights)
-        expected[key] = str(weights)
-        full = OmegaConf.create({"model_config": {key: config}, "training": {"update_frequency": 1}})
-        archive = tar_bytes({f"{key}_final.pth": weights.read_bytes(),
-                             "config.yaml": OmegaConf.to_yaml(full).encode()})
-        server.files[f"{key}.tar.gz"] = archive
-        zoo_lines.append(
-            f"{key}:\n  user:\n    tiny:\n      version: 1.0_2026_12_01\n      resources:\n"
-            f"      - url: {server.url}/{key}.tar.gz\n        file_name: {key}.tar.gz\n"
-            f"        hashcode: {hashlib.sha256(archive).hexdigest()}\n"
-        )
-    zoo = tmp_path / "zoo.yaml"
-    zoo.write_text("".join(zoo_lines))
-    script = (
-        "import torch, mmf\n"
-        "from mmf_multilevel.methods.muvla.model import MuVLA\n"
-        "from mmf_multilevel.methods.semvlp.model import SemVLP\n"
-        f"for cls, key, path in ((MuVLA, 'muvla', {expected['muvla']!r}), (SemVLP, 'semvlp', {expected['semvlp']!r})):\n"
-        "    m = cls.from_pretrained(key + '.user.tiny')\n"
-        "    ref = torch.load(path, weights_only=True)\n"
-        "    own = m.state_dict()\n"
-        "    assert ref.keys() == own.keys(), key\n"
-        "    assert all(torch.equal(own[k], v) for k, v in ref.items()), key + ': weights differ'\n"
-        "    assert type(m) is cls and not m.training\n"
-        "    print('loaded', key, len(ref))\n"
-    )
-    import subprocess
-    import sys
-
-    env = clean_env(tmp_path, MMF_USER_ZOO=zoo, MMF_DATA_DIR=tmp_path / "data")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "loaded muvla" in result.stdout and "loaded semvlp" in result.stdout
-    assert {name for name, _ in server.requests} == {"muvla.tar.gz", "semvlp.tar.gz"}

@@ -500,3 +500,27 @@ def test_fine_tuning_checkpoint_mapping_takes_the_whole_network():
     pre_keys = {k for k in pre.state_dict() if k.startswith("semvlp.")}
     assert pre_keys == {k for k in ft.state_dict() if k.startswith("semvlp.")}
     assert all(not k.startswith("semvlp.") for k in pre.state_dict() if k.startswith("heads."))
+
+
+def test_checkpoints_from_before_the_one_folder_layout_load():
+    """State dicts written when the backbone was ``semvlp.*``, the object heads ``object_feature`` /
+    ``object_label`` and the schedule a ``schedule_step`` buffer load into today's names."""
+    model = build_model().eval()
+    renames = {"backbone.": "semvlp.", "heads.mrfr.": "heads.object_feature.", "heads.mrc.": "heads.object_label."}
+    old = {}
+    for key, value in model.state_dict().items():
+        for now, before in renames.items():
+            if key.startswith(now):
+                key = before + key[len(now):]
+        old[key] = value
+    old["schedule_step"] = torch.tensor(7)
+    assert any(k.startswith("semvlp.text.") for k in old) and any(k.startswith("heads.object_label.") for k in old)
+    fresh = build_model(cross_layer_start=LS)
+    torch.manual_seed(9)
+    for p in fresh.parameters():
+        p.data.normal_()
+    fresh.load_state_dict(old, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    # and MMF's pretrained_state_mapping prefix of the old projects ('semvlp: semvlp') means the backbone
+    assert fresh.map_pretrained_prefix("semvlp") == "backbone"

@@ -3,7 +3,7 @@
 ``test_rank_dump`` is the mmf_multilevel trainer plus two hooks the tests need:
 every rank writes its final parameters to ``<save_dir>/rank<R>.pt``, and
 ``MMF_TEST_BATCH_SLEEP`` (seconds) slows each training batch so a test can kill a
-run in the middle.
+run in the middle. ``hook_probe`` (``hook_probe.py``) is a tiny method that uses every training hook.
 """
 import os
 import time
@@ -29,3 +29,6 @@ class RankDumpTrainer(MultilevelTrainer):
         model = self.model.module if hasattr(self.model, "module") else self.model
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         torch.save(state, os.path.join(get_mmf_env(key="save_dir"), f"rank{get_rank()}.pt"))
+
+
+from . import hook_probe  # noqa: E402,F401

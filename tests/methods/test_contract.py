@@ -1,0 +1,199 @@
+"""The contract every registered method passes, for each of its head types: a tiny build, forward,
+backward, finite losses named ``<split>/<dataset>/...``, a state-dict round trip, checkpoints written
+before a rename, ``pretrained_state_mapping`` loading only the backbone, the typed defaults equal to
+``defaults.yaml``, and ``from_pretrained`` through a user zoo. A method gets these tests by being a
+folder under ``mmf_multilevel/methods/`` with a ``model.py`` (on the adapter base) and a ``testing.py``."""
+import hashlib
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from helpers.mmf import clean_env
+from helpers.zoo import tar_bytes
+from mmf_multilevel.methods import method_names
+from mmf_multilevel.methods.base import MethodModel, apply_key_map
+from mmf_multilevel.methods.progress import TrainingProgress
+
+pytestmark = pytest.mark.usefixtures("mmf_global_config")
+
+#: method folders whose model is MMF's own VisualBERT (not on the adapter base): the RefCOCO+ reference
+REFERENCE_MODELS = {"visual_bert_grounding"}
+
+
+def adapter(name):
+    from mmf.common.registry import registry
+
+    return registry.get_model_class(name)
+
+
+METHODS = [name for name in method_names() if name not in REFERENCE_MODELS]
+CASES = [(name, head) for name in METHODS for head in adapter(name).head_types]
+
+
+def tiny(name):
+    return importlib.import_module(f"mmf_multilevel.methods.{name}.testing")
+
+
+def build(name, head_type, seed=0):
+    cls = adapter(name)
+    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config[name], tiny(name).tiny_config(head_type))
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.build()
+    model.init_losses()  # as MMF's build_model does
+    return model
+
+
+def run(model, batch, seed=1):
+    torch.manual_seed(seed)
+    return model(batch)
+
+
+def test_every_method_folder_is_on_the_adapter_base_and_registered():
+    assert set(method_names()) >= {"semvlp", "muvla"} | REFERENCE_MODELS
+    for name in METHODS:
+        cls = adapter(name)
+        assert issubclass(cls, MethodModel) and cls.name == name, name
+        assert cls.__module__ == f"mmf_multilevel.methods.{name}.model"
+
+
+@pytest.mark.parametrize("name,head_type", CASES)
+def test_forward_backward_and_named_losses(name, head_type):
+    model = build(name, head_type).train()
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    batch = tiny(name).tiny_batch(head_type)
+    losses = run(model, batch)["losses"]
+    assert losses, f"{name}/{head_type}: no losses"
+    for key, value in losses.items():
+        assert key.startswith(f"train/{batch.dataset_name}/"), key
+        assert value.numel() == 1 and torch.isfinite(value).all(), (key, value)
+    sum(losses.values()).backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert any(k.startswith("backbone.") and g.abs().sum() > 0 for k, g in grads.items()), "no gradient reached the backbone"
+    head = "heads." if head_type == "pretraining" else ("classifier.", "itm_head.")
+    assert any(k.startswith(head) and g.abs().sum() > 0 for k, g in grads.items()), "no gradient reached the head"
+
+
+@pytest.mark.parametrize("name,head_type", CASES)
+def test_state_dict_round_trip_gives_the_same_outputs(name, head_type):
+    model = build(name, head_type, seed=0).eval()
+    other = build(name, head_type, seed=1).eval()
+    batch = tiny(name).tiny_batch(head_type)
+    other.load_state_dict(model.state_dict(), strict=True)
+    assert run(other, batch)["scores"].shape == run(model, batch)["scores"].shape
+    torch.testing.assert_close(run(other, batch)["scores"], run(model, batch)["scores"])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_checkpoints_written_before_a_rename_still_load(name):
+    cls = adapter(name)
+    model = build(name, "pretraining").eval()
+    state = model.state_dict()
+    old = {}
+    for key, value in state.items():  # today's keys written back in the old names of the key map
+        for before, now in cls.state_key_map:
+            if now is not None and key.startswith(now):
+                key = before + key[len(now):]
+                break
+        old[key] = value
+    for before, now in cls.state_key_map:
+        if now is None:
+            old[before.rstrip(".")] = torch.zeros(())  # an entry the model no longer has
+    fresh = build(name, "pretraining", seed=3).eval()
+    fresh.load_state_dict(old, strict=True)
+    for key, value in state.items():
+        torch.testing.assert_close(fresh.state_dict()[key], value)
+    assert all(apply_key_map(k, cls.state_key_map) is None or apply_key_map(k, cls.state_key_map) in state for k in old)
+
+
+class _Writer:
+    def __init__(self):
+        self.lines = []
+
+    def write(self, line, *args, **kwargs):
+        self.lines.append(line)
+
+
+@pytest.mark.parametrize("name,head_type", [c for c in CASES if c[1] != "pretraining"])
+def test_pretrained_state_mapping_loads_only_the_backbone(name, head_type):
+    from types import SimpleNamespace
+
+    from mmf_multilevel.trainers.checkpoint import MultilevelCheckpoint
+
+    source = build(name, "pretraining", seed=1).state_dict()
+    target = build(name, head_type, seed=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    config = OmegaConf.create({"checkpoint": {"pretrained_state_mapping": {"backbone": "backbone"}}})
+    stub = SimpleNamespace(trainer=SimpleNamespace(model=target, config=config, writer=_Writer()))
+    MultilevelCheckpoint._load_pretrained(stub, source)
+    after = target.state_dict()
+    assert any(k.startswith("backbone.") for k in after)
+    for key, value in after.items():
+        expected = source[key] if key.startswith("backbone.") else before[key]
+        assert torch.equal(value, expected), key
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_typed_defaults_equal_defaults_yaml(name):
+    cls = adapter(name)
+    yaml = OmegaConf.to_container(OmegaConf.load(cls.config_path()).model_config[name])
+    typed = OmegaConf.to_container(OmegaConf.structured(cls.config_class))
+    typed.pop("model")
+    assert yaml == typed
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unknown_or_mistyped_keys_name_the_config_key(name):
+    cls = adapter(name)
+    with pytest.raises(ValueError, match=f"model_config.{name}.no_such_key"):
+        cls(OmegaConf.create({"no_such_key": 1}))
+    with pytest.raises(ValueError, match=f"model_config.{name}.hidden_size"):
+        cls(OmegaConf.create({"hidden_size": "wide"}))
+    with pytest.raises(ValueError, match="training_head_type must be one of"):
+        cls(OmegaConf.create({**tiny(name).tiny_config("pretraining"), "training_head_type": "nope"})).build()
+
+
+def test_from_pretrained_through_a_user_zoo_in_a_fresh_interpreter(tmp_path, server):
+    """Every method's weights, published in a user zoo, load with MMF's ``from_pretrained``: download
+    over HTTP, checksum, extraction, then the same parameters."""
+    zoo_lines, expected = [], {}
+    for name in METHODS:
+        head_type = adapter(name).head_types[1]
+        model = build(name, head_type, seed=5)
+        weights = tmp_path / f"{name}_final.pth"
+        torch.save(model.state_dict(), weights)
+        expected[name] = str(weights)
+        full = OmegaConf.create({"model_config": {name: model.config}, "training": {"update_frequency": 1}})
+        archive = tar_bytes({f"{name}_final.pth": weights.read_bytes(), "config.yaml": OmegaConf.to_yaml(full).encode()})
+        server.files[f"{name}.tar.gz"] = archive
+        zoo_lines.append(
+            f"{name}:\n  user:\n    tiny:\n      version: 1.0_2026_12_01\n      resources:\n"
+            f"      - url: {server.url}/{name}.tar.gz\n        file_name: {name}.tar.gz\n"
+            f"        hashcode: {hashlib.sha256(archive).hexdigest()}\n"
+        )
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("".join(zoo_lines))
+    script = (
+        "import torch, mmf\n"
+        "from mmf.common.registry import registry\n"
+        f"for key, path in {expected!r}.items():\n"
+        "    cls = registry.get_model_class(key)\n"
+        "    m = cls.from_pretrained(key + '.user.tiny')\n"
+        "    ref = torch.load(path, weights_only=True)\n"
+        "    own = m.state_dict()\n"
+        "    assert ref.keys() == own.keys(), key\n"
+        "    assert all(torch.equal(own[k], v) for k, v in ref.items()), key + ': weights differ'\n"
+        "    assert type(m) is cls and not m.training\n"
+        "    print('loaded', key, len(ref))\n"
+    )
+    env = clean_env(tmp_path, MMF_USER_ZOO=zoo, MMF_DATA_DIR=tmp_path / "data")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for name in METHODS:
+        assert f"loaded {name}" in result.stdout
+    assert {name for name, _ in server.requests} == {f"{name}.tar.gz" for name in METHODS}

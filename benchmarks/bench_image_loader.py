@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 import mmf  # noqa: F401  (compatibility layer + our registrations)
 
 from mmf_multilevel.datasets.generate import generate
-from mmf_multilevel.datasets.images import build_image_lmdb, open_image_source
+from mmf_multilevel.images import build_image_lmdb, open_image_source
 from mmf_multilevel.processors.images import ImageTransformProcessor
 
 RESOLUTIONS = {

@@ -10,7 +10,10 @@ program imports ``mmf``:
   stand-ins) are applied, because rc10 imports its whole package tree at once;
 * after each MMF module has executed, the patches that target that module are
   applied, before any other module can ``from … import`` the patched names;
-* once ``mmf`` is fully imported, our components are registered in MMF's registry.
+* once ``mmf`` is fully imported, our components are registered in MMF's registry - at once, or,
+  when a module of this package is what imported ``mmf`` (a program that imports, say, a method's
+  model before ``mmf``), as soon as no module of this package is half-imported any more: the
+  registration imports every module of the package, and a half-imported one would fail.
 
 Set ``MMF_MULTILEVEL_DISABLE_HOOK=1`` to import a pristine MMF.
 """
@@ -21,11 +24,41 @@ import sys
 import threading
 
 _ROOTS = ("mmf", "mmf_cli")
+_OWN = "mmf_multilevel"
 _local = threading.local()
+#: set while the plugin's registration waits for this package's modules to finish importing
+_registration_deferred = False
 
 
 def _is_target(fullname):
-    return any(fullname == root or fullname.startswith(root + ".") for root in _ROOTS)
+    return any(fullname == root or fullname.startswith(root + ".") for root in _ROOTS + (_OWN,))
+
+
+def own_modules_initializing(exclude=None):
+    """Names of this package's modules whose import is under way (``exclude`` left out)."""
+    names = []
+    for name, module in list(sys.modules.items()):
+        if name == exclude or not (name == _OWN or name.startswith(_OWN + ".")):
+            continue
+        if getattr(getattr(module, "__spec__", None), "_initializing", False):
+            names.append(name)
+    return names
+
+
+def defer_registration():
+    global _registration_deferred
+    _registration_deferred = True
+
+
+def _registration_ready(fullname):
+    """After a module of this package finished executing: run a deferred registration when no other
+    module of the package is still half-imported."""
+    global _registration_deferred
+    if _registration_deferred and not own_modules_initializing(exclude=fullname):
+        _registration_deferred = False
+        from mmf_multilevel.compat import patches
+
+        patches.register_plugin(deferred=True)
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -43,6 +76,10 @@ class _PatchingLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
+        if self._fullname == _OWN or self._fullname.startswith(_OWN + "."):
+            self._loader.exec_module(module)
+            _registration_ready(self._fullname)
+            return
         from mmf_multilevel.compat import patches
 
         patches.before_module(self._fullname, module)

@@ -87,10 +87,17 @@ def apply_to_loaded_modules():
     register_plugin()
 
 
-def register_plugin():
-    """Import the modules that register our models, datasets, trainer... with MMF."""
+def register_plugin(deferred=False):
+    """Import the modules that register our models, datasets, trainer... with MMF (``deferred``: called
+    by the import hook once the module of ours that imported ``mmf`` has finished executing)."""
     global _registered_plugin
     if _registered_plugin:
+        return
+    from mmf_multilevel.compat import _bootstrap
+
+    if not deferred and _bootstrap.own_modules_initializing():
+        # a module of ours imported mmf: register once it (and whatever imported it) is complete
+        _bootstrap.defer_registration()
         return
     _registered_plugin = True
     importlib.import_module("mmf_multilevel.register")

@@ -1,2 +1,1 @@
-"""Dataset builders. MMF is imported first: its import registers our builders, which import this package."""
-import mmf  # noqa: F401
+"""Dataset builders and datasets every method shares (registered with MMF by ``mmf_multilevel.register``)."""

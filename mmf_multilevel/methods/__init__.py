@@ -8,13 +8,11 @@ A method is found by walking this package: every sub-package with a ``model.py``
 import importlib
 import os
 import pkgutil
-import sys
 from typing import List
 
-__all__ = ["method_names", "register_all", "registration_pending"]
+__all__ = ["method_names", "register_all"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_pending = False
 
 
 def method_names() -> List[str]:
@@ -26,25 +24,10 @@ def method_names() -> List[str]:
 
 
 def register_all() -> List[str]:
-    """Import every method's ``model`` (and ``data`` when present); needs MMF. Returns the names.
-
-    When MMF's import was started by ``methods/base.py`` itself (a program that imports a method's
-    model before ``mmf``), the adapters cannot be defined yet: the registration is left pending and
-    ``base.py`` finishes it at the end of its own import."""
-    global _pending
-    base = sys.modules.get(f"{__name__}.base")
-    if base is not None and not hasattr(base, "MethodModel"):
-        _pending = True
-        return []
-    _pending = False
+    """Import every method's ``model`` (and ``data`` when present); needs MMF. Returns the names."""
     names = method_names()
     for name in names:
         importlib.import_module(f"{__name__}.{name}.model")
         if os.path.isfile(os.path.join(_HERE, name, "data.py")):
             importlib.import_module(f"{__name__}.{name}.data")
     return names
-
-
-def registration_pending() -> bool:
-    """Whether :func:`register_all` was called while ``base.py`` was still being imported."""
-    return _pending

@@ -38,7 +38,7 @@ from mmf_multilevel.methods.progress import TrainingProgress
 
 try:
     # importing MMF registers this plugin's methods (compat/_bootstrap.py); when this module is what
-    # imported MMF first, that registration waits for the end of this file (see methods.register_all)
+    # imported MMF first, that registration waits until this module's import is complete
     from mmf.common.registry import registry
     from mmf.models.base_model import BaseModel
 except ModuleNotFoundError as error:  # pragma: no cover - exercised only without MMF
@@ -185,13 +185,3 @@ class MethodModel(BaseModel):
         """A ``pretrained_state_mapping`` prefix written before a rename, in today's names."""
         mapped = apply_key_map(prefix + ".", self.state_key_map)
         return prefix if mapped is None else mapped.rstrip(".")
-
-
-def _finish_deferred_registration():
-    from mmf_multilevel import methods
-
-    if registry is not None and methods.registration_pending():
-        methods.register_all()
-
-
-_finish_deferred_registration()

@@ -19,14 +19,14 @@ Output (MMF's answer-processor keys, plus one):
 
 - ``answers``: the human answers as strings, unchanged (for prediction files and MMF's own metrics);
 - ``answers_scores``: ``FloatTensor(vocab_size)``; entry ``k`` is the official VQA accuracy of
-  predicting vocabulary entry ``k`` (``mmf_multilevel.metrics.vqa_official_accuracy(vocab[k], answers)``),
+  predicting vocabulary entry ``k`` (``mmf_multilevel.evaluation.vqa.vqa_official_accuracy(vocab[k], answers)``),
   e.g. 0.3 / 0.6 / 0.9 / 1.0 for an answer given by 1 / 2 / 3 / ≥4 of 10 humans.  Training on it
   optimises the quantity the ``vqa_official_accuracy`` metric reports.  A dataset sets
   ``sample.targets = out["answers_scores"]``;
 - ``answers_indices``: ``LongTensor(num_answers)``, the vocabulary index each human answer matches
   under the official comparison, ``-1`` where it matches none;
 - ``answers_keys``: ``LongTensor(num_answers)``, the human answers encoded for the
-  ``vqa_official_accuracy`` metric (see ``mmf_multilevel.metrics``); a dataset sets
+  ``vqa_official_accuracy`` metric (see ``mmf_multilevel.metrics``, built on ``mmf_multilevel.evaluation.vqa``); a dataset sets
   ``sample.answers_keys = out["answers_keys"]``.
 
 Answers outside the vocabulary
@@ -61,7 +61,7 @@ import torch
 from mmf.common.registry import registry
 from mmf.datasets.processors.processors import BaseProcessor
 
-from mmf_multilevel.metrics import (
+from mmf_multilevel.evaluation.vqa import (
     NO_MATCH_KEY,
     accuracy_from_matches,
     answer_key,

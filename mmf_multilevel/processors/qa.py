@@ -23,7 +23,7 @@ import torch
 from mmf.common.registry import registry
 from mmf.datasets.processors.processors import BaseProcessor
 
-from mmf_multilevel.metrics import normalize_answer
+from mmf_multilevel.evaluation.vqa import normalize_answer
 from mmf_multilevel.processors.answers import AnswerVocabulary, VQAOfficialAnswerProcessor
 
 

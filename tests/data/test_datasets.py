@@ -18,7 +18,7 @@ from mmf_multilevel.datasets.base import FeatureDimensionError, MissingFeaturesE
 from mmf_multilevel.datasets.captions import CaptionDataset
 from mmf_multilevel.datasets.vqa2 import VQA2Dataset
 from mmf_multilevel.features import FeatureCacheReader, FeatureCacheWriter
-from mmf_multilevel.metrics import vqa_official_accuracy
+from mmf_multilevel.evaluation.vqa import vqa_official_accuracy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(ROOT, "mmf_multilevel", "configs", "datasets")

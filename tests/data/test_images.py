@@ -18,7 +18,9 @@ import mmf  # noqa: F401  (applies the compatibility layer, registers our compon
 from mmf.common.registry import registry
 from mmf.common.sample import SampleList
 
-from mmf_multilevel.datasets import images as I
+from mmf_multilevel import images as I
+from mmf_multilevel.datasets import images as D
+from mmf_multilevel.images.__main__ import main as images_main
 from mmf_multilevel.datasets.generate import COLORS, generate
 from mmf_multilevel.processors import images as P
 
@@ -141,7 +143,7 @@ def test_lmdb_builder_lists_bad_images_and_cli(tmp_path, capsys):
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG at all" * 3)
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
     out = tmp_path / "out.lmdb"
-    assert I.main(["build-lmdb", str(folder), str(out), "--quiet"]) == 1
+    assert images_main(["build-lmdb", str(folder), str(out), "--quiet"]) == 1
     printed = capsys.readouterr().out
     assert "1 written" in printed and "2 bad of 3" in printed and "bad_images.jsonl" in printed
     listed = {json.loads(line)["image_id"]: json.loads(line)["error"] for line in (out / "bad_images.jsonl").read_text().splitlines()}
@@ -151,13 +153,13 @@ def test_lmdb_builder_lists_bad_images_and_cli(tmp_path, capsys):
     with pytest.raises(I.ImageDecodeError, match="corrupt"):
         I.build_image_lmdb(folder, tmp_path / "strict.lmdb", on_error="raise", progress=False)
     # check and info
-    assert I.main(["check", str(folder), "--quiet"]) == 1
+    assert images_main(["check", str(folder), "--quiet"]) == 1
     assert {json.loads(line)["image_id"] for line in capsys.readouterr().out.splitlines()} == {"corrupt", "truncated"}
-    assert I.main(["info", str(out)]) == 0
+    assert images_main(["info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "LMDB" and info["images"] == 1 and info["header"]["num_bad"] == 2
     # a non-empty folder that is not an LMDB is never written into
-    assert I.main(["build-lmdb", str(out), str(folder), "--quiet"]) == 2
+    assert images_main(["build-lmdb", str(out), str(folder), "--quiet"]) == 2
     assert "not an image LMDB" in capsys.readouterr().err
 
 
@@ -421,7 +423,7 @@ def make_dataset(name, demo, images, split="train", **kwargs):
     config = dataset_config(name, demo, images, **kwargs)
     for key in config.processors:  # MMF reuses a dataset's registered processors; build them anew
         registry.unregister(f"{name}_{key}")
-    dataset = I.ImageCaptionDataset(name, config, split)
+    dataset = D.ImageCaptionDataset(name, config, split)
     dataset.init_processors()
     return dataset
 
@@ -521,7 +523,7 @@ def test_missing_and_bad_images(demo, tmp_path):
         make_dataset("coco_captions_images", demo, tmp_path / "absent")
 
 
-class PairDataset(I.RawImageMixin, mmf.datasets.base_dataset.BaseDataset):
+class PairDataset(D.RawImageMixin, mmf.datasets.base_dataset.BaseDataset):
     """What a two-image task (NLVR2) does with the mixin: two fields, independent augmentation."""
 
     def __init__(self, config, records):
@@ -575,7 +577,7 @@ def test_collate_images_pads_to_the_batch_maximum(demo):
     sizes = [tuple(s.image.shape[-2:]) for s in samples]
     assert len(set(sizes)) > 1 and all(tuple(s.image_size.tolist()) == size for s, size in zip(samples, sizes))
     originals = [s.image.clone() for s in samples]
-    batch = I.collate_images(samples, "coco_captions_images", "val", size_divisor=64)
+    batch = D.collate_images(samples, "coco_captions_images", "val", size_divisor=64)
     height, width = batch.image.shape[-2:]
     assert height % 64 == 0 and width % 64 == 0 and height >= max(h for h, _ in sizes) and width >= max(w for _, w in sizes)
     for i, (h, w) in enumerate(sizes):
@@ -593,7 +595,7 @@ def test_lmdb_builder_survives_kill_9(demo, tmp_path):
     out = tmp_path / "killed.lmdb"
     script = f"""
 import os, signal
-from mmf_multilevel.datasets import images as I
+from mmf_multilevel import images as I
 source = I.open_image_source({str(demo["folder"])!r})
 original, calls = source.get_bytes, [0]
 def dying(image_id):
@@ -610,7 +612,7 @@ I.build_image_lmdb(source, {str(out)!r}, batch_size=8, progress=False)
     partial = I.open_image_source(out)
     assert sorted(partial.keys()) == ids[:32] and partial.header["count"] == 32
     partial.close()
-    assert I.main(["build-lmdb", str(demo["folder"]), str(out), "--quiet", "--batch-size", "8"]) == 0
+    assert images_main(["build-lmdb", str(demo["folder"]), str(out), "--quiet", "--batch-size", "8"]) == 0
     done = I.open_image_source(out)
     assert sorted(done.keys()) == ids and done.header["count"] == 60
     assert all(done.get_bytes(i) == (demo["folder"] / f"{i}.jpg").read_bytes() for i in ids)

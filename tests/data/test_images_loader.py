@@ -15,7 +15,8 @@ from mmf.common.batch_collator import BatchCollator
 from mmf.common.registry import registry
 
 from helpers.mmf import run_mmf
-from mmf_multilevel.datasets import images as I
+from mmf_multilevel import images as I
+from mmf_multilevel.datasets import images as D
 from mmf_multilevel.datasets.generate import generate
 from mmf_multilevel.trainers.data import ResumableSampler, SeededDataset, make_loader
 
@@ -46,7 +47,7 @@ def make_dataset(demo, kind, split="train"):
     config.processors.image_processor.params.eval = {"size": [48, 48]}
     for key in config.processors:
         registry.unregister(f"{name}_{key}")
-    dataset = I.ImageCaptionDataset(name, config, split)
+    dataset = D.ImageCaptionDataset(name, config, split)
     dataset.init_processors()
     return dataset
 

@@ -1,12 +1,12 @@
 """The registered MMF model ``semvlp``: SemVLP's network and heads on the adapter base.
 
 * ``training_head_type: pretraining`` - MLM, masked object prediction (``mrfr`` feature regression +
-  ``mrc`` detected label), ITM and image QA with equal weights (paper §2.3); each optimizer update
+  ``mrc`` detected label), ITM and image QA with equal weights (paper §3.3.1-§3.3.2); each optimizer update
   runs one mode, picked by ``mode_schedule`` from the update index the trainer pushes
   (:meth:`on_update_start`), so every rank and a resumed run pick the same modes. Losses are named
   ``<split>/<dataset>/<mode>/<loss>`` so the log shows each mode's losses.
 * ``classification`` (VQA, GQA, SNLI-VE), ``nlvr2`` (paired head) and ``retrieval`` (the ITM head's
-  2-way scores): the fine-tuning mode is ``mode: single | two`` (paper §3, Table 5).
+  2-way scores): the fine-tuning mode is ``mode: single | two`` (paper §3.3.3, Table 5).
 
 Checkpoints written before the one-folder layout (backbone ``semvlp.*``, heads ``object_feature`` /
 ``object_label``, the ``schedule_step`` counter) load through :attr:`SemVLP.state_key_map`.

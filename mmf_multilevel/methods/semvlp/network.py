@@ -1,4 +1,4 @@
-"""SemVLP's network: one shared transformer run in single-stream and two-stream modes (paper §2.1-§2.2).
+"""SemVLP's network: one shared transformer run in single-stream and two-stream modes (paper §3.1-§3.2).
 
 The network (:class:`SemVLPNetwork`, a plain ``nn.Module``) holds one stack of ``L`` BERT blocks
 (self-attention + FFN). Both ways of running it use these same module instances:

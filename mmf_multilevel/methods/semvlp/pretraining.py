@@ -1,4 +1,4 @@
-"""SemVLP's pre-training (paper §2.3): the heads, their losses and the per-update mode schedule.
+"""SemVLP's pre-training (paper §3.3): the heads, their losses and the per-update mode schedule.
 
 * heads (:class:`SemVLPPretrainingHeads`), named as in every method: ``mlm`` (masked language
   modelling, decoder tied to the word embeddings), ``mrfr`` / ``mrc`` (masked object prediction:
@@ -6,7 +6,7 @@
   LXMERT's transform + linear), ``itm`` (image-text matching on the pooled summary) and ``qa``
   (image question answering);
 * :func:`pretraining_losses`: the four losses with equal weights; none but ITM on mismatched pairs;
-* :class:`ModeSchedule`: which mode (single- or two-stream, §2.2) each optimizer update runs in.
+* :class:`ModeSchedule`: which mode (single- or two-stream, §3.3.2) each optimizer update runs in.
 """
 import math
 import random

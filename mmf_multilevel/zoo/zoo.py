@@ -25,9 +25,12 @@ files one trusts.
 """
 import glob
 import os
-from typing import Dict, List, Mapping
+from typing import TYPE_CHECKING, Dict, List, Mapping
 
 from mmf_multilevel.zoo.download import ZooError, fetch_resources
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 PACKAGE_ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models.yaml")
 CHECKPOINT_PATTERNS = ("*.ckpt", "*.pth", "*.pt", "*.safetensors")

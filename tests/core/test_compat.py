@@ -258,8 +258,6 @@ def test_cuda_scoping_stays_off_for_code_without_cuda_calls(tmp_path):
 
 # ----------------------------------------------------------------- launcher
 def test_stock_cli_runs_through_our_launcher(tmp_path):
-    import mmf_cli.run
-
     assert mmf_cli.run.run is launcher.run
     newer = make_module(tmp_path, "newer_cli", "def run(opts=None, predict=False):\n    return None\n")
     assert patches._cli_launcher(newer) is False

@@ -81,8 +81,7 @@ def reference(state, bert, ids, mask, feats, boxes, rmask, tag_boxes=None):
     hidden = torch.cat([text, regions], 1)
     keep = torch.cat([mask, rmask], 1).float()[:, None, None, :]
     bert.load_state_dict({k[len("model.bert."):]: v for k, v in state.items() if k.startswith("model.bert.")
-                          and not k[len("model.bert.embeddings."):].split(".")[0] in
-                          ("projection", "box_fc", "visn_layer_norm", "box_layer_norm", "tag_layer_norm",
+                          and k[len("model.bert.embeddings."):].split(".")[0] not in ("projection", "box_fc", "visn_layer_norm", "box_layer_norm", "tag_layer_norm",
                            "token_type_embeddings_visual", "position_embeddings_visual")})
     bert.eval()
     sequence = bert.encoder(hidden, attention_mask=(1.0 - keep) * torch.finfo(torch.float32).min)[0]

@@ -3,7 +3,7 @@ Conceptual Captions, SBU (``coco_captions``, ``vg_captions``, ``conceptual_capti
 ``sbu_captions``; any other corpus in the same format works with ``captions``).
 
 Annotations: jsonl, one caption per line: ``{"image_id": "...", "caption": "..."}``
-(extra fields are kept). Regions: the feature cache of DESIGN §4, keyed by image id.
+(extra fields are kept). Regions: the feature cache (``mmf_multilevel.features``), keyed by image id.
 
 Each sample is masked for MLM by the ``text_processor`` (MMF's ``masked_token`` by
 default: ``input_ids``, ``lm_label_ids`` with -1 where not masked, ``segment_ids``,

@@ -4,7 +4,7 @@
 
     data/demo/
       images/<image_id>.jpg            the pictures (coloured shapes on a background)
-      features/regions.lmdb            region feature cache (DESIGN §4): one region per shape,
+      features/regions.lmdb            region feature cache (mmf_multilevel.features): one region per shape,
                                        features / boxes (pixels) / cls_prob / objects / attr_prob / attrs
       annotations/captions_{train,val,test}.jsonl   {"image_id", "caption"}            (2 per image)
       annotations/vqa_{train,val}.jsonl             {"question_id", "image_id", "question",

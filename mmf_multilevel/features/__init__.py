@@ -1,4 +1,4 @@
-"""Region feature cache (DESIGN §4): LMDB keyed by image id, safetensors records.
+"""Region feature cache: LMDB keyed by image id, safetensors records.
 
 ``FeatureCacheWriter`` writes (batch-atomic, resumable; optionally MMF's pickled layout),
 ``FeatureCacheReader`` reads both layouts (MMF pickles through a restricted unpickler),

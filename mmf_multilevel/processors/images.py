@@ -82,7 +82,7 @@ ALBEF_RANDAUGMENT = {
 }
 
 PRESETS = {
-    # SIMLA / ALBEF pre-training: 256 crops (specs/simla.md §4), CLIP normalisation
+    # SIMLA / ALBEF pre-training: 256 crops (SIMLA paper §2.5), CLIP normalisation
     "simla_pretrain": {
         "train": {"size": 256, "crop": "random_resized", "scale": [0.2, 1.0], "interpolation": "bicubic",
                   "hflip": 0.5, "randaugment": ALBEF_RANDAUGMENT},
@@ -98,8 +98,8 @@ PRESETS = {
         "mean": list(CLIP_MEAN),
         "std": list(CLIP_STD),
     },
-    # SOHO: shorter side 600, longer at most 1000 (specs/soho.md §2.1, §4.1); no augmentation is
-    # stated, and flips are off because captions say left/right. ImageNet normalisation [I].
+    # SOHO: shorter side 600, longer at most 1000 (SOHO paper §4.1); no augmentation is stated,
+    # and flips are off because captions say left/right. ImageNet normalisation: not in the paper.
     "soho": {
         "train": {"size": 600, "max_size": 1000, "crop": "resize", "interpolation": "bilinear", "hflip": 0.0,
                   "randaugment": None, "pad_to": [1000, 1000]},

@@ -1,4 +1,4 @@
-"""μ-VLA weakly aligned corpus builder (spec ``muvla.md`` §2): SBERT retrieval, spaCy noun phrases, tag-phrase links.
+"""μ-VLA weakly aligned corpus builder (paper §3.2, §3.3.2): SBERT retrieval, spaCy noun phrases, tag-phrase links.
 
     python -m mmf_multilevel.retrieval build --features feats.lmdb --corpus captions.txt --out weak.jsonl
 

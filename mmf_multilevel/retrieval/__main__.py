@@ -59,7 +59,7 @@ def _add_search(p):
 
 
 def _add_link(p, out_required):
-    p.add_argument("--out", required=out_required, help="output weak corpus .jsonl (one record per image, spec §2.6)")
+    p.add_argument("--out", required=out_required, help="output weak corpus .jsonl (one record per image)")
     p.add_argument("--spacy", default=D["spacy"], help="spaCy pipeline for noun chunks (default: %(default)s; known aliases are tried)")
     p.add_argument("--spacy-batch-size", type=int, default=D["spacy_batch_size"], help="nlp.pipe batch size (default: %(default)s)")
     p.add_argument("--spacy-processes", type=int, default=D["spacy_processes"], help="nlp.pipe worker processes (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""Inputs of the builder: the text corpus, the images' object tags, and the tag queries (spec §2.1-§2.2).
+"""Inputs of the builder: the text corpus, the images' object tags, and the tag queries (paper §3.2).
 
 The corpus (``.txt``: one sentence a line; ``.jsonl``: one object a line with a text field and,
 for ``--exclude-self``, the ``image_id`` the sentence belongs to) is cleaned once into the work
@@ -22,7 +22,7 @@ from mmf_multilevel.retrieval._util import AtomicFile, RetrievalError, atomic_wr
 TEXT_FIELDS = ("text", "caption", "sentence")
 _SPACES = re.compile(r"\s+")
 
-# Official query filter (spec §2.2 [C]): keep a detection with conf >= 0.3 and box area >= 1% of the image.
+# Official query filter (not in the paper): keep a detection with conf >= 0.3 and box area >= 1% of the image.
 DEFAULT_MIN_CONF = 0.3
 DEFAULT_MIN_AREA = 0.01
 QUERY_MODES = ("ranked", "unique", "all")
@@ -176,7 +176,7 @@ class CorpusText:
 def build_query(tags, conf=None, boxes=None, image_w=None, image_h=None, mode="ranked", min_conf=DEFAULT_MIN_CONF, min_area=DEFAULT_MIN_AREA):
     """The pseudo-sentence of one image's tags; returns ``(query, used_fallback)``.
 
-    ``ranked`` (default, the official builder's ``sort_objects``, spec §2.2 [C]): keep a detection
+    ``ranked`` (default, the official builder's ``sort_objects``; not in the paper): keep a detection
     if ``conf >= min_conf`` and ``area / (W*H) >= min_area`` (a test whose data are missing is not
     applied), score each class ``10*count/total + 10*max_area_ratio`` over the kept detections,
     and join the distinct classes by score, highest first (ties: first appearance). If the filter

@@ -1,6 +1,6 @@
-"""Noun phrases of the retrieved sentences and their links to the image's regions (spec §2.4-§2.6).
+"""Noun phrases of the retrieved sentences and their links to the image's regions (paper §3.3.2).
 
-For each unique tag ``o`` of an image and each retrieved sentence j (official builder, [C]):
+For each unique tag ``o`` of an image and each retrieved sentence j (official code; the paper says word2vec):
 
     s(o, j)  = max_k cos(E(o), E(np_jk))          a(o, j) = argmax_k
     s'(o, j) = s / t  if s > t  else 0            (t = 0.5: s' is 0 or in (1, 2])
@@ -82,7 +82,7 @@ def extract_noun_phrases(texts_of_rows, rows, nlp_factory, state_dir, chunk_rows
 
 
 def build_record(image, caption_rows, caption_scores, texts, phrases_of, tag_index, tag_vecs, phrase_index, phrase_vecs, threshold=DEFAULT_THRESHOLD, decimals=4):
-    """The §2.6 record of one image.
+    """The output record (README) of one image.
 
     ``caption_rows``/``caption_scores``/``texts``: its retrieved corpus ids, scores and sentences (rank
     order); ``tag_vecs`` are L2-normalised, ``phrase_vecs`` may be raw (a float16 memmap): the rows

@@ -1,4 +1,4 @@
-"""Top-K search of the query embeddings over the corpus embeddings (spec §2.3).
+"""Top-K search of the query embeddings over the corpus embeddings (paper §3.2).
 
 Metrics:
 

@@ -148,7 +148,7 @@ def convert_uvlp_state(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, tor
     """An official UVLP state dict -> (``muvla`` model keys, source keys left out).
 
     Backbone keys always; pre-training heads when the checkpoint has them (a fine-tuned release's
-    task classifier is left out: our task heads follow the paper's §6 and start fresh).
+    task classifier is left out: our task heads follow the paper's §C and start fresh).
     """
     prefix = _uvlp_prefix(state)
     out: Dict[str, torch.Tensor] = {}

@@ -11,7 +11,7 @@ and tag id, feature-row order), ``noun_phrases`` (per caption), ``objects_cs`` /
   ``lm_label_ids``) and 15 % of the real regions selected (``region_selected``), 90 % of those
   zeroed (``region_zeroed``), with their tag ids as MRC labels (``mrc_labels``).
 * ``muvla_region_phrase`` (R-P): one of the K captions, uniformly. ``rp_mask_mode: paper`` (default,
-  spec §8 #6): a fair coin picks the modality. Text: linked noun phrase k is masked with
+  paper §3.3.2): a fair coin picks the modality. Text: linked noun phrase k is masked with
   probability ``0.15 * s'_k`` (s'_k: the best link score of the phrase), all its word-pieces
   together (``rp_text_unit: phrase``) or each on its own (``token``), then 80/10/10. Regions:
   region i is selected with probability ``0.15 * s'_i`` (0 when unlinked), and predicts one

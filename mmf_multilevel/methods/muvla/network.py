@@ -7,7 +7,7 @@ The network (:class:`MuVLANetwork`, a plain ``nn.Module``) is a single-stream BE
   ``embedding_style: released``, as the official code runs);
 * regions: ``LN_v(W_v f) + LN_b(W_b loc5)`` with the 5-d location ``[x1/W, y1/H, x2/W, y2/H, wh/WH]``
   (:class:`~mmf_multilevel.modules.visual.RegionEmbedding`). ``embedding_style: paper`` (default,
-  spec §8 #16) adds the token-type embedding of segment 1 and a LayerNorm over the sum;
+  paper §3.1) adds the token-type embedding of segment 1 and a LayerNorm over the sum;
   ``released`` is the official code's plain sum;
 * ``embedding_style: visual_bert``: VisualBERT's own embedding (``W_v f`` + visual token-type and
   position embeddings, one LayerNorm over ``[text ; regions]``, no boxes), so that MMF ``visual_bert``
@@ -25,7 +25,7 @@ initialised from BERT's next-sentence head. Downstream heads: VQA / SNLI-VE clas
 pooled [CLS]; NLVR2's paired 1536-d head; RefCOCO+'s per-region scorer over the region states.
 
 The losses (:func:`pretraining_losses`) follow the paper by default, with the official code's
-choices behind switches (spec §8): MRM averaged over the masked regions (``mrm_normalization:
+choices behind switches: MRM averaged over the masked regions (``mrm_normalization:
 masked``) or the official ``Σ_masked / (B·N) × 6.67`` (``official``); MRFR against the unmasked
 features with L2 (``mse``) or smooth-L1; the ITM re-weighting ``w = p_match`` (detached; 1 for
 shuffled negatives) applied per pair to the R-P and I-S losses (``itm_weighting: per_pair``) or,

@@ -97,12 +97,24 @@ def test_task_fine_tunes_from_the_pretrained_network_and_evaluates(task, data, p
 def test_pretraining_over_two_gloo_ranks(data, tmp_path):
     """MMF's distributed path (2 CPU processes, gloo): single-stream updates leave the cross-attention
     unused, which DDP accepts with find_unused_parameters (pretrain.yaml); both modes run."""
+    import json
+
+    from helpers.mmf import TEST_PLUGIN
+    from mmf_multilevel.methods.semvlp import ModeSchedule
+
     save = tmp_path / "save"
     result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "distributed.world_size=2",
+                     "training.trainer=test_rank_dump", f"env.user_dir={TEST_PLUGIN}",
                      config=f"{ROOT}/projects/semvlp/demo/pretrain.yaml")
     _assert_finished(save, result)
     tallies = re.findall(r"updates so far: single (\d+), two (\d+)", (save / "train.log").read_text())
     assert tallies and sum(map(int, tallies[-1])) == 6
+    # each rank recorded the mode it ran at every update: the two real processes agree, and both follow
+    # the schedule of the pushed update index
+    ranks = [json.loads((save / f"rank{r}_modes.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 6
+    schedule = ModeSchedule("random", 0.5, 0)
+    assert [mode for _, mode in ranks[0]] == schedule.modes(6) and {m for _, m in ranks[0]} == {"single", "two"}
 
 
 @pytest.mark.slow

@@ -20,15 +20,38 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PTH_NAME = "mmf_multilevel_hook.pth"
 
 
+#: folders of the repository shipped inside the package: (source, destination under build_lib)
+SHIPPED_FOLDERS = (
+    ("configs", os.path.join("mmf_multilevel", "configs")),  # default configs (mmf_multilevel.paths.CONFIG_DIR)
+    (os.path.join("feature_extraction", "configs"), os.path.join("mmf_multilevel", "extraction", "configs")),
+)
+
+
+def _shipped_files():
+    for source, destination in SHIPPED_FOLDERS:
+        for folder, _, files in os.walk(os.path.join(HERE, source)):
+            for name in sorted(files):
+                if name.endswith(".yaml"):
+                    path = os.path.join(folder, name)
+                    yield path, os.path.join(destination, os.path.relpath(path, os.path.join(HERE, source)))
+
+
 class build_py_with_pth(build_py):
-    """Ship the import-hook ``.pth`` file at the root of the wheel (site-packages)."""
+    """Ship the import-hook ``.pth`` file at the root of the wheel (site-packages), and the top-level
+    ``configs/`` and ``feature_extraction/configs/`` inside the package (``mmf_multilevel/paths.py``
+    finds them there in an installed wheel, and in the checkout otherwise)."""
 
     def run(self):
         super().run()
         self.copy_file(os.path.join(HERE, PTH_NAME), os.path.join(self.build_lib, PTH_NAME))
+        for source, destination in _shipped_files():
+            target = os.path.join(self.build_lib, destination)
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(source, target)
 
     def get_outputs(self, include_bytecode=True):
-        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH_NAME)]
+        shipped = [os.path.join(self.build_lib, destination) for _, destination in _shipped_files()]
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH_NAME)] + shipped
 
 
 try:  # setuptools >= 64 builds PEP 660 editable wheels through this command
@@ -115,9 +138,9 @@ def read_requirements(name):
 
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
-    # mu-VLA retrieval builder: SBERT, spaCy, faiss
-    "retrieval": read_requirements("retrieval"),
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff==0.8.6"],
+    # mu-VLA weak-corpus builder (mmf_multilevel.weak_corpus): SBERT, spaCy, faiss
+    "weak_corpus": read_requirements("weak_corpus"),
     # region feature extractor (detectron2 runtime dependencies)
     "extract": read_requirements("extract"),
 }
@@ -133,7 +156,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mmf_multilevel", "mmf_multilevel.*"]),
     include_package_data=True,
-    package_data={"mmf_multilevel": ["configs/**/*.yaml", "zoo/*.yaml", "extraction/configs/*.yaml"]},
+    # yaml and READMEs inside the package; configs/ and feature_extraction/configs/ are copied in by build_py
+    package_data={"mmf_multilevel": ["zoo/*.yaml", "methods/*/defaults.yaml", "methods/*/configs/*.yaml",
+                                     "methods/*/README.md", "weak_corpus/README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     cmdclass=CMDCLASS,

@@ -106,15 +106,15 @@ def time_run(extractor, items, out, batch_size, workers, commit_every, min_size,
 
 def bench_model(name, args, tmp):
     import torch
-
     from extract_helpers import tiny_opts
-    from mmf_multilevel.extraction import data, models
+
+    from mmf_multilevel.extraction import data, detectors
     from mmf_multilevel.extraction.extractor import RegionFeatureExtractor
 
     opts = tiny_opts(name) if args.size == "tiny" else []
-    cfg = models.load_config(name, opts)
+    cfg = detectors.load_config(name, opts)
     t0 = time.perf_counter()
-    model = models.build_random_detector(cfg, seed=0, device=args.device)
+    model = detectors.build_random_detector(cfg, seed=0, device=args.device)
     build_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     images = os.path.join(tmp, "images")

@@ -26,10 +26,9 @@ import tempfile
 import time
 import zipfile
 
+import mmf  # noqa: F401  (compatibility layer + our registrations)
 import torch
 from torch.utils.data import DataLoader, Dataset
-
-import mmf  # noqa: F401  (compatibility layer + our registrations)
 
 from mmf_multilevel.datasets.generate import generate
 from mmf_multilevel.images import build_image_lmdb, open_image_source

@@ -21,10 +21,9 @@ import sys
 import tempfile
 import time
 
+import mmf  # noqa: F401  (compatibility layer + our registrations)
 import numpy as np
 import torch
-
-import mmf  # noqa: F401  (compatibility layer + our registrations)
 from mmf.common.batch_collator import BatchCollator
 from mmf.common.registry import registry
 from omegaconf import OmegaConf
@@ -79,7 +78,7 @@ class Floor(torch.utils.data.Dataset):
 
 
 def vqa_dataset(data, max_features, dim):
-    config = OmegaConf.load(os.path.join(ROOT, "mmf_multilevel", "configs", "datasets", "vqa2", "defaults.yaml")).dataset_config.vqa2
+    config = OmegaConf.load(os.path.join(ROOT, "configs", "datasets", "vqa2", "defaults.yaml")).dataset_config.vqa2
     config.data_dir = data
     config.feature_dim = dim
     config.max_features = max_features

@@ -58,9 +58,9 @@ from mmf.common.registry import registry
 from mmf.modules.metrics import BaseMetric
 
 from mmf_multilevel.evaluation.vqa import (  # noqa: F401  (re-exported: the metrics' definitions)
-    EMPTY_KEY,
     ARTICLES,
     CONTRACTIONS,
+    EMPTY_KEY,
     NUMBER_WORDS,
     PUNCTUATION,
     accuracy_from_matches,
@@ -74,6 +74,7 @@ from mmf_multilevel.evaluation.vqa import (  # noqa: F401  (re-exported: the met
     process_punctuation,
     vqa_official_accuracy,
 )
+from mmf_multilevel.registration import register_variants
 
 __all__ = ["VQAOfficialAccuracy", "VQASoftScoreAccuracy"]
 
@@ -348,9 +349,9 @@ class _RetrievalMetric(BaseMetric):
 
     @classmethod
     def _all(cls, sample_list, model_output):
-        from mmf_multilevel.evaluation.retrieval import ranks, retrieval_metrics
-
         import weakref
+
+        from mmf_multilevel.evaluation.retrieval import ranks, retrieval_metrics
 
         scores = model_output["scores"]
         cached = cls._cache.get("scores")
@@ -382,5 +383,6 @@ class _RetrievalMetric(BaseMetric):
         return torch.tensor(self._all(sample_list, model_output)[self.key], dtype=torch.float64)
 
 
-for _key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"):
-    registry.register_metric(f"retrieval_{_key}")(type(f"Retrieval_{_key}", (_RetrievalMetric,), {"key": _key}))
+register_variants(registry.register_metric, _RetrievalMetric, {
+    f"retrieval_{key}": {"key": key} for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
+})

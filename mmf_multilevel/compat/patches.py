@@ -23,6 +23,8 @@ import threading
 import types
 import warnings
 
+from mmf_multilevel.paths import CONFIG_DIR
+
 _STATUS = {}
 _PATCHES = []  # (stage_or_module, name, serves, function)
 _registered_plugin = False
@@ -30,7 +32,7 @@ _registered_plugin = False
 LEGACY_FLAG = "mmf_legacy_semantics"
 """OmegaConf flag set on the configs MMF builds: only they get omegaconf-2.0 semantics."""
 
-DEFAULTS_YAML = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "defaults.yaml")
+DEFAULTS_YAML = os.path.join(CONFIG_DIR, "defaults.yaml")
 
 
 class _Patch:

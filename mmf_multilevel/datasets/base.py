@@ -25,9 +25,9 @@ from mmf.datasets.base_dataset import BaseDataset
 from mmf.datasets.base_dataset_builder import BaseDatasetBuilder
 
 from mmf_multilevel.datasets.annotations import read_jsonl
+from mmf_multilevel.paths import DATASET_CONFIG_DIR
 
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "datasets")
+CONFIG_DIR = DATASET_CONFIG_DIR
 
 
 class FeatureDimensionError(ValueError):
@@ -41,7 +41,8 @@ class MissingFeaturesError(KeyError):
         return self.args[0]
 
 
-def resolve(path, data_dir):
+def data_path(path, data_dir):
+    """``path`` under ``data_dir`` unless it is absolute (``~`` expanded); None stays None."""
     if path is None:
         return None
     path = os.path.expanduser(str(path))
@@ -69,7 +70,7 @@ class RegionTextDataset(BaseDataset):
         annotations = config.annotations[dataset_type]
         if isinstance(annotations, str):
             annotations = [annotations]
-        self.annotation_path = resolve(annotations[index], data_dir)
+        self.annotation_path = data_path(annotations[index], data_dir)
         self.records = read_jsonl(self.annotation_path, self.required_fields, self.validate_record)
         self.num_dropped = 0
         self._flipped = False
@@ -86,7 +87,7 @@ class RegionTextDataset(BaseDataset):
         features = config.features[dataset_type] if dataset_type in config.features else config.features.get("train")
         if isinstance(features, str):
             features = [features]
-        self.features_path = resolve(features[index], data_dir)
+        self.features_path = data_path(features[index], data_dir)
         if not os.path.exists(self.features_path):
             raise FileNotFoundError(f"region feature cache not found: {self.features_path} (dataset_config.{dataset_name}.features.{dataset_type})")
         self.max_features = int(config.get("max_features") or 100)
@@ -205,7 +206,7 @@ def tokenize(text_processor, text):
 class RegionTaskBuilder(BaseDatasetBuilder):
     """Builder of one region-feature dataset class: ``name``, ``dataset_class``, ``config_file``.
 
-    ``config_file`` is relative to ``mmf_multilevel/configs/datasets``. ``num_outputs(dataset)``
+    ``config_file`` is relative to ``configs/datasets``. ``num_outputs(dataset)``
     (optional) is registered as ``<name>_num_final_outputs`` for classification heads.
     """
 

@@ -17,8 +17,10 @@ from mmf.common.registry import registry
 from mmf.datasets.base_dataset_builder import BaseDatasetBuilder
 
 from mmf_multilevel.datasets.base import RegionTextDataset
+from mmf_multilevel.paths import DATASET_CONFIG_DIR
+from mmf_multilevel.registration import register_variants
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "datasets")
+CONFIG_DIR = DATASET_CONFIG_DIR
 
 
 def _check_caption(record):
@@ -113,5 +115,6 @@ class CaptionBuilder(BaseDatasetBuilder):
         return None
 
 
-for _name in ("captions", "coco_captions", "vg_captions", "conceptual_captions", "sbu_captions"):
-    registry.register_builder(_name)(type(f"{''.join(p.title() for p in _name.split('_'))}Builder", (CaptionBuilder,), {"name": _name}))
+register_variants(registry.register_builder, CaptionBuilder, {
+    name: {"name": name} for name in ("captions", "coco_captions", "vg_captions", "conceptual_captions", "sbu_captions")
+}, suffix="Builder")

@@ -475,7 +475,7 @@ def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5
         for name, records in _task_annotations(split, items, task_rng).items():
             write_jsonl(os.path.join(ann, f"{name}.jsonl"), records)
             texts.extend(_texts_of(records))
-    # every train caption as unpaired text, one per line: the text corpus of the retrieval builder
+    # every train caption as unpaired text, one per line: the text corpus of the weak-corpus builder
     _write_lines(os.path.join(work, "corpus.txt"), [c["caption"] for c in captions["train"]])
     answers = answer_vocabulary()
     _write_lines(os.path.join(work, "answers.txt"), answers)

@@ -30,6 +30,7 @@ from mmf_multilevel.datasets.refcoco import RefCOCOPlusBuilder
 from mmf_multilevel.datasets.retrieval import COCORetrievalBuilder, Flickr30kRetrievalBuilder
 from mmf_multilevel.datasets.snli_ve import SNLIVEBuilder
 from mmf_multilevel.datasets.vqa2 import VQA2Builder
+from mmf_multilevel.registration import register_variants
 
 
 class RawImageTaskMixin(RawImageMixin):
@@ -85,17 +86,21 @@ class RawImageRefCOCOMixin(RawImageTaskMixin):
         return flipped
 
 
-def _variant(builder, mixin=RawImageTaskMixin):
+def _twin(builder, mixin=RawImageTaskMixin):
+    """The class attributes of ``builder``'s raw-image twin: its dataset with the raw-image mixin."""
     dataset_class = type(f"{builder.dataset_class.__name__[:-len('Dataset')]}ImagesDataset", (mixin, builder.dataset_class), {})
-    name = f"{builder.name}_images"
-    config = os.path.join("image_tasks", f"{name}.yaml")
-    cls = type(f"{builder.__name__[:-len('Builder')]}ImagesBuilder", (builder,),
-               {"name": name, "dataset_class": dataset_class, "config_file": config})
-    registry.register_builder(name)(cls)
-    return cls
+    return {"name": f"{builder.name}_images", "dataset_class": dataset_class,
+            "config_file": os.path.join("image_tasks", f"{builder.name}_images.yaml")}
 
 
-for _builder in (VQA2Builder, SNLIVEBuilder, GQABuilder, VGQABuilder, COCORetrievalBuilder, Flickr30kRetrievalBuilder):
-    _variant(_builder)
-_variant(NLVR2Builder, RawImageNLVR2Mixin)
-_variant(RefCOCOPlusBuilder, RawImageRefCOCOMixin)
+for _name, _builder, _mixin in (
+    ("vqa2_images", VQA2Builder, RawImageTaskMixin),
+    ("snli_ve_images", SNLIVEBuilder, RawImageTaskMixin),
+    ("gqa_images", GQABuilder, RawImageTaskMixin),
+    ("vgqa_images", VGQABuilder, RawImageTaskMixin),
+    ("coco_retrieval_images", COCORetrievalBuilder, RawImageTaskMixin),
+    ("flickr30k_retrieval_images", Flickr30kRetrievalBuilder, RawImageTaskMixin),
+    ("nlvr2_images", NLVR2Builder, RawImageNLVR2Mixin),
+    ("refcoco_plus_images", RefCOCOPlusBuilder, RawImageRefCOCOMixin),
+):
+    register_variants(registry.register_builder, _builder, {_name: _twin(_builder, _mixin)}, suffix="Builder")

@@ -56,6 +56,7 @@ from mmf.datasets.base_dataset import BaseDataset
 
 from mmf_multilevel.datasets.captions import CaptionSamples
 from mmf_multilevel.images.sources import ImageDecodeError, MissingImageError, open_image_source
+from mmf_multilevel.registration import register_variants
 
 
 def _split_value(config, key, dataset_type, index, dataset_name):
@@ -79,10 +80,10 @@ class RawImageMixin:
     image_field = "image_id"
 
     def init_images(self, config, dataset_type, index=0):
-        from mmf_multilevel.datasets.base import resolve
+        from mmf_multilevel.datasets.base import data_path
 
         name = getattr(self, "dataset_name", None) or getattr(self, "_dataset_name", "?")
-        self.images_path = resolve(_split_value(config, "images", dataset_type, index, name), config.get("data_dir"))
+        self.images_path = data_path(_split_value(config, "images", dataset_type, index, name), config.get("data_dir"))
         if not os.path.exists(self.images_path):
             raise FileNotFoundError(f"image source not found: {self.images_path} (dataset_config.{name}.images.{dataset_type})")
         self.image_field = str(config.get("image_field") or self.image_field)
@@ -188,13 +189,13 @@ class ImageTextDataset(RawImageMixin, BaseDataset):
 
     def __init__(self, dataset_name, config, dataset_type, index=0):
         from mmf_multilevel.datasets.annotations import read_jsonl
-        from mmf_multilevel.datasets.base import resolve
+        from mmf_multilevel.datasets.base import data_path
 
         super().__init__(dataset_name, config, dataset_type)
         annotations = config.annotations[dataset_type]
         if isinstance(annotations, str):
             annotations = [annotations]
-        self.annotation_path = resolve(annotations[index], config.get("data_dir"))
+        self.annotation_path = data_path(annotations[index], config.get("data_dir"))
         self.init_images(config, dataset_type, index)
         fields = tuple(dict.fromkeys(tuple(self.required_fields) + (self.image_field,)))
         self.records = read_jsonl(self.annotation_path, fields, self.validate_record)
@@ -280,13 +281,10 @@ def _register_builders():
                 raise KeyError(f"dataset_config.{self.dataset_name}.annotations has no '{dataset_type}' split")
             return ImageCaptionDataset(self.dataset_name, config, dataset_type)
 
-    builders = {}
-    for name in ("captions_images", "coco_captions_images", "vg_captions_images", "conceptual_captions_images",
-                 "sbu_captions_images"):
-        cls = type(f"{''.join(p.title() for p in name.split('_'))}Builder", (ImageCaptionBuilder,), {"name": name})
-        registry.register_builder(name)(cls)
-        builders[name] = cls
-    return builders
+    names = ("captions_images", "coco_captions_images", "vg_captions_images", "conceptual_captions_images",
+             "sbu_captions_images")
+    return register_variants(registry.register_builder, ImageCaptionBuilder, {name: {"name": name} for name in names},
+                             suffix="Builder")
 
 
 # registered once, by the imported module (not again when the CLI runs this file as __main__)

@@ -6,7 +6,7 @@ Annotations: jsonl, one image per line: ``{"image_id": "...", "captions": ["..."
 * ``train``: one sample per (image, caption); with probability ``itm_probability`` the caption is
   replaced by one of another image (``targets`` 0, else 1) for a matching head. Every sample also
   carries ``image_index`` and ``text_index`` so a model that mines hard negatives in the batch
-  (``mmf_multilevel.modules.retrieval.sample_hard_negatives``) can tell which pairs match.
+  (``mmf_multilevel.modules.task_heads.sample_hard_negatives``) can tell which pairs match.
 * ``val`` / ``test`` (``eval_pairs: all``): one sample per (image, caption) pair of the gallery -
   ``num_images x num_captions`` of them, fed through the model in ordinary batches (so no more
   than one batch of pairs is ever in memory) - with ``pair_image_index``, ``pair_text_index`` and

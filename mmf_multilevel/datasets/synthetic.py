@@ -18,7 +18,9 @@ from mmf.common.sample import Sample
 from mmf.datasets.base_dataset import BaseDataset
 from mmf.datasets.base_dataset_builder import BaseDatasetBuilder
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+from mmf_multilevel.paths import CONFIG_DIR as PATHS_CONFIG_DIR
+
+CONFIG_DIR = PATHS_CONFIG_DIR  # the shipped configs (top-level configs/ in a checkout)
 
 
 class SyntheticVLDataset(BaseDataset):

@@ -16,6 +16,7 @@ from mmf.common.registry import registry
 
 from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset
 
+
 class VQA2Dataset(RegionTextDataset):
     required_fields = ("question_id", "image_id", "question")
 

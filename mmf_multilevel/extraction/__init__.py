@@ -2,6 +2,6 @@
 
 ``python feature_extraction/extract.py --model vinvl_x152c4 --weights vinvl_vg_x152c4.pth
 --images DIR --output feats.lmdb`` (see :mod:`.cli`). The detectors are detectron2 models
-(:mod:`.models`, imported lazily because they need detectron2); the checkpoint converters
+(:mod:`.detectors`, imported lazily because they need detectron2); the checkpoint converters
 are in :mod:`.converters`, the batched, resumable run in :mod:`.runner`.
 """

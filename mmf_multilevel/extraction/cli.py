@@ -136,25 +136,25 @@ def _extract(args):
         output = shard_output(args.output, *shard)
     errors_path = args.errors or _default_errors(output)
 
-    from mmf_multilevel.compat.detectron2 import detectron2_available, INSTALL_HINT
+    from mmf_multilevel.compat.detectron2 import INSTALL_HINT, detectron2_available
 
     if not detectron2_available():
         raise _SetupError(INSTALL_HINT)
-    from mmf_multilevel.extraction import converters, models, runner
+    from mmf_multilevel.extraction import converters, detectors, runner
     from mmf_multilevel.extraction.extractor import RegionFeatureExtractor
-    from mmf_multilevel.features import FeatureCacheWriter, FeatureCacheError
+    from mmf_multilevel.features import FeatureCacheError, FeatureCacheWriter
 
     try:
-        cfg = models.load_config(args.model, args.opts)
+        cfg = detectors.load_config(args.model, args.opts)
     except Exception as exc:
         raise _SetupError(f"config of {args.model}: {exc}") from None
     layout = None
     if args.random_init is not None:
-        model = models.build_random_detector(cfg, seed=args.random_init, device="cpu")
+        model = detectors.build_random_detector(cfg, seed=args.random_init, device="cpu")
         weights_sha = converters.state_sha256(model)
         layout = f"random-init seed {args.random_init}"
     else:
-        model = models.build_detector(cfg, "cpu")
+        model = detectors.build_detector(cfg, "cpu")
         try:
             path = converters.resolve_weights(args.weights)
             layout, weights_sha = converters.load_weights(model, path, converters.anchor_shape(cfg))

@@ -4,6 +4,7 @@
 ``FeatureCacheReader`` reads both layouts (MMF pickles through a restricted unpickler),
 ``check_cache`` verifies a cache; ``python -m mmf_multilevel.features check|info|convert``.
 """
+from mmf_multilevel.features.check import cache_info, check_cache
 from mmf_multilevel.features.format import (
     CacheNotFoundError,
     CorruptCacheError,
@@ -16,7 +17,6 @@ from mmf_multilevel.features.format import (
 )
 from mmf_multilevel.features.reader import FeatureCacheReader
 from mmf_multilevel.features.writer import FeatureCacheWriter
-from mmf_multilevel.features.check import cache_info, check_cache
 
 __all__ = [
     "FeatureCacheWriter",

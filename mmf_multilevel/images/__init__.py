@@ -4,6 +4,16 @@
 """
 from mmf_multilevel.images.pack import build_image_lmdb, check_source  # noqa: F401
 from mmf_multilevel.images.sources import (  # noqa: F401
-    BAD_IMAGES_FILE, IMAGE_EXTENSIONS, FolderImageSource, ImageDecodeError, ImageSource, ImageSourceError, LmdbImageSource,
-    MissingImageError, ZipImageSource, decode_image, is_lmdb, open_image_source,
+    BAD_IMAGES_FILE,
+    IMAGE_EXTENSIONS,
+    FolderImageSource,
+    ImageDecodeError,
+    ImageSource,
+    ImageSourceError,
+    LmdbImageSource,
+    MissingImageError,
+    ZipImageSource,
+    decode_image,
+    is_lmdb,
+    open_image_source,
 )

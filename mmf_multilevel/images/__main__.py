@@ -6,7 +6,11 @@ import sys
 
 from mmf_multilevel.images.pack import build_image_lmdb, check_source
 from mmf_multilevel.images.sources import (
-    BAD_IMAGES_FILE, ImageSourceError, LmdbImageSource, MissingImageError, open_image_source,
+    BAD_IMAGES_FILE,
+    ImageSourceError,
+    LmdbImageSource,
+    MissingImageError,
+    open_image_source,
 )
 
 

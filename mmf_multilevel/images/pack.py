@@ -4,8 +4,18 @@ import json
 import os
 
 from mmf_multilevel.images.sources import (
-    BAD_IMAGES_FILE, HEADER_KEY, LMDB_FORMAT, LMDB_FORMAT_VERSION, ImageDecodeError, ImageSource, ImageSourceError,
-    MissingImageError, _close_lmdb, decode_image, is_lmdb, open_image_source,
+    BAD_IMAGES_FILE,
+    HEADER_KEY,
+    LMDB_FORMAT,
+    LMDB_FORMAT_VERSION,
+    ImageDecodeError,
+    ImageSource,
+    ImageSourceError,
+    MissingImageError,
+    _close_lmdb,
+    decode_image,
+    is_lmdb,
+    open_image_source,
 )
 
 __all__ = ["build_image_lmdb", "check_source"]

@@ -10,11 +10,17 @@
 * :func:`sample_hard_negatives` - in-batch hard negatives for a matching head (ALBEF-style):
   for each image a text, for each text an image, drawn with probability proportional to
   ``softmax(similarity)`` among the batch entries that do not match it.
+
+Initialisation: BERT's (``heads.init_bert_weights``: N(0, ``initializer_range``) weights, zero biases,
+unit LayerNorms), as every other head of the package and as UNITER's and MMF VisualBERT's task heads
+are initialised.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
+
+from mmf_multilevel.modules.heads import init_bert_weights
 
 __all__ = ["NLVR2PairedHead", "NLVR2PairedAttentionHead", "RegionScoringHead", "sample_hard_negatives"]
 
@@ -28,10 +34,12 @@ def _classifier(in_features: int, hidden: int, num_labels: int, layer_norm_eps: 
 class NLVR2PairedHead(nn.Module):
     """``[pooled(text, left) ; pooled(text, right)]`` (2H) -> ``Linear(2H, 2H) -> GELU -> LN -> Linear(2H, 2)``."""
 
-    def __init__(self, hidden_size: int, num_labels: int = 2, dropout: float = 0.1, layer_norm_eps: float = 1e-12):
+    def __init__(self, hidden_size: int, num_labels: int = 2, dropout: float = 0.1, layer_norm_eps: float = 1e-12,
+                 initializer_range: float = 0.02):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.classifier = _classifier(2 * hidden_size, 2 * hidden_size, num_labels, layer_norm_eps)
+        init_bert_weights(self, initializer_range)
 
     def forward(self, pooled_left: torch.Tensor, pooled_right: torch.Tensor) -> torch.Tensor:
         if pooled_left.shape != pooled_right.shape:
@@ -43,11 +51,12 @@ class NLVR2PairedAttentionHead(nn.Module):
     """UNITER's paired-attention head over the two pairs' full output sequences (B x L x H each)."""
 
     def __init__(self, hidden_size: int, num_heads: int = 12, num_labels: int = 2, dropout: float = 0.1,
-                 layer_norm_eps: float = 1e-12):
+                 layer_norm_eps: float = 1e-12, initializer_range: float = 0.02):
         super().__init__()
         self.attention = nn.MultiheadAttention(hidden_size, num_heads, dropout=dropout, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.classifier = _classifier(2 * hidden_size, 2 * hidden_size, num_labels, layer_norm_eps)
+        init_bert_weights(self.classifier, initializer_range)
 
     @staticmethod
     def _pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -64,10 +73,11 @@ class NLVR2PairedAttentionHead(nn.Module):
 class RegionScoringHead(nn.Module):
     """Per-region score; ``mask`` (B x R, 1 = real region) puts padding at -1e4."""
 
-    def __init__(self, hidden_size: int, layer_norm_eps: float = 1e-12):
+    def __init__(self, hidden_size: int, layer_norm_eps: float = 1e-12, initializer_range: float = 0.02):
         super().__init__()
         self.transform = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size, eps=layer_norm_eps))
         self.score = nn.Linear(hidden_size, 1)
+        init_bert_weights(self, initializer_range)
 
     def forward(self, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         scores = self.score(self.transform(regions)).squeeze(-1)

@@ -153,10 +153,6 @@ class RegionEmbedding(nn.Module):
         if self.img_embedding is not None:
             nn.init.normal_(self.img_embedding, std=self.initializer_range)
 
-    @property
-    def has_img_token(self) -> bool:
-        return self.img_embedding is not None
-
     def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """``LN_b(W_b loc)`` alone (``style="sum"``), e.g. for tag tokens that carry their region's box."""
         if self.style != "sum" or not self.box_dim:

@@ -56,8 +56,7 @@ import re
 import torch
 from mmf.common.registry import registry
 from mmf.datasets.processors.processors import BaseProcessor
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

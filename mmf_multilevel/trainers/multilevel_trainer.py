@@ -61,7 +61,6 @@ from mmf_multilevel.trainers.data import (
     make_loader,
 )
 
-
 _FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
 
 

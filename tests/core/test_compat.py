@@ -5,13 +5,13 @@ import subprocess
 import sys
 import types
 
+import mmf  # noqa: F401  (through the installed import hook)
+import mmf_cli.run  # noqa: F401
 import pytest
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-import mmf  # noqa: F401  (through the installed import hook)
-import mmf_cli.run  # noqa: F401
 from mmf_multilevel.compat import launcher, patches
 
 
@@ -81,9 +81,8 @@ def test_demjson_alias():
 
 
 def test_transformers_module_paths():
-    from transformers.models.bert import modeling_bert
-
     from transformers.modeling_bert import BertEmbeddings  # noqa: F401
+    from transformers.models.bert import modeling_bert
     from transformers.tokenization_auto import AutoTokenizer  # noqa: F401
 
     assert sys.modules["transformers.modeling_bert"] is modeling_bert
@@ -91,8 +90,8 @@ def test_transformers_module_paths():
 
 
 def test_bert_layer_norm_and_adamw():
-    from transformers.models.bert import modeling_bert
     import transformers.optimization as optimization
+    from transformers.models.bert import modeling_bert
 
     assert modeling_bert.BertLayerNorm is torch.nn.LayerNorm
     assert optimization.AdamW is torch.optim.AdamW
@@ -264,7 +263,10 @@ def test_stock_cli_runs_through_our_launcher(tmp_path):
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_hook(tmp_path):
+def test_wheel_ships_the_hook_the_configs_and_finds_them_installed(tmp_path):
+    """``pip wheel .`` (what a non-editable ``pip install .`` installs) carries the import hook, the
+    top-level configs/ and feature_extraction/configs/ inside the package, and every method's defaults;
+    unpacked and imported from there, the config lookups find the installed copies."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), root],
@@ -276,6 +278,29 @@ def test_wheel_ships_the_hook(tmp_path):
 
     wheel = glob.glob(str(tmp_path / "mmf_multilevel-*.whl"))[0]
     names = zipfile.ZipFile(wheel).namelist()
-    assert "mmf_multilevel_hook.pth" in names
-    assert "mmf_multilevel/configs/defaults.yaml" in names
-    assert "mmf_multilevel/configs/models/visual_bert/defaults.yaml" in names
+    for name in ("mmf_multilevel_hook.pth", "mmf_multilevel/configs/defaults.yaml",
+                 "mmf_multilevel/configs/models/visual_bert/defaults.yaml",
+                 "mmf_multilevel/configs/datasets/vqa2/defaults.yaml",
+                 "mmf_multilevel/extraction/configs/butd_r101.yaml", "mmf_multilevel/extraction/configs/vinvl_x152c4.yaml",
+                 "mmf_multilevel/methods/semvlp/defaults.yaml", "mmf_multilevel/methods/muvla/defaults.yaml",
+                 "mmf_multilevel/methods/muvla/configs/muvla_region_tag.yaml", "mmf_multilevel/zoo/models.yaml"):
+        assert name in names, name
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    script = (
+        "import os\n"
+        "from mmf_multilevel import paths\n"
+        "from mmf_multilevel.extraction.detectors import config_path\n"
+        "from mmf.common.registry import registry\n"
+        "here = os.path.dirname(paths.__file__)\n"
+        "found = [paths.CONFIG_DIR, config_path('butd_r101'), config_path('vinvl_x152c4'),\n"
+        "         registry.get_model_class('semvlp').config_path(), registry.get_builder_class('vqa2').config_path(),\n"
+        "         registry.get_builder_class('muvla_region_tag').config_path()]\n"
+        "for path in found:\n"
+        "    assert path.startswith(here) and os.path.exists(path), path\n"
+        "print('installed copies found', len(found))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(unpacked), PYTHONWARNINGS="ignore")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=str(tmp_path))
+    assert run.returncode == 0 and "installed copies found 6" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]

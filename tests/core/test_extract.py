@@ -1,8 +1,8 @@
 """Region feature extractor: tiny random-initialised detectron2 detectors on generated images."""
 import os
 import pickle
-import zlib
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -10,29 +10,34 @@ import torch
 
 from helpers.extract import TINY_FEATURE_DIM, make_images, tiny_opts
 
-models = pytest.importorskip("mmf_multilevel.extraction.models", reason="detectron2 is not installed (run scripts/install.sh)")
+detectors = pytest.importorskip("mmf_multilevel.extraction.detectors", reason="detectron2 is not installed (run scripts/install.sh)")
 
 from mmf_multilevel.extraction import converters, data, runner  # noqa: E402
 from mmf_multilevel.extraction.extractor import RegionFeatureExtractor, select_regions  # noqa: E402
-from mmf_multilevel.features import FeatureCacheReader, FeatureCacheWriter, HeaderMismatchError, check_cache  # noqa: E402
+from mmf_multilevel.features import (  # noqa: E402
+    FeatureCacheReader,
+    FeatureCacheWriter,
+    HeaderMismatchError,
+    check_cache,
+)
 
 torch.set_num_threads(1)
 
 
 def _cfg(model):
-    return models.load_config(model, tiny_opts(model))
+    return detectors.load_config(model, tiny_opts(model))
 
 
 @pytest.fixture(scope="module")
 def butd():
     cfg = _cfg("butd_r101")
-    return cfg, models.build_random_detector(cfg, seed=0)
+    return cfg, detectors.build_random_detector(cfg, seed=0)
 
 
 @pytest.fixture(scope="module")
 def vinvl():
     cfg = _cfg("vinvl_x152c4")
-    return cfg, models.build_random_detector(cfg, seed=1)
+    return cfg, detectors.build_random_detector(cfg, seed=1)
 
 
 def _inputs(sizes, seed=0):
@@ -47,22 +52,22 @@ def _inputs(sizes, seed=0):
 
 # --------------------------------------------------------------------------- architecture
 def test_architecture_matches_the_originals():
-    butd = models.load_config("butd_r101")
+    butd = detectors.load_config("butd_r101")
     assert butd.MODEL.RESNETS.DEPTH == 101 and butd.MODEL.ROI_HEADS.NUM_CLASSES == 1600
     assert butd.MODEL.ROI_ATTRIBUTE_HEAD.NUM_CLASSES == 401 and butd.MODEL.RESNETS.RES5_DILATION == 2
     assert butd.MODEL.ROI_HEADS.NAME == "AttributeRes5ROIHeads" and butd.MODEL.ROI_BOX_HEAD.POOLER_TYPE == "ROIPool"
-    vinvl = models.load_config("vinvl_x152c4")
+    vinvl = detectors.load_config("vinvl_x152c4")
     assert (vinvl.MODEL.RESNETS.DEPTH, vinvl.MODEL.RESNETS.NUM_GROUPS, vinvl.MODEL.RESNETS.WIDTH_PER_GROUP) == (152, 32, 8)
     assert vinvl.MODEL.ROI_HEADS.NUM_CLASSES == 1594 and vinvl.MODEL.ROI_ATTRIBUTE_HEAD.NUM_CLASSES == 525
     assert vinvl.MODEL.RESNETS.STRIDE_IN_1X1 is False
     from detectron2.modeling import ROI_HEADS_REGISTRY
 
-    assert ROI_HEADS_REGISTRY.get("AttributeRes5ROIHeads") is models.AttributeRes5ROIHeads
+    assert ROI_HEADS_REGISTRY.get("AttributeRes5ROIHeads") is detectors.AttributeRes5ROIHeads
 
 
 def test_butd_res5_is_dilated_and_stem_is_caffe(butd):
     _, model = butd
-    assert isinstance(model.backbone.stem, models.CaffeMaxPoolStem)
+    assert isinstance(model.backbone.stem, detectors.CaffeMaxPoolStem)
     first = model.roi_heads.res5[0]
     assert first.conv2.dilation == (2, 2) and first.conv2.stride == (1, 1)
 
@@ -124,10 +129,10 @@ def test_batched_equals_per_image(butd):
 
 def test_determinism_same_seed_same_weights_and_features():
     cfg = _cfg("butd_r101")
-    a = models.build_random_detector(cfg, seed=3)
-    b = models.build_random_detector(cfg, seed=3)
+    a = detectors.build_random_detector(cfg, seed=3)
+    b = detectors.build_random_detector(cfg, seed=3)
     assert converters.state_sha256(a) == converters.state_sha256(b)
-    c = models.build_random_detector(cfg, seed=4)
+    c = detectors.build_random_detector(cfg, seed=4)
     assert converters.state_sha256(a) != converters.state_sha256(c)
     images, sizes = _inputs([(120, 100)])
     oa = RegionFeatureExtractor(a, 2, 6)(images, sizes)[0]
@@ -221,7 +226,7 @@ def test_vinvl_maskrcnn_checkpoint_round_trip(tmp_path, vinvl):
         mrcnn["attribute.feature_extractor." + key[len("roi_heads.box.feature_extractor."):]] = mrcnn[key]
     path = tmp_path / "vinvl_vg_x152c4.pth"
     _save_torch(path, mrcnn, prefix="module.")
-    target = models.build_detector(cfg)
+    target = detectors.build_detector(cfg)
     layout, sha = converters.load_weights(target, str(path), anchors)
     assert layout == converters.LAYOUT_MASKRCNN and sha == converters.sha256_of(str(path))
     a, b = _outputs(source), _outputs(target)
@@ -255,7 +260,7 @@ def test_butd_py_bottom_up_attention_pkl(tmp_path, butd):
     path = tmp_path / "faster_rcnn_from_caffe_attr.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": state, "__author__": "caffe conversion"}, f, protocol=2)
-    target = models.build_detector(cfg)
+    target = detectors.build_detector(cfg)
     layout, _ = converters.load_weights(target, str(path), converters.anchor_shape(cfg))
     assert layout == converters.LAYOUT_DETECTRON2
     a, b = _outputs(source), _outputs(target)
@@ -278,7 +283,7 @@ def test_butd_bottom_up_attention_pytorch_pth(tmp_path, butd):
     state["roi_heads.box_predictor.cls_embed.weight"] = torch.cat([embed[-1:], embed[:-1]])  # caffe order
     path = tmp_path / "bua-caffe-frcn-r101_with_attributes.pth"
     _save_torch(path, state)
-    target = models.build_detector(cfg)
+    target = detectors.build_detector(cfg)
     converters.load_weights(target, str(path), converters.anchor_shape(cfg))
     a, b = _outputs(source), _outputs(target)
     for key in a:
@@ -292,7 +297,7 @@ def test_attribute_head_without_no_attribute_column(tmp_path, butd):
     state["roi_heads.attribute_predictor.attr_score.weight"] = state["roi_heads.attribute_predictor.attr_score.weight"][1:]
     state["roi_heads.attribute_predictor.attr_score.bias"] = state["roi_heads.attribute_predictor.attr_score.bias"][1:]
     _save_torch(tmp_path / "grid.pth", state)
-    target = models.build_detector(cfg)
+    target = detectors.build_detector(cfg)
     converters.load_weights(target, str(tmp_path / "grid.pth"), converters.anchor_shape(cfg))
     out = _outputs(target)
     ref = _outputs(source)
@@ -308,15 +313,15 @@ def test_checkpoint_errors_name_the_key(tmp_path, butd):
     del state["roi_heads.res5.1.conv2.weight"]
     _save_torch(tmp_path / "missing.pth", state)
     with pytest.raises(converters.CheckpointError, match=r"roi_heads\.res5\.1\.conv2\.weight"):
-        converters.load_weights(models.build_detector(cfg), str(tmp_path / "missing.pth"), anchors)
+        converters.load_weights(detectors.build_detector(cfg), str(tmp_path / "missing.pth"), anchors)
     state = dict(source.state_dict())
     state["backbone.stem.conv1.weight"] = torch.zeros(3, 3, 7, 7)
     _save_torch(tmp_path / "shape.pth", state)
     with pytest.raises(converters.CheckpointError, match=r"backbone\.stem\.conv1\.weight has shape \(3, 3, 7, 7\)"):
-        converters.load_weights(models.build_detector(cfg), str(tmp_path / "shape.pth"), anchors)
+        converters.load_weights(detectors.build_detector(cfg), str(tmp_path / "shape.pth"), anchors)
     _save_torch(tmp_path / "other.pth", {"encoder.layer.0.weight": torch.zeros(2)})
     with pytest.raises(converters.CheckpointError, match="unknown checkpoint layout"):
-        converters.load_weights(models.build_detector(cfg), str(tmp_path / "other.pth"), anchors)
+        converters.load_weights(detectors.build_detector(cfg), str(tmp_path / "other.pth"), anchors)
     with pytest.raises(converters.CheckpointError, match="not found"):
         converters.resolve_weights(str(tmp_path / "absent.pth"))
 
@@ -423,6 +428,7 @@ def test_cache_records_header_and_training_reader(tmp_path, butd):
     # read back through the training dataset reader
     import mmf  # noqa: F401  (registers the plugin first, as mmf_run does)
     from omegaconf import OmegaConf
+
     from mmf_multilevel.datasets.base import RegionTextDataset
 
     ann = tmp_path / "ann.jsonl"

@@ -107,7 +107,7 @@ def test_the_framework_free_core_imports_with_mmf_blocked():
     names = framework_free()
     for expected in ("mmf_multilevel.modules.attention", "mmf_multilevel.evaluation.vqa", "mmf_multilevel.evaluation.retrieval",
                      "mmf_multilevel.images.sources", "mmf_multilevel.features.reader", "mmf_multilevel.extraction.cli",
-                     "mmf_multilevel.retrieval.pipeline", "mmf_multilevel.zoo.zoo", "mmf_multilevel.methods.semvlp.network",
+                     "mmf_multilevel.weak_corpus.pipeline", "mmf_multilevel.zoo.zoo", "mmf_multilevel.methods.semvlp.network",
                      "mmf_multilevel.methods.semvlp.pretraining", "mmf_multilevel.methods.muvla.pretraining"):
         assert expected in names, expected
     failures = run(names, blocked=True)

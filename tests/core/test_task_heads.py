@@ -61,3 +61,15 @@ def test_hard_negatives_follow_the_softmax_and_skip_positives():
         assert (ids[neg_t] != ids).all() and (ids[neg_i] != ids).all()
     with pytest.raises(ValueError, match="no non-matching candidate"):
         sample_hard_negatives(torch.zeros(2, 2), torch.tensor([1, 1]), torch.tensor([1, 1]))
+
+
+def test_task_heads_are_bert_initialised():
+    """N(0, initializer_range) weights, zero biases, unit LayerNorms, as every other head of the package."""
+    torch.manual_seed(0)
+    for head in (NLVR2PairedHead(64, initializer_range=0.02), RegionScoringHead(64, initializer_range=0.02),
+                 NLVR2PairedAttentionHead(64, num_heads=2, initializer_range=0.02).classifier):
+        for module in head.modules():
+            if isinstance(module, torch.nn.Linear):
+                assert module.weight.std().item() == pytest.approx(0.02, rel=0.2) and (module.bias == 0).all()
+            if isinstance(module, torch.nn.LayerNorm):
+                assert (module.weight == 1).all() and (module.bias == 0).all()

@@ -2,11 +2,11 @@
 import os
 import random
 
+import mmf  # noqa: F401
 import numpy as np
 import pytest
 import torch
 
-import mmf  # noqa: F401
 from mmf_multilevel.trainers.checkpoint import atomic_torch_save, rng_state, set_rng_state
 from mmf_multilevel.trainers.data import ResumableSampler, SequentialLoaders, TrainBatchStream, make_loader
 

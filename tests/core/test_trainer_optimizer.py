@@ -1,9 +1,9 @@
 """The trainer's fused Adam/AdamW: the same updates as torch's loop implementation, and left alone when asked."""
+import mmf  # noqa: F401
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-import mmf  # noqa: F401
 from mmf_multilevel.trainers.multilevel_trainer import fused_optimizer
 
 

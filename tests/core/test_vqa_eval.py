@@ -3,17 +3,16 @@ and MMF rc10's own VQA metrics measured against the official algorithm on hand-m
 import itertools
 import logging
 
+import mmf  # noqa: F401  (the compat hook makes rc10 importable)
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
-
-import mmf  # noqa: F401  (the compat hook makes rc10 importable)
 from mmf.common.registry import registry
 from mmf.common.report import Report
 from mmf.common.sample import Sample, SampleList
 from mmf.datasets.processors.processors import EvalAIAnswerProcessor, Processor, VQAAnswerProcessor
 from mmf.modules.metrics import Metrics, VQAAccuracy, VQAEvalAIAccuracy
+from omegaconf import OmegaConf
 
 from mmf_multilevel.metrics import (
     CONTRACTIONS,

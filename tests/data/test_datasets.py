@@ -3,25 +3,24 @@ import json
 import os
 import shutil
 
+import mmf  # noqa: F401  (applies the compatibility layer, registers our components)
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
-
-import mmf  # noqa: F401  (applies the compatibility layer, registers our components)
 from mmf.common.registry import registry
 from mmf.common.sample import SampleList
+from omegaconf import OmegaConf
 
 from mmf_multilevel.datasets import generate as gen
 from mmf_multilevel.datasets.annotations import AnnotationError
 from mmf_multilevel.datasets.base import FeatureDimensionError, MissingFeaturesError
 from mmf_multilevel.datasets.captions import CaptionDataset
 from mmf_multilevel.datasets.vqa2 import VQA2Dataset
-from mmf_multilevel.features import FeatureCacheReader, FeatureCacheWriter
 from mmf_multilevel.evaluation.vqa import vqa_official_accuracy
+from mmf_multilevel.features import FeatureCacheReader, FeatureCacheWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS = os.path.join(ROOT, "mmf_multilevel", "configs", "datasets")
+CONFIGS = os.path.join(ROOT, "configs", "datasets")
 DIM = 48
 
 

@@ -3,17 +3,16 @@ import json
 import os
 import shutil
 
+import mmf  # noqa: F401
 import pytest
 import torch
-from omegaconf import OmegaConf
-
-import mmf  # noqa: F401
 from mmf.common.registry import registry
 from mmf.common.sample import SampleList
+from omegaconf import OmegaConf
 
 from mmf_multilevel.datasets import generate as gen
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "mmf_multilevel", "configs", "datasets")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "datasets")
 FILES = {
     "vqa2": "vqa", "nlvr2": "nlvr2", "snli_ve": "snli_ve", "gqa": "gqa", "vgqa": "vgqa",
     "coco_retrieval": "retrieval", "flickr30k_retrieval": "retrieval", "refcoco_plus": "refcoco+",

@@ -8,24 +8,23 @@ import pickle
 import shutil
 import zipfile
 
+import mmf  # noqa: F401  (applies the compatibility layer, registers our components)
 import numpy as np
 import pytest
 import torch
+from mmf.common.registry import registry
+from mmf.common.sample import SampleList
 from omegaconf import OmegaConf
 from PIL import Image
 
-import mmf  # noqa: F401  (applies the compatibility layer, registers our components)
-from mmf.common.registry import registry
-from mmf.common.sample import SampleList
-
 from mmf_multilevel import images as I
 from mmf_multilevel.datasets import images as D
-from mmf_multilevel.images.__main__ import main as images_main
 from mmf_multilevel.datasets.generate import COLORS, generate
+from mmf_multilevel.images.__main__ import main as images_main
 from mmf_multilevel.processors import images as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS = os.path.join(ROOT, "mmf_multilevel", "configs", "datasets", "captions_images")
+CONFIGS = os.path.join(ROOT, "configs", "datasets", "captions_images")
 NAMES = ("captions_images", "coco_captions_images", "vg_captions_images", "conceptual_captions_images", "sbu_captions_images")
 
 
@@ -438,7 +437,7 @@ def test_every_builder_is_registered_with_its_config(demo):
         assert "images" in config and "features" not in config
         assert config.processors.image_processor.type == "image_transform"
         # the text side mirrors the region corpus of the same name
-        region = OmegaConf.load(os.path.join(ROOT, "mmf_multilevel", "configs", "datasets", "captions", f"{name[:-7]}.yaml"))
+        region = OmegaConf.load(os.path.join(ROOT, "configs", "datasets", "captions", f"{name[:-7]}.yaml"))
         region = region.dataset_config[name[:-7]]
         assert OmegaConf.to_container(config.annotations) == OmegaConf.to_container(region.annotations)
         assert OmegaConf.to_container(config.processors.text_processor) == OmegaConf.to_container(region.processors.text_processor)
@@ -466,7 +465,7 @@ def test_builder_gives_batches_through_mmf(demo, kind):
     # the same text fields as the region-feature CaptionDataset produces
     from mmf_multilevel.datasets.captions import CaptionDataset
 
-    region = OmegaConf.load(os.path.join(ROOT, "mmf_multilevel", "configs", "datasets", "captions", "coco_captions.yaml"))
+    region = OmegaConf.load(os.path.join(ROOT, "configs", "datasets", "captions", "coco_captions.yaml"))
     region = region.dataset_config.coco_captions
     region.data_dir, region.feature_dim, region.max_features = str(demo["data"]), 8, 6
     region.processors.text_processor = config.processors.text_processor

@@ -5,14 +5,13 @@ import os
 import re
 import zipfile
 
+import mmf  # noqa: F401
 import pytest
 import torch
-from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
-
-import mmf  # noqa: F401
 from mmf.common.batch_collator import BatchCollator
 from mmf.common.registry import registry
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
 from helpers.mmf import run_mmf
 from mmf_multilevel import images as I
@@ -21,7 +20,7 @@ from mmf_multilevel.datasets.generate import generate
 from mmf_multilevel.trainers.data import ResumableSampler, SeededDataset, make_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "mmf_multilevel", "configs", "datasets", "captions_images", "coco_captions_images.yaml")
+CONFIG = os.path.join(ROOT, "configs", "datasets", "captions_images", "coco_captions_images.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@ import json
 import os
 import shutil
 
+import mmf  # noqa: F401
 import pytest
 import torch
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
-
-import mmf  # noqa: F401
 from mmf.common.registry import registry
 from mmf.common.sample import SampleList
+from omegaconf import OmegaConf
 
 from mmf_multilevel.datasets import generate as gen
 from mmf_multilevel.datasets.annotations import AnnotationError
@@ -24,7 +23,7 @@ from mmf_multilevel.evaluation import retrieval as R
 from mmf_multilevel.evaluation.grounding import box_iou, grounding_hits, pairwise_iou, xywh_to_xyxy
 from mmf_multilevel.features import FeatureCacheReader
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "mmf_multilevel", "configs", "datasets")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "datasets")
 DIM = 16
 SPECS = {
     "nlvr2": ("nlvr2/defaults.yaml", NLVR2Dataset, "nlvr2"),

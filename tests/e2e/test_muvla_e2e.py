@@ -32,14 +32,14 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weak(data):
-    """The demo's weak corpus from the real retrieval builder (all-MiniLM-L6-v2, spaCy), as the demo
+    """The demo's weak corpus from the real weak-corpus builder (all-MiniLM-L6-v2, spaCy), as the demo
     pre-training yaml documents it: the demo captions with their pairing dropped."""
     demo = data / "demo"
     with open(demo / "annotations" / "captions_train.jsonl") as f, open(demo / "corpus.txt", "w") as out:
         for line in f:
             out.write(json.loads(line)["caption"] + "\n")
     env = offline_env()
-    subprocess.run([sys.executable, "-m", "mmf_multilevel.retrieval", "build", "--features",
+    subprocess.run([sys.executable, "-m", "mmf_multilevel.weak_corpus", "build", "--features",
                     str(demo / "features" / "regions.lmdb"), "--object-vocab", str(demo / "objects_vocab.txt"),
                     "--corpus", str(demo / "corpus.txt"), "--out", str(demo / "weak.jsonl"), "--sbert",
                     sbert_model_path(), "--device", "cpu"], check=True, env=env, capture_output=True, timeout=600)
@@ -64,10 +64,11 @@ def test_downstream_task_trains_and_evaluates_through_mmf_run(task, data, tmp_pa
 
 
 @pytest.mark.slow
-def test_pretraining_on_the_weak_corpus_then_vqa_from_its_backbone(weak, tmp_path):
+@pytest.mark.parametrize("project", ["pretrain_cc", "pretrain_bc"])
+def test_pretraining_on_the_weak_corpus_then_vqa_from_its_backbone(project, weak, tmp_path):
     pre_dir = tmp_path / "pre"
     pre_dir.mkdir()
-    save, result = run(pre_dir, weak, "pretrain_cc", "training.max_updates=8", "training.evaluation_interval=8",
+    save, result = run(pre_dir, weak, project, "training.max_updates=8", "training.evaluation_interval=8",
                        "training.checkpoint_interval=8", "model_config.muvla.pretraining.itm_weight_start_update=4")
     log = (save / "train.log").read_text()
     for dataset, losses in (("muvla_region_tag", ("mlm", "mrc", "mrfr")), ("muvla_region_phrase", ("mlm", "mrtc")),

@@ -1,4 +1,4 @@
-"""Shared helpers of the retrieval builder tests: generated corpora, tag files, the packaged models."""
+"""Shared helpers of the weak-corpus builder tests: generated corpora, tag files, the packaged models."""
 import json
 import os
 

@@ -1,11 +1,11 @@
 """VisualBERT weights (MMF's visual_bert, HF transformers' VisualBertModel) converted into the μ-VLA
 backbone give the source model's hidden states on the same input."""
+import mmf  # noqa: F401  (applies the compatibility layer)
 import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import BertConfig, VisualBertConfig, VisualBertModel
 
-import mmf  # noqa: F401  (applies the compatibility layer)
 from mmf_multilevel.methods.muvla.checkpoints import convert_visual_bert_state, load_visual_bert
 from mmf_multilevel.methods.muvla.model import MuVLA
 from mmf_multilevel.methods.muvla.network import MuVLANetwork

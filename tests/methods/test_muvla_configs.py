@@ -1,9 +1,8 @@
 """The full-size μ-VLA projects carry the paper's hyper-parameters and name registered components."""
 import os
 
-import pytest
-
 import mmf  # noqa: F401  (applies the compatibility layer, registers our components)
+import pytest
 from mmf.common.registry import registry
 from mmf.utils.configuration import load_yaml
 

@@ -1,4 +1,4 @@
-"""μ-VLA pre-training datasets (R-T, R-P, I-S) on a weak corpus written in the retrieval builder's
+"""μ-VLA pre-training datasets (R-T, R-P, I-S) on a weak corpus written in the weak-corpus builder's
 exact record format: inputs, targets, masking rates over many samples, bad records."""
 import json
 import os
@@ -31,7 +31,7 @@ SCORE = {"circle": 2.0, "square": 1.5, "triangle": 1.2, "diamond": 1.8}
 
 
 def weak_record(image_id, objects, object_ids, captions):
-    """A record as the retrieval builder writes it; tag o links to the caption phrase that contains it."""
+    """A record as the weak-corpus builder writes it; tag o links to the caption phrase that contains it."""
     cs, arg = [], []
     for tag in objects:
         row_s, row_a = [], []
@@ -151,6 +151,9 @@ def test_region_phrase_paper_masks_one_modality_linked_spans_and_regions_at_rate
     text_samples = region_samples = 0
     region_hits = {}  # score -> [selected, total]
     token_hits = {}
+    chosen = []  # the side each sample masked, as the dataset chose it
+    choose = ds.choose_side
+    ds.choose_side = lambda *args: chosen.append(choose(*args)) or chosen[-1]
     for _ in range(60):
         for i in range(len(ds)):
             s, record = ds[i], ds.records[i]
@@ -163,9 +166,10 @@ def test_region_phrase_paper_masks_one_modality_linked_spans_and_regions_at_rate
             masked_positions = set((s.lm_label_ids >= 0).nonzero().view(-1).tolist())
             assert masked_positions <= linked_positions
             count = int(s.image_info_0.max_features)
-            side = int(s.rp_side)
-            assert side in (0, 1) and not (side == 0 and region_masked) and not (side == 1 and text_masked)
-            if side == 0:
+            side = chosen[-1]
+            assert side in ("text", "regions") and not (side == "text" and region_masked)
+            assert not (side == "regions" and text_masked)
+            if side == "text":
                 # rp_text_unit: phrase - a phrase's pieces are masked all together or not at all
                 for k in set(spans.values()):
                     state = {p in masked_positions for p, kk in spans.items() if kk == k}

@@ -6,12 +6,16 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertForPreTraining
 
-from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.muvla.model import MuVLA
 from mmf_multilevel.methods.muvla.network import TASK_IDS, MuVLANetwork
 from mmf_multilevel.methods.muvla.pretraining import (
-    OFFICIAL_MRM_SCALE, MuVLAPretrainingHeads, itm_pair_weights, masked_region_mean, pretraining_losses,
+    OFFICIAL_MRM_SCALE,
+    MuVLAPretrainingHeads,
+    itm_pair_weights,
+    masked_region_mean,
+    pretraining_losses,
 )
+from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.modules.text import BertTextEncoder
 
 # the global config MMF's Losses and the models read, as mmf_run registers it

@@ -6,9 +6,16 @@ import torch
 from omegaconf import OmegaConf
 from transformers import BertConfig
 
-from mmf_multilevel.methods.semvlp import SINGLE, TWO, ModeSchedule, SemVLPNetwork, SemVLPPretrainingHeads, pretraining_losses
-from mmf_multilevel.methods.semvlp.__main__ import base_counts
 from mmf_multilevel.methods.progress import TrainingProgress
+from mmf_multilevel.methods.semvlp import (
+    SINGLE,
+    TWO,
+    ModeSchedule,
+    SemVLPNetwork,
+    SemVLPPretrainingHeads,
+    pretraining_losses,
+)
+from mmf_multilevel.methods.semvlp.__main__ import base_counts
 from mmf_multilevel.methods.semvlp.model import SemVLP
 from mmf_multilevel.modules.masking import IGNORE_INDEX
 from mmf_multilevel.modules.text import BertTextEncoder

@@ -1,17 +1,16 @@
 """The official μ-VLA (UVLP) checkpoint layout converted into ``muvla`` (embedding_style: released) gives
 the official forward pass - computed here independently from the checkpoint's own tensors."""
+import mmf  # noqa: F401  (applies the compatibility layer)
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from transformers import BertConfig, BertModel
-
-import mmf  # noqa: F401  (applies the compatibility layer)
-from mmf_multilevel.methods.muvla.model import MuVLA
-from mmf_multilevel.methods.muvla import checkpoints as C
-
 from test_muvla_checkpoints import FEAT, SIZES, B, N, T  # the same tiny sizes
 from test_muvla_checkpoints import inputs as text_and_regions
+from transformers import BertConfig, BertModel
+
+from mmf_multilevel.methods.muvla import checkpoints as C
+from mmf_multilevel.methods.muvla.model import MuVLA
 
 TAGS = 9
 H = SIZES["hidden_size"]

@@ -1,6 +1,6 @@
 """μ-VLA's pre-training datasets on the weakly aligned corpus (paper §3.2-§3.3).
 
-All of them read the retrieval builder's jsonl (``python -m mmf_multilevel.retrieval build``; one
+All of them read the weak-corpus builder's jsonl (``python -m mmf_multilevel.weak_corpus build``; one
 record per image: ``captions`` (K retrieved sentences), ``objects`` / ``objects_ids`` (per-region tag
 and tag id, feature-row order), ``noun_phrases`` (per caption), ``objects_cs`` / ``objects_cs_arg``
 (N x K link score s' and linked phrase index)) plus the region feature cache, and put the task in
@@ -16,7 +16,7 @@ and tag id, feature-row order), ``noun_phrases`` (per caption), ``objects_cs`` /
   together (``rp_text_unit: phrase``) or each on its own (``token``), then 80/10/10. Regions:
   region i is selected with probability ``0.15 * s'_i`` (0 when unlinked), and predicts one
   word-piece of its linked phrase, drawn uniformly (``mrtc_labels``, p-MRTC). When the chosen side
-  has nothing linked, the other side is masked (``rp_side``: 0 text, 1 regions, 2 both). ``released``: the official recipe, standard 15 %
+  has nothing linked, the other side is masked (:meth:`RegionPhraseDataset.choose_side`). ``released``: the official recipe, standard 15 %
   MLM over all tokens and the linked-region masking in the same sample.
 * ``muvla_image_sentence`` (I-S): one of the K captions; with ``itm_probability`` (0.5) it is
   replaced by a caption of another image (``is_correct = 0``); ``objectives`` ``[mlm, itm]``: 15 %
@@ -37,10 +37,11 @@ from mmf.common.registry import registry
 from mmf.common.sample import Sample
 from mmf.datasets.base_dataset import BaseDataset
 
-from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, resolve
+from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, data_path
 from mmf_multilevel.methods.muvla.network import TASK_IDS
 from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_tokens
 from mmf_multilevel.modules.visual import normalize_boxes
+from mmf_multilevel.registration import register_variants
 
 #: the default configs of these datasets (absolute: RegionTaskBuilder joins them onto the shared folder)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -265,27 +266,29 @@ class RegionPhraseDataset(WeakCorpusDataset):
         if self.mask_mode == "released":
             region_prob[tagged:count] = self.region_mask_probability
 
-        if self.mask_mode == "released":
+        side = self.choose_side(has_text, bool((region_prob[:tagged] > 0).any()))
+        if side == "both":
             self._mask_text(sample, self.mlm_probability)
-            side = "both"
-        else:
-            side = "text" if random.random() < 0.5 else "regions"
-            has_regions = bool((region_prob[:tagged] > 0).any())
-            if side == "text" and not has_text and has_regions:
-                side = "regions"
-            elif side == "regions" and not has_regions and has_text:
-                side = "text"
-            if side == "text":
-                self._mask_text(sample, token_prob)
-            else:
-                self._no_text_labels(sample)
-        if side == "text":
+        elif side == "text":
+            self._mask_text(sample, token_prob)
             region_prob = torch.zeros(self.max_features)
+        else:
+            self._no_text_labels(sample)
         selected = self._mask_regions(sample, region_prob)
         sample.mrtc_labels = self.mrtc_labels(record, j, selected)
-        # which side this sample masked: 0 text, 1 regions, 2 both (released)
-        sample.rp_side = torch.tensor({"text": 0, "regions": 1, "both": 2}[side], dtype=torch.long)
         return self._finish(sample)
+
+    def choose_side(self, has_text: bool, has_regions: bool) -> str:
+        """The modality this sample masks: ``both`` (``released``), else a fair coin between ``text`` and
+        ``regions``, falling back to the other side when the chosen one has nothing linked."""
+        if self.mask_mode == "released":
+            return "both"
+        side = "text" if random.random() < 0.5 else "regions"
+        if side == "text" and not has_text and has_regions:
+            return "regions"
+        if side == "regions" and not has_regions and has_text:
+            return "text"
+        return side
 
     def mrtc_labels(self, record, j, selected):
         """Per selected tagged region: one word-piece of its linked noun phrase, drawn uniformly."""
@@ -369,7 +372,7 @@ class TextCorpusDataset(_TextMixin, BaseDataset):
         annotations = config.annotations[dataset_type]
         if isinstance(annotations, str):
             annotations = [annotations]
-        self.annotation_path = resolve(annotations[index], config.get("data_dir"))
+        self.annotation_path = data_path(annotations[index], config.get("data_dir"))
         self.mlm_probability = float(config.get("mlm_probability", 0.15))
         self.sentences = self._read(self.annotation_path)
 
@@ -417,17 +420,13 @@ class TextCorpusBuilder(RegionTaskBuilder):
 
 
 # ====================================================================================== builders
-def _builder(name, dataset_class):
-    cls = type(f"{''.join(p.title() for p in name.split('_'))}Builder", (RegionTaskBuilder,),
-               {"name": name, "dataset_class": dataset_class, "config_file": os.path.join(CONFIG_DIR, f"{name}.yaml")})
-    return registry.register_builder(name)(cls)
-
-
-for _name, _cls in (
-    ("muvla_region_tag", RegionTagDataset),
-    ("muvla_region_phrase", RegionPhraseDataset),
-    ("muvla_image_sentence", ImageSentenceDataset),
-    ("muvla_sentence_mlm", SentenceMLMDataset),
-    ("muvla_sentence_itm", SentenceITMDataset),
-):
-    _builder(_name, _cls)
+register_variants(registry.register_builder, RegionTaskBuilder, {
+    name: {"name": name, "dataset_class": dataset_class, "config_file": os.path.join(CONFIG_DIR, f"{name}.yaml")}
+    for name, dataset_class in (
+        ("muvla_region_tag", RegionTagDataset),
+        ("muvla_region_phrase", RegionPhraseDataset),
+        ("muvla_image_sentence", ImageSentenceDataset),
+        ("muvla_sentence_mlm", SentenceMLMDataset),
+        ("muvla_sentence_itm", SentenceITMDataset),
+    )
+}, suffix="Builder")

@@ -12,12 +12,21 @@ import torch
 from mmf_multilevel.methods.base import MethodModel, register_method
 from mmf_multilevel.methods.batch import RegionInputs, region_inputs, text_inputs
 from mmf_multilevel.methods.config import build_text_encoder
-from mmf_multilevel.methods.muvla.checkpoints import convert_uvlp_state, load_converted, load_visual_bert, read_state
-from mmf_multilevel.methods.muvla.checkpoints import read_visual_bert_checkpoint
+from mmf_multilevel.methods.muvla.checkpoints import (
+    convert_uvlp_state,
+    load_converted,
+    load_visual_bert,
+    read_state,
+    read_visual_bert_checkpoint,
+)
 from mmf_multilevel.methods.muvla.config import MuVLAConfig
 from mmf_multilevel.methods.muvla.network import TASK_IDS, TASKS, MuVLANetwork
 from mmf_multilevel.methods.muvla.pretraining import (
-    ITM_WEIGHTINGS, MRM_NORMALIZATIONS, MuVLAPretrainingHeads, itm_pair_weights, pretraining_losses,
+    ITM_WEIGHTINGS,
+    MRM_NORMALIZATIONS,
+    MuVLAPretrainingHeads,
+    itm_pair_weights,
+    pretraining_losses,
 )
 from mmf_multilevel.modules.heads import VQAHead, bert_pretraining_head_state
 from mmf_multilevel.modules.masking import IGNORE_INDEX
@@ -74,9 +83,10 @@ class MuVLA(MethodModel):
             self.classifier = VQAHead(hidden, s.num_labels, intermediate_size=hidden, dropout=s.classifier_dropout,
                                       layer_norm_eps=bert.layer_norm_eps, initializer_range=bert.initializer_range)
         elif head_type == "nlvr2":
-            self.classifier = NLVR2PairedHead(hidden, 2, dropout=bert.hidden_dropout_prob, layer_norm_eps=bert.layer_norm_eps)
+            self.classifier = NLVR2PairedHead(hidden, 2, dropout=bert.hidden_dropout_prob, layer_norm_eps=bert.layer_norm_eps,
+                                              initializer_range=bert.initializer_range)
         else:
-            self.classifier = RegionScoringHead(hidden, bert.layer_norm_eps)
+            self.classifier = RegionScoringHead(hidden, bert.layer_norm_eps, bert.initializer_range)
 
     def after_build(self):
         if self.settings.released_checkpoint:

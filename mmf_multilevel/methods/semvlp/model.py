@@ -12,9 +12,9 @@ Checkpoints written before the one-folder layout (backbone ``semvlp.*``, heads `
 ``object_label``, the ``schedule_step`` counter) load through :attr:`SemVLP.state_key_map`.
 """
 from mmf_multilevel.methods.base import MethodModel, register_method
-from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.batch import detector_labels, region_inputs, text_inputs
 from mmf_multilevel.methods.config import build_text_encoder
+from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.semvlp.config import SemVLPConfig
 from mmf_multilevel.methods.semvlp.network import SINGLE, TWO, SemVLPNetwork, check_mode
 from mmf_multilevel.methods.semvlp.pretraining import ModeSchedule, SemVLPPretrainingHeads, pretraining_losses
@@ -65,7 +65,8 @@ class SemVLP(MethodModel):
             self.classifier = VQAHead(hidden, s.num_labels, dropout=bert.hidden_dropout_prob,
                                       layer_norm_eps=bert.layer_norm_eps, initializer_range=bert.initializer_range)
         elif head_type == "nlvr2":
-            self.classifier = NLVR2PairedHead(hidden, 2, dropout=bert.hidden_dropout_prob, layer_norm_eps=bert.layer_norm_eps)
+            self.classifier = NLVR2PairedHead(hidden, 2, dropout=bert.hidden_dropout_prob, layer_norm_eps=bert.layer_norm_eps,
+                                              initializer_range=bert.initializer_range)
         else:  # retrieval: the pre-training ITM head, so a pre-trained checkpoint brings its matching head
             self.itm_head = ITMHead(hidden, 2, dropout=bert.hidden_dropout_prob, initializer_range=bert.initializer_range)
 

@@ -27,17 +27,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmf_multilevel.compat.detectron2 import import_detectron2
+from mmf_multilevel.paths import DETECTOR_CONFIG_DIR
 
 import_detectron2()
 
 from detectron2.config import CfgNode, configurable, get_cfg  # noqa: E402
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, build_model  # noqa: E402
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet, build_resnet_backbone  # noqa: E402
 from detectron2.modeling.roi_heads import Res5ROIHeads  # noqa: E402
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "feature_extraction", "configs")
-_PACKAGED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIG_DIR = DETECTOR_CONFIG_DIR
 
 MODELS = {
     "butd_r101": "butd_r101.yaml",
@@ -46,14 +46,14 @@ MODELS = {
 
 
 def config_path(model_name):
-    """Path of the yaml config of ``model_name`` (feature_extraction/configs, or the package copy)."""
+    """Path of the yaml config of ``model_name`` (``feature_extraction/configs``, installed as
+    ``mmf_multilevel/extraction/configs``)."""
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(MODELS)}")
-    for folder in (CONFIG_DIR, _PACKAGED_CONFIG_DIR):
-        path = os.path.join(folder, MODELS[model_name])
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"config {MODELS[model_name]} of model {model_name!r} not found in {CONFIG_DIR} or {_PACKAGED_CONFIG_DIR}")
+    path = os.path.join(CONFIG_DIR, MODELS[model_name])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config {MODELS[model_name]} of model {model_name!r} not found in {CONFIG_DIR}")
+    return path
 
 
 def add_region_config(cfg):

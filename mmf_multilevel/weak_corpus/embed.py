@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from mmf_multilevel.retrieval._util import Manifest, RetrievalError, progress, remove_stale_temps
+from mmf_multilevel.weak_corpus._util import Manifest, RetrievalError, progress, remove_stale_temps
 
 DEFAULT_CHUNK_ROWS = 16384
 
@@ -55,7 +55,7 @@ def encode_to_memmap(out_dir, name, rows, get_texts, model_factory, model_id, ba
     if not todo and os.path.exists(path):
         manifest.mark_complete()
         return path
-    from mmf_multilevel.retrieval.models import encode, sbert_dim
+    from mmf_multilevel.weak_corpus.encoders import encode, sbert_dim
 
     model = model_factory()
     dim = sbert_dim(model)

@@ -17,7 +17,14 @@ import re
 
 import numpy as np
 
-from mmf_multilevel.retrieval._util import AtomicFile, RetrievalError, atomic_write_bytes, atomic_write_json, progress, read_json
+from mmf_multilevel.weak_corpus._util import (
+    AtomicFile,
+    RetrievalError,
+    atomic_write_bytes,
+    atomic_write_json,
+    progress,
+    read_json,
+)
 
 TEXT_FIELDS = ("text", "caption", "sentence")
 _SPACES = re.compile(r"\s+")
@@ -71,7 +78,7 @@ def prepare_corpus(corpus_path, out_dir, report, lowercase=False, text_field=Non
     os.makedirs(out_dir, exist_ok=True)
     is_jsonl = corpus_path.endswith((".jsonl", ".json"))
     fields = (text_field,) if text_field else TEXT_FIELDS
-    from mmf_multilevel.retrieval._util import Report
+    from mmf_multilevel.weak_corpus._util import Report
 
     local = Report(stream=report.stream, quiet=report.quiet)
     offsets = array.array("q", [0])  # 8 bytes a row (a 14M-line corpus: 112 MB)
@@ -389,7 +396,7 @@ def prepare_images(features_path, out_dir, report, object_vocab=None, query_mode
         if info.get("signature") == signature:
             report.merge_counts(info.get("problems", {}), info.get("examples"))
             return info
-    from mmf_multilevel.retrieval._util import Report
+    from mmf_multilevel.weak_corpus._util import Report
 
     local = Report(stream=report.stream, quiet=report.quiet)
     names = read_object_vocab(object_vocab) if object_vocab else None

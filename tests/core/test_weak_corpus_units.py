@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from helpers.weak_corpus import write_jsonl, write_lines
-
-from mmf_multilevel.retrieval import inputs as inp
-from mmf_multilevel.retrieval import search as srch
-from mmf_multilevel.retrieval._util import Manifest, Report, RetrievalError, StageMismatchError
-from mmf_multilevel.retrieval.link import link_tags, normalize_rows
+from mmf_multilevel.weak_corpus import inputs as inp
+from mmf_multilevel.weak_corpus import search as srch
+from mmf_multilevel.weak_corpus._util import Manifest, Report, RetrievalError, StageMismatchError
+from mmf_multilevel.weak_corpus.link import link_tags, normalize_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,24 +19,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # --------------------------------------------------------------------------- package / CLI
 def test_import_is_light_and_help_works():
     code = (
-        "import sys, mmf_multilevel.retrieval, mmf_multilevel.retrieval.__main__ as m\n"
+        "import sys, mmf_multilevel.weak_corpus, mmf_multilevel.weak_corpus.__main__ as m\n"
         "heavy = [n for n in ('torch', 'faiss', 'spacy', 'sentence_transformers', 'transformers') if n in sys.modules]\n"
         "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
     for cmd in ("build", "encode", "search", "link"):
-        res = subprocess.run([sys.executable, "-m", "mmf_multilevel.retrieval", cmd, "--help"], capture_output=True, text=True, cwd=ROOT)
+        res = subprocess.run([sys.executable, "-m", "mmf_multilevel.weak_corpus", cmd, "--help"], capture_output=True, text=True, cwd=ROOT)
         assert res.returncode == 0, res.stderr
         assert "--work" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "mmf_multilevel.retrieval", "build", "--help"], capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run([sys.executable, "-m", "mmf_multilevel.weak_corpus", "build", "--help"], capture_output=True, text=True, cwd=ROOT)
     for flag in ("--top-k", "--sbert", "--spacy", "--index", "--device", "--batch-size", "--exclude-self", "--metric"):
         assert flag in res.stdout
 
 
 def test_cli_missing_input_is_a_clear_error(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "mmf_multilevel.retrieval", "build", "--features", str(tmp_path / "nope.jsonl"),
+        [sys.executable, "-m", "mmf_multilevel.weak_corpus", "build", "--features", str(tmp_path / "nope.jsonl"),
          "--corpus", str(tmp_path / "c.txt"), "--out", str(tmp_path / "w.jsonl")],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "MMF_ML_NO_PROGRESS": "1"},
     )
@@ -220,7 +219,7 @@ def test_exact_search_resumes_from_saved_shard(tmp_path):
     full = srch.exact_search(base, queries, 5, shard_rows=100)
     state = str(tmp_path / "s")
     # simulate a run killed after shard 2: its saved state and manifest exist
-    import mmf_multilevel.retrieval.search as module
+    import mmf_multilevel.weak_corpus.search as module
 
     calls = {"n": 0}
     original = module._faiss_shard

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from mmf_multilevel.retrieval._util import AtomicFile, Manifest, progress, read_json, remove_stale_temps
+from mmf_multilevel.weak_corpus._util import AtomicFile, Manifest, progress, read_json, remove_stale_temps
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -61,7 +61,7 @@ def extract_noun_phrases(texts_of_rows, rows, nlp_factory, state_dir, chunk_rows
     todo = [c for c in range(n_chunks) if not manifest.is_done(c)]
     if todo:
         nlp = nlp_factory()
-        from mmf_multilevel.retrieval.models import noun_chunks
+        from mmf_multilevel.weak_corpus.encoders import noun_chunks
 
         done_rows = len(rows) - sum(min(chunk_rows, len(rows) - c * chunk_rows) for c in todo)
         with progress(total=len(rows), initial=done_rows, desc="spaCy noun chunks", unit="doc") as bar:

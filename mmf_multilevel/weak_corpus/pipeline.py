@@ -18,8 +18,15 @@ import time
 
 import numpy as np
 
-from mmf_multilevel.retrieval import inputs as inp
-from mmf_multilevel.retrieval._util import AtomicFile, Report, RetrievalError, atomic_write_bytes, atomic_write_json, read_json
+from mmf_multilevel.weak_corpus import inputs as inp
+from mmf_multilevel.weak_corpus._util import (
+    AtomicFile,
+    Report,
+    RetrievalError,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+)
 
 DEFAULTS = {
     "top_k": 5,
@@ -102,14 +109,14 @@ class Builder:
     @property
     def device(self):
         if self._device is None:
-            from mmf_multilevel.retrieval.models import resolve_device
+            from mmf_multilevel.weak_corpus.encoders import resolve_device
 
             self._device = resolve_device(self.s.device)
         return self._device
 
     def sbert(self, name):
         if name not in self._models:
-            from mmf_multilevel.retrieval.models import load_sbert
+            from mmf_multilevel.weak_corpus.encoders import load_sbert
 
             self._models[name] = load_sbert(name, self.device, log=self.log)
         return self._models[name]
@@ -161,7 +168,7 @@ class Builder:
     # ------------------------------------------------------------------ encode
     def encode(self):
         """Prepare what was given (corpus and/or images) and encode it."""
-        from mmf_multilevel.retrieval.embed import encode_to_memmap
+        from mmf_multilevel.weak_corpus.embed import encode_to_memmap
 
         did = False
         if self.s.corpus or os.path.exists(self.d("corpus", "info.json")):
@@ -226,8 +233,8 @@ class Builder:
         return excluded
 
     def search(self):
-        from mmf_multilevel.retrieval import search as srch
-        from mmf_multilevel.retrieval.embed import open_embeddings
+        from mmf_multilevel.weak_corpus import search as srch
+        from mmf_multilevel.weak_corpus.embed import open_embeddings
 
         for name in ("corpus", "queries"):
             manifest = self.d("emb", f"{name}.manifest.json")
@@ -300,9 +307,9 @@ class Builder:
 
     # ------------------------------------------------------------------ link
     def link(self):
-        from mmf_multilevel.retrieval import link as lk
-        from mmf_multilevel.retrieval.embed import encode_to_memmap, open_embeddings
-        from mmf_multilevel.retrieval.models import load_spacy
+        from mmf_multilevel.weak_corpus import link as lk
+        from mmf_multilevel.weak_corpus.embed import encode_to_memmap, open_embeddings
+        from mmf_multilevel.weak_corpus.encoders import load_spacy
 
         if not self.s.out:
             raise RetrievalError("link: pass --out FILE.jsonl")

@@ -1,4 +1,4 @@
-"""Small shared pieces of the retrieval builder: atomic files, stage manifests, the run report.
+"""Small shared pieces of the weak-corpus builder: atomic files, stage manifests, the run report.
 
 Nothing here imports torch, faiss, spaCy or sentence-transformers.
 """

@@ -1,7 +1,7 @@
 """Loading the Sentence-BERT encoder and the spaCy pipeline (imported lazily, on first use)."""
 import os
 
-from mmf_multilevel.retrieval._util import RetrievalError
+from mmf_multilevel.weak_corpus._util import RetrievalError
 
 # Names under which registry packages ship the same spaCy pipelines.
 SPACY_ALIASES = {

@@ -28,7 +28,13 @@ import os
 
 import numpy as np
 
-from mmf_multilevel.retrieval._util import Manifest, RetrievalError, atomic_write_bytes, progress, remove_stale_temps  # noqa: F401
+from mmf_multilevel.weak_corpus._util import (  # noqa: F401
+    Manifest,
+    RetrievalError,
+    atomic_write_bytes,
+    progress,
+    remove_stale_temps,
+)
 
 METRICS = ("cosine", "l2")
 INDEXES = ("flat", "ivf", "hnsw")

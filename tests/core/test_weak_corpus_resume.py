@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Runs the CLI with Manifest.mark_done patched to SIGKILL the process at the n-th chunk of a stage.
 KILLER = r"""
 import os, signal, sys
-from mmf_multilevel.retrieval import _util
+from mmf_multilevel.weak_corpus import _util
 stage, when, after = sys.argv[1], sys.argv[2], int(sys.argv[3])
 original = _util.Manifest.mark_done
 seen = {"n": 0}
@@ -41,7 +41,7 @@ def mark_done(self, chunk, **extra):
     if hit and when == "after":
         os.kill(os.getpid(), signal.SIGKILL)
 _util.Manifest.mark_done = mark_done
-from mmf_multilevel.retrieval.__main__ import main
+from mmf_multilevel.weak_corpus.__main__ import main
 sys.exit(main(sys.argv[4:]))
 """
 
@@ -74,7 +74,7 @@ def cli_args(data, out, work, *extra):
 
 
 def run_cli(args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "mmf_multilevel.retrieval", *args], cwd=ROOT, env=offline_env(),
+    return subprocess.run([sys.executable, "-m", "mmf_multilevel.weak_corpus", *args], cwd=ROOT, env=offline_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -129,7 +129,7 @@ def test_kill_inside_each_stage_then_resume(reference, data, tmp_path):
 def test_sigkill_from_outside_during_encoding(reference, data, tmp_path):
     out, work = tmp_path / "weak.jsonl", tmp_path / "work"
     args = cli_args(data, out, work)
-    proc = subprocess.Popen([sys.executable, "-m", "mmf_multilevel.retrieval", *args], cwd=ROOT, env=offline_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "mmf_multilevel.weak_corpus", *args], cwd=ROOT, env=offline_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = work / "emb" / "corpus.manifest.json"
     deadline = time.time() + 240
@@ -159,7 +159,7 @@ def test_sigkill_from_outside_during_encoding(reference, data, tmp_path):
 
 def test_sub_steps_equal_build(reference, data, tmp_path):
     """encode, search and link run one at a time (as on separate machines) give the build's output."""
-    from mmf_multilevel.retrieval.__main__ import main
+    from mmf_multilevel.weak_corpus.__main__ import main
 
     work, out = tmp_path / "work", tmp_path / "weak.jsonl"
     common = ["--work", str(work), "--device", "cpu", "--quiet"]

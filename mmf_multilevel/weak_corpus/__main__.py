@@ -1,4 +1,4 @@
-"""``python -m mmf_multilevel.retrieval {build,encode,search,link} ...``: the μ-VLA weak-corpus builder.
+"""``python -m mmf_multilevel.weak_corpus {build,encode,search,link} ...``: the μ-VLA weak-corpus builder.
 
 Exit status: 0 on success, 2 for bad input or settings (the message names the file/line/option),
 1 for anything unexpected.
@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from mmf_multilevel.retrieval.pipeline import DEFAULTS
+from mmf_multilevel.weak_corpus.pipeline import DEFAULTS
 
 D = DEFAULTS
 
@@ -72,7 +72,7 @@ def _add_link(p, out_required):
 
 def make_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m mmf_multilevel.retrieval",
+        prog="python -m mmf_multilevel.weak_corpus",
         description="Build the μ-VLA weakly aligned corpus: tag queries -> SBERT -> top-K sentences -> spaCy noun phrases -> tag/phrase links.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,10 +101,10 @@ def make_parser():
 def main(argv=None):
     args = make_parser().parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k != "command"}
-    from mmf_multilevel.retrieval._util import RetrievalError
+    from mmf_multilevel.weak_corpus._util import RetrievalError
 
     try:
-        from mmf_multilevel.retrieval.pipeline import Builder, Settings
+        from mmf_multilevel.weak_corpus.pipeline import Builder, Settings
 
         if args.command in ("search", "link") and not args.work:
             raise RetrievalError(f"{args.command}: pass --work DIR (the directory the encode step filled)")

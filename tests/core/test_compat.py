@@ -267,9 +267,24 @@ def test_wheel_ships_the_hook_the_configs_and_finds_them_installed(tmp_path):
     """``pip wheel .`` (what a non-editable ``pip install .`` installs) carries the import hook, the
     top-level configs/ and feature_extraction/configs/ inside the package, and every method's defaults;
     unpacked and imported from there, the config lookups find the installed copies."""
+    import shutil
+
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # build from a copy of the files git tracks or would track: an in-tree build/ left by an earlier build would leak
+    # stale modules into the wheel
+    source = tmp_path / "src"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout:
+        for name in listed.stdout.split("\0"):
+            if name and os.path.isfile(os.path.join(root, name)):
+                os.makedirs(source / os.path.dirname(name), exist_ok=True)
+                shutil.copy2(os.path.join(root, name), source / name)
+    else:  # not a git checkout
+        shutil.copytree(root, source, ignore=shutil.ignore_patterns(".venv", "build", "dist", "*.egg-info", ".git"))
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), root],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(source)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

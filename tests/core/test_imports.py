@@ -9,10 +9,11 @@ from helpers.mmf import ROOT
 PACKAGE = os.path.join(ROOT, "mmf_multilevel")
 
 #: the framework-free core: packages (every module in them) and single modules
-FRAMEWORK_FREE_PACKAGES = ("modules", "evaluation", "features", "images", "extraction", "retrieval", "zoo")
+FRAMEWORK_FREE_PACKAGES = ("modules", "evaluation", "features", "images", "extraction", "weak_corpus", "zoo")
 FRAMEWORK_FREE_MODULES = (
     "mmf_multilevel.methods", "mmf_multilevel.methods.batch", "mmf_multilevel.methods.config",
-    "mmf_multilevel.methods.progress", "mmf_multilevel.datasets.generate", "mmf_multilevel.trainers.optim",
+    "mmf_multilevel.methods.progress", "mmf_multilevel.methods.testing", "mmf_multilevel.datasets.generate",
+    "mmf_multilevel.trainers.optim", "mmf_multilevel.paths", "mmf_multilevel.registration",
 )
 #: in a method folder everything but the MMF adapter (model.py) and its MMF datasets (data.py)
 METHOD_MMF_FILES = ("model", "data", "testing")

@@ -393,9 +393,8 @@ def _existing(out, settings):
     return manifest if same else None
 
 
-def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5, seed=0, float16=False,
-             mmf_compat=False, images=True, force=False, progress=True):
-    """Write a data set under ``out`` (see the module docstring); returns its manifest."""
+def _checked_args(num_images, feature_dim, min_objects, max_objects, seed, float16, mmf_compat, images):
+    """The settings of :func:`generate` as an ``argparse.Namespace`` (like the command line's), validated."""
     args = argparse.Namespace(
         num_images=int(num_images), feature_dim=int(feature_dim), min_objects=int(min_objects),
         max_objects=int(max_objects), seed=int(seed), float16=bool(float16), mmf_compat=bool(mmf_compat),
@@ -407,6 +406,127 @@ def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {args.min_objects} and {args.max_objects}")
     if args.feature_dim < 1:
         raise ValueError(f"feature_dim must be positive, got {args.feature_dim}")
+    return args
+
+
+def _fresh_work_folder(out):
+    """An empty ``<out>.partial-<pid>`` folder with the set's sub-folders, where the set is built."""
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    work = f"{out}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    for sub in ("images", "features", "annotations", "vocab"):
+        os.makedirs(os.path.join(work, sub))
+    return work
+
+
+def _prototypes(seed, feature_dim):
+    """The per-shape and per-colour region feature prototypes, from their own random stream."""
+    proto_rng = np.random.default_rng(12345 + seed)
+    return (
+        proto_rng.standard_normal((len(SHAPES), feature_dim)).astype(np.float32),
+        proto_rng.standard_normal((len(COLORS), feature_dim)).astype(np.float32),
+    )
+
+
+def _split_bounds(num_images):
+    """Image index boundaries of the splits: split ``i`` holds images ``bounds[i]`` to ``bounds[i + 1] - 1``."""
+    bounds = np.cumsum([0] + [int(round(f * num_images)) for _, f in SPLITS])
+    bounds[-1] = num_images
+    return bounds
+
+
+def _write_images(writer, work, indices, bounds, args, rng, prototypes, dtype):
+    """Draw each image's scene, write its JPEG and regions; -> captions, questions, texts and scenes per split."""
+    captions = {name: [] for name, _ in SPLITS}
+    questions = {name: [] for name, _ in SPLITS}
+    texts = []
+    scenes = {name: [] for name, _ in SPLITS}
+    question_id = 0
+    for index in indices:
+        split = next(name for (name, _), end in zip(SPLITS, bounds[1:]) if index < end)
+        image_id = f"demo_{index:06d}"
+        width, height, objects = _scene(rng, args.min_objects, args.max_objects)
+        background = tuple(int(v) for v in rng.integers(90, 170, size=3))
+        if not args.no_images:
+            _draw(os.path.join(work, "images", f"{image_id}.jpg"), width, height, objects, background)
+        record = _regions(objects, prototypes, args.feature_dim, rng, dtype)
+        record.update(image_w=width, image_h=height)
+        writer.write(image_id, record)
+        scenes[split].append((image_id, width, height, objects))
+        for caption in _captions(objects, rng):
+            captions[split].append({"image_id": image_id, "caption": caption})
+            texts.append(caption)
+        for question, answers in _questions(objects, rng):
+            question_id += 1
+            item = {"question_id": question_id, "image_id": image_id, "question": question}
+            if split != "test":
+                item["answers"] = answers
+            questions[split].append(item)
+            texts.append(question)
+    return captions, questions, texts, scenes
+
+
+def _write_annotations(work, captions, questions, scenes, seed, texts):
+    """Write the caption, VQA and downstream-task annotation files; the tasks' texts are added to ``texts``."""
+    from mmf_multilevel.datasets.annotations import write_jsonl
+
+    ann = os.path.join(work, "annotations")
+    for split in captions:
+        write_jsonl(os.path.join(ann, f"captions_{split}.jsonl"), captions[split])
+        write_jsonl(os.path.join(ann, f"vqa_{split}.jsonl"), questions[split])
+    task_rng = np.random.default_rng(seed + 1)
+    for split, items in scenes.items():
+        for name, records in _task_annotations(split, items, task_rng).items():
+            write_jsonl(os.path.join(ann, f"{name}.jsonl"), records)
+            texts.extend(_texts_of(records))
+
+
+def _write_vocabularies(work, train_captions, texts):
+    """Write corpus.txt, the answer/detector vocabularies and the tokenizer folder; -> (answers, token vocab)."""
+    # every train caption as unpaired text, one per line: the text corpus of the weak-corpus builder
+    _write_lines(os.path.join(work, "corpus.txt"), [c["caption"] for c in train_captions])
+    answers = answer_vocabulary()
+    _write_lines(os.path.join(work, "answers.txt"), answers)
+    _write_lines(os.path.join(work, "answers_gqa.txt"), gqa_answer_vocabulary())
+    _write_lines(os.path.join(work, "objects_vocab.txt"), SHAPES)
+    _write_lines(os.path.join(work, "attributes_vocab.txt"), list(COLORS))
+    vocab = _wordpiece_vocab(texts)
+    _write_lines(os.path.join(work, "vocab", "vocab.txt"), vocab)
+    with open(os.path.join(work, "vocab", "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}, f, indent=2)
+    return answers, vocab
+
+
+def _manifest(args, settings, bounds, captions, questions, answers, vocab):
+    """The content of ``manifest.json``: the format, the settings and the set's sizes."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "settings": settings,
+        "num_images": {name: int(end - start) for (name, _), start, end in zip(SPLITS, bounds[:-1], bounds[1:])},
+        "num_captions": {k: len(v) for k, v in captions.items()},
+        "num_questions": {k: len(v) for k, v in questions.items()},
+        "answer_vocab_size": len(answers),
+        "token_vocab_size": len(vocab),
+        "feature_dim": args.feature_dim,
+        "max_regions": args.max_objects,
+    }
+
+
+def _publish(work, out, manifest):
+    """Write the manifest into ``work`` (last, so it marks a complete set), then move ``work`` to ``out``."""
+    with open(os.path.join(work, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(work, out)
+
+
+def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5, seed=0, float16=False,
+             mmf_compat=False, images=True, force=False, progress=True):
+    """Write a data set under ``out`` (see the module docstring); returns its manifest."""
+    args = _checked_args(num_images, feature_dim, min_objects, max_objects, seed, float16, mmf_compat, images)
     settings = settings_of(args)
     out = os.path.abspath(os.fspath(out))
     found = _existing(out, settings)
@@ -419,90 +539,22 @@ def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5
 
     from tqdm import tqdm
 
-    from mmf_multilevel.datasets.annotations import write_jsonl
     from mmf_multilevel.features import FeatureCacheWriter
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    work = f"{out}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    for sub in ("images", "features", "annotations", "vocab"):
-        os.makedirs(os.path.join(work, sub))
+    work = _fresh_work_folder(out)
     rng = np.random.default_rng(args.seed)
-    proto_rng = np.random.default_rng(12345 + args.seed)
-    prototypes = (
-        proto_rng.standard_normal((len(SHAPES), args.feature_dim)).astype(np.float32),
-        proto_rng.standard_normal((len(COLORS), args.feature_dim)).astype(np.float32),
-    )
+    prototypes = _prototypes(args.seed, args.feature_dim)
     dtype = settings["dtype"]
     cache = os.path.join(work, "features", "regions.lmdb")
-    bounds = np.cumsum([0] + [int(round(f * args.num_images)) for _, f in SPLITS])
-    bounds[-1] = args.num_images
-    captions = {name: [] for name, _ in SPLITS}
-    questions = {name: [] for name, _ in SPLITS}
-    texts = []
-    scenes = {name: [] for name, _ in SPLITS}
-    question_id = 0
+    bounds = _split_bounds(args.num_images)
     with FeatureCacheWriter(cache, detector="demo_shapes", dtype=dtype, batch_size=64, mmf_compat=args.mmf_compat,
                             feature_dim=args.feature_dim) as writer:
-        for index in tqdm(range(args.num_images), desc="demo data", unit="img", disable=not progress):
-            split = next(name for (name, _), end in zip(SPLITS, bounds[1:]) if index < end)
-            image_id = f"demo_{index:06d}"
-            width, height, objects = _scene(rng, args.min_objects, args.max_objects)
-            background = tuple(int(v) for v in rng.integers(90, 170, size=3))
-            if not args.no_images:
-                _draw(os.path.join(work, "images", f"{image_id}.jpg"), width, height, objects, background)
-            record = _regions(objects, prototypes, args.feature_dim, rng, dtype)
-            record.update(image_w=width, image_h=height)
-            writer.write(image_id, record)
-            scenes[split].append((image_id, width, height, objects))
-            for caption in _captions(objects, rng):
-                captions[split].append({"image_id": image_id, "caption": caption})
-                texts.append(caption)
-            for question, answers in _questions(objects, rng):
-                question_id += 1
-                item = {"question_id": question_id, "image_id": image_id, "question": question}
-                if split != "test":
-                    item["answers"] = answers
-                questions[split].append(item)
-                texts.append(question)
-    ann = os.path.join(work, "annotations")
-    for split in captions:
-        write_jsonl(os.path.join(ann, f"captions_{split}.jsonl"), captions[split])
-        write_jsonl(os.path.join(ann, f"vqa_{split}.jsonl"), questions[split])
-    task_rng = np.random.default_rng(args.seed + 1)
-    for split, items in scenes.items():
-        for name, records in _task_annotations(split, items, task_rng).items():
-            write_jsonl(os.path.join(ann, f"{name}.jsonl"), records)
-            texts.extend(_texts_of(records))
-    # every train caption as unpaired text, one per line: the text corpus of the weak-corpus builder
-    _write_lines(os.path.join(work, "corpus.txt"), [c["caption"] for c in captions["train"]])
-    answers = answer_vocabulary()
-    _write_lines(os.path.join(work, "answers.txt"), answers)
-    _write_lines(os.path.join(work, "answers_gqa.txt"), gqa_answer_vocabulary())
-    _write_lines(os.path.join(work, "objects_vocab.txt"), SHAPES)
-    _write_lines(os.path.join(work, "attributes_vocab.txt"), list(COLORS))
-    vocab = _wordpiece_vocab(texts)
-    _write_lines(os.path.join(work, "vocab", "vocab.txt"), vocab)
-    with open(os.path.join(work, "vocab", "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}, f, indent=2)
-    manifest = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "settings": settings,
-        "num_images": {name: int(end - start) for (name, _), start, end in zip(SPLITS, bounds[:-1], bounds[1:])},
-        "num_captions": {k: len(v) for k, v in captions.items()},
-        "num_questions": {k: len(v) for k, v in questions.items()},
-        "answer_vocab_size": len(answers),
-        "token_vocab_size": len(vocab),
-        "feature_dim": args.feature_dim,
-        "max_regions": args.max_objects,
-    }
-    with open(os.path.join(work, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(work, out)
+        indices = tqdm(range(args.num_images), desc="demo data", unit="img", disable=not progress)
+        captions, questions, texts, scenes = _write_images(writer, work, indices, bounds, args, rng, prototypes, dtype)
+    _write_annotations(work, captions, questions, scenes, args.seed, texts)
+    answers, vocab = _write_vocabularies(work, captions["train"], texts)
+    manifest = _manifest(args, settings, bounds, captions, questions, answers, vocab)
+    _publish(work, out, manifest)
     return manifest
 
 

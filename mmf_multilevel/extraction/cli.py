@@ -106,11 +106,8 @@ class _SetupError(Exception):
     pass
 
 
-def _extract(args):
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _check_options(args):
+    """Reject contradictory or out-of-range options before anything is loaded."""
     if (args.weights is None) == (args.random_init is None):
         raise _SetupError("give exactly one of --weights PATH_OR_URL and --random-init SEED")
     if args.num_boxes is not None and (args.min_boxes is not None or args.max_boxes is not None):
@@ -118,14 +115,21 @@ def _extract(args):
     if args.batch_size < 1 or args.workers < 0 or args.commit_every < 1:
         raise _SetupError("--batch-size and --commit-every must be >= 1 and --workers >= 0")
 
-    rank = _torchrun_rank()
-    shard = args.shard or (rank[:2] if rank else None)
-    device = args.device
+
+def _select_device(requested, rank):
+    """The torch device: ``--device``, else this torchrun rank's GPU, else ``cuda`` when there is one, else ``cpu``."""
+    import torch
+
+    device = requested
     if device is None:
         device = f"cuda:{rank[2]}" if rank and torch.cuda.is_available() else ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise _SetupError(f"--device {device}: CUDA is not available on this machine")
+    return device
 
+
+def _select_images(args, shard):
+    """The images to extract and the cache to write them to (a shard's own ``.shardIofN`` cache under ``--shard``)."""
     try:
         items = image_data.list_images(args.images, args.image_list)
     except image_data.ImageListError as exc:
@@ -134,15 +138,12 @@ def _extract(args):
     if shard is not None:
         items = image_data.shard_items(items, *shard)
         output = shard_output(args.output, *shard)
-    errors_path = args.errors or _default_errors(output)
+    return items, output
 
-    from mmf_multilevel.compat.detectron2 import INSTALL_HINT, detectron2_available
 
-    if not detectron2_available():
-        raise _SetupError(INSTALL_HINT)
-    from mmf_multilevel.extraction import converters, detectors, runner
-    from mmf_multilevel.extraction.extractor import RegionFeatureExtractor
-    from mmf_multilevel.features import FeatureCacheError, FeatureCacheWriter
+def _load_detector(args, device):
+    """The detector's config and model (evaluation mode, on ``device``), its weights layout and weights hash."""
+    from mmf_multilevel.extraction import converters, detectors
 
     try:
         cfg = detectors.load_config(args.model, args.opts)
@@ -162,10 +163,40 @@ def _extract(args):
             raise _SetupError(str(exc)) from None
     model.to(device)
     model.eval()
+    return cfg, model, layout, weights_sha
 
-    ex_cfg = cfg.EXTRACT
+
+def _box_limits(args, ex_cfg):
+    """Regions per image ``(min, max)``: ``--num-boxes``, else ``--min-boxes``/``--max-boxes``, else the config's."""
     min_boxes = args.num_boxes if args.num_boxes is not None else (args.min_boxes if args.min_boxes is not None else ex_cfg.MIN_BOXES)
     max_boxes = args.num_boxes if args.num_boxes is not None else (args.max_boxes if args.max_boxes is not None else ex_cfg.MAX_BOXES)
+    return min_boxes, max_boxes
+
+
+def _extract(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _check_options(args)
+
+    rank = _torchrun_rank()
+    shard = args.shard or (rank[:2] if rank else None)
+    device = _select_device(args.device, rank)
+    items, output = _select_images(args, shard)
+    errors_path = args.errors or _default_errors(output)
+
+    from mmf_multilevel.compat.detectron2 import INSTALL_HINT, detectron2_available
+
+    if not detectron2_available():
+        raise _SetupError(INSTALL_HINT)
+    from mmf_multilevel.extraction import runner
+    from mmf_multilevel.extraction.extractor import RegionFeatureExtractor
+    from mmf_multilevel.features import FeatureCacheError, FeatureCacheWriter
+
+    cfg, model, layout, weights_sha = _load_detector(args, device)
+    ex_cfg = cfg.EXTRACT
+    min_boxes, max_boxes = _box_limits(args, ex_cfg)
     try:
         extractor = RegionFeatureExtractor(
             model,

@@ -34,6 +34,55 @@ def _write_bad_list(out, bad):
     os.replace(tmp, path)
 
 
+def _read_bad_list(out):
+    """The ``{image_id: error}`` listed in ``out/bad_images.jsonl`` by an earlier run (empty if none)."""
+    bad = {}
+    bad_path = os.path.join(out, BAD_IMAGES_FILE)
+    if os.path.isfile(bad_path):  # these images are retried, and listed again if still bad
+        with open(bad_path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    item = json.loads(line)
+                    bad[item["image_id"]] = item["error"]
+    return bad
+
+
+def _read_batch(src, image_ids, verify, on_error, bad):
+    """``(key, bytes)`` of the images ``image_ids`` that read (and decode); the others are recorded in ``bad``."""
+    batch = []
+    for image_id in image_ids:
+        try:
+            data = src.get_bytes(image_id)
+            if verify:
+                decode_image(data, src.describe(image_id), src.exif_transpose, src.alpha_background, src.min_side)
+        except (ImageDecodeError, MissingImageError, OSError) as exc:
+            if on_error == "raise":
+                raise
+            bad[image_id] = str(exc)
+            continue
+        bad.pop(image_id, None)
+        batch.append((image_id.encode("utf-8"), data))
+    return batch
+
+
+def _commit_batch(env, batch, header, bad):
+    """Put ``batch`` and the updated header in one write transaction, doubling the map size while it is full."""
+    import lmdb
+
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, data in batch:
+                    txn.put(key, data)
+                count = txn.stat()["entries"] - (1 if txn.get(HEADER_KEY) is not None else 0)
+                header["count"] = count
+                header["num_bad"] = len(bad)
+                txn.put(HEADER_KEY, json.dumps(header, sort_keys=True).encode("utf-8"))
+            break
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
 def build_image_lmdb(source, out, batch_size=256, verify=True, on_error="skip", image_ids=None,
                      progress=True, map_size=1 << 30, extensions=None):
     """Copy the encoded images of a folder or zip (or another LMDB) into an LMDB at ``out``.
@@ -61,14 +110,7 @@ def build_image_lmdb(source, out, batch_size=256, verify=True, on_error="skip", 
     _close_lmdb(out)  # a reader of the same path in this process would block the writer
     os.makedirs(out, exist_ok=True)
     env = lmdb.open(out, map_size=int(map_size), subdir=True, readahead=False, meminit=False, max_dbs=0)
-    bad = {}
-    bad_path = os.path.join(out, BAD_IMAGES_FILE)
-    if os.path.isfile(bad_path):  # from an earlier run: retried below, listed again if still bad
-        with open(bad_path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    item = json.loads(line)
-                    bad[item["image_id"]] = item["error"]
+    bad = _read_bad_list(out)
     try:
         with env.begin() as txn:
             raw = txn.get(HEADER_KEY)
@@ -82,31 +124,8 @@ def build_image_lmdb(source, out, batch_size=256, verify=True, on_error="skip", 
         written = 0
         bar = tqdm(total=len(ids), initial=skipped, desc="image LMDB", unit="img", disable=not progress)
         for start in range(0, len(todo), int(batch_size)):
-            batch = []
-            for image_id in todo[start:start + int(batch_size)]:
-                try:
-                    data = src.get_bytes(image_id)
-                    if verify:
-                        decode_image(data, src.describe(image_id), src.exif_transpose, src.alpha_background, src.min_side)
-                except (ImageDecodeError, MissingImageError, OSError) as exc:
-                    if on_error == "raise":
-                        raise
-                    bad[image_id] = str(exc)
-                    continue
-                bad.pop(image_id, None)
-                batch.append((image_id.encode("utf-8"), data))
-            while True:
-                try:
-                    with env.begin(write=True) as txn:
-                        for key, data in batch:
-                            txn.put(key, data)
-                        count = txn.stat()["entries"] - (1 if txn.get(HEADER_KEY) is not None else 0)
-                        header["count"] = count
-                        header["num_bad"] = len(bad)
-                        txn.put(HEADER_KEY, json.dumps(header, sort_keys=True).encode("utf-8"))
-                    break
-                except lmdb.MapFullError:
-                    env.set_mapsize(env.info()["map_size"] * 2)
+            batch = _read_batch(src, todo[start:start + int(batch_size)], verify, on_error, bad)
+            _commit_batch(env, batch, header, bad)
             written += len(batch)
             _write_bad_list(out, bad)
             bar.update(len(todo[start:start + int(batch_size)]))

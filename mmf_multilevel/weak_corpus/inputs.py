@@ -59,6 +59,37 @@ def _iter_lines(path, desc):
 
 
 # --------------------------------------------------------------------------- corpus
+def _jsonl_text(line, where, fields, seen_ids, local):
+    """``(text, owner image id or None)`` of one jsonl corpus line, or None if it is skipped (counted in ``local``)."""
+    if not line.strip():
+        local.problem("corpus_empty_line", f"{where}: empty line skipped")
+        return None
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        local.problem("corpus_bad_json", f"{where}: not valid JSON ({exc}); line skipped")
+        return None
+    if not isinstance(item, dict):
+        local.problem("corpus_bad_json", f"{where}: expected a JSON object, got {type(item).__name__}; line skipped")
+        return None
+    field = next((k for k in fields if k in item), None)
+    if field is None:
+        local.problem("corpus_missing_text", f"{where}: no text field (expected one of {list(fields)}); line skipped")
+        return None
+    text = item[field]
+    if not isinstance(text, str):
+        local.problem("corpus_missing_text", f"{where}: field {field!r} must be a string, got {type(text).__name__}; line skipped")
+        return None
+    if "id" in item:
+        key = str(item["id"])
+        if key in seen_ids:
+            local.problem("corpus_duplicate_id", f"{where}: id {item['id']!r} already seen; line skipped (first one kept)")
+            return None
+        seen_ids.add(key)
+    owner = str(item["image_id"]) if item.get("image_id") is not None else None
+    return text, owner
+
+
 def prepare_corpus(corpus_path, out_dir, report, lowercase=False, text_field=None):
     """Clean ``corpus_path`` into ``out_dir`` (text.txt, offsets.npy, owners.json, info.json); returns info.
 
@@ -96,34 +127,11 @@ def prepare_corpus(corpus_path, out_dir, report, lowercase=False, text_field=Non
                 continue
             owner = None
             if is_jsonl:
-                if not line.strip():
-                    local.problem("corpus_empty_line", f"{where}: empty line skipped")
+                parsed = _jsonl_text(line, where, fields, seen_ids, local)
+                if parsed is None:
                     continue
-                try:
-                    item = json.loads(line)
-                except ValueError as exc:
-                    local.problem("corpus_bad_json", f"{where}: not valid JSON ({exc}); line skipped")
-                    continue
-                if not isinstance(item, dict):
-                    local.problem("corpus_bad_json", f"{where}: expected a JSON object, got {type(item).__name__}; line skipped")
-                    continue
-                field = next((k for k in fields if k in item), None)
-                if field is None:
-                    local.problem("corpus_missing_text", f"{where}: no text field (expected one of {list(fields)}); line skipped")
-                    continue
-                text = item[field]
-                if not isinstance(text, str):
-                    local.problem("corpus_missing_text", f"{where}: field {field!r} must be a string, got {type(text).__name__}; line skipped")
-                    continue
-                if "id" in item:
-                    key = str(item["id"])
-                    if key in seen_ids:
-                        local.problem("corpus_duplicate_id", f"{where}: id {item['id']!r} already seen; line skipped (first one kept)")
-                        continue
-                    seen_ids.add(key)
-                if item.get("image_id") is not None:
-                    owner = str(item["image_id"])
-                    any_owner = True
+                text, owner = parsed
+                any_owner = any_owner or owner is not None
             else:
                 text = line
             text = _clean(text, lowercase)

@@ -306,57 +306,91 @@ class Builder:
         return result_path
 
     # ------------------------------------------------------------------ link
-    def link(self):
-        from mmf_multilevel.weak_corpus import link as lk
-        from mmf_multilevel.weak_corpus.embed import encode_to_memmap, open_embeddings
-        from mmf_multilevel.weak_corpus.encoders import load_spacy
-
-        if not self.s.out:
-            raise RetrievalError("link: pass --out FILE.jsonl")
+    def _search_result(self):
+        """The search result ``link`` uses (``search/current.json``): its tag, corpus ids and scores (Q x K)."""
         current_path = self.d("search", "current.json")
         if not os.path.exists(current_path):
             raise RetrievalError(f"{self.work}: no search result here; run the search step first")
         current = read_json(current_path)
         result = np.load(self.d("search", current["tag"], "result.npz"))
         ids, scores = result["ids"], result["scores"]
+        return current["tag"], ids, scores
+
+    def _open_images(self, results):
+        """The prepared images, refused unless there is one per search result (``results`` of them)."""
         images = inp.ImageStore(self.d("images"))
-        if len(images) != ids.shape[0]:
+        if len(images) != results:
             images.close()
-            raise RetrievalError(f"{self.work}: {len(images)} images but {ids.shape[0]} search results; rerun the search step with --force")
+            raise RetrievalError(f"{self.work}: {len(images)} images but {results} search results; rerun the search step with --force")
+        return images
+
+    def _noun_phrases(self, corpus, rows, state):
+        """The noun phrases of the corpus ``rows`` (spaCy, resumable in ``state``): ``{row: [phrase, ...]}``."""
+        from mmf_multilevel.weak_corpus import link as lk
+        from mmf_multilevel.weak_corpus.encoders import load_spacy
+
+        return self._timed("noun_phrases", lambda: lk.extract_noun_phrases(
+            lambda part: [corpus.text(r) for r in part], rows.tolist(), lambda: load_spacy(self.s.spacy, log=self.log), state,
+            chunk_rows=self.s.np_chunk_rows, batch_size=self.s.spacy_batch_size, settings={"spacy": self.s.spacy},
+            n_process=self.s.spacy_processes,
+        ))
+
+    def _encode_link_texts(self, state, phrase_list, tag_list, link_model):
+        """Encode the noun phrases and the tags into ``state``; -> (phrase vectors, row-normalised tag vectors)."""
+        from mmf_multilevel.weak_corpus import link as lk
+        from mmf_multilevel.weak_corpus.embed import encode_to_memmap, open_embeddings
+
+        self._timed("encode_phrases", lambda: encode_to_memmap(
+            state, "phrases", len(phrase_list), lambda a, b: phrase_list[a:b], lambda: self.sbert(link_model), link_model,
+            batch_size=self.s.batch_size, chunk_rows=self.s.chunk_rows, desc="encode noun phrases", source=len(phrase_list),
+        ))
+        encode_to_memmap(
+            state, "tags", len(tag_list), lambda a, b: tag_list[a:b], lambda: self.sbert(link_model), link_model,
+            batch_size=self.s.batch_size, chunk_rows=self.s.chunk_rows, desc="encode tags", source=len(tag_list),
+        )
+        phrase_vecs = open_embeddings(os.path.join(state, "phrases.npy"))  # float16 memmap, rows normalised on use
+        tag_vecs = lk.normalize_rows(open_embeddings(os.path.join(state, "tags.npy")))
+        return phrase_vecs, tag_vecs
+
+    def _report_dropped(self, dropped):
+        """Count and announce the images left out because no retrieved sentence has a noun phrase."""
+        if dropped:
+            self.report.counts["images_without_noun_phrase"] = dropped
+            self.report.say(
+                f"note: {dropped} image(s) dropped because none of their retrieved sentences has a noun phrase"
+                + ("" if self.s.keep_no_phrase else " (keep them with --keep-no-phrase)")
+            )
+
+    def _write_output(self, parts):
+        """Concatenate the output ``parts`` into ``--out`` and copy the tag vocabulary beside it."""
+        with AtomicFile(self.s.out) as out:
+            for part in parts:
+                with open(part, encoding="utf-8") as f:
+                    shutil.copyfileobj(f, out)
+        vocab_path = _beside(self.s.out, ".tag_vocab.json")
+        shutil.copyfile(self.d("images", "tag_vocab.json"), vocab_path + ".tmp")
+        os.replace(vocab_path + ".tmp", vocab_path)
+
+    def link(self):
+        from mmf_multilevel.weak_corpus import link as lk
+
+        if not self.s.out:
+            raise RetrievalError("link: pass --out FILE.jsonl")
+        tag, ids, scores = self._search_result()
+        images = self._open_images(ids.shape[0])
         corpus = inp.CorpusText(self.d("corpus"))
-        state = self.d("link", current["tag"])
-        self._force_clear("link", current["tag"])
+        state = self.d("link", tag)
+        self._force_clear("link", tag)
         link_model = self.s.link_sbert or self.s.sbert
         try:
             rows = np.unique(ids[ids >= 0])
-            phrases_of = self._timed("noun_phrases", lambda: lk.extract_noun_phrases(
-                lambda part: [corpus.text(r) for r in part], rows.tolist(), lambda: load_spacy(self.s.spacy, log=self.log), state,
-                chunk_rows=self.s.np_chunk_rows, batch_size=self.s.spacy_batch_size, settings={"spacy": self.s.spacy},
-                n_process=self.s.spacy_processes,
-            ))
+            phrases_of = self._noun_phrases(corpus, rows, state)
             phrase_list = sorted({p for plist in phrases_of.values() for p in plist})
             tag_list = images.tags()
-            self._timed("encode_phrases", lambda: encode_to_memmap(
-                state, "phrases", len(phrase_list), lambda a, b: phrase_list[a:b], lambda: self.sbert(link_model), link_model,
-                batch_size=self.s.batch_size, chunk_rows=self.s.chunk_rows, desc="encode noun phrases", source=len(phrase_list),
-            ))
-            encode_to_memmap(
-                state, "tags", len(tag_list), lambda a, b: tag_list[a:b], lambda: self.sbert(link_model), link_model,
-                batch_size=self.s.batch_size, chunk_rows=self.s.chunk_rows, desc="encode tags", source=len(tag_list),
-            )
-            phrase_vecs = open_embeddings(os.path.join(state, "phrases.npy"))  # float16 memmap, rows normalised on use
-            tag_vecs = lk.normalize_rows(open_embeddings(os.path.join(state, "tags.npy")))
+            phrase_vecs, tag_vecs = self._encode_link_texts(state, phrase_list, tag_list, link_model)
             phrase_index = {p: i for i, p in enumerate(phrase_list)}
             tag_index = {t: i for i, t in enumerate(tag_list)}
-
-            cache = {"start": -1, "records": []}
-
-            def image(i):  # one read per output part
-                start = (i // self.s.part_rows) * self.s.part_rows
-                if cache["start"] != start:
-                    cache["records"] = images.slice(start, min(len(images), start + self.s.part_rows))
-                    cache["start"] = start
-                return cache["records"][i - start]
+            image = _part_cached(images, self.s.part_rows)
 
             def make(i):
                 valid = ids[i] >= 0
@@ -373,19 +407,8 @@ class Builder:
             images.close()
         written = sum(c[0] for c in counts.values())
         dropped = sum(c[1] for c in counts.values())
-        if dropped:
-            self.report.counts["images_without_noun_phrase"] = dropped
-            self.report.say(
-                f"note: {dropped} image(s) dropped because none of their retrieved sentences has a noun phrase"
-                + ("" if self.s.keep_no_phrase else " (keep them with --keep-no-phrase)")
-            )
-        with AtomicFile(self.s.out) as out:
-            for part in parts:
-                with open(part, encoding="utf-8") as f:
-                    shutil.copyfileobj(f, out)
-        vocab_path = _beside(self.s.out, ".tag_vocab.json")
-        shutil.copyfile(self.d("images", "tag_vocab.json"), vocab_path + ".tmp")
-        os.replace(vocab_path + ".tmp", vocab_path)
+        self._report_dropped(dropped)
+        self._write_output(parts)
         self.report.note("records_written", written)
         self.report.note("images_dropped_no_noun_phrase", dropped)
         self.report.note("noun_phrases_unique", len(phrase_list))
@@ -417,6 +440,20 @@ class Builder:
 def _beside(out, suffix):
     stem = out[: -len(".jsonl")] if out.endswith(".jsonl") else out
     return stem + suffix
+
+
+def _part_cached(images, part_rows):
+    """``image(i)``: the record of image ``i``, read with the rest of its output part (one read per part)."""
+    cache = {"start": -1, "records": []}
+
+    def image(i):
+        start = (i // part_rows) * part_rows
+        if cache["start"] != start:
+            cache["records"] = images.slice(start, min(len(images), start + part_rows))
+            cache["start"] = start
+        return cache["records"][i - start]
+
+    return image
 
 
 def _npz(**arrays):

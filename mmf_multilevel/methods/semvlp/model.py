@@ -81,9 +81,21 @@ class SemVLP(MethodModel):
     def log_message(self, progress: TrainingProgress):
         if self.head_type != "pretraining" or progress.update < 1:
             return None
-        done = self.schedule.modes(progress.update)
-        return (f"semvlp modes: update {progress.update} ran {done[-1]}-stream; updates so far: single "
-                f"{done.count(SINGLE)}, two {done.count(TWO)} (mode_schedule: {self.schedule.kind})")
+        single, two = self._mode_tally(progress.update)
+        last = self.schedule(progress.update - 1)
+        return (f"semvlp modes: update {progress.update} ran {last}-stream; updates so far: single "
+                f"{single}, two {two} (mode_schedule: {self.schedule.kind})")
+
+    def _mode_tally(self, updates: int):
+        """(single, two) modes of updates ``0 .. updates-1``, extended from the last call's count (derived from
+        the schedule, so a resumed run counts from 0 once; each log then costs only the updates since the last)."""
+        counted, single, two = getattr(self, "_tally", (0, 0, 0))
+        if updates < counted:
+            counted, single, two = 0, 0, 0
+        new = self.schedule.modes(updates - counted, start=counted)
+        single, two = single + new.count(SINGLE), two + new.count(TWO)
+        self._tally = (updates, single, two)
+        return single, two
 
     # ------------------------------------------------------------------ forward
     def encode(self, sample_list, side=None, mode=None):

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The main job in one command: install (if needed), generate the demo data set, pre-train a tiny
-# SemVLP (single-/two-stream mini-batches 50/50: MLM, masked objects, ITM, image QA), fine-tune it
-# with `mmf_run config=projects/semvlp/demo/vqa.yaml` and print the official VQA accuracy.
+# SemVLP on the demo captions (MLM, masked objects, image-text matching), fine-tune it with
+# `mmf_run config=projects/semvlp/demo/vqa.yaml` and print the official VQA accuracy.
 #   bash scripts/demo.sh
 #   DATA=../shared_data SAVE=../runs bash scripts/demo.sh training.bf16=True   # extra args go to both runs
-# MMF's VisualBERT on the same data, for comparison: bash projects/visual_bert/demo.sh
+# The four figures (SemVLP and MMF's VisualBERT, with and without pre-training): bash projects/semvlp/demo_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

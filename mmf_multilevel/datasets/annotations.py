@@ -6,6 +6,8 @@ Errors name the file, the line number and the field, e.g.
 import json
 import os
 
+from mmf_multilevel.files import write_lines_atomically
+
 
 class AnnotationError(ValueError):
     """A malformed annotation file or record (the message names file, line and field)."""
@@ -49,8 +51,4 @@ def read_jsonl(path, required=(), validate=None):
 
 def write_jsonl(path, records):
     """Write records atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_lines_atomically(path, (json.dumps(record, ensure_ascii=False) for record in records))

@@ -51,6 +51,32 @@ def data_path(path, data_dir):
     return os.path.join(str(data_dir), path)
 
 
+#: the region keys of a region-feature dataset with a default: their one home. Every region dataset's yaml
+#: under configs/datasets lists them with these values (a test keeps them equal); a dataset built on
+#: RegionTextDataset without a yaml gets these. ``data_dir``, ``annotations``, ``features`` and
+#: ``feature_dim`` have no default.
+REGION_DEFAULTS = {"max_features": 100, "skip_missing_features": False}
+
+
+def setting(config, key, dataset_name):
+    """``config[key]`` (None is a value), or an error naming ``dataset_config.<dataset_name>.<key>``: the
+    dataset's defaults yaml under ``configs/datasets`` is the one home of every default."""
+    if key not in config:
+        raise KeyError(f"dataset_config.{dataset_name}.{key} is not set (the dataset's defaults yaml under "
+                       "configs/datasets gives it; a config that replaces the dataset's config must keep it)")
+    return config[key]
+
+
+def split_entry(config, key, dataset_type, dataset_name):
+    """``config[key][dataset_type]``, falling back to the ``train`` entry (one cache for every split)."""
+    entries = setting(config, key, dataset_name)
+    if dataset_type in entries:
+        return entries[dataset_type]
+    if "train" in entries:
+        return entries["train"]
+    raise KeyError(f"dataset_config.{dataset_name}.{key} has no '{dataset_type}' (or 'train') entry")
+
+
 def pad_rows(array, rows):
     array = np.asarray(array)
     out = np.zeros((rows,) + array.shape[1:], dtype=np.float32)
@@ -66,7 +92,7 @@ class RegionTextDataset(BaseDataset):
 
     def __init__(self, dataset_name, config, dataset_type, index=0):
         super().__init__(dataset_name, config, dataset_type)
-        data_dir = config.get("data_dir")
+        data_dir = setting(config, "data_dir", dataset_name)
         annotations = config.annotations[dataset_type]
         if isinstance(annotations, str):
             annotations = [annotations]
@@ -83,18 +109,19 @@ class RegionTextDataset(BaseDataset):
         Raw-image variants (``mmf_multilevel.datasets.image_tasks``) override this, ``attach_visual``
         and ``view_text``.
         """
-        dataset_name, data_dir = self.dataset_name, config.get("data_dir")
-        features = config.features[dataset_type] if dataset_type in config.features else config.features.get("train")
+        dataset_name, data_dir = self.dataset_name, setting(config, "data_dir", self.dataset_name)
+        features = split_entry(config, "features", dataset_type, dataset_name)
         if isinstance(features, str):
             features = [features]
         self.features_path = data_path(features[index], data_dir)
         if not os.path.exists(self.features_path):
             raise FileNotFoundError(f"region feature cache not found: {self.features_path} (dataset_config.{dataset_name}.features.{dataset_type})")
-        self.max_features = int(config.get("max_features") or 100)
-        self.expected_dim = config.get("feature_dim")
+        self.max_features = int(config.max_features if "max_features" in config else REGION_DEFAULTS["max_features"])
+        self.expected_dim = setting(config, "feature_dim", dataset_name)
         self._reader = None
         self._reader_pid = None
-        self._check_coverage(bool(config.get("skip_missing_features", False)))
+        skip = config.skip_missing_features if "skip_missing_features" in config else REGION_DEFAULTS["skip_missing_features"]
+        self._check_coverage(bool(skip))
 
     def attach_visual(self, sample, image_id):
         """Put one image's visual input into ``sample`` (regions: ``image_feature_0`` / ``image_info_0``)."""

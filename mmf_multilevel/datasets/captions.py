@@ -7,16 +7,18 @@ Annotations: jsonl, one caption per line: ``{"image_id": "...", "caption": "..."
 
 Each sample is masked for MLM by the ``text_processor`` (MMF's ``masked_token`` by
 default: ``input_ids``, ``lm_label_ids`` with -1 where not masked, ``segment_ids``,
-``input_mask``) and, with probability ``itm_probability``, its caption is replaced by
-the caption of another image (``is_correct = 0``) for image-text matching.
+``input_mask``); with probability ``itm_probability`` its caption is replaced by
+the caption of another image (``is_correct = 0``) for image-text matching; with
+``region_mask_probability`` > 0 it carries masked-region decisions (``region_selected``,
+``region_zeroed``, ``region_source``; see ``mmf_multilevel.datasets.pretraining``).
 """
 import os
-import random
 
 from mmf.common.registry import registry
 from mmf.datasets.base_dataset_builder import BaseDatasetBuilder
 
-from mmf_multilevel.datasets.base import RegionTextDataset
+from mmf_multilevel.datasets.base import RegionTextDataset, setting
+from mmf_multilevel.datasets.pretraining import MatchingPairs, RegionMaskingSamples, text_fields
 from mmf_multilevel.paths import DATASET_CONFIG_DIR
 from mmf_multilevel.registration import register_variants
 
@@ -32,57 +34,40 @@ def _check_caption(record):
     return None
 
 
-class CaptionSamples:
+class CaptionSamples(MatchingPairs):
     """The text side of a caption corpus, shared by the region and the raw-image datasets.
 
-    ``validate_record`` checks the caption; ``add_caption(record, sample, view)`` MLM-masks it through
-    the ``text_processor`` - replaced, with probability ``itm_probability``, by a caption of another
-    image (``is_correct = 0``) - after ``view`` (the raw-image datasets swap left/right there when
-    the image was flipped); with ``itm_targets`` it also sets ``targets = is_correct`` for MMF's
-    losses and metrics.
+    ``validate_record`` checks the caption; ``add_caption(record, sample, view)`` puts it through the
+    ``text_processor`` (MLM-masked by ``masked_token``) - replaced, with probability ``itm_probability``,
+    by a caption of another image (``is_correct = 0``, :class:`~mmf_multilevel.datasets.pretraining.MatchingPairs`) -
+    after ``view`` (the raw-image datasets swap left/right there when the image was flipped); with
+    ``itm_targets`` it also sets ``targets = is_correct`` for MMF's losses and metrics.
     """
 
-    image_field = "image_id"
-
     def init_captions(self, config):
-        self.itm_probability = float(config.get("itm_probability") or 0.0)
-        self.itm_targets = bool(config.get("itm_targets", False))
+        self.init_matching(config)
+        self.itm_targets = bool(setting(config, "itm_targets", self.dataset_name))
 
     def validate_record(self, record):
         return _check_caption(record)
 
-    def _mismatched_caption(self, image_id):
-        if len(self.records) < 2:
-            return None
-        for _ in range(10):
-            other = self.records[random.randrange(len(self.records))]
-            if str(other[self.image_field]) != image_id:
-                return other["caption"]
-        return None
-
     def add_caption(self, record, sample, view=None):
         import torch
 
-        caption, is_correct = record["caption"], 1
-        if self.itm_probability > 0 and random.random() < self.itm_probability:
-            other = self._mismatched_caption(str(record[self.image_field]))
-            if other is not None:
-                caption, is_correct = other, 0
+        caption, is_correct = self.draw_text(record, "caption")
         if view is not None:
             caption = view(caption)
-        processed = self.text_processor({"text_a": caption, "text": caption, "is_correct": is_correct})
-        processed.pop("tokens", None)
-        processed.pop("text", None)
-        sample.update(processed)
-        if "is_correct" not in sample:
-            sample.is_correct = torch.tensor(is_correct)
+        sample.update(text_fields(self.text_processor, caption, is_correct))
+        sample.is_correct = torch.tensor(is_correct, dtype=torch.long)
         if self.itm_targets:  # MMF's losses and metrics read `targets`: image-text matching as 2-way classification
-            sample.targets = torch.as_tensor(sample.is_correct).long()
+            sample.targets = sample.is_correct.clone()
         sample.caption = caption
         return sample
 
 
-class CaptionDataset(CaptionSamples, RegionTextDataset):
+class CaptionDataset(CaptionSamples, RegionMaskingSamples, RegionTextDataset):
+    """Captions on region features; masked regions drawn per sample (``region_mask_probability``)."""
+
     required_fields = ("image_id", "caption")
 
     def __init__(self, dataset_name, config, dataset_type, index=0):
@@ -90,7 +75,9 @@ class CaptionDataset(CaptionSamples, RegionTextDataset):
         self.init_captions(config)
 
     def build_sample(self, record, sample):
-        return self.add_caption(record, sample, self.view_text)
+        self.add_caption(record, sample, self.view_text)
+        self.add_region_masking(sample)
+        return sample
 
 
 class CaptionBuilder(BaseDatasetBuilder):

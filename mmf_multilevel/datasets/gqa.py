@@ -8,14 +8,16 @@ answer onto the vocabulary: ``targets`` (one-hot, for ``logit_bce``) and ``answe
 With ``vqa2`` these make LXMERT's in-domain QA pre-training mix: point the three answer
 processors at one shared vocabulary file and train on ``datasets=vqa2,gqa,vgqa`` (MMF samples
 the datasets in proportion to their size); every dataset's targets then index the same
-classifier outputs.
+classifier outputs. As pre-training corpora they take the same ``masked_token`` text processor,
+``itm_probability`` and ``region_mask_probability`` keys as ``vqa2`` (``mmf_multilevel.datasets.pretraining``).
 """
 from mmf.common.registry import registry
 
-from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, tokenize
+from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset
+from mmf_multilevel.datasets.pretraining import QuestionSamples
 
 
-class SingleAnswerQADataset(RegionTextDataset):
+class SingleAnswerQADataset(QuestionSamples, RegionTextDataset):
     required_fields = ("question_id", "image_id", "question")
 
     def validate_record(self, record):
@@ -29,7 +31,7 @@ class SingleAnswerQADataset(RegionTextDataset):
         return None
 
     def build_sample(self, record, sample):
-        sample.update(tokenize(self.text_processor, self.view_text(record["question"])))
+        self.add_question(record, sample)
         if "answer" in record:
             out = self.answer_processor({"answer": self.view_text(record["answer"]), "question_id": record["question_id"]})
             sample.targets = out["answers_scores"]

@@ -63,8 +63,6 @@ class RawImageNLVR2Mixin(RawImageTaskMixin):
                 f"(img0.image, img1.image): use 'paired', not {self.layout!r}"
             )
         super().open_visual(config, dataset_type, index)
-        if config.get("swap_left_right") is None:
-            self.swap_left_right = False
 
 
 class RawImageRefCOCOMixin(RawImageTaskMixin):

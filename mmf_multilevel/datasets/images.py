@@ -60,18 +60,32 @@ from mmf_multilevel.registration import register_variants
 
 
 def _split_value(config, key, dataset_type, index, dataset_name):
-    value = config.get(key)
+    from mmf_multilevel.datasets.base import setting, split_entry
+
+    value = setting(config, key, dataset_name)
     if value is None:
         raise KeyError(f"dataset_config.{dataset_name}.{key} is not set (a path per split: train/val/test)")
-    if isinstance(value, str):
-        chosen = value
-    else:
-        chosen = value[dataset_type] if dataset_type in value else value.get("train")
-        if chosen is None:
-            raise KeyError(f"dataset_config.{dataset_name}.{key} has no '{dataset_type}' (or 'train') entry")
+    chosen = value if isinstance(value, str) else split_entry(config, key, dataset_type, dataset_name)
     if not isinstance(chosen, str):
         chosen = list(chosen)[index]
     return chosen
+
+
+#: the image keys of a raw-image dataset and their defaults: the one home of these values. Every raw-image
+#: dataset's yaml under configs/datasets lists them (a test keeps the yamls equal to this, but for the
+#: deliberate per-dataset choices it names); a dataset built on the mixin without a yaml gets these.
+IMAGE_DEFAULTS = {
+    "image_field": "image_id",
+    "image_extensions": [".jpg", ".jpeg", ".png", ".webp", ".bmp"],
+    "exif_transpose": True,
+    "alpha_background": None,
+    "min_image_side": 1,
+    "augment_splits": ["train"],
+    "swap_left_right": True,
+    "bad_images": "error",
+    "skip_missing_images": False,
+    "check_images": True,
+}
 
 
 class RawImageMixin:
@@ -80,29 +94,32 @@ class RawImageMixin:
     image_field = "image_id"
 
     def init_images(self, config, dataset_type, index=0):
-        from mmf_multilevel.datasets.base import data_path
+        from mmf_multilevel.datasets.base import data_path, setting
 
         name = getattr(self, "dataset_name", None) or getattr(self, "_dataset_name", "?")
-        self.images_path = data_path(_split_value(config, "images", dataset_type, index, name), config.get("data_dir"))
+
+        def get(key):
+            return config[key] if key in config else IMAGE_DEFAULTS[key]
+
+        self.images_path = data_path(_split_value(config, "images", dataset_type, index, name), setting(config, "data_dir", name))
         if not os.path.exists(self.images_path):
             raise FileNotFoundError(f"image source not found: {self.images_path} (dataset_config.{name}.images.{dataset_type})")
-        self.image_field = str(config.get("image_field") or self.image_field)
-        extensions = config.get("image_extensions")
-        background = config.get("alpha_background")
+        self.image_field = str(get("image_field"))
+        extensions, background = get("image_extensions"), get("alpha_background")
         self.image_source_options = {
             "extensions": tuple(extensions) if extensions else None,
-            "exif_transpose": bool(config.get("exif_transpose", True)),
+            "exif_transpose": bool(get("exif_transpose")),
             "alpha_background": None if background is None else tuple(background),
-            "min_side": int(config.get("min_image_side") or 1),
+            "min_side": int(get("min_image_side")),
         }
-        splits = config.get("augment_splits")
-        self.augment = dataset_type in (list(splits) if splits is not None else ["train"])
-        self.swap_left_right = bool(config.get("swap_left_right", True))
-        self.bad_images = str(config.get("bad_images") or "error")
+        splits = get("augment_splits")
+        self.augment = dataset_type in (list(splits) if splits is not None else [])
+        self.swap_left_right = bool(get("swap_left_right"))
+        self.bad_images = str(get("bad_images"))
         if self.bad_images not in ("error", "replace"):
             raise ValueError(f"dataset_config.{name}.bad_images must be 'error' or 'replace', got {self.bad_images!r}")
-        self.skip_missing_images = bool(config.get("skip_missing_images", False))
-        self.check_images_enabled = bool(config.get("check_images", True))
+        self.skip_missing_images = bool(get("skip_missing_images"))
+        self.check_images_enabled = bool(get("check_images"))
         self.num_bad_images = 0
         self.num_dropped = getattr(self, "num_dropped", 0)
         self._image_source = None
@@ -189,13 +206,13 @@ class ImageTextDataset(RawImageMixin, BaseDataset):
 
     def __init__(self, dataset_name, config, dataset_type, index=0):
         from mmf_multilevel.datasets.annotations import read_jsonl
-        from mmf_multilevel.datasets.base import data_path
+        from mmf_multilevel.datasets.base import data_path, setting
 
         super().__init__(dataset_name, config, dataset_type)
         annotations = config.annotations[dataset_type]
         if isinstance(annotations, str):
             annotations = [annotations]
-        self.annotation_path = data_path(annotations[index], config.get("data_dir"))
+        self.annotation_path = data_path(annotations[index], setting(config, "data_dir", dataset_name))
         self.init_images(config, dataset_type, index)
         fields = tuple(dict.fromkeys(tuple(self.required_fields) + (self.image_field,)))
         self.records = read_jsonl(self.annotation_path, fields, self.validate_record)

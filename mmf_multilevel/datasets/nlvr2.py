@@ -24,7 +24,7 @@ import torch
 from mmf.common.registry import registry
 from mmf.common.sample import Sample
 
-from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, tokenize
+from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, setting, tokenize
 
 LAYOUTS = ("paired", "concatenated")
 _IDENTIFIER = re.compile(r"^(?P<prefix>.+)-(?P<sentence>\d+)$")
@@ -43,7 +43,7 @@ class NLVR2Dataset(RegionTextDataset):
     required_fields = ("identifier", "sentence")
 
     def __init__(self, dataset_name, config, dataset_type, index=0):
-        self.layout = str(config.get("input_layout") or "paired")
+        self.layout = str(setting(config, "input_layout", dataset_name))
         if self.layout not in LAYOUTS:
             raise ValueError(f"dataset_config.{dataset_name}.input_layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
         super().__init__(dataset_name, config, dataset_type, index)

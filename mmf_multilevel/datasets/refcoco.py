@@ -16,7 +16,7 @@ losses - while evaluation still uses the gold box.
 import torch
 from mmf.common.registry import registry
 
-from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, tokenize
+from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, setting, tokenize
 from mmf_multilevel.evaluation.grounding import pairwise_iou, xywh_to_xyxy
 
 SUPERVISION = ("box", "none")
@@ -26,10 +26,10 @@ class RefCOCODataset(RegionTextDataset):
     required_fields = ("ref_id", "image_id", "expression", "bbox")
 
     def __init__(self, dataset_name, config, dataset_type, index=0):
-        self.supervision = str(config.get("supervision") or "box")
+        self.supervision = str(setting(config, "supervision", dataset_name))
         if self.supervision not in SUPERVISION:
             raise ValueError(f"dataset_config.{dataset_name}.supervision must be one of {list(SUPERVISION)}, got {self.supervision!r}")
-        self.iou_threshold = float(config.get("iou_threshold") or 0.5)
+        self.iou_threshold = float(setting(config, "iou_threshold", dataset_name))
         super().__init__(dataset_name, config, dataset_type, index)
 
     def validate_record(self, record):

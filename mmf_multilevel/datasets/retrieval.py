@@ -21,7 +21,7 @@ import torch
 from mmf.common.registry import registry
 from mmf.common.sample import Sample
 
-from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, tokenize
+from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, setting, tokenize
 
 
 class RetrievalDataset(RegionTextDataset):
@@ -29,8 +29,8 @@ class RetrievalDataset(RegionTextDataset):
 
     def __init__(self, dataset_name, config, dataset_type, index=0):
         super().__init__(dataset_name, config, dataset_type, index)
-        self.itm_probability = float(config.get("itm_probability") or 0.0)
-        self.eval_pairs = str(config.get("eval_pairs") or "all")
+        self.itm_probability = float(setting(config, "itm_probability", dataset_name))
+        self.eval_pairs = str(setting(config, "eval_pairs", dataset_name))
         if self.eval_pairs != "all":
             raise ValueError(f"dataset_config.{dataset_name}.eval_pairs must be 'all', got {self.eval_pairs!r}")
         self.texts = [(i, caption) for i, record in enumerate(self.records) for caption in record["captions"]]

@@ -7,6 +7,11 @@ The ``answer_processor`` turns the 10 answers into soft targets over the answer
 vocabulary (``targets``); the raw answers travel with the sample for the official
 VQA accuracy metric.
 
+As a pre-training QA corpus (SemVLP, LXMERT) the question can be MLM-masked (a ``masked_token``
+text processor), swapped for another image's question with probability ``itm_probability``
+(``is_correct``; the targets stay the record's, and no QA loss counts on a mismatched pair) and the
+regions masked (``region_mask_probability``): ``mmf_multilevel.datasets.pretraining``.
+
 This builder replaces rc10's own ``vqa2`` builder, which depends on MMF's dataset zoo
 files and configs that the rc10 package does not ship.
 """
@@ -15,9 +20,10 @@ import torch
 from mmf.common.registry import registry
 
 from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset
+from mmf_multilevel.datasets.pretraining import QuestionSamples
 
 
-class VQA2Dataset(RegionTextDataset):
+class VQA2Dataset(QuestionSamples, RegionTextDataset):
     required_fields = ("question_id", "image_id", "question")
 
     def validate_record(self, record):
@@ -33,11 +39,7 @@ class VQA2Dataset(RegionTextDataset):
         return None
 
     def build_sample(self, record, sample):
-        processed = self.text_processor({"text": self.view_text(record["question"])})
-        processed.pop("tokens", None)
-        processed.pop("text", None)
-        processed.pop("lm_label_ids", None)
-        sample.update(processed)
+        self.add_question(record, sample)
         sample.question_id = torch.tensor(int(record["question_id"]), dtype=torch.long)
         if record.get("answers") is not None:
             answers = self.answer_processor({"answers": [self.view_text(a) for a in record["answers"]], "question_id": record["question_id"]})

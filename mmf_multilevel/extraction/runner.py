@@ -15,6 +15,7 @@ import time
 import torch
 
 from mmf_multilevel.extraction import data as image_data
+from mmf_multilevel.files import write_lines_atomically
 
 EXTRACTOR_VERSION = 1
 
@@ -48,17 +49,8 @@ def errors_path_for(output):
 
 def write_errors(path, failures):
     """Write the failures (image_id, path, reason) atomically; remove a stale file when there are none."""
-    if not failures:
-        if os.path.exists(path):
-            os.remove(path)
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("image_id\tpath\treason\n")
-        for image_id, image_path, reason in failures:
-            clean = " ".join(str(reason).split())
-            f.write(f"{image_id}\t{image_path}\t{clean}\n")
-    os.replace(tmp, path)
+    rows = (f"{image_id}\t{image_path}\t{' '.join(str(reason).split())}" for image_id, image_path, reason in failures)
+    write_lines_atomically(path, rows, header="image_id\tpath\treason", remove_when_empty=True)
 
 
 def build_info(model_name, cfg, extractor, object_names=None, attribute_names=None, weights_layout=None):

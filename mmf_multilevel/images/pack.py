@@ -3,6 +3,7 @@ and checking that every image of a source decodes."""
 import json
 import os
 
+from mmf_multilevel.files import write_lines_atomically
 from mmf_multilevel.images.sources import (
     BAD_IMAGES_FILE,
     HEADER_KEY,
@@ -22,16 +23,8 @@ __all__ = ["build_image_lmdb", "check_source"]
 
 
 def _write_bad_list(out, bad):
-    path = os.path.join(out, BAD_IMAGES_FILE)
-    if not bad:
-        if os.path.exists(path):
-            os.remove(path)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for image_id in sorted(bad):
-            f.write(json.dumps({"image_id": image_id, "error": bad[image_id]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    rows = (json.dumps({"image_id": image_id, "error": bad[image_id]}, ensure_ascii=False) for image_id in sorted(bad))
+    write_lines_atomically(os.path.join(out, BAD_IMAGES_FILE), rows, remove_when_empty=True)
 
 
 def _read_bad_list(out):

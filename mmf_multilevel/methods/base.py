@@ -81,11 +81,14 @@ class MethodModel(BaseModel):
     #: ``(old_prefix, new_prefix)`` pairs: state-dict keys of checkpoints written before a rename;
     #: ``new_prefix`` None drops the entry (a buffer that no longer exists)
     state_key_map: Tuple[Tuple[str, Optional[str]], ...] = ()
+    #: ``{dotted key: where it went}``: config keys that moved out of ``model_config.<name>`` (an error
+    #: names the new place instead of "unknown key")
+    moved_keys: Dict[str, str] = {}
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config)
         self.config = config
-        self.settings = read_config(self.config_class, config, self.name)
+        self.settings = read_config(self.config_class, config, self.name, self.moved_keys)
         self.progress = TrainingProgress()
 
     @classmethod
@@ -174,12 +177,22 @@ class MethodModel(BaseModel):
         return key if mapped is None else mapped
 
     def load_state_dict(self, state_dict, *args, **kwargs):
+        """MMF's ``BaseModel.load_state_dict`` renames keys through :meth:`format_state_key` after a deep
+        copy of the whole state dict; this one also drops the obsolete keys (``state_key_map`` entries
+        mapped to None, which a rename cannot express) and copies no tensor."""
         upgraded = {}
         for key, value in state_dict.items():
             mapped = apply_key_map(key, self.state_key_map)
             if mapped is not None:
                 upgraded[mapped] = value
+        self.check_pretrained_state(upgraded)
         return torch.nn.Module.load_state_dict(self, upgraded, *args, **kwargs)
+
+    def check_pretrained_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Called with a checkpoint's state (keys in this model's names) before any of it is loaded, by
+        ``load_state_dict`` and by a ``pretrained_state_mapping`` load: raise when the checkpoint was
+        written by a differently structured network whose weights would be silently dropped or left at
+        their initialisation (SemVLP: a different cross-attention layout)."""
 
     def map_pretrained_prefix(self, prefix: str) -> str:
         """A ``pretrained_state_mapping`` prefix written before a rename, in today's names."""

@@ -6,20 +6,22 @@ the same tensors whatever dataset produced them:
 * :func:`text_inputs` -> :class:`TextInputs` ``(input_ids, mask, segment_ids)``;
 * :func:`region_inputs` -> :class:`RegionInputs`: float features checked against the model's
   ``feature_dim``, the region mask from ``max_features`` / ``num_boxes``, boxes normalised **once**
-  here (``"4d"`` ``x1/W y1/H x2/W y2/H`` or ``"5d"`` with the relative area), zero on padding, and
-  the detector's labels when the cache has them;
+  here (``"4d"`` ``x1/W y1/H x2/W y2/H`` or ``"5d"`` with the relative area), zero on padding, the
+  detector's labels when the cache has them, and - when the dataset drew masked regions - the
+  regions to predict (``selected``) and the features the network reads (``corrupted``);
 * :func:`pixel_inputs` -> :class:`PixelInputs`: the image batch with its valid-pixel mask (from the
   ``image_size`` the raw-image processors record, so padding never counts as picture).
 
 NLVR2's paired layout puts each image under ``img0`` / ``img1``; ``side`` selects it. Datasets and
 processors emit model-ready inputs and targets (see ``docs/ARCHITECTURE.md``, the masking rule); the
-contract does no masking. It imports no MMF: a ``SampleList`` is read as a mapping.
+contract draws no masks, it only applies the decisions a dataset drew. It imports no MMF: a ``SampleList`` is read as a mapping.
 """
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from mmf_multilevel.modules.masking import RegionMasking, apply_region_masking
 from mmf_multilevel.modules.visual import normalize_boxes, num_boxes_to_mask
 
 __all__ = ["TextInputs", "RegionInputs", "PixelInputs", "text_inputs", "region_inputs", "pixel_inputs", "detector_labels"]
@@ -36,10 +38,19 @@ class TextInputs:
 
 @dataclass
 class RegionInputs:
-    features: torch.Tensor  # (B, N, D) float
+    features: torch.Tensor  # (B, N, D) float: the originals (the masked-region regression target)
     boxes: torch.Tensor  # (B, N, 4 | 5) normalised, zero on padding
     mask: torch.Tensor  # (B, N) long, 1 = real region
     info: dict  # MMF's image_info_0 (detector labels, sizes) as the dataset gave it
+    #: (B, N, D) what the network reads: ``features`` with the dataset's masked-region decisions applied
+    #: (zeroed / replaced regions); ``features`` itself when the batch has none
+    corrupted: Optional[torch.Tensor] = None
+    #: (B, N) bool, the regions a masked-region objective predicts (the dataset's ``region_selected``); or None
+    selected: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.corrupted is None:
+            self.corrupted = self.features
 
 
 @dataclass
@@ -95,7 +106,30 @@ def region_inputs(sample_list, model: str, feature_dim: int, box_mode: str, side
     boxes = normalize_boxes(info["bbox"].to(device).float()[:, :num], info["image_width"].to(device),
                             info["image_height"].to(device), mode=box_mode)
     boxes = boxes * mask.unsqueeze(-1).to(boxes.dtype)
-    return RegionInputs(features, boxes, mask, info)
+    corrupted, selected = _masked_regions(source, features, mask, model)
+    return RegionInputs(features, boxes, mask, info, corrupted, selected)
+
+
+def _masked_regions(source, features, mask, model):
+    """The dataset's masked-region decisions (``region_selected`` / ``region_zeroed`` / ``region_source``,
+    ``mmf_multilevel.datasets.pretraining``) applied to ``features``: ``(corrupted, selected)``."""
+    if not _has(source, "region_selected"):
+        return features, None
+    shape = tuple(features.shape[:2])
+    fields = {}
+    for key in ("region_selected", "region_zeroed", "region_source"):
+        if not _has(source, key):
+            raise KeyError(f"{model}: the batch has region_selected but no {key} (a dataset emits all three)")
+        value = source[key].to(features.device)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{model}: {key} has shape {tuple(value.shape)}, expected {shape} (the regions of "
+                             "image_feature_0)")
+        fields[key] = value
+    selected = fields["region_selected"].bool()
+    if (selected & (mask == 0)).any():
+        raise ValueError(f"{model}: region_selected marks padding regions (beyond image_info_0.max_features)")
+    masking = RegionMasking(selected, fields["region_zeroed"].bool(), fields["region_source"].long())
+    return apply_region_masking(features, masking), selected
 
 
 def detector_labels(regions: RegionInputs, model: str, disable_hint: str) -> torch.Tensor:

@@ -48,12 +48,16 @@ class MethodConfig(BertFields):
     model: Optional[str] = None
 
 
-def read_config(schema, config, method: str):
+def read_config(schema, config, method: str, moved=None):
     """``config`` (an OmegaConf node or a dict, e.g. MMF's ``model_config.<method>``) checked against the
-    dataclass ``schema``: defaults filled in, types converted, unknown keys refused."""
+    dataclass ``schema``: defaults filled in, types converted, unknown keys refused. ``moved`` maps a
+    dotted key that no longer belongs here to where it went (its error says so)."""
     base = OmegaConf.structured(schema)
     try:
         given = config if isinstance(config, DictConfig) else OmegaConf.create(dict(config or {}))
+        for key, place in (moved or {}).items():
+            if OmegaConf.select(given, key, default=None) is not None:
+                raise ValueError(f"model_config.{method}.{key} is no longer a model setting: {place}")
         merged = OmegaConf.merge(base, given)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or getattr(error, "key", None) or "?"

@@ -7,7 +7,7 @@ registered gets the contract tests by having these two functions.
 """
 import torch
 
-__all__ = ["TINY_BERT", "region_batch", "attach_regions"]
+__all__ = ["TINY_BERT", "region_batch", "attach_regions", "mlm_labels", "masked_regions"]
 
 #: a 2-layer, 32-wide BERT over a 40-word vocabulary ([CLS] = 2, [SEP] = 3, [MASK] = 4, as the demo's)
 TINY_BERT = dict(bert_model_name=None, vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -82,3 +82,18 @@ def mlm_labels(sample_list, seed=1):
         for position in torch.randperm(real - 2, generator=generator)[:2] + 1:
             labels[row, position] = ids[row, position]
     return labels
+
+
+def masked_regions(sample_list, prob=0.5, seed=1, zero_ratio=1.0, random_ratio=0.0):
+    """The masked-region decisions a pre-training dataset puts in each sample (``region_selected``,
+    ``region_zeroed``, ``region_source``), drawn over the batch's real regions with a seeded generator
+    and at least one region per sample."""
+    from mmf_multilevel.modules.masking import draw_region_masking
+    from mmf_multilevel.modules.visual import num_boxes_to_mask
+
+    features, info = sample_list.image_feature_0, sample_list.image_info_0
+    real = num_boxes_to_mask(info.max_features.view(-1), features.size(1))
+    masking = draw_region_masking(real, prob, torch.Generator().manual_seed(seed), zero_ratio=zero_ratio,
+                                  random_ratio=random_ratio, ensure_one=True)
+    sample_list.region_selected, sample_list.region_zeroed, sample_list.region_source = masking
+    return sample_list

@@ -4,11 +4,11 @@ All randomness comes from an optional ``torch.Generator`` so that a seeded gener
 masks. Inputs are never modified in place: the originals stay available as prediction targets.
 """
 
-from typing import Iterable, Optional, Tuple, Union
+from typing import Iterable, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "mask_tokens", "mask_regions"]
+__all__ = ["IGNORE_INDEX", "mask_tokens", "RegionMasking", "draw_region_masking", "apply_region_masking", "mask_regions"]
 
 IGNORE_INDEX = -100
 
@@ -130,6 +130,70 @@ def mask_tokens(
     return masked, labels
 
 
+class RegionMasking(NamedTuple):
+    """Which regions a masked-region objective corrupts and predicts (all ``(B, N)``)."""
+
+    selected: torch.Tensor  # bool: the regions to predict
+    zeroed: torch.Tensor  # bool: selected regions whose input feature is set to zero
+    source: torch.Tensor  # long: for a randomly replaced region, the index (same row) of the region whose
+    # feature replaces it; -1 elsewhere
+
+
+def draw_region_masking(
+    region_mask: torch.Tensor,
+    prob: Prob = 0.15,
+    generator: Optional[torch.Generator] = None,
+    *,
+    zero_ratio: float = 1.0,
+    random_ratio: float = 0.0,
+    ensure_one: bool = False,
+) -> RegionMasking:
+    """Draw a masked-region corruption over ``region_mask`` ``(B, N)`` (1 = real region).
+
+    Each real region (padding is never selected) is selected with probability ``prob``: a number, or a
+    per-region ``(B, N)`` tensor (μ-VLA's phrase-linked masking uses ``0.15 * link_score``, 0 for unlinked
+    regions). Of the selected regions ``zero_ratio`` get a zero feature, ``random_ratio`` the feature of
+    another real region of the same row (image), chosen uniformly, and the rest stay unchanged. The defaults
+    zero every selected region (SemVLP); μ-VLA's released recipe is ``zero_ratio=0.9``; LXMERT's is
+    ``zero_ratio=0.8, random_ratio=0.1``.
+
+    Only decisions are returned (apply them with :func:`apply_region_masking`): a dataset draws them per
+    sample and the features stay intact as the regression target.
+    """
+    if region_mask.dim() != 2:
+        raise ValueError(f"region_mask must be (batch, regions); got shape {tuple(region_mask.shape)}")
+    if zero_ratio < 0 or random_ratio < 0 or zero_ratio + random_ratio > 1:
+        raise ValueError("zero_ratio and random_ratio must be non-negative and sum to at most 1")
+    shape, device = region_mask.shape, region_mask.device
+    candidates = region_mask.to(dtype=torch.bool)
+    p = _probabilities(prob, shape, device, "prob")
+    selected = _select(candidates, p, ensure_one, generator)
+    action = _uniform(shape, generator, device)
+    zeroed = selected & (action < zero_ratio)
+    to_random = selected & (action >= zero_ratio) & (action < zero_ratio + random_ratio)
+    source = torch.full(shape, -1, dtype=torch.long, device=device)
+    if to_random.any():
+        # a uniform real region of the same row: argmax of random scores over the row's real regions
+        scores = _uniform(shape + (shape[1],), generator, device).masked_fill(~candidates.unsqueeze(1), -1.0)
+        source = torch.where(to_random, scores.argmax(-1), source)
+    return RegionMasking(selected, zeroed, source)
+
+
+def apply_region_masking(features: torch.Tensor, masking: RegionMasking) -> torch.Tensor:
+    """``features`` ``(B, N, D)`` as the network sees them under ``masking``: replaced regions take their
+    source's original feature, zeroed ones are zero. ``features`` itself is left untouched."""
+    if features.dim() != 3 or features.shape[:2] != masking.selected.shape:
+        raise ValueError(f"features must be (batch, regions, dim) matching the masking's "
+                         f"{tuple(masking.selected.shape)}; got shape {tuple(features.shape)}")
+    masked = features.clone()
+    source = masking.source.to(features.device)
+    replaced = source >= 0
+    if replaced.any():
+        rows, cols = replaced.nonzero(as_tuple=True)
+        masked[rows, cols] = features[rows, source[rows, cols]]
+    return masked.masked_fill(masking.zeroed.to(features.device).bool().unsqueeze(-1), 0.0)
+
+
 def mask_regions(
     features: torch.Tensor,
     region_mask: Optional[torch.Tensor] = None,
@@ -140,42 +204,15 @@ def mask_regions(
     random_ratio: float = 0.0,
     ensure_one: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Masked-region corruption of ``features`` ``(B, N, D)``.
-
-    Each real region (``region_mask == 1``; padding is never selected) is selected with probability
-    ``prob``: a number, or a per-region ``(B, N)`` tensor (μ-VLA's phrase-linked masking uses
-    ``0.15 * link_score``, 0 for unlinked regions). Of the selected regions ``zero_ratio`` have their
-    feature set to zero, ``random_ratio`` are replaced by the feature of a random real region of the
-    batch, and the rest stay unchanged. The defaults zero every selected region (SemVLP); μ-VLA's
-    released recipe is ``zero_ratio=0.9``; LXMERT's is ``zero_ratio=0.8, random_ratio=0.1``.
-
-    Returns ``(masked_features, selected)``, ``selected`` a ``(B, N)`` bool tensor of the regions to
-    predict. ``features`` is left untouched and serves as the regression target.
-    """
+    """:func:`draw_region_masking` applied to ``features`` ``(B, N, D)`` at once: ``(masked_features,
+    selected)``; ``features`` is left untouched and serves as the regression target."""
     if features.dim() != 3:
         raise ValueError(f"features must be (batch, regions, dim); got shape {tuple(features.shape)}")
-    if zero_ratio < 0 or random_ratio < 0 or zero_ratio + random_ratio > 1:
-        raise ValueError("zero_ratio and random_ratio must be non-negative and sum to at most 1")
     shape = features.shape[:2]
     if region_mask is None:
-        candidates = torch.ones(shape, dtype=torch.bool, device=features.device)
-    else:
-        if region_mask.shape != shape:
-            raise ValueError(f"region_mask must be {tuple(shape)}; got {tuple(region_mask.shape)}")
-        candidates = region_mask.to(device=features.device, dtype=torch.bool)
-    p = _probabilities(prob, shape, features.device, "prob")
-    selected = _select(candidates, p, ensure_one, generator)
-
-    action = _uniform(shape, generator, features.device)
-    to_zero = selected & (action < zero_ratio)
-    to_random = selected & (action >= zero_ratio) & (action < zero_ratio + random_ratio)
-    masked = features.clone()
-    if to_random.any():
-        pool = features[candidates]
-        if pool.numel() == 0:
-            raise ValueError("random replacement needs at least one real region in the batch")
-        gen_device = generator.device if generator is not None else features.device
-        picks = torch.randint(pool.size(0), (int(to_random.sum()),), generator=generator, device=gen_device)
-        masked[to_random] = pool[picks.to(features.device)]
-    masked[to_zero] = 0
-    return masked, selected
+        region_mask = torch.ones(shape, dtype=torch.bool, device=features.device)
+    elif region_mask.shape != shape:
+        raise ValueError(f"region_mask must be {tuple(shape)}; got {tuple(region_mask.shape)}")
+    masking = draw_region_masking(region_mask.to(features.device), prob, generator, zero_ratio=zero_ratio,
+                                  random_ratio=random_ratio, ensure_one=ensure_one)
+    return apply_region_masking(features, masking), masking.selected

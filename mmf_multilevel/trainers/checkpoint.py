@@ -137,6 +137,8 @@ class MultilevelCheckpoint(Checkpoint):
         own_state = model.state_dict()
         formatted = {attr: (inner.format_state_key(attr) if hasattr(inner, "format_state_key") else attr) for attr in ckpt}
         mapping = self.trainer.config.checkpoint.pretrained_state_mapping
+        if hasattr(inner, "check_pretrained_state"):  # e.g. SemVLP: the checkpoint's L_s layout must be the model's
+            inner.check_pretrained_state({name: ckpt[attr] for attr, name in formatted.items()})
         for own_prefix, ckpt_prefix in mapping.items():
             key, value = translate(str(own_prefix)) + ".", translate(str(ckpt_prefix)) + "."
             copied = 0

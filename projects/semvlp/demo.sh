@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# SemVLP's main job in one command, on the generated demo set: pre-train a tiny SemVLP (captions: MLM,
-# masked objects, ITM; VQA questions: image QA; single-/two-stream mini-batches 50/50), fine-tune it on
-# VQA with `mmf_run config=projects/semvlp/demo/vqa.yaml` and print the official VQA accuracy.
+# SemVLP's main job in one command, on the generated demo set: pre-train a tiny, randomly initialised
+# SemVLP on the demo captions (MLM, masked objects, image-text matching; single-stream updates, see
+# projects/semvlp/demo/pretrain.yaml for why), fine-tune it on VQA with
+# `mmf_run config=projects/semvlp/demo/vqa.yaml` and print the official VQA accuracy.
+# With and without pre-training, next to MMF's VisualBERT: bash projects/semvlp/demo_compare.sh
 #   bash projects/semvlp/demo.sh
 #   DATA=../shared_data SAVE=../runs NUM_IMAGES=400 bash projects/semvlp/demo.sh training.max_updates=50
 # Extra arguments go to both mmf_run calls.
@@ -24,6 +26,9 @@ import re, sys
 modes = re.findall(r"semvlp modes: .*updates so far: single (\d+), two (\d+)", open(sys.argv[1]).read())
 if modes:
     print(f"pre-training updates: single-stream {modes[-1][0]}, two-stream {modes[-1][1]}")
+itm = re.findall(r"val/coco_captions/(?:single/|two/)?itm: ([0-9.]+)", open(sys.argv[1]).read())
+if itm:
+    print(f"pre-training image-text matching loss (val): {float(itm[-1]):.3f} (chance: ln 2 = 0.693)")
 found = re.findall(r"val/vqa2/vqa_official_accuracy: ([0-9.]+)", open(sys.argv[2]).read())
 if not found:
     sys.exit(f"no VQA accuracy in {sys.argv[2]}")

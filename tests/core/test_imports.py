@@ -13,7 +13,7 @@ FRAMEWORK_FREE_PACKAGES = ("modules", "evaluation", "features", "images", "extra
 FRAMEWORK_FREE_MODULES = (
     "mmf_multilevel.methods", "mmf_multilevel.methods.batch", "mmf_multilevel.methods.config",
     "mmf_multilevel.methods.progress", "mmf_multilevel.methods.testing", "mmf_multilevel.datasets.generate",
-    "mmf_multilevel.trainers.optim", "mmf_multilevel.paths", "mmf_multilevel.registration",
+    "mmf_multilevel.trainers.optim", "mmf_multilevel.paths", "mmf_multilevel.registration", "mmf_multilevel.files",
 )
 #: in a method folder everything but the MMF adapter (model.py) and its MMF datasets (data.py)
 METHOD_MMF_FILES = ("model", "data", "testing")

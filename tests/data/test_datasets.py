@@ -164,6 +164,79 @@ def test_caption_dataset_masking_and_itm(demo):
             assert all(r["caption"] != s.caption for r in dataset.records if r["image_id"] == record["image_id"])
 
 
+def test_caption_dataset_draws_masked_regions_and_keeps_the_original_features(demo):
+    """The dataset draws the masked-region decisions (the masking rule); image_feature_0 stays the original
+    (the regression target), padding is never selected, the rates are the configured ones, and the batch
+    contract hands the network exactly the zeroed / replaced features."""
+    from mmf_multilevel.methods.batch import region_inputs
+    from tests.helpers.stats import assert_rate
+
+    dataset = make(CaptionDataset, "coco_captions", demo, "train", region_mask_probability=0.4,
+                   region_zero_ratio=0.6, region_random_ratio=0.3)
+    torch.manual_seed(0)
+    samples = [dataset[i % len(dataset)] for i in range(600)]
+    stored = FeatureCacheReader(str(demo / "features" / "regions.lmdb"))
+    for s, i in zip(samples[:20], range(20)):
+        count = int(s.image_info_0.max_features)
+        original = stored.get(dataset.records[i]["image_id"])["features"][:count]
+        np.testing.assert_allclose(s.image_feature_0[:count].numpy(), original)
+    selected = torch.stack([s.region_selected for s in samples])
+    zeroed = torch.stack([s.region_zeroed for s in samples])
+    source = torch.stack([s.region_source for s in samples])
+    real = torch.stack([torch.arange(6) < int(s.image_info_0.max_features) for s in samples])
+    assert not (selected & ~real).any() and not (zeroed & ~selected).any() and not ((source >= 0) & ~selected).any()
+    assert_rate(selected.sum().item() / real.sum().item(), 0.4, real.sum().item(), what="selected regions")
+    assert_rate(zeroed.sum().item() / selected.sum().item(), 0.6, selected.sum().item(), what="zeroed")
+    assert_rate((source >= 0).sum().item() / selected.sum().item(), 0.3, selected.sum().item(), what="replaced")
+    assert bool(((source < 0) | real.gather(1, source.clamp(min=0))).all())  # replacements are real regions
+    batch = SampleList(samples[:8])
+    regions = region_inputs(batch, "test", DIM, "4d")
+    assert torch.equal(regions.selected, batch.region_selected)
+    assert torch.equal(regions.features, batch.image_feature_0)
+    assert (regions.corrupted[batch.region_zeroed] == 0).all()
+    rows, cols = (batch.region_source >= 0).nonzero(as_tuple=True)
+    assert torch.equal(regions.corrupted[rows, cols], batch.image_feature_0[rows, batch.region_source[rows, cols]])
+    kept = ~batch.region_zeroed & (batch.region_source < 0)
+    assert torch.equal(regions.corrupted[kept], batch.image_feature_0[kept])
+    # off by default (the corpus yaml): no decisions travel
+    plain = make(CaptionDataset, "coco_captions", demo, "train")
+    assert "region_selected" not in plain[0]
+    with pytest.raises(ValueError, match="coco_captions.region_zero_ratio"):
+        make(CaptionDataset, "coco_captions", demo, "train", region_zero_ratio=0.9, region_random_ratio=0.2)
+
+
+def test_vqa_questions_as_a_pretraining_corpus(demo):
+    """Questions take part in image-text matching behind itm_probability (another image's question,
+    is_correct 0, the record's own targets), are MLM-masked by a masked_token processor, and off by
+    default (fine-tuning): no is_correct, no lm_label_ids."""
+    import random
+
+    dataset = make(VQA2Dataset, "vqa2", demo, "train", itm_probability=0.5, region_mask_probability=0.15,
+                   **{"processors.text_processor.type": "masked_token",
+                      "processors.text_processor.params.mask_probability": 0.15})
+    random.seed(1)
+    samples = [dataset[i] for i in range(60)]
+    correct = [int(s.is_correct) for s in samples]
+    assert 10 < sum(correct) < 50
+    vocab = dataset.text_processor._tokenizer
+    for s, record in zip(samples, dataset.records[:60]):
+        words = vocab.convert_ids_to_tokens([i for i, m in zip(s.input_ids.tolist(), s.input_mask.tolist()) if m])
+        restored = [vocab.convert_ids_to_tokens(label) if label >= 0 else word
+                    for word, label in zip(words, s.lm_label_ids.tolist())]
+        question = " ".join(restored[1:-1]).replace(" ##", "")
+        own = " ".join(vocab.tokenize(record["question"]))
+        if int(s.is_correct) == 1:
+            assert question == own.replace(" ##", "")
+        else:  # a question of another image (the demo's templated questions can repeat across images)
+            assert any(" ".join(vocab.tokenize(r["question"])).replace(" ##", "") == question
+                       for r in dataset.records if r["image_id"] != record["image_id"])
+        assert "targets" in s and "region_selected" in s
+    labels = torch.stack([s.lm_label_ids for s in samples])
+    assert (labels >= 0).any()
+    plain = make(VQA2Dataset, "vqa2", demo, "train")[0]
+    assert "is_correct" not in plain and "lm_label_ids" not in plain and "region_selected" not in plain
+
+
 def test_every_corpus_builder_is_registered():
     for name in ("captions", "coco_captions", "vg_captions", "conceptual_captions", "sbu_captions", "vqa2"):
         builder = registry.get_builder_class(name)
@@ -259,3 +332,20 @@ def test_mmf_layout_cache_reads_the_same(tmp_path, demo):
     theirs = make(VQA2Dataset, "vqa2", target)[3]
     torch.testing.assert_close(ours.image_feature_0, theirs.image_feature_0)
     torch.testing.assert_close(ours.image_info_0.bbox, theirs.image_info_0.bbox)
+
+
+def test_every_region_yaml_lists_the_region_keys_with_the_base_defaults():
+    """REGION_DEFAULTS is the one home of those values; each region dataset's yaml shows them, equal."""
+    import glob
+
+    from mmf_multilevel.datasets.base import REGION_DEFAULTS
+
+    paths = [p for p in glob.glob(os.path.join(CONFIGS, "*", "*.yaml"))
+             if "features:" in open(p).read() and "images:" not in open(p).read() and "synthetic_vl" not in p]
+    assert len(paths) == 13, paths
+    for path in paths:
+        for name, node in OmegaConf.load(path).dataset_config.items():
+            given = OmegaConf.to_container(node, resolve=False)
+            for key, default in REGION_DEFAULTS.items():
+                assert given.get(key, "missing") == default, f"{path}: {name}.{key}"
+            assert "feature_dim" in given and "data_dir" in given, path

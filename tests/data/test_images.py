@@ -615,3 +615,24 @@ I.build_image_lmdb(source, {str(out)!r}, batch_size=8, progress=False)
     done = I.open_image_source(out)
     assert sorted(done.keys()) == ids and done.header["count"] == 60
     assert all(done.get_bytes(i) == (demo["folder"] / f"{i}.jpg").read_bytes() for i in ids)
+
+
+def test_every_raw_image_yaml_lists_the_image_keys_with_the_mixins_defaults():
+    """IMAGE_DEFAULTS is the one home of the image keys' values; each raw-image dataset's yaml shows them,
+    equal to it but for the deliberate choices named here."""
+    import glob
+
+    from mmf_multilevel.datasets.images import IMAGE_DEFAULTS
+    from mmf_multilevel.paths import DATASET_CONFIG_DIR
+
+    choices = {("nlvr2_images", "swap_left_right"): False,  # left/right name the image of the pair
+               ("refcoco_plus_images", "augment_splits"): []}  # boxes are in original pixels
+    paths = glob.glob(os.path.join(DATASET_CONFIG_DIR, "captions_images", "*.yaml")) + glob.glob(
+        os.path.join(DATASET_CONFIG_DIR, "image_tasks", "*.yaml"))
+    assert len(paths) == 13
+    for path in paths:
+        for name, node in OmegaConf.load(path).dataset_config.items():
+            given = OmegaConf.to_container(node, resolve=False)
+            for key, default in IMAGE_DEFAULTS.items():
+                assert key in given, f"{path}: {name}.{key} missing"
+                assert given[key] == choices.get((name, key), default), f"{path}: {name}.{key}"

@@ -3,14 +3,11 @@ all of them): the method's own optimizer, the per-update progress and its freeze
 all-reduced across 2 gloo ranks equal to the one-process computation, and an exact resume after kill -9."""
 import os
 import re
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
-from helpers.mmf import TEST_PLUGIN, clean_env, console_script
+from helpers.mmf import TEST_PLUGIN, kill_when
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +42,7 @@ def test_hooks_in_one_process_and_over_two_gloo_ranks(tmp_path, mmf_run):
 def test_hooks_resume_exactly_after_kill_9(tmp_path, mmf_run):
     full, killed = tmp_path / "full", tmp_path / "killed"
     mmf_run(f"env.save_dir={full}", *COMMON, config=PROBE)
-    args = [console_script("mmf_run"), f"config={PROBE}", f"env.save_dir={killed}", *COMMON]
-    env = clean_env(tmp_path, MMF_TEST_BATCH_SLEEP="0.2")
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "models" / "model_4.ckpt").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(tmp_path, killed / "models" / "model_4.ckpt", f"env.save_dir={killed}", *COMMON, config=PROBE)
     assert not (killed / "models" / "model_10.ckpt").exists()
     ckpt = load(killed / "current.ckpt")
     assert set(ckpt["optimizer"]["parts"]) == {"cnn", "transformer"}  # both parts of the method's optimizer

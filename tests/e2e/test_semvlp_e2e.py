@@ -20,6 +20,9 @@ TASKS = {
     "retrieval_flickr": r"val/flickr30k_retrieval/retrieval_rsum: [0-9.]+",
     "retrieval_coco": r"val/coco_retrieval/retrieval_rsum: [0-9.]+",
 }
+#: the paper's whole mix on the demo set (demo/pretrain.yaml itself pre-trains on captions, single-stream):
+#: captions and questions, both modes, questions in image-text matching too
+FULL_MIX = ["datasets=coco_captions,vqa2", "model_config.semvlp.mode_schedule=random", "dataset_config.vqa2.itm_probability=0.5"]
 SHORT = ["training.max_updates=6", "training.evaluation_interval=6", "training.checkpoint_interval=6",
          "training.log_interval=2", "training.batch_size=8", "training.progress_bar=False"]
 
@@ -38,7 +41,7 @@ def pretrained(data, tmp_path_factory):
     save = work / "save"
     # both datasets drawn alike, so 6 updates see captions and questions in both modes; every update
     # logged (MMF's meter records only the batches at log points)
-    result = run_mmf(work, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT,
+    result = run_mmf(work, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, *FULL_MIX,
                      "training.dataset_size_proportional_sampling=False", "training.log_interval=1",
                      config=f"{ROOT}/projects/semvlp/demo/pretrain.yaml")
     return save, result
@@ -64,7 +67,7 @@ def test_pretraining_runs_both_modes_and_logs_every_loss(pretrained):
     # both modes ran and every loss of both datasets appears (not a subset: a mode or loss gone missing fails)
     assert {mode for _, mode, _ in logged} == {"single", "two"}, logged
     assert {(dataset, loss) for dataset, _, loss in logged} == {("coco_captions", k) for k in ("mlm", "mrfr", "mrc", "itm")} | {
-        ("vqa2", k) for k in ("mlm", "mrfr", "mrc", "qa")}, logged
+        ("vqa2", k) for k in ("mlm", "mrfr", "mrc", "qa", "itm")}, logged
     # val losses are reported for both pre-training datasets
     assert re.search(r"val/coco_captions/single/itm: [0-9.]+", log) and re.search(r"val/vqa2/single/qa: [0-9.]+", log)
     state = torch.load(save / "semvlp_final.pth", weights_only=True)
@@ -103,7 +106,7 @@ def test_pretraining_over_two_gloo_ranks(data, tmp_path):
     from mmf_multilevel.methods.semvlp import ModeSchedule
 
     save = tmp_path / "save"
-    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "distributed.world_size=2",
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, *FULL_MIX, "distributed.world_size=2",
                      "training.trainer=test_rank_dump", f"env.user_dir={TEST_PLUGIN}",
                      config=f"{ROOT}/projects/semvlp/demo/pretrain.yaml")
     _assert_finished(save, result)
@@ -175,3 +178,55 @@ def test_ablation_configs_set_the_schedule_and_ls():
     for ls in (0, 2, 4, 6, 8, 10, 12):
         node = OmegaConf.load(os.path.join(folder, f"pretrain_two_only_ls{ls}.yaml")).model_config.semvlp
         assert node.mode_schedule == "two" and node.cross_layer_start == ls
+
+
+#: a 12-block model as narrow as possible, so every L_s of Figure 3 (0..12) exists on the demo
+TINY_12 = {"num_hidden_layers": 12, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+ABLATIONS = os.path.join(ROOT, "projects", "semvlp", "ablations")
+
+
+def _ablation_config(tmp_path, name, base, ablation):
+    """``base`` (a demo config) with the model settings of the shipped ablation config ``ablation`` on
+    the 12-block tiny model."""
+    settings = OmegaConf.to_container(OmegaConf.load(os.path.join(ABLATIONS, ablation)).model_config.semvlp) if ablation else {}
+    path = tmp_path / f"{name}.yaml"
+    OmegaConf.save(OmegaConf.create({"includes": [os.path.join(ROOT, "projects", "semvlp", "demo", base)],
+                                     "model_config": {"semvlp": {**settings, **TINY_12}}}), path)
+    return path
+
+
+@pytest.mark.slow
+def test_every_ablation_pretrains_and_fine_tunes_with_its_own_ls(data, tmp_path):
+    """Table 4 / Figure 3 on the demo: each ablation's pre-training config, then its fine-tuning config
+    (two-stream-only with L_s = k: finetune_two_only_ls<k>_vqa.yaml; the others: vqa.yaml), end to end;
+    the fine-tune takes every pre-trained cross-attention module, and the wrong L_s is refused."""
+    quick = ["training.max_updates=1", "training.evaluation_interval=1", "training.checkpoint_interval=1",
+             "training.batch_size=4", "training.progress_bar=False", f"env.data_dir={data}"]
+    runs = [("pretrain_single_only.yaml", None), ("pretrain_two_only.yaml", None)] + [
+        (f"pretrain_two_only_ls{k}.yaml", f"finetune_two_only_ls{k}_vqa.yaml") for k in (0, 2, 4, 6, 8, 10, 12)]
+    for pretrain, finetune in runs:
+        name = pretrain[:-5]
+        pre_save, ft_save = tmp_path / name / "pre", tmp_path / name / "ft"
+        run_mmf(tmp_path, f"env.save_dir={pre_save}", *quick, config=_ablation_config(tmp_path, f"{name}_pre", "pretrain.yaml", pretrain))
+        state = torch.load(pre_save / "semvlp_final.pth", weights_only=True)
+        blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("backbone.cross_attention.")})
+        run_mmf(tmp_path, f"env.save_dir={ft_save}", *quick, f"checkpoint.resume_file={pre_save / 'semvlp_final.pth'}",
+                         "checkpoint.resume_pretrained=True", config=_ablation_config(tmp_path, f"{name}_ft", "vqa.yaml", finetune))
+        log = (ft_save / "train.log").read_text()
+        assert re.search(r"val/vqa2/vqa_official_accuracy: [0-9.]+", log), name
+        copied = sorted({int(b) for b in re.findall(r"Copying backbone\.cross_attention\.(\d+)\.self\.query\.weight", log)})
+        assert copied == blocks, (name, copied, blocks)
+        if finetune:
+            k = int(name.rsplit("ls", 1)[1])
+            assert blocks == list(range(k, 12)), name
+            used = OmegaConf.load(ft_save / "config.yaml").model_config.semvlp
+            assert used.mode == "two" and used.cross_layer_start == k, name
+    # fine-tuning the L_s = 2 checkpoint with the L_s = 4 configs is refused, naming both layouts
+    wrong = run_mmf(tmp_path, f"env.save_dir={tmp_path / 'wrong'}", *quick,
+                    f"checkpoint.resume_file={tmp_path / 'pretrain_two_only_ls2' / 'pre' / 'semvlp_final.pth'}",
+                    "checkpoint.resume_pretrained=True", check=False,
+                    config=_ablation_config(tmp_path, "wrong", "vqa.yaml", "finetune_two_only_ls4_vqa.yaml"))
+    output = wrong.stdout + wrong.stderr
+    assert wrong.returncode != 0
+    assert "checkpoint's two-stream layout is cross-attention in blocks 3..12 (L_s = 2" in output, output[-3000:]
+    assert "this model's is cross-attention in blocks 5..12 (L_s = 4" in output

@@ -2,14 +2,12 @@
 import glob
 import os
 import re
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
-from helpers.mmf import TEST_PLUGIN, TINY_CONFIG, clean_env, console_script
+from helpers.mmf import TEST_PLUGIN, TINY_CONFIG, clean_env, console_script, kill_when
 
 pytestmark = pytest.mark.slow
 
@@ -113,16 +111,7 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path, mmf_run):
     mmf_run(f"env.save_dir={full}", *common)
 
     killed = tmp_path / "killed"
-    env = clean_env(tmp_path, MMF_TEST_BATCH_SLEEP="0.15")
-    args = [console_script("mmf_run"), f"config={TINY_CONFIG}", f"env.save_dir={killed}", *common]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "models" / "model_8.ckpt").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(tmp_path, killed / "models" / "model_8.ckpt", f"env.save_dir={killed}", *common, batch_sleep=0.15)
     assert not (killed / "models" / "model_14.ckpt").exists()
     position = load(killed / "current.ckpt")["train_position"]
     assert position["batch"] not in (0,), position  # killed in the middle of an epoch

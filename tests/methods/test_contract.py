@@ -1,8 +1,13 @@
 """The contract every registered method passes, for each of its head types: a tiny build, forward,
 backward, finite losses named ``<split>/<dataset>/...``, a state-dict round trip, checkpoints written
-before a rename, ``pretrained_state_mapping`` loading only the backbone, the typed defaults equal to
-``defaults.yaml``, and ``from_pretrained`` through a user zoo. A method gets these tests by being a
-folder under ``mmf_multilevel/methods/`` with a ``model.py`` (on the adapter base) and a ``testing.py``."""
+before a rename, ``pretrained_state_mapping`` loading only the backbone (also under the prefixes of
+before a rename), the typed defaults equal to ``defaults.yaml``, and ``from_pretrained`` through a
+user zoo. A method gets these tests by being a folder under ``mmf_multilevel/methods/`` with a
+``model.py`` (on the adapter base) and a ``testing.py``.
+
+Nothing here assumes a pre-training head: where a test needs "the method's model" it builds the first
+of its ``head_types`` (the pre-training head when the method has one), and where it needs a
+fine-tuning model the first head type other than ``pretraining``."""
 import hashlib
 import importlib
 import subprocess
@@ -20,9 +25,6 @@ from mmf_multilevel.methods.progress import TrainingProgress
 
 pytestmark = pytest.mark.usefixtures("mmf_global_config")
 
-#: method folders whose model is MMF's own VisualBERT (not on the adapter base): the RefCOCO+ reference
-REFERENCE_MODELS = {"visual_bert_grounding"}
-
 
 def adapter(name):
     from mmf.common.registry import registry
@@ -30,7 +32,18 @@ def adapter(name):
     return registry.get_model_class(name)
 
 
-METHODS = [name for name in method_names() if name not in REFERENCE_MODELS]
+def first_head(name):
+    """The method's first head type (its pre-training head when it has one)."""
+    return adapter(name).head_types[0]
+
+
+def task_head(name):
+    """The method's first head type other than ``pretraining`` (a fine-tuning model)."""
+    heads = adapter(name).head_types
+    return next((head for head in heads if head != "pretraining"), heads[0])
+
+
+METHODS = method_names()
 CASES = [(name, head) for name in METHODS for head in adapter(name).head_types]
 
 
@@ -54,7 +67,7 @@ def run(model, batch, seed=1):
 
 
 def test_every_method_folder_is_on_the_adapter_base_and_registered():
-    assert set(method_names()) >= {"semvlp", "muvla"} | REFERENCE_MODELS
+    assert set(method_names()) >= {"semvlp", "muvla", "visual_bert_grounding"}
     for name in METHODS:
         cls = adapter(name)
         assert issubclass(cls, MethodModel) and cls.name == name, name
@@ -92,7 +105,7 @@ def test_state_dict_round_trip_gives_the_same_outputs(name, head_type):
 @pytest.mark.parametrize("name", METHODS)
 def test_checkpoints_written_before_a_rename_still_load(name):
     cls = adapter(name)
-    model = build(name, "pretraining").eval()
+    model = build(name, first_head(name)).eval()
     state = model.state_dict()
     old = {}
     for key, value in state.items():  # today's keys written back in the old names of the key map
@@ -104,7 +117,7 @@ def test_checkpoints_written_before_a_rename_still_load(name):
     for before, now in cls.state_key_map:
         if now is None:
             old[before.rstrip(".")] = torch.zeros(())  # an entry the model no longer has
-    fresh = build(name, "pretraining", seed=3).eval()
+    fresh = build(name, first_head(name), seed=3).eval()
     fresh.load_state_dict(old, strict=True)
     for key, value in state.items():
         torch.testing.assert_close(fresh.state_dict()[key], value)
@@ -121,21 +134,42 @@ class _Writer:
 
 @pytest.mark.parametrize("name,head_type", [c for c in CASES if c[1] != "pretraining"])
 def test_pretrained_state_mapping_loads_only_the_backbone(name, head_type):
+    source = build(name, first_head(name), seed=1).state_dict()
+    _assert_loads_only_the_backbone(name, head_type, source, {"backbone": "backbone"}, source)
+
+
+def _assert_loads_only_the_backbone(name, head_type, checkpoint, mapping, expected):
+    """``checkpoint`` loaded into a fresh ``head_type`` model with ``mapping`` as
+    ``pretrained_state_mapping``: the backbone equals ``expected``'s (today's keys), the rest is untouched."""
     from types import SimpleNamespace
 
     from mmf_multilevel.trainers.checkpoint import MultilevelCheckpoint
 
-    source = build(name, "pretraining", seed=1).state_dict()
     target = build(name, head_type, seed=2)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    config = OmegaConf.create({"checkpoint": {"pretrained_state_mapping": {"backbone": "backbone"}}})
+    config = OmegaConf.create({"checkpoint": {"pretrained_state_mapping": mapping}})
     stub = SimpleNamespace(trainer=SimpleNamespace(model=target, config=config, writer=_Writer()))
-    MultilevelCheckpoint._load_pretrained(stub, source)
+    MultilevelCheckpoint._load_pretrained(stub, checkpoint)
     after = target.state_dict()
     assert any(k.startswith("backbone.") for k in after)
     for key, value in after.items():
-        expected = source[key] if key.startswith("backbone.") else before[key]
-        assert torch.equal(value, expected), key
+        want = expected[key] if key.startswith("backbone.") else before[key]
+        assert torch.equal(value, want), key
+
+
+OLD_BACKBONE_PREFIXES = [(name, old) for name in METHODS for old, new in adapter(name).state_key_map if new == "backbone."]
+
+
+@pytest.mark.parametrize("name,old", OLD_BACKBONE_PREFIXES)
+def test_pretrained_state_mapping_written_before_a_rename_loads_the_backbone(name, old):
+    """A project's ``pretrained_state_mapping: {<old>: <old>}`` and a checkpoint in the old layout (e.g.
+    ``model.bert: model.bert`` with MMF's visual_bert checkpoints): the prefixes and keys are translated
+    by the method's key map, and only the backbone is copied."""
+    source = build(name, first_head(name), seed=1).state_dict()
+    written = {(old + key[len("backbone."):] if key.startswith("backbone.") else key): value
+               for key, value in source.items()}
+    prefix = old.rstrip(".")
+    _assert_loads_only_the_backbone(name, task_head(name), written, {prefix: prefix}, source)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -155,7 +189,7 @@ def test_unknown_or_mistyped_keys_name_the_config_key(name):
     with pytest.raises(ValueError, match=f"model_config.{name}.hidden_size"):
         cls(OmegaConf.create({"hidden_size": "wide"}))
     with pytest.raises(ValueError, match="training_head_type must be one of"):
-        cls(OmegaConf.create({**tiny(name).tiny_config("pretraining"), "training_head_type": "nope"})).build()
+        cls(OmegaConf.create({**tiny(name).tiny_config(first_head(name)), "training_head_type": "nope"})).build()
 
 
 def test_from_pretrained_through_a_user_zoo_in_a_fresh_interpreter(tmp_path, server):
@@ -163,8 +197,7 @@ def test_from_pretrained_through_a_user_zoo_in_a_fresh_interpreter(tmp_path, ser
     over HTTP, checksum, extraction, then the same parameters."""
     zoo_lines, expected = [], {}
     for name in METHODS:
-        head_type = adapter(name).head_types[1]
-        model = build(name, head_type, seed=5)
+        model = build(name, task_head(name), seed=5)
         weights = tmp_path / f"{name}_final.pth"
         torch.save(model.state_dict(), weights)
         expected[name] = str(weights)

@@ -1,5 +1,8 @@
 """VisualBERT weights (MMF's visual_bert, HF transformers' VisualBertModel) converted into the μ-VLA
-backbone give the source model's hidden states on the same input."""
+backbone give the source model's hidden states on the same input (embedding_style: visual_bert), and start
+the box styles (paper, released) with the box / tag parameters initialised and reported as new."""
+import copy
+
 import mmf  # noqa: F401  (applies the compatibility layer)
 import pytest
 import torch
@@ -83,15 +86,152 @@ def test_mmf_visual_bert_checkpoint_converts_to_the_same_hidden_states(tmp_path)
     torch.testing.assert_close(model.backbone.regions.proj.weight, source.embeddings.projection.weight)
 
 
-def test_visual_bert_weights_need_the_visual_bert_embedding_style_and_matching_sizes():
+def test_visual_bert_weights_need_matching_sizes():
     source = mmf_visual_bert()
     state = {f"model.bert.{k}": v for k, v in source.state_dict().items()}
     torch.manual_seed(0)
-    paper = MuVLANetwork(BertTextEncoder.from_config(BertConfig(**SIZES)), FEAT, "paper")
-    with pytest.raises(ValueError, match="embedding_style: visual_bert"):
-        load_visual_bert(paper, state)
     wider = MuVLANetwork(BertTextEncoder.from_config(BertConfig(**SIZES)), FEAT + 1, "visual_bert")
     with pytest.raises(ValueError, match="regions.proj.weight"):
         load_visual_bert(wider, state)
     with pytest.raises(KeyError, match="not a VisualBERT state dict"):
         convert_visual_bert_state({"foo": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------- the box styles (paper, released)
+#: what each box style has and VisualBERT does not (kept at the network's initialisation, reported as new)
+NEW = {
+    "paper": ["regions.feature_norm.weight", "regions.feature_norm.bias", "regions.box_proj.weight",
+              "regions.box_proj.bias", "regions.box_norm.weight", "regions.box_norm.bias", "regions.norm.weight",
+              "regions.norm.bias", "tag_norm.weight", "tag_norm.bias"],
+    "released": ["regions.feature_norm.weight", "regions.feature_norm.bias", "regions.box_proj.weight",
+                 "regions.box_proj.bias", "regions.box_norm.weight", "regions.box_norm.bias", "tag_norm.weight",
+                 "tag_norm.bias"],
+}
+#: VisualBERT's own names of its visual projection and of the visual tensors the box styles have no place for
+VISUAL = {"mmf": ("projection", ("token_type_embeddings_visual", "position_embeddings_visual")),
+          "hf": ("visual_projection", ("visual_token_type_embeddings", "visual_position_embeddings"))}
+
+
+def hf_visual_bert():
+    torch.manual_seed(1)
+    return VisualBertModel(VisualBertConfig(visual_embedding_dim=FEAT, **SIZES)).eval()
+
+
+def visual_bert_source(kind):
+    """(source model, its checkpoint state as stored: MMF's model.bert.* beside a head, HF's VisualBertFor*
+    visual_bert.* prefix)."""
+    source = mmf_visual_bert() if kind == "mmf" else hf_visual_bert()
+    prefix = "model.bert." if kind == "mmf" else "visual_bert."
+    state = {f"{prefix}{k}": v for k, v in source.state_dict().items()}
+    state["model.classifier.1.weight" if kind == "mmf" else "cls.weight"] = torch.zeros(3, 3)
+    return source, state
+
+
+def expected_copies(kind, source):
+    """Network key -> source tensor, written out independently of the loader."""
+    projection, dropped = VISUAL[kind]
+    out = {}
+    for key, value in source.state_dict().items():
+        part, module, leaf = key.split(".", 2)[0], key.split(".")[1], key.split(".")[-1]
+        if part == "embeddings" and module == projection:
+            out[f"regions.feature_proj.{leaf}"] = value
+        elif part == "embeddings" and module in dropped:
+            continue
+        else:
+            out[f"text.bert.{key}"] = value
+    return out
+
+
+def box_net(style, feature_dim=FEAT):
+    torch.manual_seed(9)
+    return MuVLANetwork(BertTextEncoder.from_config(BertConfig(**SIZES)), feature_dim, style).eval()
+
+
+def text_only_reference(kind, source, style, ids, mask):
+    """The source VisualBERT on text alone; for released, whose text embedding has no LayerNorm (the official
+    code), the same model with its embedding LayerNorm taken out."""
+    if style == "released":
+        source = copy.deepcopy(source)
+        source.embeddings.LayerNorm = torch.nn.Identity()
+    with torch.no_grad():
+        if kind == "mmf":
+            sequence, pooled = source(ids, mask, torch.zeros_like(ids))[:2]
+        else:
+            ref = source(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+            sequence, pooled = ref.last_hidden_state, ref.pooler_output
+    return sequence, pooled
+
+
+@pytest.mark.parametrize("kind", ["mmf", "hf"])
+@pytest.mark.parametrize("style", ["paper", "released"])
+def test_visual_bert_weights_start_the_box_styles(kind, style):
+    source, state = visual_bert_source(kind)
+    net, fresh = box_net(style), box_net(style)
+    lines = []
+    new = load_visual_bert(net, state, log=lines.append)
+
+    # the reported parameters are exactly those VisualBERT does not have, and they keep the initialisation
+    assert sorted(new) == sorted(NEW[style])
+    assert len(lines) == 1 and "initialised as new (not in the VisualBERT checkpoint): " in lines[0]
+    assert all(name in lines[0] for name in NEW[style])
+    assert all(name in lines[0] for name in VISUAL[kind][1])  # left out, named
+    copies = expected_copies(kind, source)
+    params, init = dict(net.named_parameters()), dict(fresh.named_parameters())
+    assert set(params) == set(copies) | set(new) and not set(copies) & set(new)
+    for key, value in copies.items():
+        assert torch.equal(params[key], value), key
+    for key in new:
+        assert torch.equal(params[key], init[key]), key
+    # the visual token-type / position tables have no place; the regions' segment (paper) is BERT's text one
+    assert not any(k.startswith(("visual_token_type", "visual_position", "regions.proj.")) for k in params)
+
+    # a forward pass runs, on regions and on an R-T tag sequence (the box / tag path the style adds)
+    ids, mask, feats, rmask = inputs()
+    boxes = torch.rand(B, N, 5)
+    with torch.no_grad():
+        out = net(ids, mask, feats, boxes, rmask)
+        tags = net(ids, mask, feats, boxes, rmask, tag_boxes=torch.rand(B, T, 5))
+    assert out["sequence"].shape == tags["sequence"].shape == (B, T + N, SIZES["hidden_size"])
+    assert torch.isfinite(out["sequence"]).all() and torch.isfinite(tags["sequence"]).all()
+
+    # text alone (zero regions): the source VisualBERT's BERT on the same ids
+    with torch.no_grad():
+        text = net(ids, mask, feats[:, :0], boxes[:, :0], rmask[:, :0])
+    sequence, pooled = text_only_reference(kind, source, style, ids, mask)
+    torch.testing.assert_close(text["text"], sequence, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text["pooled"], pooled, atol=1e-5, rtol=0)
+
+
+def test_visual_bert_into_the_visual_bert_style_reports_only_the_unused_tag_norm():
+    source, state = visual_bert_source("hf")
+    assert sorted(load_visual_bert(ours(), state)) == ["tag_norm.bias", "tag_norm.weight"]
+
+
+def test_box_styles_keep_shape_and_missing_tensor_errors():
+    _, state = visual_bert_source("mmf")
+    with pytest.raises(ValueError, match=r"regions\.feature_proj\.weight.*\(32, 24\).*\(32, 25\)"):
+        load_visual_bert(box_net("paper", FEAT + 1), state)
+    lacking = {k: v for k, v in state.items() if ".encoder.layer.1." not in k}
+    with pytest.raises(KeyError, match="lacks.*text.bert.encoder.layer.1"):
+        load_visual_bert(box_net("released"), lacking)
+    no_projection = {k: v for k, v in state.items() if ".projection." not in k}
+    with pytest.raises(KeyError, match="no VisualBERT visual embedding"):
+        load_visual_bert(box_net("paper"), no_projection)
+
+
+def test_the_model_reports_the_new_parameters_in_its_log(tmp_path, monkeypatch):
+    source, state = visual_bert_source("mmf")
+    path = tmp_path / "visual_bert.pth"
+    torch.save({"model": state}, path)
+    lines = []
+    monkeypatch.setattr(MuVLA, "write", lambda self, line: lines.append(line))
+    base = OmegaConf.load(MuVLA.config_path()).model_config.muvla
+    config = OmegaConf.merge(base, dict(bert_model_name=None, embedding_style="paper", feature_dim=FEAT,
+                                        visual_bert_checkpoint=str(path), training_head_type="refcoco", **SIZES))
+    model = MuVLA(config)
+    model.build()
+    torch.testing.assert_close(model.backbone.regions.feature_proj.weight, source.embeddings.projection.weight)
+    report = [line for line in lines if "visual_bert_checkpoint" in line]
+    assert len(report) == 1 and str(path) in report[0]
+    assert "initialised as new (not in the VisualBERT checkpoint): " in report[0]
+    assert all(name in report[0] for name in NEW["paper"])

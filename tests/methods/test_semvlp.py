@@ -17,6 +17,7 @@ from mmf_multilevel.methods.semvlp import (
 )
 from mmf_multilevel.methods.semvlp.__main__ import base_counts
 from mmf_multilevel.methods.semvlp.model import SemVLP
+from mmf_multilevel.methods.testing import masked_regions
 from mmf_multilevel.modules.masking import IGNORE_INDEX
 from mmf_multilevel.modules.text import BertTextEncoder
 
@@ -368,8 +369,7 @@ def model_config(**overrides):
     tiny = dict(bert_model_name=None, vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
                 intermediate_size=64, max_position_embeddings=64, cross_layer_start=LS, feature_dim=FEAT,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, mode_schedule="alternate",
-                pretraining=dict(num_object_labels=CLASSES, num_qa_answers=ANSWERS, mask_token_id=MASK,
-                                 special_token_ids=[CLS, SEP]))
+                pretraining=dict(num_object_labels=CLASSES, num_qa_answers=ANSWERS))
     return OmegaConf.merge(base, tiny, overrides)
 
 
@@ -399,10 +399,12 @@ def sample_list(captions=True, bsz=3):
     sl = SampleList()
     sl.input_ids, sl.input_mask, sl.segment_ids = ids, mask, torch.zeros_like(ids)
     sl.image_feature_0, sl.image_info_0 = feats, info
+    # what a pre-training dataset adds: MLM targets (masked_token), masked-object decisions
+    labels = torch.full_like(ids, -1)
+    labels[0, 2], labels[2, 3], labels[1, 1] = 10, 12, 13
+    sl.lm_label_ids = labels
+    masked_regions(sl, prob=0.5, seed=4)
     if captions:
-        labels = torch.full_like(ids, -1)
-        labels[0, 2], labels[2, 3], labels[1, 1] = 10, 12, 13
-        sl.lm_label_ids = labels
         sl.is_correct = torch.tensor([1, 0, 1])[:bsz]
     else:
         sl.targets = torch.rand(bsz, ANSWERS, generator=g)
@@ -433,8 +435,8 @@ def test_mmf_model_pretraining_alternates_modes_and_names_losses_by_mode():
     assert model(sample_list())["mode"] == SINGLE
 
 
-def test_mmf_model_masks_objects_with_zeros_and_qa_batches_in_the_model():
-    model = build_model(pretraining=dict(object_mask_probability=0.5)).train()
+def test_mmf_model_feeds_the_datasets_masked_objects_and_takes_qa_batches():
+    model = build_model().train()
     seen = {}
     hook = model.backbone.objects.register_forward_hook(lambda m, args, o: seen.update(features=args[0].clone()))
     sl = sample_list()
@@ -442,15 +444,40 @@ def test_mmf_model_masks_objects_with_zeros_and_qa_batches_in_the_model():
     hook.remove()
     zeroed = seen["features"].abs().sum(-1) == 0
     original = sl.image_feature_0
-    assert zeroed.any()
+    # exactly the regions the dataset zeroed reach the network as zeros, the rest unchanged
+    assert zeroed.any() and torch.equal(zeroed, sl.region_zeroed)
     assert torch.equal(seen["features"][~zeroed], original[~zeroed])
-    # padding regions are never masked
-    assert not zeroed[2, 3:].any()
-    # QA batch: no lm_label_ids -> masked in the model; targets -> QA loss; no is_correct -> no ITM
+    # QA batch: targets -> QA loss; no is_correct -> no ITM
     out = model(sample_list(captions=False))
     mode = out["mode"]
     assert set(out["losses"]) == {f"train/vqa2/{mode}/{k}" for k in ("mlm", "mrfr", "mrc", "qa")}
     assert all(torch.isfinite(v) for v in out["losses"].values())
+    # QA batch with mismatched questions (itm_probability): ITM too, no QA loss from the mismatched one
+    qa = sample_list(captions=False)
+    qa.is_correct = torch.tensor([1, 0, 1])
+    out = model(qa)
+    assert set(out["losses"]) == {f"train/vqa2/{out['mode']}/{k}" for k in ("mlm", "mrfr", "mrc", "qa", "itm")}
+    changed = sample_list(captions=False)
+    changed.is_correct = qa.is_correct
+    changed.targets[1] = 1 - changed.targets[1]
+    model.eval()
+    torch.testing.assert_close(model(changed)["losses"][f"train/vqa2/{SINGLE}/qa"], model(qa)["losses"][f"train/vqa2/{SINGLE}/qa"])
+
+
+def test_mmf_model_pretraining_needs_the_datasets_masks():
+    model = build_model().train()
+    sl = sample_list()
+    del sl["lm_label_ids"]
+    with pytest.raises(KeyError, match="dataset_config.coco_captions.*masked_token"):
+        model(sl)
+    sl = sample_list()
+    for key in ("region_selected", "region_zeroed", "region_source"):
+        del sl[key]
+    with pytest.raises(KeyError, match="dataset_config.coco_captions.region_mask_probability"):
+        model(sl)
+    # the masking settings that moved to the datasets name their new place
+    with pytest.raises(ValueError, match="pretraining.object_mask_probability.*region_mask_probability"):
+        build_model(pretraining=dict(object_mask_probability=0.5))
 
 
 def test_mmf_model_gradient_accumulation_keeps_one_mode_per_update():
@@ -501,12 +528,13 @@ def test_mmf_model_errors_name_the_config_keys():
 
 
 def test_fine_tuning_checkpoint_mapping_takes_the_whole_network():
-    """``pretrained_state_mapping: {semvlp: semvlp}`` covers every network key of a pre-trained model."""
+    """``pretrained_state_mapping: {backbone: backbone}`` covers every network key of a pre-trained model:
+    a pre-trained model is its backbone plus its heads, and fine-tuning has the same backbone keys."""
     pre = build_model()
     ft = build_model(training_head_type="classification", num_labels=5)
-    pre_keys = {k for k in pre.state_dict() if k.startswith("semvlp.")}
-    assert pre_keys == {k for k in ft.state_dict() if k.startswith("semvlp.")}
-    assert all(not k.startswith("semvlp.") for k in pre.state_dict() if k.startswith("heads."))
+    pre_keys = {k for k in pre.state_dict() if k.startswith("backbone.")}
+    assert len(pre_keys) > 50 and pre_keys == {k for k in ft.state_dict() if k.startswith("backbone.")}
+    assert not set(pre.state_dict()) - pre_keys - {k for k in pre.state_dict() if k.startswith("heads.")}
 
 
 def test_checkpoints_from_before_the_one_folder_layout_load():
@@ -531,3 +559,20 @@ def test_checkpoints_from_before_the_one_folder_layout_load():
         assert torch.equal(fresh.state_dict()[key], value), key
     # and MMF's pretrained_state_mapping prefix of the old projects ('semvlp: semvlp') means the backbone
     assert fresh.map_pretrained_prefix("semvlp") == "backbone"
+
+
+def test_a_checkpoint_with_another_cross_attention_layout_is_refused_naming_both():
+    """Figure 3's ablations fine-tune with the L_s they were pre-trained with: loading an L_s = 3 checkpoint
+    into an L_s = 2 model (or back) would leave a cross-attention module random (or drop one) silently."""
+    pre = build_model(cross_layer_start=3)
+    ft = build_model(training_head_type="classification", num_labels=5, cross_layer_start=LS)
+    state = {k: v for k, v in pre.state_dict().items() if k.startswith("backbone.")}
+    with pytest.raises(ValueError, match=r"checkpoint's two-stream layout is cross-attention in blocks 4\.\.4 \(L_s = 3.*"
+                                         r"this model's is cross-attention in blocks 3\.\.4 \(L_s = 2"):
+        ft.load_state_dict(state, strict=False)
+    with pytest.raises(ValueError, match=r"no cross-attention \(L_s = 4\)"):
+        build_model(cross_layer_start=3).load_state_dict(build_model(cross_layer_start=4).state_dict())
+    # the same layout loads; a checkpoint of another model (no backbone keys) is not this check's business
+    same = build_model(training_head_type="classification", num_labels=5, cross_layer_start=3)
+    same.load_state_dict(state, strict=False)
+    ft.check_pretrained_state({"model.bert.embeddings.word_embeddings.weight": torch.zeros(1)})

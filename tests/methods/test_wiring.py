@@ -45,7 +45,7 @@ def spy_on_losses(monkeypatch, module):
 
 
 def test_semvlp_regresses_the_original_features_not_the_masked_ones(monkeypatch):
-    model = build(semvlp_model, semvlp_testing, "semvlp", pretraining=dict(object_mask_probability=0.5))
+    model = build(semvlp_model, semvlp_testing, "semvlp")
     seen = spy_on_losses(monkeypatch, semvlp_model)
     fed = {}
     hook = model.backbone.objects.register_forward_hook(lambda m, args, out: fed.update(features=args[0].clone()))
@@ -67,6 +67,7 @@ def test_muvla_regresses_the_original_features_not_the_zeroed_ones(monkeypatch):
     batch.region_selected = torch.zeros(3, muvla_testing.REGIONS, dtype=torch.bool)
     batch.region_selected[:, 1] = True
     batch.region_zeroed = batch.region_selected.clone()
+    batch.region_source = torch.full((3, muvla_testing.REGIONS), -1)
     batch.mrc_labels = torch.ones(3, muvla_testing.REGIONS, dtype=torch.long)
     fed = {}
     hook = model.backbone.regions.register_forward_hook(lambda m, args, out: fed.update(features=args[0].clone()))
@@ -79,8 +80,8 @@ def test_muvla_regresses_the_original_features_not_the_zeroed_ones(monkeypatch):
 def test_semvlp_counts_no_mlm_or_object_loss_on_mismatched_pairs():
     """Changing everything about the mismatched pair (its words, labels, features, boxes) leaves the
     MLM and masked-object losses unchanged: they only come from matched pairs (paper §3.3.1)."""
-    model = build(semvlp_model, semvlp_testing, "semvlp", pretraining=dict(object_mask_probability=0.5))
-    model.eval()  # no dropout; masking still drawn from the seeded generator
+    model = build(semvlp_model, semvlp_testing, "semvlp")
+    model.eval()  # no dropout; the masks are the batch's (drawn by the dataset)
     batch = semvlp_testing.tiny_batch("pretraining")
     assert batch.is_correct.tolist() == [1, 0, 1]
 

@@ -1,7 +1,10 @@
 """Checkpoints from other releases into ``muvla``.
 
-* VisualBERT (MMF ``visual_bert`` or HF ``VisualBertModel``) into the backbone with ``embedding_style:
-  visual_bert``: :func:`convert_visual_bert_state`, :func:`load_visual_bert`;
+* VisualBERT (MMF ``visual_bert`` or HF ``VisualBertModel``) into the backbone:
+  :func:`convert_visual_bert_state`, :func:`load_visual_bert`. ``embedding_style: visual_bert`` takes
+  it whole; ``paper`` / ``released`` take the text embeddings, encoder, pooler and the visual projection
+  (as the regions' ``W_v``), and start their box embedding and box / visual / tag LayerNorms fresh
+  (reported as new); VisualBERT's visual token-type / position embeddings have no place there;
 * ``uvlp``: the official μ-VLA release (github.com/zmykevin/UVLP, an MMF fork whose ``visual_bert``
 carries the μ-VLA embeddings and heads). Its state dict, under MMF's ``model.`` prefix:
 
@@ -30,7 +33,7 @@ file does not fill.
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Dict, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -42,22 +45,37 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["convert_visual_bert_state", "load_visual_bert", "read_visual_bert_checkpoint", "convert_uvlp_state",
            "load_converted", "read_state"]
 
-#: source names of VisualBERT's visual embedding in MMF (``visual_bert``) and HF (``VisualBertModel``)
+#: VisualBERT's visual embedding in MMF (``visual_bert``) and HF (``VisualBertModel``) -> a neutral name
 _VISUAL_KEYS = {
-    "mmf": {"projection": "regions.proj", "token_type_embeddings_visual": "visual_token_type",
-            "position_embeddings_visual": "visual_position"},
-    "hf": {"visual_projection": "regions.proj", "visual_token_type_embeddings": "visual_token_type",
-           "visual_position_embeddings": "visual_position"},
+    "mmf": {"projection": "projection", "token_type_embeddings_visual": "token_type",
+            "position_embeddings_visual": "position"},
+    "hf": {"visual_projection": "projection", "visual_token_type_embeddings": "token_type",
+           "visual_position_embeddings": "position"},
+}
+#: where each of them goes per ``embedding_style`` (None: the style has no such parameter, left out).
+#: paper / released: W_v of ``LN_v(W_v f)`` is VisualBERT's ``W_v f`` (same shape, same input); the
+#: regions' segment is BERT's text token-type row 1 (paper) or absent (released), and no style with
+#: boxes has a visual position embedding
+_VISUAL_TARGETS = {
+    "visual_bert": {"projection": "regions.proj", "token_type": "visual_token_type", "position": "visual_position"},
+    "paper": {"projection": "regions.feature_proj", "token_type": None, "position": None},
+    "released": {"projection": "regions.feature_proj", "token_type": None, "position": None},
+}
+#: parameters each style has and VisualBERT does not: they keep the network's initialisation and are
+#: reported as new (``tag_norm``: the R-T tag path; unused by ``visual_bert``, which has none)
+_NEW_IN_STYLE = {
+    "visual_bert": ("tag_norm.",),
+    "paper": ("regions.feature_norm.", "regions.box_proj.", "regions.box_norm.", "regions.norm.", "tag_norm."),
+    "released": ("regions.feature_norm.", "regions.box_proj.", "regions.box_norm.", "tag_norm."),
 }
 
 
-def convert_visual_bert_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A VisualBERT state dict -> :class:`MuVLANetwork` (``embedding_style: visual_bert``) keys.
-
-    Reads MMF ``visual_bert`` checkpoints (``model.bert.*``, any outer prefix) and HF transformers'
-    ``VisualBertModel`` / ``VisualBertFor*`` ones (``[visual_bert.]embeddings.visual_projection``,
-    ...). Heads and buffers are left out; the text embeddings, encoder layers and pooler keep BERT's names.
-    """
+def _convert_visual_bert(state: Mapping[str, torch.Tensor], embedding_style: str
+                         ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], List[str]]:
+    """(network keys -> tensors, network key -> source key, source keys left out for this style)."""
+    if embedding_style not in _VISUAL_TARGETS:
+        raise ValueError(f"no VisualBERT mapping for embedding_style {embedding_style!r}; expected one of "
+                         f"{list(_VISUAL_TARGETS)}")
     anchor = "embeddings.word_embeddings.weight"
     prefixes = [k[: -len(anchor)] for k in state if k.endswith(anchor)]
     if len(prefixes) != 1:
@@ -67,7 +85,10 @@ def convert_visual_bert_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch
     if f"{prefix}embeddings.{next(iter(_VISUAL_KEYS[source]))}.weight" not in state:
         raise KeyError(f"no VisualBERT visual embedding under '{prefix}embeddings.' (expected MMF's 'projection' or "
                        "HF's 'visual_projection')")
-    out = {}
+    targets = _VISUAL_TARGETS[embedding_style]
+    out: Dict[str, torch.Tensor] = {}
+    names: Dict[str, str] = {}
+    left_out: List[str] = []
     for key, value in state.items():
         if not key.startswith(prefix) or key.endswith(("position_ids", "token_type_ids")):
             continue
@@ -76,32 +97,65 @@ def convert_visual_bert_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch
         if part == "embeddings":
             module, _, leaf = rest.partition(".")
             if module in _VISUAL_KEYS[source]:
-                out[f"{_VISUAL_KEYS[source][module]}.{leaf}"] = value
+                target = targets[_VISUAL_KEYS[source][module]]
+                if target is None:
+                    left_out.append(key)
+                    continue
+                target = f"{target}.{leaf}"
             else:
-                out[f"text.bert.{name}"] = value
+                target = f"text.bert.{name}"
         elif part in ("encoder", "pooler"):
-            out[f"text.bert.{name}"] = value
-    return out
+            target = f"text.bert.{name}"
+        else:
+            continue
+        out[target], names[target] = value, key
+    return out, names, left_out
 
 
-def load_visual_bert(network: "MuVLANetwork", state: Dict[str, torch.Tensor]) -> None:
-    """Load a VisualBERT state dict (MMF or HF, see :func:`convert_visual_bert_state`) into ``network``."""
-    if network.embedding_style != "visual_bert":
-        raise ValueError("VisualBERT weights need embedding_style: visual_bert (its visual embedding has no box input)")
-    converted = convert_visual_bert_state(state)
+def convert_visual_bert_state(state: Dict[str, torch.Tensor], embedding_style: str = "visual_bert"
+                              ) -> Dict[str, torch.Tensor]:
+    """A VisualBERT state dict -> :class:`MuVLANetwork` keys for ``embedding_style``.
+
+    Reads MMF ``visual_bert`` checkpoints (``model.bert.*``, any outer prefix) and HF transformers'
+    ``VisualBertModel`` / ``VisualBertFor*`` ones (``[visual_bert.]embeddings.visual_projection``,
+    ...). Heads and buffers are left out; the text embeddings, encoder layers and pooler keep BERT's names.
+    ``visual_bert`` takes the visual projection, token-type and position embeddings as they are;
+    ``paper`` / ``released`` take the projection as the region feature projection ``W_v`` and leave the
+    visual token-type / position embeddings out (no such parameter there).
+    """
+    return _convert_visual_bert(state, embedding_style)[0]
+
+
+def load_visual_bert(network: "MuVLANetwork", state: Dict[str, torch.Tensor],
+                     log: Optional[Callable[[str], None]] = None) -> List[str]:
+    """Load a VisualBERT state dict (MMF or HF, see :func:`convert_visual_bert_state`) into ``network``,
+    any ``embedding_style``; returns the parameters it initialised as new (not in the checkpoint: the box
+    embedding and the box / visual / final / tag LayerNorms of ``paper`` and ``released``, the unused
+    ``tag_norm`` of ``visual_bert``), which keep the network's own initialisation. ``log`` receives a
+    one-line report. A shape that disagrees or a tensor the style needs from VisualBERT and the
+    checkpoint lacks is an error."""
+    style = network.embedding_style
+    converted, names, left_out = _convert_visual_bert(state, style)
     own = network.state_dict()
     for key, value in converted.items():
         if key not in own:
-            raise KeyError(f"VisualBERT entry {key!r} has no place in this network")
+            raise KeyError(f"VisualBERT entry {names[key]!r} ({key!r}) has no place in this network "
+                           f"(embedding_style: {style})")
         if own[key].shape != value.shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != network {tuple(own[key].shape)} "
-                             "(hidden size, vocabulary, layers or feature_dim differ)")
-    # tag_norm belongs to the R-T tag path, which VisualBERT does not have (it keeps its initialisation)
-    missing = [k for k in own if k not in converted and not k.endswith(("position_ids", "token_type_ids"))
-               and not k.startswith("tag_norm.")]
+            raise ValueError(f"{key} (checkpoint's {names[key]}): checkpoint shape {tuple(value.shape)} != network "
+                             f"{tuple(own[key].shape)} (hidden size, vocabulary, layers or feature_dim differ)")
+    unfilled = [k for k in own if k not in converted and not k.endswith(("position_ids", "token_type_ids"))]
+    missing = [k for k in unfilled if not k.startswith(_NEW_IN_STYLE[style])]
     if missing:
         raise KeyError(f"the VisualBERT checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     network.load_state_dict(converted, strict=False)
+    parameters = dict(network.named_parameters())
+    new = [k for k in unfilled if k in parameters]
+    if log is not None:
+        log(f"VisualBERT weights into embedding_style {style}: copied {len(converted)} tensors; initialised as new "
+            f"(not in the VisualBERT checkpoint): {', '.join(new) if new else 'none'}"
+            + (f"; left out (no place in this style): {', '.join(left_out)}" if left_out else ""))
+    return new
 
 
 def read_visual_bert_checkpoint(path: str) -> Dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ and tag id, feature-row order), ``noun_phrases`` (per caption), ``objects_cs`` /
 * ``muvla_text``: unpaired sentences for MLM alone, no image (U-VisualBERT's text side).
 
 Masks are drawn in the dataset (per sample, in the loader workers); the features stay unmasked in
-``image_feature_0`` (the MRFR target), the model zeroes ``region_zeroed`` rows itself.
+``image_feature_0`` (the MRFR target), the batch contract (``methods/batch.py``) zeroes the ``region_zeroed`` rows for the network.
 """
 import json
 import os
@@ -39,7 +39,7 @@ from mmf.datasets.base_dataset import BaseDataset
 
 from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, data_path
 from mmf_multilevel.methods.muvla.network import TASK_IDS
-from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_tokens
+from mmf_multilevel.modules.masking import IGNORE_INDEX, draw_region_masking, mask_tokens
 from mmf_multilevel.modules.visual import normalize_boxes
 from mmf_multilevel.registration import register_variants
 
@@ -156,12 +156,13 @@ class WeakCorpusDataset(_TextMixin, RegionTextDataset):
 
     def _mask_regions(self, sample, prob):
         """Select regions with ``prob`` (``(max_features,)``, 0 for padding); zero ``region_zero_ratio``
-        of them. Sets ``region_selected`` and ``region_zeroed``."""
-        draw = torch.rand(prob.shape)
-        selected = draw < prob
-        zeroed = selected & (torch.rand(prob.shape) < self.region_zero_ratio)
-        sample.region_selected, sample.region_zeroed = selected, zeroed
-        return selected
+        of them, keep the rest. Sets ``region_selected``, ``region_zeroed`` and ``region_source`` (the
+        shared masked-region decisions, ``mmf_multilevel.datasets.pretraining``)."""
+        real = (torch.arange(prob.size(0)) < self._num_regions(sample)).unsqueeze(0)
+        masking = draw_region_masking(real, prob.unsqueeze(0), zero_ratio=self.region_zero_ratio)
+        sample.region_selected, sample.region_zeroed, sample.region_source = (masking.selected[0], masking.zeroed[0],
+                                                                             masking.source[0])
+        return sample.region_selected
 
     def _real_prob(self, sample, p):
         prob = torch.zeros(self.max_features)

@@ -55,7 +55,9 @@ class MuVLA(MethodModel):
         s = self.settings
         backbone = MuVLANetwork(build_text_encoder(s), s.feature_dim, s.embedding_style)
         if s.visual_bert_checkpoint:
-            load_visual_bert(backbone, read_visual_bert_checkpoint(str(s.visual_bert_checkpoint)))
+            path = str(s.visual_bert_checkpoint)
+            load_visual_bert(backbone, read_visual_bert_checkpoint(path),
+                             log=lambda line: self.write(f"muvla: visual_bert_checkpoint={path}: {line}"))
         return backbone
 
     def build_head(self, head_type):
@@ -174,10 +176,9 @@ class MuVLA(MethodModel):
         else:
             regions = self._regions(sample_list)
             features, boxes, region_mask = regions.features, regions.boxes, regions.mask
-        selected = sample_list["region_selected"].bool() if "region_selected" in sample_list else None
-        masked_features = features
-        if "region_zeroed" in sample_list:
-            masked_features = features.masked_fill(sample_list["region_zeroed"].bool().unsqueeze(-1), 0.0)
+        # the dataset drew the masked regions; the batch contract applied them (corrupted) and keeps the originals
+        selected = None if task == "text" else regions.selected
+        masked_features = features if task == "text" else regions.corrupted
         tag_boxes = sample_list["tag_boxes"].float() if "tag_boxes" in sample_list else None
         out = self.backbone(input_ids, text_mask, masked_features, boxes, region_mask, segment, tag_boxes=tag_boxes)
         mlm_labels = sample_list["lm_label_ids"] if "lm_label_ids" in sample_list else None

@@ -1,20 +1,14 @@
 """SemVLP's model config (``model_config.semvlp``): the typed defaults; ``defaults.yaml`` beside this
 file holds the same values with their explanations (a test keeps the two equal)."""
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 from mmf_multilevel.methods.config import MethodConfig
 
 
 @dataclass
 class SemVLPPretrainingConfig:
-    mlm_probability: float = 0.15
-    mask_token_id: int = 103
-    special_token_ids: List[int] = field(default_factory=lambda: [101, 102])
     init_mlm_from_bert: bool = True
-    object_mask_probability: float = 0.15
-    object_zero_ratio: float = 1.0
-    object_random_ratio: float = 0.0
     feature_loss: str = "mse"
     num_object_labels: int = 1600
     num_qa_answers: int = 0

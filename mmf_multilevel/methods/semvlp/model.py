@@ -16,10 +16,10 @@ from mmf_multilevel.methods.batch import detector_labels, region_inputs, text_in
 from mmf_multilevel.methods.config import build_text_encoder
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.semvlp.config import SemVLPConfig
-from mmf_multilevel.methods.semvlp.network import SINGLE, TWO, SemVLPNetwork, check_mode
+from mmf_multilevel.methods.semvlp.network import SINGLE, TWO, SemVLPNetwork, check_mode, describe_cross_layout
 from mmf_multilevel.methods.semvlp.pretraining import ModeSchedule, SemVLPPretrainingHeads, pretraining_losses
 from mmf_multilevel.modules.heads import ITMHead, VQAHead, bert_pretraining_head_state
-from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_regions, mask_tokens
+from mmf_multilevel.modules.masking import IGNORE_INDEX
 from mmf_multilevel.modules.task_heads import NLVR2PairedHead
 
 
@@ -30,6 +30,16 @@ class SemVLP(MethodModel):
     name = "semvlp"
     config_class = SemVLPConfig
     head_types = ("pretraining", "classification", "nlvr2", "retrieval")
+    moved_keys = {
+        "pretraining.mlm_probability": "the datasets mask the text: set the masked_token text processor's "
+                                       "mask_probability (dataset_config.<dataset>.processors.text_processor.params)",
+        "pretraining.mask_token_id": "the masked_token text processor masks with its tokenizer's [MASK]; remove it",
+        "pretraining.special_token_ids": "the masked_token text processor never masks [CLS] / [SEP]; remove it",
+        "pretraining.object_mask_probability": "the datasets draw the masked objects: set "
+                                               "dataset_config.<dataset>.region_mask_probability",
+        "pretraining.object_zero_ratio": "set dataset_config.<dataset>.region_zero_ratio",
+        "pretraining.object_random_ratio": "set dataset_config.<dataset>.region_random_ratio",
+    }
     state_key_map = (
         ("semvlp.", "backbone."),
         ("heads.object_feature.", "heads.mrfr."),
@@ -97,6 +107,26 @@ class SemVLP(MethodModel):
         self._tally = (updates, single, two)
         return single, two
 
+    # ------------------------------------------------------------------ checkpoints
+    def check_pretrained_state(self, state):
+        """A checkpoint whose two-stream cross-attention sits in other blocks than this model's (another
+        L_s, paper Figure 3) is an error naming both layouts: loading it would drop the checkpoint's
+        cross-attention or leave this model's at random initialisation."""
+        marker = "backbone.cross_attention."
+        if not any(key.startswith("backbone.") for key in state):
+            return
+        theirs = sorted({int(key[len(marker):].split(".")[0]) for key in state if key.startswith(marker)})
+        ours = sorted(int(index) for index in self.backbone.cross_attention.keys())
+        if theirs != ours:
+            layers = self.backbone.num_layers
+            raise ValueError(
+                f"the checkpoint's two-stream layout is {describe_cross_layout(theirs, layers)}, this model's is "
+                f"{describe_cross_layout(ours, layers)} (model_config.semvlp.cross_layer_start "
+                f"{self.backbone.cross_layer_start}, cross_attention_layers {self.backbone.cross_attention_layers}): "
+                "fine-tune with the L_s the checkpoint was pre-trained with (the ablations' fine-tuning configs "
+                "in projects/semvlp/ablations/ do)"
+            )
+
     # ------------------------------------------------------------------ forward
     def encode(self, sample_list, side=None, mode=None):
         text = text_inputs(sample_list, self.name)
@@ -110,32 +140,34 @@ class SemVLP(MethodModel):
         return {"scores": head(out["pooled"])}
 
     def pretraining_forward(self, sample_list):
+        """One pre-training forward pass in this update's mode. The dataset masked the text
+        (``lm_label_ids``) and drew the masked objects (``region_selected``; the batch contract hands the
+        network the zeroed features and keeps the originals as the regression target); the model only
+        routes them to the losses (paper §3.3.1)."""
         mode = self.current_mode()
-        pre = self.settings.pretraining
         text = text_inputs(sample_list, self.name)
-        input_ids = text.input_ids
-        # MLM: the dataset's masked_token processor (lm_label_ids, -1 = not masked), else masked here
-        if "lm_label_ids" in sample_list:
-            labels = sample_list["lm_label_ids"].long()
-            labels = labels.masked_fill(labels < 0, IGNORE_INDEX)
-        else:
-            input_ids, labels = mask_tokens(
-                input_ids, attention_mask=text.mask, vocab_size=self.backbone.config.vocab_size,
-                mask_token_id=pre.mask_token_id, prob=pre.mlm_probability, special_token_ids=list(pre.special_token_ids),
-            )
+        where = f"dataset_config.{sample_list.dataset_name}"
+        if "lm_label_ids" not in sample_list:
+            raise KeyError(f"semvlp pre-training reads its MLM targets from the batch ('lm_label_ids'): give {where} a "
+                           "masked_token text_processor with mask_probability > 0")
+        labels = sample_list["lm_label_ids"].long()
+        labels = labels.masked_fill(labels < 0, IGNORE_INDEX)
         regions = region_inputs(sample_list, self.name, self.backbone.feature_dim, "4d")
-        masked, selected = mask_regions(regions.features, regions.mask, pre.object_mask_probability,
-                                        zero_ratio=pre.object_zero_ratio, random_ratio=pre.object_random_ratio)
+        if regions.selected is None:
+            raise KeyError(f"semvlp pre-training predicts masked objects the dataset drew ('region_selected'): set "
+                           f"{where}.region_mask_probability above 0 (the paper: 0.15)")
         object_labels = None
         if self.heads.mrc is not None:
             object_labels = detector_labels(regions, self.name,
                                             "set model_config.semvlp.pretraining.num_object_labels: 0 to train without it")
         is_matched = sample_list["is_correct"] if "is_correct" in sample_list else None
         qa_targets = sample_list["targets"].float() if ("targets" in sample_list and self.heads.qa is not None) else None
-        out = self.backbone(input_ids, text.mask, masked, regions.boxes, regions.mask, text.segment_ids, mode=mode)
+        out = self.backbone(text.input_ids, text.mask, regions.corrupted, regions.boxes, regions.mask, text.segment_ids,
+                            mode=mode)
         losses = pretraining_losses(
-            self.heads, out, mlm_labels=labels, object_targets=regions.features, object_selected=selected,
-            object_labels=object_labels, is_matched=is_matched, qa_targets=qa_targets, feature_loss=pre.feature_loss,
+            self.heads, out, mlm_labels=labels, object_targets=regions.features, object_selected=regions.selected,
+            object_labels=object_labels, is_matched=is_matched, qa_targets=qa_targets,
+            feature_loss=self.settings.pretraining.feature_loss,
         )
         output = {"losses": self.named_losses(sample_list, losses, mode), "mode": mode}
         if is_matched is not None:

@@ -37,7 +37,7 @@ from mmf_multilevel.modules.heads import init_bert_weights
 from mmf_multilevel.modules.text import BertTextEncoder, extended_attention_mask, mask_compute_dtype
 from mmf_multilevel.modules.visual import RegionEmbedding
 
-__all__ = ["MODES", "SINGLE", "TWO", "CROSS_LAYOUTS", "SemVLPNetwork", "check_mode"]
+__all__ = ["MODES", "SINGLE", "TWO", "CROSS_LAYOUTS", "SemVLPNetwork", "check_mode", "describe_cross_layout"]
 
 SINGLE, TWO = "single", "two"
 MODES = (SINGLE, TWO)
@@ -247,3 +247,15 @@ class SemVLPNetwork(nn.Module):
         out["object_mask"] = object_mask
         out["mode"] = mode
         return out
+
+
+def describe_cross_layout(blocks, num_layers: int) -> str:
+    """A cross-attention layout in words, from the 0-based blocks that hold a cross-attention module."""
+    blocks = sorted(int(b) for b in blocks)
+    if not blocks:
+        return f"no cross-attention (L_s = {num_layers})"
+    if blocks == list(range(blocks[0], num_layers)):
+        start = blocks[0]
+        extra = " (or cross_attention_layers: all)" if start == 0 else ""
+        return f"cross-attention in blocks {start + 1}..{num_layers} (L_s = {start}, cross_attention_layers: upper{extra})"
+    return f"cross-attention in blocks {[b + 1 for b in blocks]}"

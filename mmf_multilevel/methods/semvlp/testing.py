@@ -1,7 +1,7 @@
 """Tiny SemVLP models and batches for the method contract (see ``methods/testing.py``)."""
 import torch
 
-from mmf_multilevel.methods.testing import TINY_BERT, mlm_labels, region_batch
+from mmf_multilevel.methods.testing import TINY_BERT, masked_regions, mlm_labels, region_batch
 
 FEATURES, LABELS, CLASSES = 16, 5, 4
 
@@ -9,7 +9,7 @@ FEATURES, LABELS, CLASSES = 16, 5, 4
 def tiny_config(head_type):
     config = dict(TINY_BERT, training_head_type=head_type, feature_dim=FEATURES, cross_layer_start=1,
                   mode_schedule="alternate",
-                  pretraining=dict(num_object_labels=CLASSES, mask_token_id=4, special_token_ids=[2, 3]))
+                  pretraining=dict(num_object_labels=CLASSES))
     if head_type == "classification":
         config.update(num_labels=LABELS, losses=[{"type": "logit_bce"}])
     elif head_type in ("nlvr2", "retrieval"):
@@ -23,6 +23,7 @@ def tiny_batch(head_type, seed=0):
     size = batch.input_ids.size(0)
     if head_type == "pretraining":
         batch.lm_label_ids = mlm_labels(batch)
+        masked_regions(batch, prob=0.5, seed=seed + 1)
         batch.is_correct = torch.tensor([1, 0, 1][:size])
     elif head_type == "classification":
         batch.targets = torch.rand(size, LABELS, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,128 @@
+"""The demo comparison's report (``projects/semvlp/demo_compare.sh``): from the runs' MMF logs, the
+official VQA accuracy of each fine-tuning run, the last logged pre-training losses, and the majority-answer
+level of the demo's val split (the most frequent training answer, scored with the official metric).
+
+    python -m mmf_multilevel.evaluation.demo --save save/demo_compare --data data/demo
+
+prints a table and writes ``<save>/report.json``.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+from typing import Dict, Optional
+
+from mmf_multilevel.evaluation.vqa import normalize_answer, vqa_official_accuracy
+
+__all__ = ["RUNS", "final_vqa_accuracy", "last_losses", "majority_answer_accuracy", "report"]
+
+#: (run folder, model, pre-trained?) in the order of the table
+RUNS = (
+    ("semvlp_vqa_scratch", "SemVLP", False),
+    ("semvlp_vqa", "SemVLP", True),
+    ("visual_bert_vqa_scratch", "VisualBERT", False),
+    ("visual_bert_vqa", "VisualBERT", True),
+)
+_ACCURACY = re.compile(r"val/vqa2/vqa_official_accuracy: ([0-9.]+)")
+_LOSS = re.compile(r"(train|val)/([\w]+)/(?:(single|two)/)?(\w+): ([0-9.]+)")
+
+
+def _log(folder: str) -> str:
+    path = os.path.join(folder, "train.log")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no MMF log (did the run finish?)")
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def final_vqa_accuracy(folder: str) -> float:
+    """The last ``val/vqa2/vqa_official_accuracy`` of a run's log (MMF's final evaluation of the best
+    checkpoint), in %."""
+    found = _ACCURACY.findall(_log(folder))
+    if not found:
+        raise ValueError(f"{folder}/train.log has no val/vqa2/vqa_official_accuracy")
+    return 100.0 * float(found[-1])
+
+
+def last_losses(folder: str, split: str = "val") -> Dict[str, float]:
+    """``{<dataset>/[<mode>/]<loss>: value}``: the last value of each ``split`` loss in a run's log."""
+    out = {}
+    for kind, dataset, mode, name, value in _LOSS.findall(_log(folder)):
+        if kind == split and name != "total_loss":
+            out["/".join(p for p in (dataset, mode, name) if p)] = float(value)
+    return out
+
+
+def _read_jsonl(path):
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def majority_answer_accuracy(data_dir: str) -> (str, float):
+    """The most frequent (normalised) answer over the train split's human answers, and its official
+    accuracy on the val split, in %."""
+    annotations = os.path.join(data_dir, "annotations")
+    train = _read_jsonl(os.path.join(annotations, "vqa_train.jsonl"))
+    val = _read_jsonl(os.path.join(annotations, "vqa_val.jsonl"))
+    counts = collections.Counter(normalize_answer(a) for record in train for a in record["answers"])
+    answer = counts.most_common(1)[0][0]
+    accuracy = sum(vqa_official_accuracy(answer, record["answers"]) for record in val) / len(val)
+    return answer, 100.0 * accuracy
+
+
+def report(save: str, data_dir: str, out: Optional[str] = None) -> dict:
+    """The table of the runs found under ``save`` (a model's pair of runs, both or neither; none at all is
+    an error)."""
+    result = {"runs": {}, "majority": {}}
+    for model in sorted({model for _, model, _ in RUNS}):
+        pair = [(folder, pretrained) for folder, name, pretrained in RUNS if name == model]
+        if not any(os.path.isdir(os.path.join(save, folder)) for folder, _ in pair):
+            continue
+        for folder, pretrained in pair:
+            result["runs"][folder] = {"model": model, "pretrained": pretrained,
+                                      "vqa_accuracy": final_vqa_accuracy(os.path.join(save, folder))}
+    if not result["runs"]:
+        raise FileNotFoundError(f"{save}: no fine-tuning run ({', '.join(folder for folder, _, _ in RUNS)})")
+    for folder in ("semvlp_pretrain", "visual_bert_pretrain"):
+        if os.path.isdir(os.path.join(save, folder)):
+            result["runs"][folder] = {"val_losses": last_losses(os.path.join(save, folder))}
+    answer, accuracy = majority_answer_accuracy(data_dir)
+    result["majority"] = {"answer": answer, "vqa_accuracy": accuracy}
+    with open(out or os.path.join(save, "report.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    return result
+
+
+def _print(result):
+    runs = result["runs"]
+    print("VQA accuracy (official metric, demo val split, best checkpoint), same fine-tuning budget:")
+    print(f"  {'model':<11} {'from scratch':>13} {'pre-trained':>12}")
+    for model, scratch, pre in (("SemVLP", "semvlp_vqa_scratch", "semvlp_vqa"),
+                                ("VisualBERT", "visual_bert_vqa_scratch", "visual_bert_vqa")):
+        if scratch not in runs:
+            continue
+        print(f"  {model:<11} {runs[scratch]['vqa_accuracy']:>12.2f} % {runs[pre]['vqa_accuracy']:>10.2f} %")
+    majority = result["majority"]
+    print(f"  majority answer ({majority['answer']!r}): {majority['vqa_accuracy']:.2f} %")
+    losses = runs.get("semvlp_pretrain", {}).get("val_losses", {})
+    if losses:
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(losses.items()))
+        print(f"SemVLP pre-training, last val losses: {shown}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mmf_multilevel.evaluation.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--save", required=True, help="the demo comparison's save folder (one sub-folder per run)")
+    parser.add_argument("--data", required=True, help="the generated demo set (its annotations/ folder)")
+    args = parser.parse_args(argv)
+    try:
+        result = report(args.save, args.data)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    _print(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Small file helpers shared by the long-running tools (extractor, image packer, data generator)."""
+import os
+
+__all__ = ["write_lines_atomically"]
+
+
+def write_lines_atomically(path, lines, header=None, remove_when_empty=False):
+    """Write ``header`` and ``lines`` (each without its newline) to ``path`` through a temporary file and
+    a rename, so a reader never sees half a file. With ``remove_when_empty`` and no lines, a file left by
+    an earlier run is removed instead (a failure list that has become empty)."""
+    lines = list(lines)
+    if remove_when_empty and not lines:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        if header is not None:
+            handle.write(header + "\n")
+        for line in lines:
+            handle.write(line + "\n")
+    os.replace(tmp, path)

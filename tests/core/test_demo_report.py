@@ -1,0 +1,48 @@
+"""The demo comparison's report (mmf_multilevel/evaluation/demo.py): accuracies from MMF logs and the
+majority-answer level, against hand-computed values."""
+import json
+
+import pytest
+
+from mmf_multilevel.evaluation import demo
+
+
+def write_log(folder, lines):
+    folder.mkdir(parents=True)
+    (folder / "train.log").write_text("\n".join(lines) + "\n")
+
+
+def test_report_reads_the_final_accuracy_and_the_last_losses(tmp_path):
+    save, data = tmp_path / "save", tmp_path / "data"
+    for i, (name, _, _) in enumerate(demo.RUNS):
+        write_log(save / name, [f"progress: 500/1500, val/vqa2/vqa_official_accuracy: 0.{i}000, x: 1",
+                                f"progress: 1500/1500, val/vqa2/vqa_official_accuracy: 0.{i}5{i}0, x: 1"])
+    write_log(save / "semvlp_pretrain", [
+        "progress: 300/600, val/coco_captions/single/itm: 0.6931, val/coco_captions/single/mrc: 1.30, val/total_loss: 3",
+        "progress: 600/600, val/coco_captions/single/itm: 0.4000, train/coco_captions/single/itm: 0.1, val/total_loss: 2",
+    ])
+    (data / "annotations").mkdir(parents=True)
+    train = [{"answers": ["yes"] * 6 + ["2"] * 4}, {"answers": ["Yes."] * 5 + ["no"] * 5}]
+    val = [{"answers": ["yes"] * 10}, {"answers": ["yes"] * 2 + ["no"] * 8}, {"answers": ["no"] * 10}]
+    for split, records in (("train", train), ("val", val)):
+        (data / "annotations" / f"vqa_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    result = demo.report(str(save), str(data))
+    assert [result["runs"][name]["vqa_accuracy"] for name, _, _ in demo.RUNS] == pytest.approx([5.0, 15.1, 25.2, 35.3])
+    assert result["runs"]["semvlp_pretrain"]["val_losses"] == {"coco_captions/single/itm": 0.4,
+                                                              "coco_captions/single/mrc": 1.30}
+    # "yes" (11 of 20 train answers, "Yes." normalised) scores 100 %, 60 % (2 of 10 humans: the mean of
+    # min(1, matches / 3) over the ten leave-one-out subsets, (2 * 1/3 + 8 * 2/3) / 10) and 0 %
+    assert result["majority"]["answer"] == "yes"
+    assert result["majority"]["vqa_accuracy"] == pytest.approx(100 * (1 + 0.6) / 3)
+    assert json.loads((save / "report.json").read_text()) == result
+
+
+def test_missing_runs_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no fine-tuning run"):
+        demo.report(str(tmp_path), str(tmp_path))
+    write_log(tmp_path / "semvlp_vqa", ["val/vqa2/vqa_official_accuracy: 0.5"])
+    with pytest.raises(FileNotFoundError, match="semvlp_vqa_scratch/train.log"):  # half a pair
+        demo.report(str(tmp_path), str(tmp_path))
+    write_log(tmp_path / "x", ["no accuracy here"])
+    with pytest.raises(ValueError, match="vqa_official_accuracy"):
+        demo.final_vqa_accuracy(str(tmp_path / "x"))

@@ -1,6 +1,7 @@
 """The demo comparison's report (``projects/semvlp/demo_compare.sh``): from the runs' MMF logs, the
-official VQA accuracy of each fine-tuning run, the last logged pre-training losses, and the majority-answer
-level of the demo's val split (the most frequent training answer, scored with the official metric).
+official VQA accuracy of each fine-tuning run, the last logged pre-training losses, and two blind levels of the
+demo's val split scored with the official metric: the most frequent training answer, and the most frequent
+training answer of the same question text (what a model that ignores the image can reach).
 
     python -m mmf_multilevel.evaluation.demo --save save/demo_compare --data data/demo
 
@@ -16,7 +17,7 @@ from typing import Dict, Optional
 
 from mmf_multilevel.evaluation.vqa import normalize_answer, vqa_official_accuracy
 
-__all__ = ["RUNS", "final_vqa_accuracy", "last_losses", "majority_answer_accuracy", "report"]
+__all__ = ["RUNS", "final_vqa_accuracy", "last_losses", "majority_answer_accuracy", "question_prior_accuracy", "report"]
 
 #: (run folder, model, pre-trained?) in the order of the table
 RUNS = (
@@ -72,6 +73,24 @@ def majority_answer_accuracy(data_dir: str) -> (str, float):
     return answer, 100.0 * accuracy
 
 
+def question_prior_accuracy(data_dir: str) -> float:
+    """A blind model's level: for each val question, the most frequent (normalised) train answer of the same
+    question text (the demo's questions are templates), else the overall majority; official accuracy, in %."""
+    annotations = os.path.join(data_dir, "annotations")
+    train = _read_jsonl(os.path.join(annotations, "vqa_train.jsonl"))
+    val = _read_jsonl(os.path.join(annotations, "vqa_val.jsonl"))
+    per_question = collections.defaultdict(collections.Counter)
+    for record in train:
+        per_question[record["question"].strip().lower()].update(normalize_answer(a) for a in record["answers"])
+    fallback, _ = majority_answer_accuracy(data_dir)
+    total = 0.0
+    for record in val:
+        counts = per_question.get(record["question"].strip().lower())
+        answer = counts.most_common(1)[0][0] if counts else fallback
+        total += vqa_official_accuracy(answer, record["answers"])
+    return 100.0 * total / len(val)
+
+
 def report(save: str, data_dir: str, out: Optional[str] = None) -> dict:
     """The table of the runs found under ``save`` (a model's pair of runs, both or neither; none at all is
     an error)."""
@@ -90,6 +109,7 @@ def report(save: str, data_dir: str, out: Optional[str] = None) -> dict:
             result["runs"][folder] = {"val_losses": last_losses(os.path.join(save, folder))}
     answer, accuracy = majority_answer_accuracy(data_dir)
     result["majority"] = {"answer": answer, "vqa_accuracy": accuracy}
+    result["question_prior"] = {"vqa_accuracy": question_prior_accuracy(data_dir)}
     with open(out or os.path.join(save, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
     return result
@@ -105,7 +125,8 @@ def _print(result):
             continue
         print(f"  {model:<11} {runs[scratch]['vqa_accuracy']:>12.2f} % {runs[pre]['vqa_accuracy']:>10.2f} %")
     majority = result["majority"]
-    print(f"  majority answer ({majority['answer']!r}): {majority['vqa_accuracy']:.2f} %")
+    print(f"  majority answer ({majority['answer']!r}): {majority['vqa_accuracy']:.2f} %; the most frequent answer "
+          f"per question text (a blind model): {result['question_prior']['vqa_accuracy']:.2f} %")
     losses = runs.get("semvlp_pretrain", {}).get("val_losses", {})
     if losses:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(losses.items()))

@@ -22,18 +22,24 @@ def test_report_reads_the_final_accuracy_and_the_last_losses(tmp_path):
         "progress: 600/600, val/coco_captions/single/itm: 0.4000, train/coco_captions/single/itm: 0.1, val/total_loss: 2",
     ])
     (data / "annotations").mkdir(parents=True)
-    train = [{"answers": ["yes"] * 6 + ["2"] * 4}, {"answers": ["Yes."] * 5 + ["no"] * 5}]
-    val = [{"answers": ["yes"] * 10}, {"answers": ["yes"] * 2 + ["no"] * 8}, {"answers": ["no"] * 10}]
+    train = [{"question": "is it red?", "answers": ["yes"] * 6 + ["2"] * 4},
+             {"question": "Is it blue?", "answers": ["Yes."] * 5 + ["no"] * 5},
+             {"question": "is it blue?", "answers": ["no"] * 3}]
+    val = [{"question": "is it red?", "answers": ["yes"] * 10}, {"question": "is it blue?", "answers": ["yes"] * 2 + ["no"] * 8},
+           {"question": "how many?", "answers": ["no"] * 10}]
     for split, records in (("train", train), ("val", val)):
         (data / "annotations" / f"vqa_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     result = demo.report(str(save), str(data))
     assert [result["runs"][name]["vqa_accuracy"] for name, _, _ in demo.RUNS] == pytest.approx([5.0, 15.1, 25.2, 35.3])
     assert result["runs"]["semvlp_pretrain"]["val_losses"] == {"coco_captions/single/itm": 0.4,
                                                               "coco_captions/single/mrc": 1.30}
-    # "yes" (11 of 20 train answers, "Yes." normalised) scores 100 %, 60 % (2 of 10 humans: the mean of
+    # "yes" (11 of 23 train answers, "Yes." normalised) scores 100 %, 60 % (2 of 10 humans: the mean of
     # min(1, matches / 3) over the ten leave-one-out subsets, (2 * 1/3 + 8 * 2/3) / 10) and 0 %
     assert result["majority"]["answer"] == "yes"
     assert result["majority"]["vqa_accuracy"] == pytest.approx(100 * (1 + 0.6) / 3)
+    # per question text: "is it red?" -> yes (100 %), "is it blue?" -> no (8 of 13 answers; 100 %), an unseen
+    # question -> the overall majority "yes" (0 %)
+    assert result["question_prior"]["vqa_accuracy"] == pytest.approx(100 * 2 / 3)
     assert json.loads((save / "report.json").read_text()) == result
 
 

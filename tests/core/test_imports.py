@@ -85,14 +85,20 @@ print(json.dumps(failures))
 """
 
 
-def run(names, blocked):
+def run(names, blocked, workers=2):
+    """The modules ``names`` checked by ``workers`` runners side by side (one per core); their failures."""
     import json
 
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", RUNNER, "blocked" if blocked else "free", json.dumps(names)],
-                            capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    procs = [subprocess.Popen([sys.executable, "-c", RUNNER, "blocked" if blocked else "free", json.dumps(names[i::workers])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for i in range(workers)]
+    failures = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-3000:]
+        failures.update(json.loads(stdout.strip().splitlines()[-1]))
+    return failures
 
 
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter():

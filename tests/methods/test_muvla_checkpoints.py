@@ -76,14 +76,20 @@ def test_mmf_visual_bert_checkpoint_converts_to_the_same_hidden_states(tmp_path)
     torch.testing.assert_close(out["pooled"], pooled, atol=1e-5, rtol=0)
 
     # the registered model loads the file through model_config.muvla.visual_bert_checkpoint
+    model, _ = model_from_file(tmp_path, state, "visual_bert")
+    torch.testing.assert_close(model.backbone.regions.proj.weight, source.embeddings.projection.weight)
+
+
+def model_from_file(tmp_path, state, style):
+    """The registered model built with ``model_config.muvla.visual_bert_checkpoint`` = ``state`` saved to a file."""
     path = tmp_path / "visual_bert.pth"
     torch.save({"model": state}, path)
     base = OmegaConf.load(MuVLA.config_path()).model_config.muvla
-    config = OmegaConf.merge(base, dict(bert_model_name=None, embedding_style="visual_bert", feature_dim=FEAT,
+    config = OmegaConf.merge(base, dict(bert_model_name=None, embedding_style=style, feature_dim=FEAT,
                                         visual_bert_checkpoint=str(path), training_head_type="refcoco", **SIZES))
     model = MuVLA(config)
     model.build()
-    torch.testing.assert_close(model.backbone.regions.proj.weight, source.embeddings.projection.weight)
+    return model, path
 
 
 def test_visual_bert_weights_need_matching_sizes():
@@ -221,15 +227,9 @@ def test_box_styles_keep_shape_and_missing_tensor_errors():
 
 def test_the_model_reports_the_new_parameters_in_its_log(tmp_path, monkeypatch):
     source, state = visual_bert_source("mmf")
-    path = tmp_path / "visual_bert.pth"
-    torch.save({"model": state}, path)
     lines = []
     monkeypatch.setattr(MuVLA, "write", lambda self, line: lines.append(line))
-    base = OmegaConf.load(MuVLA.config_path()).model_config.muvla
-    config = OmegaConf.merge(base, dict(bert_model_name=None, embedding_style="paper", feature_dim=FEAT,
-                                        visual_bert_checkpoint=str(path), training_head_type="refcoco", **SIZES))
-    model = MuVLA(config)
-    model.build()
+    model, path = model_from_file(tmp_path, state, "paper")
     torch.testing.assert_close(model.backbone.regions.feature_proj.weight, source.embeddings.projection.weight)
     report = [line for line in lines if "visual_bert_checkpoint" in line]
     assert len(report) == 1 and str(path) in report[0]

@@ -67,6 +67,11 @@ def setting(config, key, dataset_name):
     return config[key]
 
 
+def setting_or_default(config, key, defaults):
+    """``config[key]``, else ``defaults[key]`` (a base class's defaults for datasets built without a yaml)."""
+    return config[key] if key in config else defaults[key]
+
+
 def split_entry(config, key, dataset_type, dataset_name):
     """``config[key][dataset_type]``, falling back to the ``train`` entry (one cache for every split)."""
     entries = setting(config, key, dataset_name)
@@ -116,12 +121,11 @@ class RegionTextDataset(BaseDataset):
         self.features_path = data_path(features[index], data_dir)
         if not os.path.exists(self.features_path):
             raise FileNotFoundError(f"region feature cache not found: {self.features_path} (dataset_config.{dataset_name}.features.{dataset_type})")
-        self.max_features = int(config.max_features if "max_features" in config else REGION_DEFAULTS["max_features"])
+        self.max_features = int(setting_or_default(config, "max_features", REGION_DEFAULTS))
         self.expected_dim = setting(config, "feature_dim", dataset_name)
         self._reader = None
         self._reader_pid = None
-        skip = config.skip_missing_features if "skip_missing_features" in config else REGION_DEFAULTS["skip_missing_features"]
-        self._check_coverage(bool(skip))
+        self._check_coverage(bool(setting_or_default(config, "skip_missing_features", REGION_DEFAULTS)))
 
     def attach_visual(self, sample, image_id):
         """Put one image's visual input into ``sample`` (regions: ``image_feature_0`` / ``image_info_0``)."""
@@ -222,11 +226,26 @@ class RegionTextDataset(BaseDataset):
         raise NotImplementedError
 
 
-def tokenize(text_processor, text):
-    """MMF text-processor output without the fields a sample does not carry (tokens, raw text)."""
-    processed = text_processor({"text": text})
-    for key in ("tokens", "text", "lm_label_ids"):
+def masks_text(text_processor) -> bool:
+    """Whether ``text_processor`` masks words for MLM (MMF's ``masked_token`` with a non-zero
+    ``mask_probability``; ``bert_tokenizer`` never does)."""
+    return float(getattr(text_processor, "_probability", 0.0) or 0.0) > 0.0
+
+
+def text_fields(text_processor, text, is_correct=1):
+    """One text through an MMF BERT processor: ``input_ids``, ``input_mask``, ``segment_ids`` and, when
+    the processor masks words, ``lm_label_ids``; the raw tokens and text do not travel."""
+    processed = text_processor({"text": text, "text_a": text, "is_correct": int(is_correct)})
+    drop = ("tokens", "text", "is_correct") + (() if masks_text(text_processor) else ("lm_label_ids",))
+    for key in drop:
         processed.pop(key, None)
+    return processed
+
+
+def tokenize(text_processor, text):
+    """A task dataset's text (:func:`text_fields`), never with MLM targets."""
+    processed = text_fields(text_processor, text)
+    processed.pop("lm_label_ids", None)
     return processed
 
 

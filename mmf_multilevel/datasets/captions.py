@@ -17,8 +17,8 @@ import os
 from mmf.common.registry import registry
 from mmf.datasets.base_dataset_builder import BaseDatasetBuilder
 
-from mmf_multilevel.datasets.base import RegionTextDataset, setting
-from mmf_multilevel.datasets.pretraining import MatchingPairs, RegionMaskingSamples, text_fields
+from mmf_multilevel.datasets.base import RegionTextDataset, setting, text_fields
+from mmf_multilevel.datasets.pretraining import MatchingPairs, RegionMaskingSamples
 from mmf_multilevel.paths import DATASET_CONFIG_DIR
 from mmf_multilevel.registration import register_variants
 

@@ -94,12 +94,12 @@ class RawImageMixin:
     image_field = "image_id"
 
     def init_images(self, config, dataset_type, index=0):
-        from mmf_multilevel.datasets.base import data_path, setting
+        from mmf_multilevel.datasets.base import data_path, setting, setting_or_default
 
         name = getattr(self, "dataset_name", None) or getattr(self, "_dataset_name", "?")
 
         def get(key):
-            return config[key] if key in config else IMAGE_DEFAULTS[key]
+            return setting_or_default(config, key, IMAGE_DEFAULTS)
 
         self.images_path = data_path(_split_value(config, "images", dataset_type, index, name), setting(config, "data_dir", name))
         if not os.path.exists(self.images_path):

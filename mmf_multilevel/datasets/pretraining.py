@@ -26,26 +26,24 @@ import random
 
 import torch
 
-from mmf_multilevel.datasets.base import setting
+from mmf_multilevel.datasets.base import masks_text, setting, text_fields
 from mmf_multilevel.modules.masking import draw_region_masking
 
-__all__ = ["MatchingPairs", "RegionMaskingSamples", "QuestionSamples", "masks_text", "text_fields"]
+__all__ = ["MatchingPairs", "RegionMaskingSamples", "QuestionSamples", "mask_sample_regions", "masks_text", "text_fields"]
 
 
-def masks_text(text_processor) -> bool:
-    """Whether ``text_processor`` masks words for MLM (MMF's ``masked_token`` with a non-zero
-    ``mask_probability``; ``bert_tokenizer`` never does)."""
-    return float(getattr(text_processor, "_probability", 0.0) or 0.0) > 0.0
-
-
-def text_fields(text_processor, text, is_correct=1):
-    """One text through an MMF BERT processor: ``input_ids``, ``input_mask``, ``segment_ids`` and, when
-    the processor masks words, ``lm_label_ids``; the raw tokens and text do not travel."""
-    processed = text_processor({"text": text, "text_a": text, "is_correct": int(is_correct)})
-    drop = ("tokens", "text", "is_correct") + (() if masks_text(text_processor) else ("lm_label_ids",))
-    for key in drop:
-        processed.pop(key, None)
-    return processed
+def mask_sample_regions(sample, prob, zero_ratio=1.0, random_ratio=0.0):
+    """Draw masked-region decisions over ``sample``'s real regions (``image_info_0.max_features`` of its
+    ``image_feature_0`` rows) with ``prob`` (a number, or a ``(max_features,)`` tensor of per-region
+    probabilities) and set ``region_selected`` / ``region_zeroed`` (bool) and ``region_source`` (long,
+    -1 = not replaced); returns ``region_selected``."""
+    count = int(sample.image_info_0.max_features)
+    real = (torch.arange(sample.image_feature_0.size(0)) < count).unsqueeze(0)
+    if isinstance(prob, torch.Tensor):
+        prob = prob.unsqueeze(0)
+    masking = draw_region_masking(real, prob, zero_ratio=zero_ratio, random_ratio=random_ratio)
+    sample.region_selected, sample.region_zeroed, sample.region_source = (row[0] for row in masking)
+    return sample.region_selected
 
 
 class MatchingPairs:
@@ -107,24 +105,11 @@ class RegionMaskingSamples:
             raise ValueError(f"dataset_config.{name}.region_zero_ratio ({self.region_zero_ratio}) and region_random_ratio "
                              f"({self.region_random_ratio}) must be non-negative and sum to at most 1")
 
-    def add_region_masking(self, sample, prob=None):
-        """Draw the decisions over the sample's real regions with ``prob`` (default
-        ``region_mask_probability``; a ``(max_features,)`` tensor gives per-region probabilities)."""
-        if prob is None:
-            if self.region_mask_probability <= 0:
-                return None
-            prob = self.region_mask_probability
-        features = sample.image_feature_0
-        count = int(sample.image_info_0.max_features)
-        real = (torch.arange(features.size(0)) < count).unsqueeze(0)
-        if isinstance(prob, torch.Tensor):
-            prob = prob.unsqueeze(0)
-        masking = draw_region_masking(real, prob, zero_ratio=self.region_zero_ratio,
-                                      random_ratio=self.region_random_ratio)
-        sample.region_selected = masking.selected[0]
-        sample.region_zeroed = masking.zeroed[0]
-        sample.region_source = masking.source[0]
-        return masking
+    def add_region_masking(self, sample):
+        """Draw the decisions over the sample's real regions (:func:`mask_sample_regions`) when
+        ``region_mask_probability`` > 0."""
+        if self.region_mask_probability > 0:
+            mask_sample_regions(sample, self.region_mask_probability, self.region_zero_ratio, self.region_random_ratio)
 
 
 class QuestionSamples(MatchingPairs, RegionMaskingSamples):

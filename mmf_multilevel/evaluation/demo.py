@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 from mmf_multilevel.evaluation.vqa import normalize_answer, vqa_official_accuracy
 
-__all__ = ["RUNS", "final_vqa_accuracy", "last_losses", "majority_answer_accuracy", "question_prior_accuracy", "report"]
+__all__ = ["RUNS", "final_vqa_accuracy", "last_losses", "blind_levels", "report"]
 
 #: (run folder, model, pre-trained?) in the order of the table
 RUNS = (
@@ -61,40 +61,37 @@ def _read_jsonl(path):
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def majority_answer_accuracy(data_dir: str) -> (str, float):
-    """The most frequent (normalised) answer over the train split's human answers, and its official
-    accuracy on the val split, in %."""
+def blind_levels(data_dir: str) -> dict:
+    """Two levels a model that ignores the image can reach on the val split (official accuracy, in %), from
+    the train split's human answers (normalised): ``majority`` - the most frequent answer for every
+    question; ``question_prior`` - the most frequent answer of the same question text (the demo's
+    questions are templates), else the overall majority."""
     annotations = os.path.join(data_dir, "annotations")
     train = _read_jsonl(os.path.join(annotations, "vqa_train.jsonl"))
     val = _read_jsonl(os.path.join(annotations, "vqa_val.jsonl"))
-    counts = collections.Counter(normalize_answer(a) for record in train for a in record["answers"])
-    answer = counts.most_common(1)[0][0]
-    accuracy = sum(vqa_official_accuracy(answer, record["answers"]) for record in val) / len(val)
-    return answer, 100.0 * accuracy
-
-
-def question_prior_accuracy(data_dir: str) -> float:
-    """A blind model's level: for each val question, the most frequent (normalised) train answer of the same
-    question text (the demo's questions are templates), else the overall majority; official accuracy, in %."""
-    annotations = os.path.join(data_dir, "annotations")
-    train = _read_jsonl(os.path.join(annotations, "vqa_train.jsonl"))
-    val = _read_jsonl(os.path.join(annotations, "vqa_val.jsonl"))
+    overall = collections.Counter()
     per_question = collections.defaultdict(collections.Counter)
     for record in train:
-        per_question[record["question"].strip().lower()].update(normalize_answer(a) for a in record["answers"])
-    fallback, _ = majority_answer_accuracy(data_dir)
-    total = 0.0
-    for record in val:
+        answers = [normalize_answer(a) for a in record["answers"]]
+        overall.update(answers)
+        per_question[record["question"].strip().lower()].update(answers)
+    majority = overall.most_common(1)[0][0]
+
+    def accuracy(answer_of):
+        return 100.0 * sum(vqa_official_accuracy(answer_of(record), record["answers"]) for record in val) / len(val)
+
+    def prior(record):
         counts = per_question.get(record["question"].strip().lower())
-        answer = counts.most_common(1)[0][0] if counts else fallback
-        total += vqa_official_accuracy(answer, record["answers"])
-    return 100.0 * total / len(val)
+        return counts.most_common(1)[0][0] if counts else majority
+
+    return {"majority": {"answer": majority, "vqa_accuracy": accuracy(lambda record: majority)},
+            "question_prior": {"vqa_accuracy": accuracy(prior)}}
 
 
 def report(save: str, data_dir: str, out: Optional[str] = None) -> dict:
     """The table of the runs found under ``save`` (a model's pair of runs, both or neither; none at all is
     an error)."""
-    result = {"runs": {}, "majority": {}}
+    result = {"runs": {}}
     for model in sorted({model for _, model, _ in RUNS}):
         pair = [(folder, pretrained) for folder, name, pretrained in RUNS if name == model]
         if not any(os.path.isdir(os.path.join(save, folder)) for folder, _ in pair):
@@ -107,9 +104,7 @@ def report(save: str, data_dir: str, out: Optional[str] = None) -> dict:
     for folder in ("semvlp_pretrain", "visual_bert_pretrain"):
         if os.path.isdir(os.path.join(save, folder)):
             result["runs"][folder] = {"val_losses": last_losses(os.path.join(save, folder))}
-    answer, accuracy = majority_answer_accuracy(data_dir)
-    result["majority"] = {"answer": answer, "vqa_accuracy": accuracy}
-    result["question_prior"] = {"vqa_accuracy": question_prior_accuracy(data_dir)}
+    result.update(blind_levels(data_dir))
     with open(out or os.path.join(save, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
     return result

@@ -38,8 +38,9 @@ from mmf.common.sample import Sample
 from mmf.datasets.base_dataset import BaseDataset
 
 from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, data_path
+from mmf_multilevel.datasets.pretraining import mask_sample_regions
 from mmf_multilevel.methods.muvla.network import TASK_IDS
-from mmf_multilevel.modules.masking import IGNORE_INDEX, draw_region_masking, mask_tokens
+from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_tokens
 from mmf_multilevel.modules.visual import normalize_boxes
 from mmf_multilevel.registration import register_variants
 
@@ -158,11 +159,7 @@ class WeakCorpusDataset(_TextMixin, RegionTextDataset):
         """Select regions with ``prob`` (``(max_features,)``, 0 for padding); zero ``region_zero_ratio``
         of them, keep the rest. Sets ``region_selected``, ``region_zeroed`` and ``region_source`` (the
         shared masked-region decisions, ``mmf_multilevel.datasets.pretraining``)."""
-        real = (torch.arange(prob.size(0)) < self._num_regions(sample)).unsqueeze(0)
-        masking = draw_region_masking(real, prob.unsqueeze(0), zero_ratio=self.region_zero_ratio)
-        sample.region_selected, sample.region_zeroed, sample.region_source = (masking.selected[0], masking.zeroed[0],
-                                                                             masking.source[0])
-        return sample.region_selected
+        return mask_sample_regions(sample, prob, zero_ratio=self.region_zero_ratio)
 
     def _real_prob(self, sample, p):
         prob = torch.zeros(self.max_features)

@@ -173,12 +173,12 @@ class MuVLA(MethodModel):
             features = input_ids.new_zeros((batch, 0, self.backbone.feature_dim), dtype=torch.float32)
             boxes = features.new_zeros((batch, 0, 5))
             region_mask = input_ids.new_zeros((batch, 0))
+            selected, masked_features = None, features
         else:
+            # the dataset drew the masked regions; the batch contract applied them (corrupted), features stay original
             regions = self._regions(sample_list)
             features, boxes, region_mask = regions.features, regions.boxes, regions.mask
-        # the dataset drew the masked regions; the batch contract applied them (corrupted) and keeps the originals
-        selected = None if task == "text" else regions.selected
-        masked_features = features if task == "text" else regions.corrupted
+            selected, masked_features = regions.selected, regions.corrupted
         tag_boxes = sample_list["tag_boxes"].float() if "tag_boxes" in sample_list else None
         out = self.backbone(input_ids, text_mask, masked_features, boxes, region_mask, segment, tag_boxes=tag_boxes)
         mlm_labels = sample_list["lm_label_ids"] if "lm_label_ids" in sample_list else None

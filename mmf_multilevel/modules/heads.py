@@ -66,7 +66,8 @@ def bert_pretraining_head_state(name_or_path: str = DEFAULT_BERT, **kwargs) -> D
     the checkpoint has no pre-training heads (e.g. a bare ``BertModel``).
     """
     model, info = load_pretrained(BertForPreTraining, name_or_path, output_loading_info=True, **kwargs)
-    missing = [k for k in info.get("missing_keys", []) if k.startswith("cls.") and not k.endswith("decoder.weight")]
+    # a tied decoder is never reported missing; an untied one that is missing would be random: refused
+    missing = [k for k in info["missing_keys"] if k.startswith("cls.")]
     if missing:
         raise ValueError(f"{name_or_path!r} has no BERT pre-training heads (missing {missing})")
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("cls.")}

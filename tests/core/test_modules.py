@@ -613,3 +613,75 @@ def test_losses_decrease_under_optimisation(name):
     params = {id(p): p for m in (encoder, emb, head) for p in m.parameters()}
     first, last = _descends(list(params.values()), fn, steps=20, lr=0.01)
     assert last < 0.8 * first, (name, first, last)
+
+
+def test_head_loading_errors_and_a_larger_checkpoint_vocabulary(tmp_path):
+    """A checkpoint whose vocabulary is larger than the head's (BERT's 30,522 rows for a smaller head)
+    gives its first rows to the bias and an untied decoder, and nothing else is cut (the transform's
+    rows stay whole even where H > vocabulary); a missing key is named with what the prefix holds; a
+    checkpoint lacking its heads (or with the NSP head of another width) is refused; overrides reach
+    the loader."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    full = BertForPreTraining(tiny_config(vocab_size=24, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        full.cls.predictions.bias.normal_()
+    full.save_pretrained(tmp_path / "ckpt")
+    state = bert_pretraining_head_state(str(tmp_path / "ckpt"))
+    head = MLMHead(HIDDEN, 20)  # H = 32 > 20 rows
+    head.load_bert_state_dict(state)
+    assert torch.equal(head.bias, state["cls.predictions.bias"][:20])
+    assert torch.equal(head.decoder.weight, state["cls.predictions.decoder.weight"][:20])
+    assert torch.equal(head.transform.dense.weight, state["cls.predictions.transform.dense.weight"])
+    with pytest.raises(ValueError, match=r"cls.predictions.bias: checkpoint shape \(24,\) != \(30,\)"):
+        MLMHead(HIDDEN, 30).load_bert_state_dict(state)
+    partial = {k: v for k, v in state.items() if k != "cls.predictions.bias"}
+    with pytest.raises(KeyError, match=r"lacks \['cls.predictions.bias'\].*cls.predictions.transform.dense.bias"):
+        head.load_bert_state_dict(partial)
+    with pytest.raises(ValueError, match=r"NSP head shape \(2, 32\) != ITM head \(3, 32\)"):
+        ITMHead(HIDDEN, num_labels=3).load_nsp_state_dict(state)
+    # overrides go to the loader: another vocabulary size no longer fits the checkpoint
+    with pytest.raises(Exception, match="size mismatch|shape"):
+        bert_pretraining_head_state(str(tmp_path / "ckpt"), vocab_size=30)
+    # a missing encoder key is the encoder's business (the heads are whole); a missing head key is refused
+    weights = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("bert.pooler.")},
+              str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+    assert set(bert_pretraining_head_state(str(tmp_path / "ckpt"))) == set(state)
+    save_file({k: v for k, v in weights.items() if k != "cls.predictions.decoder.weight"},
+              str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="no BERT pre-training heads.*decoder.weight"):
+        bert_pretraining_head_state(str(tmp_path / "ckpt"))
+
+
+def test_forward_passes_token_types_and_positions_and_optional_pooler(tmp_path, encoder):
+    ids, mask, _ = text_batch()
+    types = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]])
+    positions = torch.tensor([[5, 4, 3, 2, 1, 0, 0, 0], [9, 8, 7, 6, 0, 0, 0, 0]])
+    seq, pooled = encoder(ids, mask, types, position_ids=positions)
+    ref = encoder.bert(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
+    torch.testing.assert_close(seq, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(seq, encoder(ids, mask)[0])  # the types and positions did matter
+    bare = BertTextEncoder.from_config(tiny_config(), add_pooling_layer=False)
+    assert bare.pooler is None and bare(ids, mask)[1] is None
+    encoder.bert.save_pretrained(tmp_path / "bert")
+    assert BertTextEncoder.from_name(str(tmp_path / "bert"), add_pooling_layer=False).pooler is None
+    assert BertTextEncoder.from_name(str(tmp_path / "bert")).pooler is not None
+
+
+@pytest.mark.parametrize("name,is_path", [
+    ("/abs/bert", True), ("./bert", True), ("../bert", True), ("~/bert", True), (".\\bert", True),
+    ("..\\bert", True), ("bert-base-uncased", False), ("org/bert", False),
+])
+def test_what_counts_as_a_local_path(name, is_path, tmp_path, monkeypatch):
+    """Paths (absolute, ./, ../, ~, and their Windows forms) are checkpoint directories; other names are
+    hub ids unless such a folder exists here."""
+    from mmf_multilevel.modules.text import _looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    assert _looks_like_path(name) is is_path
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "bert").mkdir()
+    assert _looks_like_path("org/bert")

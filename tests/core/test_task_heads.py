@@ -73,3 +73,70 @@ def test_task_heads_are_bert_initialised():
                 assert module.weight.std().item() == pytest.approx(0.02, rel=0.2) and (module.bias == 0).all()
             if isinstance(module, torch.nn.LayerNorm):
                 assert (module.weight == 1).all() and (module.bias == 0).all()
+
+
+def _layer_norm(x, norm):
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps) * norm.weight + norm.bias
+
+
+def _mlp(x, classifier):
+    lin1, _, norm, lin2 = classifier
+    return _layer_norm(torch.nn.functional.gelu(x @ lin1.weight.t() + lin1.bias), norm) @ lin2.weight.t() + lin2.bias
+
+
+def _cross_attention(query, keys, key_mask, attention):
+    """Multi-head attention written out from the module's projections (no nn.MultiheadAttention)."""
+    hidden, heads = query.shape[-1], attention.num_heads
+    w_q, w_k, w_v = attention.in_proj_weight.split(hidden)
+    b_q, b_k, b_v = attention.in_proj_bias.split(hidden)
+
+    def split(x):
+        return x.view(x.shape[0], x.shape[1], heads, hidden // heads).transpose(1, 2)
+
+    q, k, v = split(query @ w_q.t() + b_q), split(keys @ w_k.t() + b_k), split(keys @ w_v.t() + b_v)
+    scores = q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5
+    scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(query.shape)
+    return out @ attention.out_proj.weight.t() + attention.out_proj.bias
+
+
+def test_paired_attention_head_equals_a_hand_computation_with_padding_on_both_sides():
+    """Each pair attends to the other's real tokens only; the attended sequences are mean-pooled over
+    the pair's own real tokens (a row with one real token included); [left ; right] goes through the MLP."""
+    torch.manual_seed(2)
+    head = NLVR2PairedAttentionHead(8, num_heads=2, dropout=0.0).eval()
+    left, right = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    lm = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    rm = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    att_left = _cross_attention(left, right, rm, head.attention)
+    att_right = _cross_attention(right, left, lm, head.attention)
+
+    def pool(states, mask):
+        return torch.stack([states[i, mask[i].bool()].mean(0) for i in range(states.shape[0])])
+
+    expected = _mlp(torch.cat([pool(att_left, lm), pool(att_right, rm)], dim=-1), head.classifier)
+    torch.testing.assert_close(head(left, right, lm, rm), expected, atol=1e-5, rtol=1e-4)
+    # padding of the left pair is invisible to the right pair's attention too
+    changed = left.clone()
+    changed[0, 4] += 100.0
+    changed[1, 1:] -= 50.0
+    torch.testing.assert_close(head(changed, right, lm, rm), head(left, right, lm, rm))
+
+
+def test_task_head_defaults_are_bert_base_and_uniter():
+    """Defaults: 12 attention heads, dropout 0.1 (in the attention and before the MLP), LayerNorm eps
+    1e-12, N(0, 0.02) initialisation, two labels, the MLP's hidden width 2H (UNITER's paired heads)."""
+    torch.manual_seed(0)
+    paired = NLVR2PairedHead(96)
+    attn = NLVR2PairedAttentionHead(96)
+    scorer = RegionScoringHead(96)
+    assert attn.attention.num_heads == 12 and attn.attention.dropout == 0.1 and attn.dropout.p == 0.1
+    assert paired.dropout.p == 0.1
+    for head in (paired, attn):
+        lin1, _, norm, lin2 = head.classifier
+        assert (lin1.in_features, lin1.out_features, lin2.out_features) == (192, 192, 2)
+        assert norm.eps == 1e-12
+    assert scorer.transform[2].eps == 1e-12
+    for module in (paired, attn.classifier, scorer):
+        weights = torch.cat([m.weight.flatten() for m in module.modules() if isinstance(m, torch.nn.Linear)])
+        assert weights.std().item() == pytest.approx(0.02, rel=0.1)

@@ -576,3 +576,34 @@ def test_a_checkpoint_with_another_cross_attention_layout_is_refused_naming_both
     same = build_model(training_head_type="classification", num_labels=5, cross_layer_start=3)
     same.load_state_dict(state, strict=False)
     ft.check_pretrained_state({"model.bert.embeddings.word_embeddings.weight": torch.zeros(1)})
+
+
+def test_the_logged_mode_tally_counts_the_schedule_across_logs_and_resumes():
+    """Every log line names the mode of the update just run and the modes of updates 0..n-1 counted
+    from the schedule, whatever the spacing of the logs; a smaller update (a resume) counts afresh."""
+    model = build_model(mode_schedule="random", single_stream_ratio=0.3)
+    schedule = model.schedule
+
+    def expected(update):
+        modes = schedule.modes(update)
+        return (f"semvlp modes: update {update} ran {schedule(update - 1)}-stream; updates so far: single "
+                f"{modes.count(SINGLE)}, two {modes.count(TWO)} (mode_schedule: random)")
+
+    assert model.log_message(TrainingProgress(update=0, epoch=0)) is None
+    for update in (1, 2, 7, 8, 20, 5, 6, 33):
+        assert model.log_message(TrainingProgress(update=update, epoch=0)) == expected(update)
+    assert len({schedule(u) for u in range(33)}) == 2  # the sample of updates saw both modes
+    assert build_model(training_head_type="classification", num_labels=3).log_message(TrainingProgress(update=5, epoch=0)) is None
+
+
+@pytest.mark.parametrize("blocks,words", [
+    ([], "no cross-attention (L_s = 4)"),
+    ([0, 1, 2, 3], "cross-attention in blocks 1..4 (L_s = 0, cross_attention_layers: upper "
+                   "(or cross_attention_layers: all))"),
+    ([3, 2], "cross-attention in blocks 3..4 (L_s = 2, cross_attention_layers: upper)"),
+    ([1, 3], "cross-attention in blocks [2, 4]"),
+])
+def test_cross_attention_layouts_in_words(blocks, words):
+    from mmf_multilevel.methods.semvlp.network import describe_cross_layout
+
+    assert describe_cross_layout(blocks, 4) == words

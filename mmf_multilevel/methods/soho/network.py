@@ -44,7 +44,7 @@ class GridEncoder(nn.Module):
     §3.1 writes the order "1x1 convolution, then 2x2 max pooling"; the pool uses ``ceil_mode`` so the
     grid is ``⌈H/64⌉ x ⌈W/64⌉`` as §4.5 counts it. BatchNorm layers are frozen (running statistics
     and affine kept; the paper trains with a few images per GPU). :attr:`resnet_frozen` runs the
-    ResNet without gradients (the first pre-training epochs, §4.1); the 1x1 conv always trains.
+    ResNet without gradients (the cold start of §3.2: the first pre-training epochs); the 1x1 conv always trains.
     """
 
     def __init__(self, backbone: str = "resnet101", hidden_size: int = 768, pretrained: bool = True,
@@ -252,7 +252,7 @@ class SOHONetwork(nn.Module):
     ``text``: a :class:`BertTextEncoder` with its pooler (its width is ``c``). The visual token of a
     cell is ``LN_v(x + pos + type_1)`` with ``x`` = ``f(v)`` (``dictionary``) or ``v`` (``features``: the
     fine-tuning input, §4.2 "input features of the VD module"), the [MASK] word embedding at MVM-masked
-    cells (§3.4.2), the 2-D sine position ``pos`` and BERT's token type 1; ``LN_v`` is its own
+    cells (§3.3, Masked Visual Modeling), the 2-D sine position ``pos`` and BERT's token type 1; ``LN_v`` is its own
     LayerNorm. The sequence is ``[CLS] text [SEP] cells``; padding words and padding cells are masked
     out of attention.
     """

@@ -53,9 +53,12 @@ class GridEncoder(nn.Module):
         import timm
         from timm.layers import freeze_batch_norm_2d
 
+        # timm zero-initialises each residual branch's last BatchNorm scale; frozen, it would stay zero and
+        # no branch of a randomly initialised ResNet would ever train
+        extra = {} if pretrained else {"zero_init_last": False}
         try:
-            resnet = timm.create_model(backbone, pretrained=pretrained, features_only=True, out_indices=(-1,))
-        except RuntimeError as error:
+            resnet = timm.create_model(backbone, pretrained=pretrained, features_only=True, out_indices=(-1,), **extra)
+        except (RuntimeError, TypeError) as error:
             raise ValueError(f"model_config.soho.backbone: timm cannot build {backbone!r} as a feature extractor "
                              f"({error}); expected a timm ResNet such as resnet101 or resnet18") from error
         reduction = resnet.feature_info.reduction()[-1]
@@ -146,7 +149,8 @@ class VisualDictionary(nn.Module):
     def forward(self, v: torch.Tensor, mask: Optional[torch.Tensor] = None):
         """``v (..., c)`` and ``mask (...)`` (True = real cell) -> ``(f(v) (..., c), ids (...))``."""
         ids = self.assign(v)
-        quantised = v + (self.lookup(ids).to(v.dtype) - v).detach()
+        # sg[d - v] + v written as d + (v - sg[v]): the same gradient, and the forward value is d exactly
+        quantised = self.lookup(ids).to(v.dtype) + (v - v.detach())
         if self.training and self.updating:
             self.accumulate(v, ids, mask)
         return quantised, ids

@@ -187,12 +187,17 @@ def test_no_update_in_eval_mode_or_when_not_updating():
 
 
 def test_assignment_under_autocast_is_the_float32_one():
+    """Features almost half-way between two entries: a distance in bf16 picks the wrong one."""
     torch.manual_seed(0)
     vd = VisualDictionary(K, HIDDEN).eval()
-    v = torch.randn(50, HIDDEN)
+    a, b = vd.embedding[torch.randint(K, (200,))], vd.embedding[torch.randint(K, (200,))]
+    offset = (torch.rand(200, 1) * 2e-3 + 1e-4) * torch.where(torch.rand(200, 1) < 0.5, -1.0, 1.0)
+    v = (a + b) / 2 + offset * (b - a)
+    exact = torch.cdist(v.double(), vd.embedding.double()).argmin(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        q, ids = vd(v.bfloat16())
-    assert torch.equal(ids, vd.assign(v.float())) and vd.embedding.dtype == torch.float32
+        q, ids = vd(v)
+    assert torch.equal(ids, exact) and vd.embedding.dtype == torch.float32
+    assert torch.equal(q, vd.embedding[exact])
 
 
 def test_loss_of_an_update_uses_the_dictionary_before_its_update():
@@ -307,6 +312,12 @@ def test_mvm_shares_and_id_counts():
         assert ids[row][single[row]].unique().numel() == 1
         share = ratio[row].sum().item() / valid[row].sum().item()
         assert 0.15 <= share <= 0.5 + 1e-9 and ids[row][ratio[row]].unique().numel() >= 1
+    # an id over the cap (12 of 20 cells > 50 %) is never chosen while another id fits
+    dominant = torch.tensor([[0] * 12 + list(range(1, 9))])
+    real = torch.ones(1, 20, dtype=torch.bool)
+    for mode in ("ratio", "single_id"):
+        for _ in range(30):
+            assert not draw_mvm_mask(dominant, real, mode, 0.15, 0.5, generator)[0, :12].any()
     # one id covering the whole image: still one id masked (the only one), over the cap
     whole = draw_mvm_mask(torch.full((1, 10), 3), torch.ones(1, 10, dtype=torch.bool), "ratio", 0.15, 0.5)
     assert whole.all()
@@ -510,8 +521,9 @@ def test_optimizer_partition_and_schedule():
     assert [g["lr"] for g in adamw.param_groups] == pytest.approx([1e-5])
 
 
-def test_fine_tuning_reads_the_features_and_leaves_the_dictionary():
-    model = build("vqa").train()
+@pytest.mark.parametrize("use_vd_in_finetune", [False, True])
+def test_fine_tuning_reads_the_features_and_leaves_the_dictionary(use_vd_in_finetune):
+    model = build("vqa", use_vd_in_finetune=use_vd_in_finetune).train()
     batch = tiny.tiny_batch("vqa")
     seen = {}
     original = model.backbone.joint
@@ -521,13 +533,14 @@ def test_fine_tuning_reads_the_features_and_leaves_the_dictionary():
         return original(input_ids, text_mask, visual, visual_mask, grid, masked=masked, segment_ids=segment_ids)
 
     model.backbone.joint = spy
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    model(batch)
+    image = model.backbone.encode_image(*_pixels(batch))
+    read, other = ("quantised", "features") if use_vd_in_finetune else ("features", "quantised")
+    assert torch.equal(seen["visual"], image[read]) and not torch.equal(seen["visual"], image[other])
     before = model.backbone.dictionary.embedding.clone()
-    optimizer = model.configure_optimizer(None)
-    update(model, batch, optimizer, TrainingProgress(update=0, epoch=1))
-    features = model.backbone.encode_image(*_pixels(batch))["features"]
-    assert "quantised" not in model.backbone.encode_image(*_pixels(batch), quantise=False)
-    assert seen["visual"].shape == features.shape
-    assert torch.equal(model.backbone.dictionary.embedding, before)
+    update(model, batch, model.configure_optimizer(None), TrainingProgress(update=0, epoch=1))
+    assert torch.equal(model.backbone.dictionary.embedding, before) and not model.backbone.dictionary.pending
     # the transformer's visual input moves with the features (no dictionary snapping in between)
     v = torch.randn(1, 4, HIDDEN)
     a = model.backbone.visual_embeddings(v, torch.ones(1, 4, dtype=torch.bool), (2, 2))

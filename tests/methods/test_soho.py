@@ -449,6 +449,34 @@ def test_total_is_the_sum_of_three_finite_losses_with_their_shapes():
     assert vqa(tiny.tiny_batch("vqa"))["scores"].shape == (2, tiny.ANSWERS)
 
 
+def test_task_heads_and_nlvr2_reads_both_images():
+    for head_type, classes in (("vqa", tiny.ANSWERS), ("nlvr2", 2), ("snli_ve", 3), ("retrieval", 2)):
+        model = build(head_type).eval()
+        batch = tiny.tiny_batch(head_type)
+        scores = model(batch)["scores"]
+        assert scores.shape == (2, classes), head_type
+        if head_type == "nlvr2":
+            batch.img1.image = batch.img1.image.flip(-1)
+            assert not torch.allclose(model(batch)["scores"], scores)
+
+
+def test_retrieval_inherits_the_pretrained_matching_head():
+    from types import SimpleNamespace
+
+    from mmf_multilevel.trainers.checkpoint import MultilevelCheckpoint
+
+    source = build("pretraining", seed=1)
+    target = build("retrieval", seed=2)
+    config = OmegaConf.create({"checkpoint": {"pretrained_state_mapping": {"backbone": "backbone",
+                                                                           "itm_head": "heads.itm"}}})
+    writer = SimpleNamespace(write=lambda *args, **kwargs: None)
+    stub = SimpleNamespace(trainer=SimpleNamespace(model=target, config=config, writer=writer))
+    MultilevelCheckpoint._load_pretrained(stub, source.state_dict())
+    for name, value in source.heads.itm.state_dict().items():
+        assert torch.equal(target.itm_head.state_dict()[name], value), name
+    assert torch.equal(target.backbone.dictionary.embedding, source.backbone.dictionary.embedding)
+
+
 def test_without_dictionary_no_mvm_and_the_features_are_read():
     model = build(use_vd=False).train()
     model.on_update_start(TrainingProgress(update=0, epoch=1))

@@ -8,9 +8,12 @@
   per image. By default (``itm_separate_pass``) image-text matching reads every pair unmasked (the
   dataset's masked words put back) and a second pass over the matched pairs, with the words masked and
   MVM's dictionary ids masked, feeds MLM and MVM; MLM and MVM never count on a mismatched pair.
-* ``vqa`` - an MLP on the pooled [CLS] over ``num_answers`` (§4.2.2; MMF's ``logit_bce`` loss on the
-  soft VQA scores), the transformer reading the features before the dictionary (§4.2,
-  ``use_vd_in_finetune: false``).
+* fine-tuning (§4.2; the transformer reads the features before the dictionary, ``use_vd_in_finetune:
+  false``): ``vqa`` - an MLP on the pooled [CLS] over ``num_answers`` (§4.2.2; MMF's ``logit_bce`` on
+  the soft VQA scores); ``nlvr2`` - the statement with each image of the pair, the two pooled [CLS]
+  concatenated and classified true / false (§4.2.3); ``snli_ve`` - one fully connected layer on the
+  pooled [CLS] over entailment / neutral / contradiction (§4.2.4); ``retrieval`` - the matching head
+  (``itm_head``, 2-way, as the pre-training ITM head it inherits, §4.2.1) scoring image-caption pairs.
 
 Training hooks (the ``mmf_multilevel`` trainer calls them; ``methods/base.py``):
 
@@ -26,6 +29,7 @@ Training hooks (the ``mmf_multilevel`` trainer calls them; ``methods/base.py``):
 Under DDP a frozen ResNet has no gradients: set ``training.find_unused_parameters: true``.
 """
 import torch
+from torch import nn
 
 from mmf_multilevel.methods.base import MethodModel, register_method
 from mmf_multilevel.methods.batch import pixel_inputs, text_inputs
@@ -40,11 +44,15 @@ from mmf_multilevel.methods.soho.pretraining import (
     pretraining_losses,
     unmasked_text,
 )
-from mmf_multilevel.modules.heads import VQAHead, bert_pretraining_head_state
+from mmf_multilevel.modules.heads import ITMHead, VQAHead, bert_pretraining_head_state, init_bert_weights
 from mmf_multilevel.modules.masking import IGNORE_INDEX
+from mmf_multilevel.modules.task_heads import NLVR2PairedHead
 from mmf_multilevel.trainers.optim import CompositeOptimizer
 
 __all__ = ["SOHO"]
+
+#: SNLI-VE's classes: entailment, neutral, contradiction
+SNLI_VE_LABELS = 3
 
 
 @register_method
@@ -53,7 +61,7 @@ class SOHO(MethodModel):
 
     name = "soho"
     config_class = SOHOConfig
-    head_types = ("pretraining", "vqa")
+    head_types = ("pretraining", "vqa", "nlvr2", "snli_ve", "retrieval")
 
     # ------------------------------------------------------------------ build
     def build_backbone(self):
@@ -71,12 +79,23 @@ class SOHO(MethodModel):
             self.heads = SOHOPretrainingHeads(self.backbone, s.vd_size)
             if s.bert_model_name and s.pretraining.init_mlm_from_bert:
                 self.heads.mlm.load_bert_state_dict(bert_pretraining_head_state(str(s.bert_model_name)))
-        else:
+        elif head_type == "vqa":
             if s.num_answers < 1:
                 raise ValueError(f"model_config.soho.num_answers must be positive for training_head_type: vqa (the "
                                  f"answer vocabulary's size), got {s.num_answers}")
             self.classifier = VQAHead(config.hidden_size, s.num_answers, dropout=config.hidden_dropout_prob,
                                       layer_norm_eps=config.layer_norm_eps, initializer_range=config.initializer_range)
+        elif head_type == "nlvr2":
+            self.classifier = NLVR2PairedHead(config.hidden_size, 2, dropout=config.hidden_dropout_prob,
+                                              layer_norm_eps=config.layer_norm_eps,
+                                              initializer_range=config.initializer_range)
+        elif head_type == "snli_ve":
+            self.classifier = nn.Sequential(nn.Dropout(config.hidden_dropout_prob),
+                                            nn.Linear(config.hidden_size, SNLI_VE_LABELS))
+            init_bert_weights(self.classifier, config.initializer_range)
+        else:  # retrieval: named as SemVLP's, so a pre-trained ITM head maps onto it
+            self.itm_head = ITMHead(config.hidden_size, 2, dropout=config.hidden_dropout_prob,
+                                    initializer_range=config.initializer_range)
 
     # ------------------------------------------------------------------ training hooks
     def resnet_frozen_at(self, progress: TrainingProgress) -> bool:
@@ -130,7 +149,8 @@ class SOHO(MethodModel):
                              segment_ids=text.segment_ids)
 
     def task_forward(self, sample_list):
-        return {"scores": self.classifier(self.encode(sample_list)["pooled"])}
+        head = self.itm_head if self.head_type == "retrieval" else self.classifier
+        return {"scores": head(self.encode(sample_list)["pooled"])}
 
     def _pretraining_inputs(self, sample_list):
         where = f"dataset_config.{sample_list.dataset_name}"

@@ -16,6 +16,8 @@ def tiny_config(head_type):
                   freeze_resnet_epochs=0, pretraining=dict(init_mlm_from_bert=False))
     if head_type == "vqa":
         config.update(num_answers=ANSWERS, losses=[{"type": "logit_bce"}])
+    elif head_type != "pretraining":
+        config.update(losses=[{"type": "cross_entropy"}])
     return config
 
 
@@ -82,9 +84,17 @@ def tiny_batch(head_type, seed=0):
         return pretraining_batch(seed=seed)
     generator = torch.Generator().manual_seed(seed)
     batch = _sample_list()
-    batch.image, batch.image_size = images(2, generator)
+    if head_type == "nlvr2":  # the paired layout: one statement, an image under each of img0 / img1
+        for side in ("img0", "img1"):
+            batch[side] = _sample_list()
+            batch[side].image, batch[side].image_size = images(2, generator)
+    else:
+        batch.image, batch.image_size = images(2, generator)
     batch.input_ids, batch.input_mask = texts(2, generator)
     batch.segment_ids = torch.zeros_like(batch.input_ids)
-    batch.targets = torch.rand(2, ANSWERS, generator=generator)
+    if head_type == "vqa":
+        batch.targets = torch.rand(2, ANSWERS, generator=generator)
+    else:
+        batch.targets = torch.tensor([1, 0] if head_type != "snli_ve" else [2, 0])
     batch.dataset_name, batch.dataset_type = "soho_contract", "train"
     return batch

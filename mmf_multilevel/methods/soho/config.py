@@ -1,7 +1,7 @@
 """SOHO's model config (``model_config.soho``): the typed defaults; ``defaults.yaml`` beside this
 file holds the same values with their explanations (a test keeps the two equal)."""
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from mmf_multilevel.methods.config import MethodConfig
 
@@ -22,6 +22,8 @@ class SOHOOptimizationConfig:
     cnn_weight_decay: float = 5.0e-4
     lr: float = 1.0e-4
     weight_decay: float = 1.0e-2
+    lr_steps: List[int] = field(default_factory=list)
+    lr_ratio: float = 0.1
 
 
 @dataclass

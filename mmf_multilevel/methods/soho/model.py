@@ -23,11 +23,16 @@ Training hooks (the ``mmf_multilevel`` trainer calls them; ``methods/base.py``):
 * :meth:`SOHO.synchronize` - the dictionary's Eq. 4 update, once per optimizer update, from the
   statistics of every forward pass of the update, all-reduced across ranks;
 * :meth:`SOHO.configure_optimizer` - SGD for the ResNet and the 1x1 conv, AdamW for everything else
-  (§4.1), one :class:`~mmf_multilevel.trainers.optim.CompositeOptimizer` under MMF's scheduler;
+  (§4.1), one :class:`~mmf_multilevel.trainers.optim.CompositeOptimizer`; both learning rates step
+  down together at ``optimization.lr_steps`` (set in :meth:`SOHO.on_update_start` from the pushed
+  update: rc10's step scheduler ``pythia`` cannot be configured past the package's default scheduler
+  parameters);
 * :meth:`SOHO.log_message` - the dictionary's usage (distinct entries, perplexity, never used).
 
 Under DDP a frozen ResNet has no gradients: set ``training.find_unused_parameters: true``.
 """
+import bisect
+
 import torch
 from torch import nn
 
@@ -107,9 +112,21 @@ class SOHO(MethodModel):
             return progress.update < int(s.freeze_resnet_updates)
         return progress.epoch <= int(s.freeze_resnet_epochs)
 
+    def lr_factor_at(self, progress: TrainingProgress) -> float:
+        """``lr_ratio`` to the number of ``lr_steps`` the pushed update has passed (§4.1's step schedule)."""
+        o = self.settings.optimization
+        return float(o.lr_ratio) ** bisect.bisect_right(sorted(int(s) for s in o.lr_steps), progress.update)
+
     def on_update_start(self, progress: TrainingProgress) -> None:
         super().on_update_start(progress)
         self.backbone.encoder.resnet_frozen = self.resnet_frozen_at(progress)
+        optimizer = getattr(self, "_optimizer", None)
+        if optimizer is not None and self.settings.optimization.lr_steps:
+            factor = self.lr_factor_at(progress)
+            o = self.settings.optimization
+            for name, base in (("cnn", o.cnn_lr), ("transformer", o.lr)):
+                for group in optimizer.parts[name].param_groups:
+                    group["lr"] = base * factor
 
     def synchronize(self, world_size: int) -> None:
         if self.backbone.dictionary.updating:
@@ -122,12 +139,16 @@ class SOHO(MethodModel):
         return [p for p in trainable if id(p) in cnn_ids], [p for p in trainable if id(p) not in cnn_ids]
 
     def configure_optimizer(self, config):
+        """SGD for the CNN, AdamW for the rest (§4.1), one optimizer; its learning rates follow
+        ``optimization.lr_steps`` from :meth:`on_update_start`."""
         o = self.settings.optimization
         cnn, rest = self.optimizer_parts()
-        return CompositeOptimizer({
+        optimizer = CompositeOptimizer({
             "cnn": torch.optim.SGD(cnn, lr=o.cnn_lr, momentum=o.cnn_momentum, weight_decay=o.cnn_weight_decay),
             "transformer": torch.optim.AdamW(rest, lr=o.lr, weight_decay=o.weight_decay),
         })
+        self._optimizer = optimizer  # a plain attribute: not a module, not in the state dict
+        return optimizer
 
     def log_message(self, progress: TrainingProgress):
         if self.head_type != "pretraining" or not self.settings.use_vd:

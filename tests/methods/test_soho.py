@@ -541,15 +541,21 @@ def test_optimizer_partition_and_schedule():
             assert group_of[id(p)] == ("transformer", 1e-4, 1e-2), name
     assert len(group_of) == len(list(model.parameters()))
     assert id(model.backbone.dictionary.embedding) not in {id(p) for g in optimizer.param_groups for p in g["params"]}
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3], gamma=0.1)
-    for _ in range(3):
-        optimizer.step()
-        scheduler.step()
-    assert [g["lr"] for g in sgd.param_groups] == pytest.approx([1e-3])
-    assert [g["lr"] for g in adamw.param_groups] == pytest.approx([1e-5])
 
 
-@pytest.mark.parametrize("use_vd_in_finetune", [False, True])
+def test_both_learning_rates_step_down_at_lr_steps_from_the_pushed_update():
+    model = build(optimization={"lr_steps": [3, 5], "lr_ratio": 0.1})
+    optimizer = model.configure_optimizer(None)
+    for update_index, factor in ((0, 1.0), (2, 1.0), (3, 0.1), (4, 0.1), (5, 0.01), (9, 0.01), (1, 1.0)):
+        model.on_update_start(TrainingProgress(update=update_index, epoch=1))  # also a resume at any update
+        assert [g["lr"] for g in optimizer.parts["cnn"].param_groups] == pytest.approx([1e-2 * factor])
+        assert [g["lr"] for g in optimizer.parts["transformer"].param_groups] == pytest.approx([1e-4 * factor])
+    constant = build()
+    constant_optimizer = constant.configure_optimizer(None)
+    constant.on_update_start(TrainingProgress(update=10_000, epoch=40))
+    assert [g["lr"] for g in constant_optimizer.param_groups] == pytest.approx([1e-2, 1e-4])
+
+
 def test_fine_tuning_reads_the_features_and_leaves_the_dictionary(use_vd_in_finetune):
     model = build("vqa", use_vd_in_finetune=use_vd_in_finetune).train()
     batch = tiny.tiny_batch("vqa")

@@ -1,5 +1,6 @@
 """SOHO's projects end to end through the stock mmf_run: the tiny configs of projects/soho/demo/ on
-generated raw images, CPU, a few updates - the model's optimizer, the ResNet freeze, the learning-rate
+generated raw images (pre-training on soho_coco_captions: four texts per image), CPU, a few updates -
+the model's optimizer, the ResNet freeze, the learning-rate
 steps and the dictionary update through the real trainer; a checkpoint written, VQA fine-tuned from it
 with the official metric reported; two gloo ranks holding the same parameters and dictionary."""
 import re
@@ -50,8 +51,8 @@ def test_pretraining_freezes_steps_and_moves_the_dictionary(pretrained):
     rates = [float(x) for x in re.findall(r"progress: \d/4, train/total_loss.* lr: ([0-9.e-]+),", log)]
     assert rates == pytest.approx([1e-2, 1e-2, 1e-2, 1e-3]), rates  # the SGD part's rate, stepped after update 3
     for loss in ("mlm", "mvm", "itm"):
-        assert re.search(rf"train/coco_captions_images/{loss}: [0-9.]+", log) and re.search(
-            rf"val/coco_captions_images/{loss}: [0-9.]+", log), loss
+        assert re.search(rf"train/soho_coco_captions/{loss}: [0-9.]+", log) and re.search(
+            rf"val/soho_coco_captions/{loss}: [0-9.]+", log), loss
     state = torch.load(save / "soho_final.pth", weights_only=True)
     assert "backbone.dictionary.embedding" in state and state["backbone.dictionary.usage"].sum() > 0
 

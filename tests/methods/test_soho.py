@@ -354,6 +354,61 @@ def test_each_image_gets_two_own_captions_and_two_of_other_images():
         compose_itm_pairs(1, 2)
 
 
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from mmf_multilevel.datasets import generate as gen
+
+    root = tmp_path_factory.mktemp("soho_demo") / "demo"
+    gen.generate(root, num_images=8, progress=False)
+    return root
+
+
+def test_corpus_gives_each_image_two_own_and_two_other_captions(demo):
+    import json
+
+    import mmf  # noqa: F401  (registers the builders)
+    from mmf.common.registry import registry
+    from mmf.utils.build import build_processors
+
+    name = "soho_coco_captions"
+    builder = registry.get_builder_class(name)
+    config = OmegaConf.load(builder.config_path()).dataset_config[name]
+    config.data_dir = str(demo)
+    config.processors.text_processor.params.tokenizer_config.type = str(demo / "vocab")
+    config.processors.image_processor.params.train = {"size": 64, "max_size": 96, "pad_to": None}
+    dataset = builder().load(config, "train")
+    dataset.init_processors = lambda: None
+    for key, processor in build_processors(config.processors).items():
+        setattr(dataset, key, processor)
+    captions = {}
+    for line in open(demo / "annotations" / "captions_train.jsonl"):
+        record = json.loads(line)
+        captions.setdefault(str(record["image_id"]), []).append(record["caption"])
+    assert len(dataset) == len(captions)  # one sample per image
+    samples = [dataset[i] for i in range(4)]
+    batch = dataset.collate_fn(samples)
+    assert batch.image.shape[0] == 4 and "input_ids" not in batch
+    pairs = batch.pairs
+    assert pairs.input_ids.shape[0] == 16 and pairs.lm_label_ids.shape == pairs.input_ids.shape
+    vocab = [line.strip() for line in open(demo / "vocab" / "vocab.txt")]
+    clean = unmasked_text(pairs.input_ids, pairs.lm_label_ids)
+
+    def norm(text):
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    def words(row):
+        return norm("".join(vocab[i] for i in clean[row].tolist() if i > 4))
+
+    rows = {image: (pairs.pair_image_index == image).nonzero().view(-1).tolist() for image in range(4)}
+    drawn = {image: {words(r) for r in rows[image][:2]} for image in range(4)}
+    for image in range(4):
+        assert pairs.is_correct[rows[image]].tolist() == [1, 1, 0, 0]
+        own = {norm(c) for c in captions[samples[image].image_id]}
+        assert drawn[image] <= own and len(drawn[image]) == 2  # two different captions of its own
+        others = set().union(*(drawn[j] for j in range(4) if j != image))
+        assert all(words(r) in others for r in rows[image][2:])  # captions drawn for other images
+
+
 def test_cnn_runs_once_per_image():
     model = build().train()
     calls = []
@@ -361,13 +416,14 @@ def test_cnn_runs_once_per_image():
     batch = tiny.tiny_batch("pretraining")
     model.on_update_start(TrainingProgress(update=0, epoch=1))
     model(batch)
-    assert calls == [2] and batch.input_ids.size(0) == 8
+    assert calls == [2] and batch.pairs.input_ids.size(0) == 8
 
 
 def test_the_matching_pass_reads_no_mask_and_the_masked_pass_only_matched_pairs():
     model = build().train()
     batch = tiny.tiny_batch("pretraining")
-    assert (batch.input_ids == tiny.MASK).any()
+    pairs = batch.pairs
+    assert (pairs.input_ids == tiny.MASK).any()
     calls = []
     original = model.backbone.joint
 
@@ -380,9 +436,9 @@ def test_the_matching_pass_reads_no_mask_and_the_masked_pass_only_matched_pairs(
     model(batch)
     (itm_ids, itm_masked), (mlm_ids, mlm_masked) = calls
     assert itm_masked is None and not (itm_ids == tiny.MASK).any()
-    assert torch.equal(itm_ids, unmasked_text(batch.input_ids, batch.lm_label_ids))
-    matched = batch.is_correct == 1
-    assert torch.equal(mlm_ids, batch.input_ids[matched]) and mlm_masked.shape[0] == int(matched.sum())
+    assert torch.equal(itm_ids, unmasked_text(pairs.input_ids, pairs.lm_label_ids))
+    matched = pairs.is_correct == 1
+    assert torch.equal(mlm_ids, pairs.input_ids[matched]) and mlm_masked.shape[0] == int(matched.sum())
     assert mlm_masked.any(1).all()
 
 
@@ -394,8 +450,8 @@ def test_mlm_and_mvm_do_not_depend_on_mismatched_pairs(separate):
     model.on_update_start(TrainingProgress(update=0, epoch=1))
     torch.manual_seed(5)
     base = model(batch)["losses"]
-    negatives = batch.is_correct == 0
-    batch.input_ids[negatives, 1:4] = torch.randint(5, 40, (int(negatives.sum()), 3))
+    negatives = batch.pairs.is_correct == 0
+    batch.pairs.input_ids[negatives, 1:4] = torch.randint(5, 40, (int(negatives.sum()), 3))
     torch.manual_seed(5)
     other = model(batch)["losses"]
     for name in ("mlm", "mvm"):
@@ -477,6 +533,15 @@ def test_retrieval_inherits_the_pretrained_matching_head():
     assert torch.equal(target.backbone.dictionary.embedding, source.backbone.dictionary.embedding)
 
 
+def test_one_text_per_image_layout_of_a_caption_corpus():
+    model = build().train()
+    batch = tiny.one_text_batch(num_images=3)
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    out = model(batch)
+    assert out["scores"].shape == (3, 2)
+    assert set(out["losses"]) == {f"train/soho_contract/{n}" for n in ("mlm", "mvm", "itm")}
+
+
 def test_without_dictionary_no_mvm_and_the_features_are_read():
     model = build(use_vd=False).train()
     model.on_update_start(TrainingProgress(update=0, epoch=1))
@@ -556,6 +621,7 @@ def test_both_learning_rates_step_down_at_lr_steps_from_the_pushed_update():
     assert [g["lr"] for g in constant_optimizer.param_groups] == pytest.approx([1e-2, 1e-4])
 
 
+@pytest.mark.parametrize("use_vd_in_finetune", [False, True])
 def test_fine_tuning_reads_the_features_and_leaves_the_dictionary(use_vd_in_finetune):
     model = build("vqa", use_vd_in_finetune=use_vd_in_finetune).train()
     batch = tiny.tiny_batch("vqa")
@@ -598,6 +664,6 @@ def test_config_errors_name_the_key():
         draw_mvm_mask(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), "all")
     model = build().train()
     batch = tiny.tiny_batch("pretraining")
-    del batch["lm_label_ids"]
+    del batch.pairs["lm_label_ids"]
     with pytest.raises(KeyError, match="masked_token"):
         model(batch)

@@ -1,10 +1,11 @@
 """The registered MMF model ``soho``: SOHO's network and heads on the adapter base.
 
 * ``training_head_type: pretraining`` - MLM, MVM and ITM with equal weights (paper §3.3, Eq. 9). A
-  batch holds ``B`` images (``image``, ``image_size``) and ``P`` texts (``input_ids`` masked by the
-  dataset's ``masked_token`` processor with ``lm_label_ids``); ``pair_image_index (P,)`` names each
-  text's image and ``is_correct (P,)`` whether they match (four texts per image, two matched, §4.1 /
-  Appendix A.2: :func:`~mmf_multilevel.methods.soho.pretraining.compose_itm_pairs`). The CNN runs once
+  batch holds ``B`` images (``image``, ``image_size``) and, under ``pairs``, ``P`` texts (``input_ids``
+  masked by the dataset's ``masked_token`` processor with ``lm_label_ids``), ``pair_image_index (P,)``
+  naming each text's image and ``is_correct (P,)`` whether they match (four texts per image, two
+  matched, §4.1 / Appendix A.2: ``data.py``). A caption corpus with one text per image (its fields at
+  the top level) is read as it is. The CNN runs once
   per image. By default (``itm_separate_pass``) image-text matching reads every pair unmasked (the
   dataset's masked words put back) and a second pass over the matched pairs, with the words masked and
   MVM's dictionary ids masked, feeds MLM and MVM; MLM and MVM never count on a mismatched pair.
@@ -174,19 +175,22 @@ class SOHO(MethodModel):
         return {"scores": head(self.encode(sample_list)["pooled"])}
 
     def _pretraining_inputs(self, sample_list):
+        """The batch's images and texts: the pair layout under ``pairs`` (SOHO's corpora, ``data.py``), or
+        the texts at the top level (a caption corpus with one text per image, or ``pair_image_index`` beside it)."""
         where = f"dataset_config.{sample_list.dataset_name}"
-        text = text_inputs(sample_list, self.name)
-        if "lm_label_ids" not in sample_list:
+        texts = sample_list["pairs"] if "pairs" in sample_list else sample_list
+        text = text_inputs(texts, self.name)
+        if "lm_label_ids" not in texts:
             raise KeyError(f"soho pre-training reads its MLM targets from the batch ('lm_label_ids'): give {where} a "
                            "masked_token text_processor with mask_probability > 0")
-        if "is_correct" not in sample_list:
+        if "is_correct" not in texts:
             raise KeyError(f"soho pre-training needs 'is_correct' (1 = the text describes its image) for image-text "
                            f"matching from {where}")
         pixels = pixel_inputs(sample_list, self.name)
         device = pixels.pixels.device
         count = text.input_ids.size(0)
-        if "pair_image_index" in sample_list:
-            pair_index = sample_list["pair_image_index"].to(device).long().view(-1)
+        if "pair_image_index" in texts:
+            pair_index = texts["pair_image_index"].to(device).long().view(-1)
             if pair_index.numel() != count or (pair_index < 0).any() or (pair_index >= pixels.pixels.size(0)).any():
                 raise ValueError(f"soho: pair_image_index must give each of the {count} texts an image in "
                                  f"[0, {pixels.pixels.size(0)}), got {pair_index.tolist()}")
@@ -195,8 +199,8 @@ class SOHO(MethodModel):
         else:
             raise KeyError(f"soho: {count} texts and {pixels.pixels.size(0)} images but no 'pair_image_index' naming "
                            "each text's image")
-        raw_labels = sample_list["lm_label_ids"].to(device).long()
-        is_matched = sample_list["is_correct"].to(device).long().view(-1)
+        raw_labels = texts["lm_label_ids"].to(device).long()
+        is_matched = texts["is_correct"].to(device).long().view(-1)
         return text, pixels, pair_index, raw_labels, is_matched
 
     def pretraining_forward(self, sample_list):

@@ -64,17 +64,36 @@ def mask_words(ids, mask, generator, per_text=2):
 
 
 def pretraining_batch(num_images=2, captions_per_image=2, seed=0, dataset_name="soho_contract", **image_args):
-    """``num_images`` images, each with two matched and two mismatched texts (the pair layout)."""
+    """``num_images`` images, each with two matched and two mismatched texts under ``pairs`` (the layout of
+    SOHO's pre-training corpora, ``data.py``)."""
+    from mmf.common.sample import SampleList
+
     generator = torch.Generator().manual_seed(seed)
     batch = _sample_list()
     batch.image, batch.image_size = images(num_images, generator, **image_args)
     captions, caption_mask = texts(num_images * captions_per_image, generator)
-    pairs = compose_itm_pairs(num_images, captions_per_image, generator=generator)
-    ids, mask = captions[pairs["pair_text_index"]], caption_mask[pairs["pair_text_index"]]
+    layout = compose_itm_pairs(num_images, captions_per_image, generator=generator)
+    ids, mask = captions[layout["pair_text_index"]], caption_mask[layout["pair_text_index"]]
+    pairs = SampleList()
+    pairs.input_ids, pairs.lm_label_ids = mask_words(ids, mask, generator)
+    pairs.input_mask = mask
+    pairs.segment_ids = torch.zeros_like(ids)
+    pairs.pair_image_index, pairs.is_correct = layout["pair_image_index"], layout["is_correct"]
+    batch.pairs = pairs
+    batch.dataset_name, batch.dataset_type = dataset_name, "train"
+    return batch
+
+
+def one_text_batch(num_images=2, seed=0, dataset_name="soho_contract"):
+    """One text per image at the top level, mismatched for the second image (a caption corpus with
+    ``itm_probability``)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = _sample_list()
+    batch.image, batch.image_size = images(num_images, generator)
+    ids, mask = texts(num_images, generator)
     batch.input_ids, batch.lm_label_ids = mask_words(ids, mask, generator)
-    batch.input_mask = mask
-    batch.segment_ids = torch.zeros_like(ids)
-    batch.pair_image_index, batch.is_correct = pairs["pair_image_index"], pairs["is_correct"]
+    batch.input_mask, batch.segment_ids = mask, torch.zeros_like(ids)
+    batch.is_correct = torch.tensor([1] + [0] * (num_images - 1))
     batch.dataset_name, batch.dataset_type = dataset_name, "train"
     return batch
 

@@ -3,6 +3,7 @@ straight-through gradient, Eq. 4 and its order, the distributed update), MVM mas
 layout, the losses against independent computations, the freeze schedule, the optimizer and the
 fine-tuning bypass, on tiny random configs (CPU)."""
 import math
+import os
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers import BertConfig
 
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.soho import testing as tiny
+from mmf_multilevel.methods.soho.data import CONFIG_DIR
 from mmf_multilevel.methods.soho.model import SOHO
 from mmf_multilevel.methods.soho.network import GridEncoder, SOHONetwork, VisualDictionary, sine_position_embedding
 from mmf_multilevel.methods.soho.pretraining import (
@@ -407,6 +409,42 @@ def test_corpus_gives_each_image_two_own_and_two_other_captions(demo):
         assert drawn[image] <= own and len(drawn[image]) == 2  # two different captions of its own
         others = set().union(*(drawn[j] for j in range(4) if j != image))
         assert all(words(r) in others for r in rows[image][2:])  # captions drawn for other images
+
+
+def test_mlm_masking_of_the_corpus_text_processor_follows_bert(demo):
+    """MLM's masking is the dataset's masked_token processor (the configured one, with the demo vocabulary):
+    15 % of the words selected, 80 / 10 / 10 among them, never [CLS] / [SEP] / padding. Tolerances are 4
+    standard errors over ~10^5 words."""
+    import json
+    import math
+    import random
+
+    import mmf  # noqa: F401
+    from mmf.utils.build import build_processors
+
+    from mmf_multilevel.datasets.base import text_fields
+
+    config = OmegaConf.load(os.path.join(CONFIG_DIR, "soho_coco_captions.yaml")).dataset_config.soho_coco_captions
+    config.processors.text_processor.params.tokenizer_config.type = str(demo / "vocab")
+    config.processors.text_processor.params.max_seq_length = 40
+    processor = build_processors({"text_processor": config.processors.text_processor})["text_processor"]
+    captions = [json.loads(line)["caption"] for line in open(demo / "annotations" / "captions_train.jsonl")]
+    random.seed(0)
+    selected = words = masked = kept = 0
+    while words < 100_000:
+        out = text_fields(processor, random.choice(captions))  # as the corpus calls it
+        ids, labels, mask = out["input_ids"], out["lm_label_ids"], out["input_mask"].bool()
+        real = int(mask.sum())
+        assert labels[0] == -1 and labels[real - 1] == -1 and (labels[~mask] == -1).all()  # [CLS], [SEP], padding
+        chosen = labels != -1
+        words += real - 2
+        selected += int(chosen.sum())
+        masked += int((ids[chosen] == tiny.MASK).sum())
+        kept += int((ids[chosen] == labels[chosen]).sum())
+    rate = selected / words
+    assert abs(rate - 0.15) < 4 * math.sqrt(0.15 * 0.85 / words), rate
+    for share, p in ((masked / selected, 0.8), (kept / selected, 0.1), ((selected - masked - kept) / selected, 0.1)):
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / selected) + 0.01, (share, p)  # + random = original/[MASK]
 
 
 def test_cnn_runs_once_per_image():

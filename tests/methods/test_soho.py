@@ -411,6 +411,21 @@ def test_corpus_gives_each_image_two_own_and_two_other_captions(demo):
         assert all(words(r) in others for r in rows[image][2:])  # captions drawn for other images
 
 
+def test_corpus_yamls_list_the_image_keys_with_the_mixins_defaults():
+    import glob
+
+    from mmf_multilevel.datasets.images import IMAGE_DEFAULTS
+
+    paths = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+    assert [os.path.basename(p) for p in paths] == ["soho_captions.yaml", "soho_coco_captions.yaml", "soho_vg_captions.yaml"]
+    for path in paths:
+        for name, node in OmegaConf.load(path).dataset_config.items():
+            given = OmegaConf.to_container(node, resolve=False)
+            for key, default in IMAGE_DEFAULTS.items():
+                assert given.get(key, "missing") == default, f"{path}: {name}.{key}"
+            assert (given["captions_per_image"], given["num_positive"], given["num_negative"]) == (2, 2, 2)
+
+
 def test_mlm_masking_of_the_corpus_text_processor_follows_bert(demo):
     """MLM's masking is the dataset's masked_token processor (the configured one, with the demo vocabulary):
     15 % of the words selected, 80 / 10 / 10 among them, never [CLS] / [SEP] / padding. Tolerances are 4

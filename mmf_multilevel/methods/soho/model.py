@@ -5,10 +5,10 @@
   masked by the dataset's ``masked_token`` processor with ``lm_label_ids``), ``pair_image_index (P,)``
   naming each text's image and ``is_correct (P,)`` whether they match (four texts per image, two
   matched, §4.1 / Appendix A.2: ``data.py``). A caption corpus with one text per image (its fields at
-  the top level) is read as it is. The CNN runs once
-  per image. By default (``itm_separate_pass``) image-text matching reads every pair unmasked (the
-  dataset's masked words put back) and a second pass over the matched pairs, with the words masked and
-  MVM's dictionary ids masked, feeds MLM and MVM; MLM and MVM never count on a mismatched pair.
+  the top level) is read as it is. The CNN runs once per image. By default (``itm_separate_pass``)
+  image-text matching reads every pair unmasked (the dataset's masked words put back) and a second pass
+  over the matched pairs, with the words masked and MVM's dictionary ids masked, feeds MLM and MVM; MLM
+  and MVM never count on a mismatched pair.
 * fine-tuning (§4.2; the transformer reads the features before the dictionary, ``use_vd_in_finetune:
   false``): ``vqa`` - an MLP on the pooled [CLS] over ``num_answers`` (§4.2.2; MMF's ``logit_bce`` on
   the soft VQA scores); ``nlvr2`` - the statement with each image of the pair, the two pooled [CLS]

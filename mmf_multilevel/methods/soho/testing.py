@@ -7,7 +7,7 @@ from mmf_multilevel.methods.testing import TINY_BERT
 #: [MASK] of the tiny vocabulary (``methods/testing.py``: [CLS] = 2, [SEP] = 3, [MASK] = 4)
 MASK, CLS, SEP = 4, 2, 3
 VD_SIZE, ANSWERS = 16, 5
-#: the smallest timm ResNet (stride 32 at C5), randomly initialised
+#: a small timm ResNet (4.9M parameters, stride 32 at C5), randomly initialised
 TINY_BACKBONE = dict(backbone="resnet10t", backbone_pretrained=False)
 
 

@@ -126,6 +126,7 @@ INSTALL_REQUIRES = TORCH + [
     "tensorboard>=2.14",
     "matplotlib>=3.7",
     "pycocotools>=2.0.7",
+    "timm>=1.0,<2",  # CNN backbones of the pixel-based methods (SOHO's ResNet)
 ]
 
 def read_requirements(name):

@@ -1,0 +1,722 @@
+"""SOHO (mmf_multilevel/methods/soho/): the grid encoder, the visual dictionary (assignment,
+straight-through gradient, Eq. 4 and its order, the distributed update), MVM masking, the pair
+layout, the losses against independent computations, the freeze schedule, the optimizer and the
+fine-tuning bypass, on tiny random configs (CPU)."""
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from transformers import BertConfig
+
+from mmf_multilevel.methods.progress import TrainingProgress
+from mmf_multilevel.methods.soho import testing as tiny
+from mmf_multilevel.methods.soho.data import CONFIG_DIR
+from mmf_multilevel.methods.soho.model import SOHO
+from mmf_multilevel.methods.soho.network import GridEncoder, SOHONetwork, VisualDictionary, sine_position_embedding
+from mmf_multilevel.methods.soho.pretraining import (
+    SOHOPretrainingHeads,
+    compose_itm_pairs,
+    draw_mvm_mask,
+    mvm_labels,
+    pretraining_losses,
+    unmasked_text,
+)
+from mmf_multilevel.modules.masking import IGNORE_INDEX
+from mmf_multilevel.modules.text import BertTextEncoder
+
+pytestmark = pytest.mark.usefixtures("mmf_global_config")
+
+HIDDEN, K = 32, 16
+
+
+def tiny_text():
+    config = BertConfig(vocab_size=40, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertTextEncoder.from_config(config)
+
+
+def tiny_network(seed=0, **kw):
+    torch.manual_seed(seed)
+    return SOHONetwork(tiny_text(), backbone="resnet10t", pretrained_backbone=False, vd_size=K, mask_token_id=tiny.MASK,
+                       **kw)
+
+
+def build(head_type="pretraining", seed=0, **overrides):
+    config = OmegaConf.merge(OmegaConf.load(SOHO.config_path()).model_config.soho, tiny.tiny_config(head_type),
+                             overrides)
+    torch.manual_seed(seed)
+    model = SOHO(config)
+    model.build()
+    model.init_losses()
+    return model
+
+
+def update(model, batch, optimizer, progress, seed=0):
+    """One optimizer update as the mmf_multilevel trainer runs it."""
+    model.on_update_start(progress)
+    torch.manual_seed(seed)
+    losses = model(batch)["losses"]
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    model.synchronize(1)
+    optimizer.step()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------- grid
+@pytest.mark.parametrize("size", [(600, 1000), (600, 800), (65, 129), (64, 64), (130, 200)])
+def test_grid_has_ceil_h_over_64_times_ceil_w_over_64_cells(size):
+    torch.manual_seed(0)
+    encoder = GridEncoder("resnet10t", HIDDEN, pretrained=False).eval()
+    with torch.no_grad():
+        grid, cells = encoder(torch.randn(1, 3, *size))
+    expected = (math.ceil(size[0] / 64), math.ceil(size[1] / 64))
+    assert tuple(grid.shape) == (1, HIDDEN, *expected) and tuple(cells.shape) == (1, *expected)
+    if size == (600, 1000):
+        assert expected[0] * expected[1] == 160  # the paper's §4.5 count
+
+
+def test_padding_cells_are_masked_and_never_attended():
+    network = tiny_network().eval()
+    pixels, sizes = tiny.images(2, torch.Generator().manual_seed(0), height=200, width=320,
+                                sizes=[[200, 320], [130, 190]])
+    rows = torch.arange(200).view(1, 200, 1) < sizes[:, 0].view(2, 1, 1)
+    cols = torch.arange(320).view(1, 1, 320) < sizes[:, 1].view(2, 1, 1)
+    image = network.encode_image(pixels, rows & cols)
+    assert image["grid"] == (4, 5)
+    assert image["mask"].sum(1).tolist() == [4 * 5, 3 * 3]  # ⌈130/64⌉ x ⌈190/64⌉ real cells
+    ids, text_mask = tiny.texts(2, torch.Generator().manual_seed(1))
+    visual = torch.randn(2, 20, HIDDEN)
+    base = network.joint(ids, text_mask, visual, image["mask"], image["grid"])
+    perturbed = visual.clone()
+    perturbed[~image["mask"]] += 100 * torch.randn_like(perturbed[~image["mask"]])
+    other = network.joint(ids, text_mask, perturbed, image["mask"], image["grid"])
+    torch.testing.assert_close(other["text"], base["text"])
+    torch.testing.assert_close(other["visual"][image["mask"]], base["visual"][image["mask"]])
+    torch.testing.assert_close(other["pooled"], base["pooled"])
+
+
+# ---------------------------------------------------------------------------------------------- dictionary
+def test_nearest_entry_matches_cdist_and_returns_the_entry_exactly():
+    torch.manual_seed(0)
+    vd = VisualDictionary(K, HIDDEN).eval()
+    v = torch.randn(3, 7, HIDDEN)
+    q, ids = vd(v)
+    assert torch.equal(ids, torch.cdist(v.reshape(-1, HIDDEN), vd.embedding).argmin(1).view(3, 7))
+    assert torch.equal(q, vd.embedding[ids])
+
+
+def test_straight_through_gradient_reaches_every_trainable_cnn_parameter():
+    network = tiny_network().train()
+    network.dictionary.updating = False
+    assert "dictionary.embedding" not in dict(network.named_parameters())
+    assert "dictionary.embedding" in dict(network.named_buffers())
+    v = torch.randn(2, 5, HIDDEN, requires_grad=True)
+    q, _ = network.dictionary(v)
+    r = torch.randn_like(q)
+    (q * r).sum().backward()
+    assert torch.equal(v.grad, r)  # d f(v) / d v = identity (Eq. 5)
+    assert network.dictionary.embedding.grad is None and not network.dictionary.embedding.requires_grad
+    pixels, sizes = tiny.images(2, torch.Generator().manual_seed(0))
+    image = network.encode_image(pixels)
+    (image["quantised"] * torch.randn_like(image["quantised"])).sum().backward()
+    trainable = [(n, p) for n, p in network.encoder.named_parameters() if p.requires_grad]
+    assert trainable and any(n.startswith("proj.") for n, _ in trainable)
+    for name, p in trainable:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def eq4(old, v, ids, gamma):
+    """Eq. 4 written out entry by entry."""
+    new = old.clone()
+    for j in range(old.size(0)):
+        chosen = v[ids == j]
+        if len(chosen):
+            new[j] = gamma * old[j] + (1 - gamma) * chosen.double().mean(0).float()
+    return new
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.99, 1.0])
+def test_eq4_moves_used_entries_to_the_cluster_mean_and_leaves_the_rest(gamma):
+    torch.manual_seed(0)
+    vd = VisualDictionary(K, HIDDEN, momentum=gamma).train()
+    old = vd.embedding.clone()
+    v = torch.randn(2, 9, HIDDEN) + old[:3].repeat(6, 1).view(2, 9, HIDDEN)  # features near entries 0-2
+    _, ids = vd(v)
+    assert torch.equal(vd.embedding, old), "the forward pass must not move the dictionary"
+    vd.step()
+    used = torch.bincount(ids.view(-1), minlength=K) > 0
+    assert 0 < used.sum() < K
+    assert torch.equal(vd.embedding[~used], old[~used])  # bit-identical
+    torch.testing.assert_close(vd.embedding, eq4(old, v.view(-1, HIDDEN), ids.view(-1), gamma), atol=1e-6, rtol=0)
+    if gamma == 1.0:
+        assert torch.equal(vd.embedding, old)
+    assert vd.embedding.grad_fn is None and not vd.embedding.requires_grad
+
+
+def test_padding_cells_do_not_move_the_dictionary():
+    torch.manual_seed(0)
+    v = torch.randn(2, 6, HIDDEN)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    results = []
+    for pad_value in (0.0, 50.0):
+        vd = VisualDictionary(K, HIDDEN, momentum=0.5).train()
+        vd.embedding.copy_(torch.randn(K, HIDDEN, generator=torch.Generator().manual_seed(1)))
+        features = v.clone()
+        features[~mask] = pad_value + torch.randn_like(features[~mask])
+        _, ids = vd(features, mask)
+        old = vd.embedding.clone()
+        vd.step()
+        torch.testing.assert_close(vd.embedding, eq4(old, v[mask], ids[mask], 0.5), atol=1e-6, rtol=0)
+        results.append(vd.embedding.clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_no_update_in_eval_mode_or_when_not_updating():
+    torch.manual_seed(0)
+    vd = VisualDictionary(K, HIDDEN, momentum=0.0)
+    old = vd.embedding.clone()
+    vd.eval()(torch.randn(4, HIDDEN))
+    assert not vd.step() and torch.equal(vd.embedding, old)
+    vd.train().updating = False
+    vd(torch.randn(4, HIDDEN))
+    assert not vd.step() and torch.equal(vd.embedding, old)
+
+
+def test_assignment_under_autocast_is_the_float32_one():
+    """Features almost half-way between two entries: a distance in bf16 picks the wrong one."""
+    torch.manual_seed(0)
+    vd = VisualDictionary(K, HIDDEN).eval()
+    a, b = vd.embedding[torch.randint(K, (200,))], vd.embedding[torch.randint(K, (200,))]
+    offset = (torch.rand(200, 1) * 2e-3 + 1e-4) * torch.where(torch.rand(200, 1) < 0.5, -1.0, 1.0)
+    v = (a + b) / 2 + offset * (b - a)
+    exact = torch.cdist(v.double(), vd.embedding.double()).argmin(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, ids = vd(v)
+    assert torch.equal(ids, exact) and vd.embedding.dtype == torch.float32
+    assert torch.equal(q, vd.embedding[exact])
+
+
+def test_loss_of_an_update_uses_the_dictionary_before_its_update():
+    """Update order: the forward assigns with D, the loss sees D[ids], and only synchronize moves D."""
+    model = build(vd_momentum=0.0).train()
+    batch = tiny.tiny_batch("pretraining")
+    seen = {}
+    original = model.backbone.dictionary.forward
+
+    def spy(v, mask=None):
+        seen["before"] = model.backbone.dictionary.embedding.clone()
+        q, ids = original(v, mask)
+        seen["q"], seen["ids"], seen["mask"] = q.detach().clone(), ids, mask
+        return q, ids
+
+    model.backbone.dictionary.forward = spy
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    model(batch)
+    assert torch.equal(seen["q"], seen["before"][seen["ids"]])
+    assert torch.equal(model.backbone.dictionary.embedding, seen["before"])
+    model.synchronize(1)
+    moved = model.backbone.dictionary.embedding
+    assert not torch.equal(moved, seen["before"])
+    used = torch.bincount(seen["ids"][seen["mask"]], minlength=K) > 0
+    assert torch.equal(moved[~used], seen["before"][~used])
+
+
+def _dictionary_rank(rank, world, init, v, mask, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    vd = VisualDictionary(K, HIDDEN, momentum=0.9).train()
+    half = v.size(0) // world
+    for micro in range(2):  # two forward passes of one update (gradient accumulation)
+        rows = slice(rank * half + micro * half // 2, rank * half + (micro + 1) * half // 2)
+        vd(v[rows], mask[rows])
+    vd.step()
+    torch.save({"embedding": vd.embedding, "usage": vd.usage}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_update_the_dictionary_as_one_process(tmp_path):
+    torch.manual_seed(0)
+    reference = VisualDictionary(K, HIDDEN, momentum=0.9).train()
+    v = torch.randn(8, 6, HIDDEN) + reference.embedding[:6].unsqueeze(0)
+    mask = torch.rand(8, 6) > 0.3
+    reference(v, mask)
+    reference.step()
+    # forked ranks: no second import of MMF and this module (a spawned rank pays ~15 s for it)
+    mp.start_processes(_dictionary_rank, args=(2, f"file://{tmp_path / 'init'}", v, mask, str(tmp_path / "out")),
+                       nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    assert torch.equal(ranks[0]["embedding"], ranks[1]["embedding"])
+    torch.testing.assert_close(ranks[0]["embedding"], reference.embedding, atol=1e-6, rtol=0)
+    assert torch.equal(ranks[0]["usage"], reference.usage)
+
+
+def test_usage_statistics():
+    vd = VisualDictionary(4, 2, momentum=0.5).train()
+    vd.embedding.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
+    vd(torch.tensor([[0.1, 0.0], [9.9, 0.0], [0.0, 9.8], [0.2, 0.1]]))
+    vd.step()
+    summary = vd.usage_summary()
+    assert summary["distinct"] == 3 and summary["never_used"] == 1
+    p = torch.tensor([0.5, 0.25, 0.25])
+    assert summary["perplexity"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+
+
+# ---------------------------------------------------------------------------------------------- positions
+def test_sine_position_embedding():
+    small = torch.ones(1, 2, 3, dtype=torch.bool)
+    large = torch.ones(1, 4, 5, dtype=torch.bool)
+    pos = sine_position_embedding(small, HIDDEN)
+    assert pos.shape == (1, 2, 3, HIDDEN) and torch.equal(pos, sine_position_embedding(small, HIDDEN))
+    flat = pos.view(6, HIDDEN)
+    assert torch.cdist(flat, flat).add(torch.eye(6)).min() > 0  # distinct cells, distinct embeddings
+    raw_small = sine_position_embedding(small, HIDDEN, normalize=False)
+    raw_large = sine_position_embedding(large, HIDDEN, normalize=False)
+    assert torch.equal(raw_small[0], raw_large[0, :2, :3])  # same cell, same embedding across sizes
+    # normalized: positions are fractions of each image's extent, so the same cell differs across sizes
+    assert not torch.equal(pos[0, 0, 0], sine_position_embedding(large, HIDDEN)[0, 0, 0])
+
+
+# ---------------------------------------------------------------------------------------------- MVM
+def test_mvm_masks_whole_ids_and_only_real_cells():
+    ids = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 3, 3, 3],
+                        [5, 5, 5, 6, 6, 7, 7, 7, 7, 5]])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, 8:] = False  # padding cells: one shares id 5 with real cells
+    generator = torch.Generator().manual_seed(0)
+    for mode in ("ratio", "single_id"):
+        for _ in range(50):
+            masked = draw_mvm_mask(ids, valid, mode, 0.15, 0.5, generator)
+            assert not (masked & ~valid).any()
+            assert masked.any(1).all()
+            for row in range(2):
+                for j in ids[row][valid[row]].unique():
+                    cells = masked[row][(ids[row] == j) & valid[row]]
+                    assert cells.all() or not cells.any(), (mode, row, int(j))
+            labels = mvm_labels(ids, masked)
+            assert torch.equal(labels[masked], ids[masked]) and (labels[~masked] == IGNORE_INDEX).all()
+
+
+def test_mvm_shares_and_id_counts():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 12, (400, 40), generator=generator)
+    valid = torch.rand(400, 40, generator=generator) > 0.2
+    single = draw_mvm_mask(ids, valid, "single_id", 0.15, 0.5, generator)
+    ratio = draw_mvm_mask(ids, valid, "ratio", 0.15, 0.5, generator)
+    for row in range(400):
+        assert ids[row][single[row]].unique().numel() == 1
+        share = ratio[row].sum().item() / valid[row].sum().item()
+        assert 0.15 <= share <= 0.5 + 1e-9 and ids[row][ratio[row]].unique().numel() >= 1
+    # an id over the cap (12 of 20 cells > 50 %) is never chosen while another id fits
+    dominant = torch.tensor([[0] * 12 + list(range(1, 9))])
+    real = torch.ones(1, 20, dtype=torch.bool)
+    for mode in ("ratio", "single_id"):
+        for _ in range(30):
+            assert not draw_mvm_mask(dominant, real, mode, 0.15, 0.5, generator)[0, :12].any()
+    # one id covering the whole image: still one id masked (the only one), over the cap
+    whole = draw_mvm_mask(torch.full((1, 10), 3), torch.ones(1, 10, dtype=torch.bool), "ratio", 0.15, 0.5)
+    assert whole.all()
+
+
+def test_mvm_masked_cells_read_the_mask_word_embedding_plus_position_and_type():
+    network = tiny_network().eval()
+    visual = torch.randn(1, 6, HIDDEN)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    masked = torch.tensor([[False, True, False, False, True, False]])
+    out = network.visual_embeddings(visual, mask, (2, 3), masked)
+    text = network.text
+    pos = sine_position_embedding(mask.view(1, 2, 3), HIDDEN).view(1, 6, HIDDEN)
+    inputs = torch.where(masked[..., None], text.word_embeddings.weight[tiny.MASK].expand(1, 6, HIDDEN), visual)
+    expected = F.layer_norm(inputs + pos + text.token_type_embeddings.weight[1], (HIDDEN,),
+                            network.visual_norm.weight, network.visual_norm.bias, network.visual_norm.eps)
+    torch.testing.assert_close(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+def test_each_image_gets_two_own_captions_and_two_of_other_images():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        pairs = compose_itm_pairs(5, 3, generator=generator)
+        image, text, label = pairs["pair_image_index"], pairs["pair_text_index"], pairs["is_correct"]
+        assert len(image) == 20
+        for i in range(5):
+            rows = image == i
+            assert rows.sum() == 4 and label[rows].tolist() == [1, 1, 0, 0]
+            own, other = text[rows][:2], text[rows][2:]
+            assert (own // 3 == i).all() and own[0] != own[1]
+            assert (other // 3 != i).all()
+    with pytest.raises(ValueError, match="at least 2 images"):
+        compose_itm_pairs(1, 2)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from mmf_multilevel.datasets import generate as gen
+
+    root = tmp_path_factory.mktemp("soho_demo") / "demo"
+    gen.generate(root, num_images=8, progress=False)
+    return root
+
+
+def test_corpus_gives_each_image_two_own_and_two_other_captions(demo):
+    import json
+
+    import mmf  # noqa: F401  (registers the builders)
+    from mmf.common.registry import registry
+    from mmf.utils.build import build_processors
+
+    name = "soho_coco_captions"
+    builder = registry.get_builder_class(name)
+    config = OmegaConf.load(builder.config_path()).dataset_config[name]
+    config.data_dir = str(demo)
+    config.processors.text_processor.params.tokenizer_config.type = str(demo / "vocab")
+    config.processors.image_processor.params.train = {"size": 64, "max_size": 96, "pad_to": None}
+    dataset = builder().load(config, "train")
+    dataset.init_processors = lambda: None
+    for key, processor in build_processors(config.processors).items():
+        setattr(dataset, key, processor)
+    captions = {}
+    for line in open(demo / "annotations" / "captions_train.jsonl"):
+        record = json.loads(line)
+        captions.setdefault(str(record["image_id"]), []).append(record["caption"])
+    assert len(dataset) == len(captions)  # one sample per image
+    samples = [dataset[i] for i in range(4)]
+    batch = dataset.collate_fn(samples)
+    assert batch.image.shape[0] == 4 and "input_ids" not in batch
+    pairs = batch.pairs
+    assert pairs.input_ids.shape[0] == 16 and pairs.lm_label_ids.shape == pairs.input_ids.shape
+    vocab = [line.strip() for line in open(demo / "vocab" / "vocab.txt")]
+    clean = unmasked_text(pairs.input_ids, pairs.lm_label_ids)
+
+    def norm(text):
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    def words(row):
+        return norm("".join(vocab[i] for i in clean[row].tolist() if i > 4))
+
+    rows = {image: (pairs.pair_image_index == image).nonzero().view(-1).tolist() for image in range(4)}
+    drawn = {image: {words(r) for r in rows[image][:2]} for image in range(4)}
+    for image in range(4):
+        assert pairs.is_correct[rows[image]].tolist() == [1, 1, 0, 0]
+        own = {norm(c) for c in captions[samples[image].image_id]}
+        assert drawn[image] <= own and len(drawn[image]) == 2  # two different captions of its own
+        others = set().union(*(drawn[j] for j in range(4) if j != image))
+        assert all(words(r) in others for r in rows[image][2:])  # captions drawn for other images
+
+
+def test_corpus_yamls_list_the_image_keys_with_the_mixins_defaults():
+    import glob
+
+    from mmf_multilevel.datasets.images import IMAGE_DEFAULTS
+
+    paths = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+    assert [os.path.basename(p) for p in paths] == ["soho_captions.yaml", "soho_coco_captions.yaml", "soho_vg_captions.yaml"]
+    for path in paths:
+        for name, node in OmegaConf.load(path).dataset_config.items():
+            given = OmegaConf.to_container(node, resolve=False)
+            for key, default in IMAGE_DEFAULTS.items():
+                assert given.get(key, "missing") == default, f"{path}: {name}.{key}"
+            assert (given["captions_per_image"], given["num_positive"], given["num_negative"]) == (2, 2, 2)
+
+
+def test_mlm_masking_of_the_corpus_text_processor_follows_bert(demo):
+    """MLM's masking is the dataset's masked_token processor (the configured one, with the demo vocabulary):
+    15 % of the words selected, 80 / 10 / 10 among them, never [CLS] / [SEP] / padding. Tolerances are 4
+    standard errors over ~10^5 words."""
+    import json
+    import math
+    import random
+
+    import mmf  # noqa: F401
+    from mmf.utils.build import build_processors
+
+    from mmf_multilevel.datasets.base import text_fields
+
+    config = OmegaConf.load(os.path.join(CONFIG_DIR, "soho_coco_captions.yaml")).dataset_config.soho_coco_captions
+    config.processors.text_processor.params.tokenizer_config.type = str(demo / "vocab")
+    config.processors.text_processor.params.max_seq_length = 40
+    processor = build_processors({"text_processor": config.processors.text_processor})["text_processor"]
+    captions = [json.loads(line)["caption"] for line in open(demo / "annotations" / "captions_train.jsonl")]
+    random.seed(0)
+    selected = words = masked = kept = 0
+    while words < 100_000:
+        out = text_fields(processor, random.choice(captions))  # as the corpus calls it
+        ids, labels, mask = out["input_ids"], out["lm_label_ids"], out["input_mask"].bool()
+        real = int(mask.sum())
+        assert labels[0] == -1 and labels[real - 1] == -1 and (labels[~mask] == -1).all()  # [CLS], [SEP], padding
+        chosen = labels != -1
+        words += real - 2
+        selected += int(chosen.sum())
+        masked += int((ids[chosen] == tiny.MASK).sum())
+        kept += int((ids[chosen] == labels[chosen]).sum())
+    rate = selected / words
+    assert abs(rate - 0.15) < 4 * math.sqrt(0.15 * 0.85 / words), rate
+    for share, p in ((masked / selected, 0.8), (kept / selected, 0.1), ((selected - masked - kept) / selected, 0.1)):
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / selected) + 0.01, (share, p)  # + random = original/[MASK]
+
+
+def test_cnn_runs_once_per_image():
+    model = build().train()
+    calls = []
+    model.backbone.encoder.resnet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    batch = tiny.tiny_batch("pretraining")
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    model(batch)
+    assert calls == [2] and batch.pairs.input_ids.size(0) == 8
+
+
+def test_the_matching_pass_reads_no_mask_and_the_masked_pass_only_matched_pairs():
+    model = build().train()
+    batch = tiny.tiny_batch("pretraining")
+    pairs = batch.pairs
+    assert (pairs.input_ids == tiny.MASK).any()
+    calls = []
+    original = model.backbone.joint
+
+    def spy(input_ids, text_mask, visual, visual_mask, grid, masked=None, segment_ids=None):
+        calls.append((input_ids.clone(), masked))
+        return original(input_ids, text_mask, visual, visual_mask, grid, masked=masked, segment_ids=segment_ids)
+
+    model.backbone.joint = spy
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    model(batch)
+    (itm_ids, itm_masked), (mlm_ids, mlm_masked) = calls
+    assert itm_masked is None and not (itm_ids == tiny.MASK).any()
+    assert torch.equal(itm_ids, unmasked_text(pairs.input_ids, pairs.lm_label_ids))
+    matched = pairs.is_correct == 1
+    assert torch.equal(mlm_ids, pairs.input_ids[matched]) and mlm_masked.shape[0] == int(matched.sum())
+    assert mlm_masked.any(1).all()
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_mlm_and_mvm_do_not_depend_on_mismatched_pairs(separate):
+    model = build(pretraining={"itm_separate_pass": separate}).train()
+    model.backbone.dictionary.updating = False
+    batch = tiny.tiny_batch("pretraining")
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    torch.manual_seed(5)
+    base = model(batch)["losses"]
+    negatives = batch.pairs.is_correct == 0
+    batch.pairs.input_ids[negatives, 1:4] = torch.randint(5, 40, (int(negatives.sum()), 3))
+    torch.manual_seed(5)
+    other = model(batch)["losses"]
+    for name in ("mlm", "mvm"):
+        key = f"train/soho_contract/{name}"
+        torch.testing.assert_close(other[key], base[key])
+    assert not torch.equal(other["train/soho_contract/itm"], base["train/soho_contract/itm"])
+
+
+def test_losses_equal_an_independent_computation():
+    torch.manual_seed(0)
+    network = tiny_network()
+    heads = SOHOPretrainingHeads(network, K)
+    pairs, length, cells = 4, 6, 5
+    is_matched = torch.tensor([1, 0, 1, 0])
+    rows = torch.tensor([0, 1, 2, 3])
+    out = {"text": torch.randn(pairs, length, HIDDEN), "visual": torch.randn(pairs, cells, HIDDEN)}
+    itm_logits = torch.randn(pairs, 2)
+    mlm = torch.full((pairs, length), IGNORE_INDEX)
+    mlm[0, 2], mlm[1, 3], mlm[2, 1], mlm[2, 4] = 7, 8, 9, 10
+    mvm = torch.full((pairs, cells), IGNORE_INDEX)
+    mvm[0, 0], mvm[1, 1], mvm[2, 3] = 3, 4, 5
+    losses = pretraining_losses(heads, itm_logits, is_matched, out, rows, mlm, mvm)
+
+    def ce(logits, target):
+        return -torch.log_softmax(logits, -1)[target]
+
+    word_logits = out["text"] @ network.text.word_embeddings.weight.t()
+    word_logits = heads.mlm(out["text"])
+    expected_mlm = (ce(word_logits[0, 2], 7) + ce(word_logits[2, 1], 9) + ce(word_logits[2, 4], 10)) / 3
+    cell_logits = heads.mvm.decoder(heads.mvm.transform(out["visual"]))
+    expected_mvm = (ce(cell_logits[0, 0], 3) + ce(cell_logits[2, 3], 5)) / 2
+    expected_itm = sum(ce(itm_logits[i], int(is_matched[i])) for i in range(pairs)) / pairs
+    torch.testing.assert_close(losses["mlm"], expected_mlm)
+    torch.testing.assert_close(losses["mvm"], expected_mvm)
+    torch.testing.assert_close(losses["itm"], expected_itm)
+    # the MLM decoder is the word-embedding table (tied), plus the head's bias
+    transformed = heads.mlm.transform(out["text"][0, 2])
+    torch.testing.assert_close(word_logits[0, 2], transformed @ network.text.word_embeddings.weight.t() + heads.mlm.bias)
+
+
+def test_total_is_the_sum_of_three_finite_losses_with_their_shapes():
+    model = build().train()
+    batch = tiny.tiny_batch("pretraining")
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    out = model(batch)
+    losses = out["losses"]
+    assert set(losses) == {f"train/soho_contract/{n}" for n in ("mlm", "mvm", "itm")}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert out["scores"].shape == (8, 2)
+    vqa = build("vqa").eval()
+    assert vqa(tiny.tiny_batch("vqa"))["scores"].shape == (2, tiny.ANSWERS)
+
+
+def test_task_heads_and_nlvr2_reads_both_images():
+    for head_type, classes in (("vqa", tiny.ANSWERS), ("nlvr2", 2), ("snli_ve", 3), ("retrieval", 2)):
+        model = build(head_type).eval()
+        batch = tiny.tiny_batch(head_type)
+        scores = model(batch)["scores"]
+        assert scores.shape == (2, classes), head_type
+        if head_type == "nlvr2":
+            batch.img1.image = batch.img1.image.flip(-1)
+            assert not torch.allclose(model(batch)["scores"], scores)
+
+
+def test_retrieval_inherits_the_pretrained_matching_head():
+    from types import SimpleNamespace
+
+    from mmf_multilevel.trainers.checkpoint import MultilevelCheckpoint
+
+    source = build("pretraining", seed=1)
+    target = build("retrieval", seed=2)
+    config = OmegaConf.create({"checkpoint": {"pretrained_state_mapping": {"backbone": "backbone",
+                                                                           "itm_head": "heads.itm"}}})
+    writer = SimpleNamespace(write=lambda *args, **kwargs: None)
+    stub = SimpleNamespace(trainer=SimpleNamespace(model=target, config=config, writer=writer))
+    MultilevelCheckpoint._load_pretrained(stub, source.state_dict())
+    for name, value in source.heads.itm.state_dict().items():
+        assert torch.equal(target.itm_head.state_dict()[name], value), name
+    assert torch.equal(target.backbone.dictionary.embedding, source.backbone.dictionary.embedding)
+
+
+def test_one_text_per_image_layout_of_a_caption_corpus():
+    model = build().train()
+    batch = tiny.one_text_batch(num_images=3)
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    out = model(batch)
+    assert out["scores"].shape == (3, 2)
+    assert set(out["losses"]) == {f"train/soho_contract/{n}" for n in ("mlm", "mvm", "itm")}
+
+
+def test_without_dictionary_no_mvm_and_the_features_are_read():
+    model = build(use_vd=False).train()
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    losses = model(tiny.tiny_batch("pretraining"))["losses"]
+    assert set(losses) == {"train/soho_contract/mlm", "train/soho_contract/itm"}
+    assert not model.backbone.dictionary.pending
+
+
+def test_a_few_steps_lower_the_pretraining_loss():
+    model = build(vd_momentum=1.0).train()
+    batch = tiny.tiny_batch("pretraining")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    totals = [float(sum(v.detach() for v in update(model, batch, optimizer, TrainingProgress(update=u, epoch=1)).values()))
+              for u in range(6)]
+    assert totals[-1] < totals[0], totals
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+def test_resnet_is_frozen_for_the_first_updates_then_trains():
+    model = build(freeze_resnet_updates=2).train()
+    optimizer = model.configure_optimizer(None)
+    batch = tiny.tiny_batch("pretraining")
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def moved(prefix):
+        return any(not torch.equal(p, snapshot[n]) for n, p in model.named_parameters() if n.startswith(prefix))
+
+    for u in range(2):
+        update(model, batch, optimizer, TrainingProgress(update=u, epoch=1))
+    assert not moved("backbone.encoder.resnet.")
+    assert moved("backbone.encoder.proj.") and moved("backbone.text.") and moved("heads.")
+    update(model, batch, optimizer, TrainingProgress(update=2, epoch=1))
+    assert moved("backbone.encoder.resnet.")
+
+
+def test_freeze_is_derived_from_the_progress():
+    model = build(freeze_resnet_epochs=10)
+    for epoch, frozen in ((1, True), (10, True), (11, False)):
+        model.on_update_start(TrainingProgress(update=5, epoch=epoch))
+        assert model.backbone.encoder.resnet_frozen is frozen
+    resumed = build(freeze_resnet_epochs=10)  # a resumed run: only the pushed progress decides
+    resumed.on_update_start(TrainingProgress(update=999, epoch=12))
+    assert resumed.backbone.encoder.resnet_frozen is False
+    assert build("vqa", freeze_resnet_epochs=10).resnet_frozen_at(TrainingProgress(0, 1)) is False
+
+
+def test_optimizer_partition_and_schedule():
+    model = build()
+    optimizer = model.configure_optimizer(None)
+    sgd, adamw = optimizer.parts["cnn"], optimizer.parts["transformer"]
+    assert isinstance(sgd, torch.optim.SGD) and isinstance(adamw, torch.optim.AdamW)
+    group_of = {}
+    for name, part in optimizer.parts.items():
+        for group in part.param_groups:
+            for p in group["params"]:
+                assert id(p) not in group_of
+                group_of[id(p)] = (name, group["lr"], group["weight_decay"])
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.encoder."):
+            assert group_of[id(p)] == ("cnn", 1e-2, 5e-4), name
+        else:
+            assert group_of[id(p)] == ("transformer", 1e-4, 1e-2), name
+    assert len(group_of) == len(list(model.parameters()))
+    assert id(model.backbone.dictionary.embedding) not in {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_both_learning_rates_step_down_at_lr_steps_from_the_pushed_update():
+    model = build(optimization={"lr_steps": [3, 5], "lr_ratio": 0.1})
+    optimizer = model.configure_optimizer(None)
+    for update_index, factor in ((0, 1.0), (2, 1.0), (3, 0.1), (4, 0.1), (5, 0.01), (9, 0.01), (1, 1.0)):
+        model.on_update_start(TrainingProgress(update=update_index, epoch=1))  # also a resume at any update
+        assert [g["lr"] for g in optimizer.parts["cnn"].param_groups] == pytest.approx([1e-2 * factor])
+        assert [g["lr"] for g in optimizer.parts["transformer"].param_groups] == pytest.approx([1e-4 * factor])
+    constant = build()
+    constant_optimizer = constant.configure_optimizer(None)
+    constant.on_update_start(TrainingProgress(update=10_000, epoch=40))
+    assert [g["lr"] for g in constant_optimizer.param_groups] == pytest.approx([1e-2, 1e-4])
+
+
+@pytest.mark.parametrize("use_vd_in_finetune", [False, True])
+def test_fine_tuning_reads_the_features_and_leaves_the_dictionary(use_vd_in_finetune):
+    model = build("vqa", use_vd_in_finetune=use_vd_in_finetune).train()
+    batch = tiny.tiny_batch("vqa")
+    seen = {}
+    original = model.backbone.joint
+
+    def spy(input_ids, text_mask, visual, visual_mask, grid, masked=None, segment_ids=None):
+        seen["visual"] = visual
+        return original(input_ids, text_mask, visual, visual_mask, grid, masked=masked, segment_ids=segment_ids)
+
+    model.backbone.joint = spy
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    model(batch)
+    image = model.backbone.encode_image(*_pixels(batch))
+    read, other = ("quantised", "features") if use_vd_in_finetune else ("features", "quantised")
+    assert torch.equal(seen["visual"], image[read]) and not torch.equal(seen["visual"], image[other])
+    before = model.backbone.dictionary.embedding.clone()
+    update(model, batch, model.configure_optimizer(None), TrainingProgress(update=0, epoch=1))
+    assert torch.equal(model.backbone.dictionary.embedding, before) and not model.backbone.dictionary.pending
+    # the transformer's visual input moves with the features (no dictionary snapping in between)
+    v = torch.randn(1, 4, HIDDEN)
+    a = model.backbone.visual_embeddings(v, torch.ones(1, 4, dtype=torch.bool), (2, 2))
+    b = model.backbone.visual_embeddings(v + 1e-3, torch.ones(1, 4, dtype=torch.bool), (2, 2))
+    assert not torch.equal(a, b)
+
+
+def _pixels(batch):
+    from mmf_multilevel.methods.batch import pixel_inputs
+
+    inputs = pixel_inputs(batch, "soho")
+    return inputs.pixels, inputs.mask
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="model_config.soho.backbone"):
+        GridEncoder("vit_tiny_patch16_224", HIDDEN, pretrained=False)
+    with pytest.raises(ValueError, match="model_config.soho.vd_momentum"):
+        VisualDictionary(4, 4, momentum=1.5)
+    with pytest.raises(ValueError, match="mvm_mode"):
+        draw_mvm_mask(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), "all")
+    model = build().train()
+    batch = tiny.tiny_batch("pretraining")
+    del batch.pairs["lm_label_ids"]
+    with pytest.raises(KeyError, match="masked_token"):
+        model(batch)

@@ -140,3 +140,24 @@ def test_task_head_defaults_are_bert_base_and_uniter():
     for module in (paired, attn.classifier, scorer):
         weights = torch.cat([m.weight.flatten() for m in module.modules() if isinstance(m, torch.nn.Linear)])
         assert weights.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_hard_negative_draws_follow_the_generator_and_refuse_unanswerable_queries():
+    sim = torch.randn(64, 64)
+    first = sample_hard_negatives(sim, generator=torch.Generator().manual_seed(5))
+    again = sample_hard_negatives(sim, generator=torch.Generator().manual_seed(5))
+    other = sample_hard_negatives(sim, generator=torch.Generator().manual_seed(6))
+    for a, b, c in zip(first, again, other):
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match=r"non-square similarity \(2, 3\) needs image_ids"):
+        sample_hard_negatives(torch.zeros(2, 3))
+    # an image whose every candidate text is its own, or a text whose every candidate image is its own
+    with pytest.raises(ValueError, match="no non-matching candidate"):
+        sample_hard_negatives(torch.zeros(2, 2), torch.tensor([1, 2]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="no non-matching candidate"):
+        sample_hard_negatives(torch.zeros(2, 2), torch.tensor([1, 1]), torch.tensor([1, 2]))
+    # a non-square batch with ids: two texts for each of three images
+    ids, text_ids = torch.tensor([4, 5, 6]), torch.tensor([4, 4, 5, 5, 6, 6])
+    neg_t, neg_i = sample_hard_negatives(torch.zeros(3, 6), ids, text_ids, generator=torch.Generator().manual_seed(0))
+    assert neg_t.shape == (3,) and neg_i.shape == (6,)
+    assert (text_ids[neg_t] != ids).all() and (ids[neg_i] != text_ids).all()

@@ -279,7 +279,8 @@ def sample_list(task="image_sentence"):
     info = SampleList()
     info.max_features, info.bbox, info.image_width, info.image_height = rmask.sum(1), bbox, w, h
     sl = SampleList()
-    sl.input_ids, sl.input_mask, sl.segment_ids = ids, mask, torch.zeros_like(ids)
+    # token types that matter: every comparison below passes them to the backbone by hand
+    sl.input_ids, sl.input_mask, sl.segment_ids = ids, mask, (torch.arange(T) >= 3).long().expand(B, T) * mask
     sl.image_feature_0, sl.image_info_0 = feats, info
     sl.muvla_task = torch.full((B,), TASK_IDS[task])
     labels = torch.full((B, T), -1)
@@ -414,3 +415,15 @@ def test_paired_caption_batches_use_the_default_task_and_skip_mlm_on_negatives()
         expected = F.cross_entropy(model.heads.mlm(enc["text"][[0, 2], [2, 3]]), torch.tensor([10, 12]))
         got = model(sl)["losses"]["train/conceptual_captions/mlm"]
     torch.testing.assert_close(got, expected)
+
+
+def test_encode_reads_the_batch_token_types_regions_and_boxes():
+    model = build(training_head_type="classification", num_labels=3).eval()
+    sl = sample_list()
+    regions = model._regions(sl)
+    expected = model.backbone(sl.input_ids, sl.input_mask, regions.features, regions.boxes, regions.mask, sl.segment_ids)
+    got = model.encode(sl)
+    torch.testing.assert_close(got["text"], expected["text"])
+    torch.testing.assert_close(got["pooled"], expected["pooled"])
+    without_types = model.backbone(sl.input_ids, sl.input_mask, regions.features, regions.boxes, regions.mask)
+    assert not torch.allclose(got["pooled"], without_types["pooled"])

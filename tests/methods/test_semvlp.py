@@ -607,3 +607,29 @@ def test_cross_attention_layouts_in_words(blocks, words):
     from mmf_multilevel.methods.semvlp.network import describe_cross_layout
 
     assert describe_cross_layout(blocks, 4) == words
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_the_adapter_hands_the_backbone_token_types_padding_and_corrupted_regions(mode):
+    """encode and the pre-training forward give the network the batch's token types, the region padding
+    mask and (pre-training) the corrupted features, in the mode asked for: the same numbers as the
+    network called by hand, and different ones if the types or the padding were dropped."""
+    from mmf_multilevel.methods.batch import region_inputs
+
+    model = build_model(mode_schedule=mode, mode=mode).train()
+    sl = sample_list()
+    sl.segment_ids = (torch.arange(8) >= 4).long().expand(3, 8) * sl.input_mask
+    model.on_update_start(TrainingProgress(update=0, epoch=0))
+    regions = region_inputs(sl, "semvlp", FEAT, "4d")
+    by_hand = model.backbone(sl.input_ids, sl.input_mask, regions.corrupted, regions.boxes, regions.mask,
+                             sl.segment_ids, mode=mode)
+    torch.testing.assert_close(model(sl)["scores"], model.heads.itm(by_hand["pooled"]))
+    model.eval()
+    clean = model.backbone(sl.input_ids, sl.input_mask, regions.features, regions.boxes, regions.mask,
+                           sl.segment_ids, mode=mode)
+    torch.testing.assert_close(model.encode(sl)["pooled"], clean["pooled"])
+    no_types = model.backbone(sl.input_ids, sl.input_mask, regions.features, regions.boxes, regions.mask, mode=mode)
+    no_padding = model.backbone(sl.input_ids, sl.input_mask, regions.features, regions.boxes, None,
+                                sl.segment_ids, mode=mode)
+    assert not torch.allclose(clean["pooled"], no_types["pooled"])
+    assert not torch.allclose(clean["pooled"][2], no_padding["pooled"][2])

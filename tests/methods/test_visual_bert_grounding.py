@@ -246,3 +246,36 @@ def test_the_demo_project_builds_and_scores_its_proposals():
     sample_list.image_feature_0 = torch.rand(3, testing.REGIONS, 2048)
     out = model.eval()(sample_list)
     assert out["scores"].shape == (3, testing.REGIONS) and torch.isfinite(out["losses"][f"train/{sample_list.dataset_name}/cross_entropy"])
+
+
+def test_bert_weights_by_path_start_the_encoder_and_options_reach_it(tmp_path, monkeypatch):
+    """``bert_model_name`` (a ``save_pretrained`` folder here; a hub id elsewhere) starts VisualBERT's
+    encoder from those weights, as MMF's ``visual_bert`` does; ``random_initialize`` keeps BERT's init
+    off; the VisualBERT options reach the encoder."""
+    from transformers import BertConfig, BertModel
+
+    settings = config()
+    bert = BertModel(BertConfig(vocab_size=settings.vocab_size, hidden_size=settings.hidden_size,
+                                num_hidden_layers=settings.num_hidden_layers,
+                                num_attention_heads=settings.num_attention_heads,
+                                intermediate_size=settings.intermediate_size,
+                                max_position_embeddings=settings.max_position_embeddings))
+    with torch.no_grad():
+        bert.encoder.layer[0].attention.self.query.weight.normal_(0.0, 3.0)
+    bert.save_pretrained(tmp_path / "bert")
+    from mmf.common.registry import registry
+
+    previous = registry.get("config", no_warning=True)
+    registry.register("config", OmegaConf.create({"env": {"cache_dir": str(tmp_path / "cache")},
+                                               "evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
+    try:  # MMF's loader reads its cache folder from the global config
+        model = build(VisualBERTGrounding, bert_model_name=str(tmp_path / "bert"), output_hidden_states=True)
+    finally:
+        registry.register("config", previous)
+    torch.testing.assert_close(model.backbone.encoder.layer[0].attention.self.query.weight,
+                               bert.encoder.layer[0].attention.self.query.weight)
+    assert model.backbone.output_hidden_states is True
+    assert build(VisualBERTGrounding).backbone.output_hidden_states is False
+    # random_initialize: false applies BERT's initialisation (std initializer_range) to the random encoder
+    init = build(VisualBERTGrounding, random_initialize=False, initializer_range=0.5, seed=1)
+    assert init.backbone.encoder.layer[0].attention.self.query.weight.std().item() == pytest.approx(0.5, rel=0.15)

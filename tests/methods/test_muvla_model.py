@@ -427,3 +427,40 @@ def test_encode_reads_the_batch_token_types_regions_and_boxes():
     torch.testing.assert_close(got["pooled"], expected["pooled"])
     without_types = model.backbone(sl.input_ids, sl.input_mask, regions.features, regions.boxes, regions.mask)
     assert not torch.allclose(got["pooled"], without_types["pooled"])
+
+
+def test_loss_edge_cases_one_label_tag_zero_weighting_off_and_unweighted_text():
+    """Exactly zero (not merely small) without labels on the unweighted path and for a weighted mean
+    over no sample; one masked token gives its own cross-entropy; tag id 0 is a real MRC class; weights
+    are ignored when itm_weighting is off and for the unpaired text task."""
+    from mmf_multilevel.methods.muvla.pretraining import weighted_sample_mean
+
+    net, heads = heads_and_output()
+    ids, mask, feats, boxes, rmask = batch()
+    out = net(ids, mask, feats, boxes, rmask)
+    none = torch.full((B, T), -1)
+    assert pretraining_losses(heads, out, "region_phrase", mlm_labels=none)["mlm"].item() == 0.0
+    assert weighted_sample_mean(torch.ones(3), torch.zeros(3, dtype=torch.bool), torch.ones(3)).item() == 0.0
+    one = none.clone()
+    one[1, 2] = 11
+    expected = F.cross_entropy(heads.mlm(out["text"][1, 2]).unsqueeze(0), torch.tensor([11]))
+    torch.testing.assert_close(pretraining_losses(heads, out, "image_sentence", mlm_labels=one)["mlm"], expected)
+    # MRC: the selected region's tag is 0, the first class of the tag vocabulary
+    selected = torch.zeros(B, N, dtype=torch.bool)
+    selected[0, 1] = True
+    tags = torch.full((B, N), -1)
+    tags[0, 1] = 0
+    mrc = pretraining_losses(heads, out, "region_tag", region_selected=selected, region_targets=feats, mrc_labels=tags)
+    torch.testing.assert_close(mrc["mrc"], F.cross_entropy(heads.mrc(out["regions"][0, 1]).unsqueeze(0), torch.tensor([0])))
+    # weights ignored: weighting off (ITM and MLM), and the text task (no pair to weight)
+    labels, itm = none.clone(), torch.tensor([1, 0, 1, 1])
+    labels[0, 1], labels[2, 3] = 7, 9
+    weights = torch.tensor([0.1, 1.0, 0.9, 0.3])
+    plain = pretraining_losses(heads, out, "image_sentence", mlm_labels=labels, itm_labels=itm, itm_weighting="off")
+    off = pretraining_losses(heads, out, "image_sentence", mlm_labels=labels, itm_labels=itm, itm_weights=weights,
+                             itm_weighting="off")
+    assert set(off) == set(plain) and all(torch.equal(off[k], plain[k]) for k in plain)
+    weighted = pretraining_losses(heads, out, "image_sentence", mlm_labels=labels, itm_labels=itm, itm_weights=weights)
+    assert not torch.equal(weighted["itm"], plain["itm"]) and not torch.equal(weighted["mlm"], plain["mlm"])
+    text = pretraining_losses(heads, out, "text", mlm_labels=labels, itm_weights=weights)
+    torch.testing.assert_close(text["mlm"], plain["mlm"])

@@ -232,10 +232,12 @@ def masks_text(text_processor) -> bool:
     return float(getattr(text_processor, "_probability", 0.0) or 0.0) > 0.0
 
 
-def text_fields(text_processor, text, is_correct=1):
+def text_fields(text_processor, text):
     """One text through an MMF BERT processor: ``input_ids``, ``input_mask``, ``segment_ids`` and, when
-    the processor masks words, ``lm_label_ids``; the raw tokens and text do not travel."""
-    processed = text_processor({"text": text, "text_a": text, "is_correct": int(is_correct)})
+    the processor masks words, ``lm_label_ids``; the raw tokens and text do not travel. (MMF's
+    ``masked_token`` processor requires an ``is_correct`` key and only copies it to its output, which
+    is dropped here: the dataset sets the sample's ``is_correct`` itself.)"""
+    processed = text_processor({"text": text, "text_a": text, "is_correct": 1})
     drop = ("tokens", "text", "is_correct") + (() if masks_text(text_processor) else ("lm_label_ids",))
     for key in drop:
         processed.pop(key, None)

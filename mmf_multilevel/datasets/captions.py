@@ -57,7 +57,7 @@ class CaptionSamples(MatchingPairs):
         caption, is_correct = self.draw_text(record, "caption")
         if view is not None:
             caption = view(caption)
-        sample.update(text_fields(self.text_processor, caption, is_correct))
+        sample.update(text_fields(self.text_processor, caption))
         sample.is_correct = torch.tensor(is_correct, dtype=torch.long)
         if self.itm_targets:  # MMF's losses and metrics read `targets`: image-text matching as 2-way classification
             sample.targets = sample.is_correct.clone()

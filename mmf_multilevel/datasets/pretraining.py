@@ -124,7 +124,7 @@ class QuestionSamples(MatchingPairs, RegionMaskingSamples):
 
     def add_question(self, record, sample):
         question, is_correct = self.draw_text(record, "question")
-        sample.update(text_fields(self.text_processor, self.view_text(question), is_correct))
+        sample.update(text_fields(self.text_processor, self.view_text(question)))
         if self.itm_probability > 0:
             sample.is_correct = torch.tensor(is_correct, dtype=torch.long)
         self.add_region_masking(sample)

@@ -685,3 +685,22 @@ def test_what_counts_as_a_local_path(name, is_path, tmp_path, monkeypatch):
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "bert").mkdir()
     assert _looks_like_path("org/bert")
+
+
+def test_box_only_embedding_needs_the_sum_style_with_boxes_and_accepts_half_boxes():
+    emb = RegionEmbedding(feature_dim=16, hidden_size=HIDDEN, box_dim=5, style="sum").eval()
+    boxes = torch.rand(2, 3, 5)
+    torch.testing.assert_close(emb.embed_boxes(boxes.half()), emb.embed_boxes(boxes.half().float()))
+    for other in (RegionEmbedding(feature_dim=16, hidden_size=HIDDEN, box_dim=5, style="concat"),
+                  RegionEmbedding(feature_dim=16, hidden_size=HIDDEN, box_dim=0, style="sum")):
+        with pytest.raises(RuntimeError, match="embed_boxes needs style='sum' with box_dim > 0"):
+            other.embed_boxes(boxes)
+
+
+def test_mask_regions_does_not_force_a_region_by_default():
+    """``ensure_one`` is off unless asked: at a tiny rate most samples mask nothing."""
+    g = torch.Generator().manual_seed(0)
+    _, selected = mask_regions(torch.randn(64, 4, 3), prob=1e-4, generator=g)
+    assert selected.sum() <= 1
+    _, forced = mask_regions(torch.randn(64, 4, 3), prob=1e-4, generator=g, ensure_one=True)
+    assert (forced.sum(1) == 1).all()

@@ -349,3 +349,17 @@ def test_every_region_yaml_lists_the_region_keys_with_the_base_defaults():
             for key, default in REGION_DEFAULTS.items():
                 assert given.get(key, "missing") == default, f"{path}: {name}.{key}"
             assert "feature_dim" in given and "data_dir" in given, path
+
+
+def test_a_question_corpus_reads_the_annotation_file_of_its_index(demo):
+    """MMF hands each of a split's annotation files its index: a QA pre-training corpus reads that file."""
+    from mmf_multilevel.datasets.vqa2 import VQA2Dataset
+
+    config = dataset_config("vqa2", demo, **{"annotations.train": ["annotations/vqa_val.jsonl",
+                                                                     "annotations/vqa_train.jsonl"],
+                                             "features.train": ["features/regions.lmdb", "features/regions.lmdb"]})
+    for key in config.processors:
+        registry.unregister(f"vqa2_{key}")
+    first, second = VQA2Dataset("vqa2", config, "train", 0), VQA2Dataset("vqa2", config, "train", 1)
+    assert first.annotation_path.endswith("vqa_val.jsonl") and second.annotation_path.endswith("vqa_train.jsonl")
+    assert len(first) != len(second)

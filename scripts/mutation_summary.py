@@ -12,6 +12,8 @@ KILLED = {1, 3}
 SURVIVED = {0}
 #: a mutant that hangs or crashes the interpreter is caught too, though not by an assertion
 CAUGHT_OTHERWISE = {24, -24, 152, 255, 36, -9, -11}
+#: no selected test calls the mutated function
+NO_TEST = {5, 33}
 
 
 def main(root="mutants"):
@@ -20,7 +22,7 @@ def main(root="mutants"):
         sys.exit(f"no mutation results under {root}/: run `bash scripts/mutation.sh` first")
     total = Counter()
     survivors = []
-    print(f"{'file':58s} {'killed':>7s} {'survived':>9s} {'other':>6s} {'score':>7s}")
+    print(f"{'file':58s} {'killed':>7s} {'survived':>9s} {'no test':>8s} {'unchecked':>10s} {'score':>7s}")
     for meta in metas:
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         counts = Counter()
@@ -30,22 +32,27 @@ def main(root="mutants"):
             elif code in SURVIVED:
                 counts["survived"] += 1
                 survivors.append(name)
-            else:  # not run, no tests reach it, skipped
-                counts["other"] += 1
-                if code in (5, 33):
-                    survivors.append(name + "  (no test reaches it)")
-        decided = counts["killed"] + counts["survived"] + counts["other"]
+            elif code in NO_TEST:
+                counts["no test"] += 1
+                survivors.append(name + "  (no test reaches it)")
+            else:  # not run yet (an interrupted run), or skipped
+                counts["unchecked"] += 1
         total.update(counts)
-        score = 100.0 * counts["killed"] / decided if decided else float("nan")
         path = str(meta.relative_to(root))[: -len(".meta")]
-        print(f"{path:58s} {counts['killed']:7d} {counts['survived']:9d} {counts['other']:6d} {score:6.1f}%")
-    decided = sum(total.values())
-    print(f"{'all':58s} {total['killed']:7d} {total['survived']:9d} {total['other']:6d} "
-          f"{100.0 * total['killed'] / decided:6.1f}%")
+        print(f"{path:58s} {counts['killed']:7d} {counts['survived']:9d} {counts['no test']:8d} "
+              f"{counts['unchecked']:10d} {score(counts):>7s}")
+    print(f"{'all':58s} {total['killed']:7d} {total['survived']:9d} {total['no test']:8d} "
+          f"{total['unchecked']:10d} {score(total):>7s}")
     if survivors:
         print(f"\n{len(survivors)} mutants not killed:")
         for name in sorted(survivors):
             print("  " + name)
+
+
+def score(counts):
+    """Killed over checked (killed, survived, or reached by no test)."""
+    checked = counts["killed"] + counts["survived"] + counts["no test"]
+    return f"{100.0 * counts['killed'] / checked:.1f}%" if checked else "-"
 
 
 if __name__ == "__main__":

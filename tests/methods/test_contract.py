@@ -230,3 +230,14 @@ def test_from_pretrained_through_a_user_zoo_in_a_fresh_interpreter(tmp_path, ser
     for name in METHODS:
         assert f"loaded {name}" in result.stdout
     assert {name for name, _ in server.requests} == {f"{name}.tar.gz" for name in METHODS}
+
+
+@pytest.mark.parametrize("name,head_type", CASES)
+def test_a_batch_without_text_is_refused_naming_the_model(name, head_type):
+    model = build(name, head_type).train()
+    batch = tiny(name).tiny_batch(head_type)
+    # the texts, at the top level or nested per image (SOHO's pre-training batch: ``pairs``)
+    holder = batch["pairs"] if "input_ids" not in batch and "pairs" in batch else batch
+    del holder["input_ids"]
+    with pytest.raises(KeyError, match=f"{name} needs 'input_ids'"):
+        model(batch)

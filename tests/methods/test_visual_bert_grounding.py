@@ -279,3 +279,4 @@ def test_bert_weights_by_path_start_the_encoder_and_options_reach_it(tmp_path, m
     # random_initialize: false applies BERT's initialisation (std initializer_range) to the random encoder
     init = build(VisualBERTGrounding, random_initialize=False, initializer_range=0.5, seed=1)
     assert init.backbone.encoder.layer[0].attention.self.query.weight.std().item() == pytest.approx(0.5, rel=0.15)
+    assert init.classifier.transform[0].weight.std().item() == pytest.approx(0.5, rel=0.15)  # the scorer too

@@ -3,6 +3,7 @@ generated raw images (pre-training on soho_coco_captions: four texts per image),
 the model's optimizer, the ResNet freeze, the learning-rate
 steps and the dictionary update through the real trainer; a checkpoint written, VQA fine-tuned from it
 with the official metric reported; two gloo ranks holding the same parameters and dictionary."""
+import math
 import re
 
 import pytest
@@ -91,3 +92,41 @@ def test_pretraining_over_two_gloo_ranks(data, pretrained, tmp_path):
     single = torch.load(pretrained[0] / "soho_final.pth", weights_only=True)
     for key in ("backbone.dictionary.usage", "backbone.dictionary.last_counts"):
         assert ranks[0][key].sum() == single[key].sum() > 0, key
+
+
+#: downstream project: (dataset, metrics with their upper bound, the copy of the pre-trained head it inherits)
+DOWNSTREAM = {
+    "nlvr2": ("nlvr2_images", {"accuracy": 1.0}, None),
+    "snli_ve": ("snli_ve_images", {"accuracy": 1.0}, None),
+    "retrieval_coco": ("coco_retrieval_images", {"retrieval_tr_r1": 100.0, "retrieval_ir_r10": 100.0,
+                                                 "retrieval_rsum": 600.0}, r"Copying itm_head\.\S+ from heads\.itm\."),
+    "retrieval_flickr": ("flickr30k_retrieval_images", {"retrieval_ir_r1": 100.0, "retrieval_rsum": 600.0},
+                         r"Copying itm_head\.\S+ from heads\.itm\."),
+}
+#: smaller images than the demo's for the downstream runs (one update each is a full 16-image batch)
+SMALL_IMAGES = ["size=96", "max_size=128"]
+
+
+@pytest.mark.parametrize("project", sorted(DOWNSTREAM))
+def test_downstream_project_fine_tunes_from_the_pretrained_network(project, data, pretrained, tmp_path):
+    """projects/soho/demo/<project>.yaml (including projects/soho/<project>.yaml) through mmf_run from the
+    pre-training checkpoint: 3 updates, evaluated with the task's metric, a finite value in its range."""
+    dataset, metrics, copied = DOWNSTREAM[project]
+    pre_save, _ = pretrained
+    save = tmp_path / "save"
+    images = [f"dataset_config.{dataset}.processors.image_processor.params.{split}.{opt}"
+              for split in ("train", "eval") for opt in SMALL_IMAGES]
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.max_updates=3",
+                     "training.evaluation_interval=3", "training.checkpoint_interval=3", *images,
+                     f"checkpoint.resume_file={pre_save / 'soho_final.pth'}", "checkpoint.resume_pretrained=True",
+                     config=f"{ROOT}/projects/soho/demo/{project}.yaml")
+    _assert_finished(save, result)
+    log = (save / "train.log").read_text()
+    assert "Copying backbone.encoder.resnet.conv1.0.weight from backbone.encoder.resnet.conv1.0.weight" in log
+    if copied:
+        assert re.search(copied, log), log[-3000:]
+    for metric, top in metrics.items():
+        values = re.findall(rf"val/{dataset}/{metric}: ([-0-9.naife+]+)", log)
+        assert values, (metric, log[-3000:])
+        value = float(values[-1])
+        assert math.isfinite(value) and 0.0 <= value <= top, (metric, value)

@@ -28,6 +28,7 @@ class SOHOOptimizationConfig:
 
 @dataclass
 class SOHOConfig(MethodConfig):
+    bert_num_layers: Optional[int] = None
     backbone: str = "resnet101"
     backbone_pretrained: bool = True
     frozen_batch_norm: bool = True

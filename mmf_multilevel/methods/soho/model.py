@@ -53,6 +53,7 @@ from mmf_multilevel.methods.soho.pretraining import (
 from mmf_multilevel.modules.heads import ITMHead, VQAHead, bert_pretraining_head_state, init_bert_weights
 from mmf_multilevel.modules.masking import IGNORE_INDEX
 from mmf_multilevel.modules.task_heads import NLVR2PairedHead
+from mmf_multilevel.modules.text import BertTextEncoder
 from mmf_multilevel.trainers.optim import CompositeOptimizer
 
 __all__ = ["SOHO"]
@@ -72,12 +73,32 @@ class SOHO(MethodModel):
     # ------------------------------------------------------------------ build
     def build_backbone(self):
         s = self.settings
-        backbone = SOHONetwork(build_text_encoder(s), backbone=s.backbone, pretrained_backbone=s.backbone_pretrained,
+        backbone = SOHONetwork(self._text_encoder(), backbone=s.backbone, pretrained_backbone=s.backbone_pretrained,
                                frozen_batch_norm=s.frozen_batch_norm, vd_size=s.vd_size, vd_momentum=s.vd_momentum,
                                mask_token_id=s.mask_token_id)
         # the dictionary moves only in pre-training (fine-tuning neither reads nor updates it by default, §4.2)
         backbone.dictionary.updating = self.settings.training_head_type == "pretraining" and s.use_vd
         return backbone
+
+    def _text_encoder(self):
+        """``bert_model_name``'s BERT (its first ``bert_num_layers`` layers when set: Table 7's 3-layer
+        transformer, §4.1), or a random one from the BertConfig fields."""
+        s = self.settings
+        if s.bert_num_layers is None:
+            return build_text_encoder(s)
+        layers = int(s.bert_num_layers)
+        if not s.bert_model_name:
+            raise ValueError("model_config.soho.bert_num_layers keeps the first layers of bert_model_name, which is "
+                             f"null: set num_hidden_layers: {layers} for a randomly initialised transformer instead")
+        if layers < 1:
+            raise ValueError(f"model_config.soho.bert_num_layers must be positive (or null = all), got {layers}")
+        encoder = BertTextEncoder.from_name(str(s.bert_model_name), num_hidden_layers=layers,
+                                            hidden_dropout_prob=s.hidden_dropout_prob,
+                                            attention_probs_dropout_prob=s.attention_probs_dropout_prob)
+        if encoder.config.num_hidden_layers != layers:
+            raise ValueError(f"model_config.soho.bert_num_layers: {layers} asked, {s.bert_model_name} built "
+                             f"{encoder.config.num_hidden_layers}")
+        return encoder
 
     def build_head(self, head_type):
         s, config = self.settings, self.backbone.config

@@ -32,6 +32,8 @@ class SOHOConfig(MethodConfig):
     backbone: str = "resnet101"
     backbone_pretrained: bool = True
     frozen_batch_norm: bool = True
+    pool_before_conv: bool = False
+    visual_token_type: bool = True
     vd_size: int = 2048
     vd_momentum: float = 0.99
     use_vd: bool = True

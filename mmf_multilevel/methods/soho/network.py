@@ -48,8 +48,10 @@ class GridEncoder(nn.Module):
     """
 
     def __init__(self, backbone: str = "resnet101", hidden_size: int = 768, pretrained: bool = True,
-                 frozen_batch_norm: bool = True):
+                 frozen_batch_norm: bool = True, pool_before_conv: bool = False):
         super().__init__()
+        #: the official code's order (pool C5, then the 1x1 conv); §3.1's is conv, then pool
+        self.pool_before_conv = bool(pool_before_conv)
         import timm
         from timm.layers import freeze_batch_norm_2d
 
@@ -83,7 +85,7 @@ class GridEncoder(nn.Module):
                 c5 = self.resnet(pixels)[-1]
         else:
             c5 = self.resnet(pixels)[-1]
-        grid = self.pool(self.proj(c5))
+        grid = self.proj(self.pool(c5)) if self.pool_before_conv else self.pool(self.proj(c5))
         batch, _, height, width = pixels.shape
         if pixel_mask is None:
             pixel_mask = torch.ones(batch, height, width, dtype=torch.bool, device=pixels.device)
@@ -263,7 +265,7 @@ class SOHONetwork(nn.Module):
 
     def __init__(self, text: BertTextEncoder, backbone: str = "resnet101", pretrained_backbone: bool = True,
                  frozen_batch_norm: bool = True, vd_size: int = 2048, vd_momentum: float = 0.99,
-                 mask_token_id: int = 103):
+                 mask_token_id: int = 103, pool_before_conv: bool = False, visual_token_type: bool = True):
         super().__init__()
         if text.pooler is None:
             raise ValueError("SOHONetwork needs a BertTextEncoder built with its pooler")
@@ -274,7 +276,9 @@ class SOHONetwork(nn.Module):
         if config.type_vocab_size < 2:
             raise ValueError("model_config.soho.type_vocab_size must be at least 2 (visual tokens are type 1)")
         self.text = text
-        self.encoder = GridEncoder(backbone, config.hidden_size, pretrained_backbone, frozen_batch_norm)
+        self.encoder = GridEncoder(backbone, config.hidden_size, pretrained_backbone, frozen_batch_norm, pool_before_conv)
+        #: add BERT's token-type row 1 to the visual tokens (false: the official code's LN(x + pos))
+        self.visual_token_type = bool(visual_token_type)
         self.dictionary = VisualDictionary(vd_size, config.hidden_size, vd_momentum)
         self.visual_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.visual_dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -311,8 +315,10 @@ class SOHONetwork(nn.Module):
             visual = torch.where(masked[..., None], mask_vector.expand_as(visual), visual)
         height, width = grid
         pos = sine_position_embedding(mask.view(-1, height, width), self.hidden_size).flatten(1, 2)
-        types = self.text.token_type_embeddings.weight[1]
-        return self.visual_dropout(self.visual_norm(visual + pos.to(visual.dtype) + types))
+        tokens = visual + pos.to(visual.dtype)
+        if self.visual_token_type:
+            tokens = tokens + self.text.token_type_embeddings.weight[1]
+        return self.visual_dropout(self.visual_norm(tokens))
 
     # ------------------------------------------------------------------ joint
     def joint(self, input_ids: torch.Tensor, text_mask: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor,

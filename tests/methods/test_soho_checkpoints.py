@@ -179,7 +179,7 @@ def test_pretraining_target_refuses_the_official_visual_token_layers():
         convert_official_state(state, target="pretraining")
     del state["neck.mask_emb.weight"]
     out, dropped = convert_official_state(state, target="pretraining")
-    assert "backbone.dictionary.embedding" in out
+    assert "backbone.dictionary.embedding" in out and bool(out["backbone.dictionary.initialised"])
     assert sorted(d.split()[0] for d in dropped) == sorted(
         ["neck.vq.cluster_size", "neck.vq.cluster_sum", "neck.vq.embed_avg", "head.match_class.weight",
          "mask_l_fc.weight"])

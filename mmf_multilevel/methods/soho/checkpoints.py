@@ -147,6 +147,7 @@ def convert_official_state(state: Mapping[str, torch.Tensor], target: str = "fin
     out["backbone.encoder.proj.weight"], out["backbone.encoder.proj.bias"] = weight, bias
 
     out["backbone.dictionary.embedding"] = need("neck.vq.embed", "the visual dictionary")
+    out["backbone.dictionary.initialised"] = torch.tensor(True)  # trained entries: never redrawn (vd_init)
     for name in ("weight", "bias"):
         out[f"backbone.visual_norm.{name}"] = need(f"neck.ln.{name}", "the visual tokens' LayerNorm")
 

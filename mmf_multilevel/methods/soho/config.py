@@ -36,6 +36,7 @@ class SOHOConfig(MethodConfig):
     visual_token_type: bool = True
     vd_size: int = 2048
     vd_momentum: float = 0.99
+    vd_init: str = "feature_statistics"
     use_vd: bool = True
     use_vd_in_finetune: bool = False
     freeze_resnet_epochs: int = 10

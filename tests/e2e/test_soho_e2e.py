@@ -132,3 +132,32 @@ def test_downstream_project_fine_tunes_from_the_pretrained_network(project, data
         assert values, (metric, log[-3000:])
         value = float(values[-1])
         assert math.isfinite(value) and 0.0 <= value <= top, (metric, value)
+
+
+def test_vqa_fine_tunes_from_a_converted_official_checkpoint(data, tmp_path, capsys):
+    """A checkpoint in the official release's key layout (sized as the demo model, ResNet-18) through
+    the converter's CLI (``convert``), then the demo VQA project from it with the
+    official network's options (pool_before_conv, no visual token type)."""
+    from mmf_multilevel.methods.soho.checkpoints import main
+    from mmf_multilevel.methods.soho.testing import official_layout_state
+
+    state = official_layout_state(hidden=64, vd_size=64, vocab_size=128, intermediate=128, max_positions=64)
+    torch.save({"meta": {"epoch": 40}, "state_dict": state}, tmp_path / "official.pth")
+    assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "soho.pth")]) == 0
+    assert "model_config.soho.pool_before_conv=true model_config.soho.visual_token_type=false" in capsys.readouterr().out
+    save = tmp_path / "save"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.max_updates=2",
+                     "training.evaluation_interval=2", "training.checkpoint_interval=2",
+                     "model_config.soho.backbone=resnet18", "model_config.soho.pool_before_conv=true",
+                     "model_config.soho.visual_token_type=false",
+                     *[f"dataset_config.vqa2_images.processors.image_processor.params.{split}.{opt}"
+                       for split in ("train", "eval") for opt in SMALL_IMAGES],
+                     f"checkpoint.resume_file={tmp_path / 'soho.pth'}", "checkpoint.resume_pretrained=True",
+                     config=f"{ROOT}/projects/soho/demo/vqa.yaml")
+    _assert_finished(save, result)
+    log = (save / "train.log").read_text()
+    assert "Copying backbone.encoder.resnet.layer4.1.conv2.weight from backbone.encoder.resnet.layer4.1.conv2.weight" in log
+    assert "Copying backbone.encoder.proj.bias from backbone.encoder.proj.bias" in log
+    assert re.search(r"val/vqa2_images/vqa_official_accuracy: [0-9.]+", log), log[-3000:]
+    tuned = torch.load(save / "soho_final.pth", weights_only=True)
+    assert torch.equal(tuned["backbone.dictionary.embedding"], state["neck.vq.embed"])

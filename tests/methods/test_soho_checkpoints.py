@@ -11,61 +11,16 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from omegaconf import OmegaConf
-from transformers import BertConfig, BertModel
 
 from mmf_multilevel.methods.soho import testing as tiny
 from mmf_multilevel.methods.soho.checkpoints import OFFICIAL_SETTINGS, convert_official_state, main
 from mmf_multilevel.methods.soho.model import SOHO
+from mmf_multilevel.methods.soho.testing import official_layout_state
 from mmf_multilevel.methods.testing import TINY_BERT
 
 pytestmark = pytest.mark.usefixtures("mmf_global_config")
 
 C, K = TINY_BERT["hidden_size"], 16
-
-
-def official_state(seed=0, conv_norm=True, pos_line=True):
-    """A randomly initialised checkpoint in the official pre-training model's key layout
-    (``SOHOSingleStreamPre`` + ``SimpleVDforPre``, ResNet-18, the tiny BERT's sizes)."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    resnet = torchvision.models.resnet18(weights=None)
-    state = {}
-    for key, value in resnet.state_dict().items():
-        if key.startswith("fc."):
-            continue
-        if key.endswith("running_mean"):
-            value = torch.randn(value.shape, generator=g) * 0.1
-        elif key.endswith("running_var"):
-            value = torch.rand(value.shape, generator=g) + 0.5
-        elif key.endswith(".bias") and "bn" in key or "downsample.1.bias" in key:
-            value = torch.randn(value.shape, generator=g) * 0.1
-        state[f"backbone.{key}"] = value
-    state["neck.conv.conv.weight"] = torch.randn(C, 512, 1, 1, generator=g) * 0.05
-    if conv_norm:
-        state.update({"neck.conv.bn.weight": torch.rand(C, generator=g) + 0.5,
-                      "neck.conv.bn.bias": torch.randn(C, generator=g) * 0.1,
-                      "neck.conv.bn.running_mean": torch.randn(C, generator=g) * 0.1,
-                      "neck.conv.bn.running_var": torch.rand(C, generator=g) + 0.5,
-                      "neck.conv.bn.num_batches_tracked": torch.tensor(7)})
-    else:
-        state["neck.conv.conv.bias"] = torch.randn(C, generator=g) * 0.1
-    state.update({"neck.ln.weight": torch.rand(C, generator=g) + 0.5, "neck.ln.bias": torch.randn(C, generator=g) * 0.1,
-                  "neck.mask_emb.weight": torch.randn(1, C, generator=g),
-                  "neck.vq.embed": torch.randn(K, C, generator=g),
-                  "neck.vq.cluster_size": torch.rand(K, generator=g), "neck.vq.cluster_sum": torch.rand(K, generator=g),
-                  "neck.vq.embed_avg": torch.randn(K, C, generator=g)})
-    if pos_line:
-        state.update({"neck.pos_line.weight": torch.randn(C, C, generator=g), "neck.pos_line.bias": torch.zeros(C)})
-    bert = BertModel(BertConfig(vocab_size=TINY_BERT["vocab_size"], hidden_size=C, num_hidden_layers=2,
-                                num_attention_heads=4, intermediate_size=TINY_BERT["intermediate_size"],
-                                max_position_embeddings=TINY_BERT["max_position_embeddings"]), add_pooling_layer=False)
-    for key, value in bert.state_dict().items():
-        if "position_ids" in key or "token_type_ids" in key:
-            continue
-        state[f"language.bert.{key}"] = value + 0.01 * torch.randn(value.shape, generator=g)
-    state["mask_l_fc.weight"] = state["language.bert.embeddings.word_embeddings.weight"].clone()
-    state["head.match_class.weight"] = torch.randn(2, C, generator=g)
-    return state
 
 
 def soho_model(**overrides):
@@ -81,7 +36,7 @@ def soho_model(**overrides):
 def converted(tmp_path_factory):
     """The official tiny checkpoint (mmcv's file layout) through the CLI, loaded into soho."""
     work = tmp_path_factory.mktemp("soho_official")
-    state = official_state()
+    state = official_layout_state()
     torch.save({"meta": {"epoch": 40}, "state_dict": state}, work / "official.pth")
     assert main(["convert", str(work / "official.pth"), str(work / "soho.pth"), "--allow-pickle"]) == 0
     model = soho_model()
@@ -163,18 +118,18 @@ def test_fine_tuning_visual_tokens_match_the_official_neck(converted):
 
 
 def test_a_conv_bias_without_a_norm_is_taken_as_it_is():
-    state = official_state(conv_norm=False)
+    state = official_layout_state(conv_norm=False)
     out, _ = convert_official_state(state)
     assert torch.equal(out["backbone.encoder.proj.bias"], state["neck.conv.conv.bias"])
     assert torch.equal(out["backbone.encoder.proj.weight"], state["neck.conv.conv.weight"])
 
 
 def test_pretraining_target_refuses_the_official_visual_token_layers():
-    state = official_state()
+    state = official_layout_state()
     del state["neck.mask_emb.weight"]
     with pytest.raises(ValueError, match=r"neck\.pos_line\.(weight|bias)"):
         convert_official_state(state, target="pretraining")
-    state = official_state(pos_line=False)  # the learned mask vector alone is the official token's too
+    state = official_layout_state(pos_line=False)  # the learned mask vector alone is the official token's too
     with pytest.raises(ValueError, match=r"neck\.mask_emb\.weight"):
         convert_official_state(state, target="pretraining")
     del state["neck.mask_emb.weight"]
@@ -184,7 +139,7 @@ def test_pretraining_target_refuses_the_official_visual_token_layers():
         ["neck.vq.cluster_size", "neck.vq.cluster_sum", "neck.vq.embed_avg", "head.match_class.weight",
          "mask_l_fc.weight"])
     # the fine-tuning target drops them, listed
-    _, dropped = convert_official_state(official_state())
+    _, dropped = convert_official_state(official_layout_state())
     assert {"neck.pos_line.weight", "neck.pos_line.bias", "neck.mask_emb.weight"} <= {d.split()[0] for d in dropped}
 
 
@@ -192,14 +147,14 @@ def test_pretraining_target_refuses_the_official_visual_token_layers():
                                  "language.bert.embeddings.LayerNorm.weight", "backbone.conv1.weight",
                                  "neck.conv.bn.running_var"])
 def test_a_missing_official_key_is_an_error_naming_it(key):
-    state = official_state()
+    state = official_layout_state()
     del state[key]
     with pytest.raises(KeyError, match=key.replace(".", r"\.")):
         convert_official_state(state)
 
 
 def test_an_unknown_key_is_an_error_naming_it(tmp_path, capsys):
-    state = official_state()
+    state = official_layout_state()
     state["head.vqa_classifier.weight"] = torch.zeros(3, C)
     with pytest.raises(KeyError, match=r"head\.vqa_classifier\.weight"):
         convert_official_state(state)
@@ -209,7 +164,7 @@ def test_an_unknown_key_is_an_error_naming_it(tmp_path, capsys):
 
 
 def test_an_untied_mlm_decoder_is_an_error():
-    state = official_state()
+    state = official_layout_state()
     state["mask_l_fc.weight"] = state["mask_l_fc.weight"] + 1
     with pytest.raises(ValueError, match="mask_l_fc.weight"):
         convert_official_state(state)

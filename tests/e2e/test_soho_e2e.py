@@ -127,6 +127,9 @@ def test_downstream_project_fine_tunes_from_the_pretrained_network(project, data
     assert "Copying backbone.encoder.resnet.conv1.0.weight from backbone.encoder.resnet.conv1.0.weight" in log
     if copied:
         assert re.search(copied, log), log[-3000:]
+    # retrieval trains on the batch's t² pairs (the model's own loss, retrieval_in_batch), the others with MMF's loss
+    train_loss = "itm" if project.startswith("retrieval") else "cross_entropy"
+    assert re.search(rf"train/{dataset}/{train_loss}: [0-9.]+", log), log[-3000:]
     for metric, top in metrics.items():
         values = re.findall(rf"val/{dataset}/{metric}: ([-0-9.naife+]+)", log)
         assert values, (metric, log[-3000:])

@@ -779,3 +779,53 @@ def test_feature_statistics_init_runs_once_and_a_loaded_dictionary_is_kept():
     tuned.train()
     tuned(tiny.tiny_batch("vqa"))
     assert torch.equal(tuned.backbone.dictionary.embedding, before)
+
+
+# ---------------------------------------------------------------------------------------------- retrieval batch
+def _retrieval_batch(count=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    batch = tiny._sample_list()
+    batch.image, batch.image_size = tiny.images(count, generator)
+    batch.input_ids, batch.input_mask = tiny.texts(count, generator)
+    batch.segment_ids = torch.zeros_like(batch.input_ids)
+    batch.targets = torch.ones(count, dtype=torch.long)
+    batch.dataset_name, batch.dataset_type = "coco_retrieval_images", "train"
+    return batch
+
+
+def test_in_batch_retrieval_scores_every_image_with_every_caption():
+    """§4.2.1: t aligned pairs -> t² (image, caption) pairs, aligned on the diagonal, binary CE over all."""
+    model = build("retrieval", retrieval_in_batch=True).train()
+    batch = _retrieval_batch()
+    out = model(batch)
+    (name, loss), = out["losses"].items()
+    assert name == "train/coco_retrieval_images/itm" and out["scores"].shape == (3, 2)
+    # independently: each (image i, caption j) as its own one-pair batch through the fine-tuning path
+    logits = torch.zeros(3, 3, 2)
+    with torch.no_grad():
+        for i in range(3):
+            for j in range(3):
+                single = tiny._sample_list()
+                single.image, single.image_size = batch.image[i:i + 1], batch.image_size[i:i + 1]
+                single.input_ids, single.input_mask = batch.input_ids[j:j + 1], batch.input_mask[j:j + 1]
+                single.segment_ids = batch.segment_ids[j:j + 1]
+                logits[i, j] = model.itm_head(model.encode(single)["pooled"])[0]
+    labels = torch.eye(3, dtype=torch.long).view(-1)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 2), labels), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["scores"], logits.diagonal(dim1=0, dim2=1).transpose(0, 1), rtol=1e-4, atol=1e-5)
+    # two captions of one image in the batch: both its pairs are aligned
+    batch.image_index = torch.tensor([4, 4, 9])
+    twin = model(batch)["losses"]["train/coco_retrieval_images/itm"]
+    same = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]]).view(-1)
+    torch.testing.assert_close(twin, F.cross_entropy(logits.view(-1, 2), same), rtol=1e-4, atol=1e-5)
+
+
+def test_in_batch_retrieval_refuses_swapped_captions_and_evaluates_pairwise():
+    model = build("retrieval", retrieval_in_batch=True).train()
+    batch = _retrieval_batch()
+    batch.targets = torch.tensor([1, 0, 1])
+    with pytest.raises(ValueError, match="itm_probability: 0"):
+        model(batch)
+    model.eval()
+    with torch.no_grad():
+        assert model(_retrieval_batch())["scores"].shape == (3, 2)  # evaluation scores the dataset's pairs

@@ -127,5 +127,7 @@ def test_downstream_projects_carry_the_papers_schedule(name, dataset, head, batc
     assert (soho.optimization.lr, soho.optimization.weight_decay) == (1e-4, 1e-2)
     assert soho.optimization.cnn_lr == 1e-2 and config.training.lr_scheduler is False
     assert not soho.use_vd_in_finetune and config.training.trainer == "mmf_multilevel"
+    if head == "retrieval":  # §4.2.1's batches: aligned pairs only, the batch's other captions unaligned
+        assert soho.retrieval_in_batch and config.dataset_config[dataset].itm_probability == 0
     mapping = dict(config.checkpoint.pretrained_state_mapping)
     assert mapping == ({"backbone": "backbone", "itm_head": "heads.itm"} if head == "retrieval" else {"backbone": "backbone"})

@@ -43,5 +43,6 @@ class SOHOConfig(MethodConfig):
     freeze_resnet_updates: Optional[int] = None
     mask_token_id: int = 103
     num_answers: int = 3129
+    retrieval_in_batch: bool = False
     pretraining: SOHOPretrainingConfig = field(default_factory=SOHOPretrainingConfig)
     optimization: SOHOOptimizationConfig = field(default_factory=SOHOOptimizationConfig)

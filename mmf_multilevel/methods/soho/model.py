@@ -14,7 +14,8 @@
   the soft VQA scores); ``nlvr2`` - the statement with each image of the pair, the two pooled [CLS]
   concatenated and classified true / false (§4.2.3); ``snli_ve`` - one fully connected layer on the
   pooled [CLS] over entailment / neutral / contradiction (§4.2.4); ``retrieval`` - the matching head
-  (``itm_head``, 2-way, as the pre-training ITM head it inherits, §4.2.1) scoring image-caption pairs.
+  (``itm_head``, 2-way, as the pre-training ITM head it inherits, §4.2.1) scoring image-caption pairs;
+  with ``retrieval_in_batch`` trained on every image x caption pair of a batch of aligned pairs.
 
 Training hooks (the ``mmf_multilevel`` trainer calls them; ``methods/base.py``):
 
@@ -193,8 +194,40 @@ class SOHO(MethodModel):
                              segment_ids=text.segment_ids)
 
     def task_forward(self, sample_list):
+        if self.head_type == "retrieval" and self.training and self.settings.retrieval_in_batch:
+            return self.in_batch_retrieval_forward(sample_list)
         head = self.itm_head if self.head_type == "retrieval" else self.classifier
         return {"scores": head(self.encode(sample_list)["pooled"])}
+
+    def in_batch_retrieval_forward(self, sample_list):
+        """§4.2.1's training batch: ``t`` aligned (image, caption) pairs; every image with every caption of
+        the batch (the other ``t - 1`` its unaligned ones; a caption of the same image, when the batch holds
+        one twice, counts as aligned), the matching head as a binary classifier over all ``t²`` pairs, the
+        CNN once per image. Loss ``<split>/<dataset>/itm``; ``scores`` are the aligned pairs' (t, 2)."""
+        where = f"dataset_config.{sample_list.dataset_name}"
+        if "targets" in sample_list and bool((sample_list["targets"].view(-1) != 1).any()):
+            raise ValueError(f"soho retrieval_in_batch reads aligned pairs only: set {where}.itm_probability: 0 "
+                             "(the unaligned pairs are the batch's other captions)")
+        text = text_inputs(sample_list, self.name)
+        pixels = pixel_inputs(sample_list, self.name)
+        count = text.input_ids.size(0)
+        device = text.input_ids.device
+        image = self.backbone.encode_image(pixels.pixels, pixels.mask, quantise=self._visual_source() == "dictionary")
+        visual = image["quantised" if self._visual_source() == "dictionary" else "features"]
+        images = torch.arange(count, device=device).repeat_interleave(count)  # pair (i, j): image i, caption j
+        texts = torch.arange(count, device=device).repeat(count)
+        segments = text.segment_ids[texts] if text.segment_ids is not None else None
+        out = self.backbone.joint(text.input_ids[texts], text.mask[texts], visual[images], image["mask"][images],
+                                  image["grid"], segment_ids=segments)
+        logits = self.itm_head(out["pooled"])
+        if "image_index" in sample_list:
+            owner = sample_list["image_index"].to(device).view(-1)
+            labels = (owner[images] == owner[texts]).long()
+        else:
+            labels = (images == texts).long()
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        return {"losses": self.named_losses(sample_list, {"itm": loss}),
+                "scores": logits.view(count, count, -1).diagonal(dim1=0, dim2=1).transpose(0, 1)}
 
     def _pretraining_inputs(self, sample_list):
         """The batch's images and texts: the pair layout under ``pairs`` (SOHO's corpora, ``data.py``), or

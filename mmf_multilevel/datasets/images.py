@@ -48,6 +48,7 @@ losses and metrics (``cross_entropy``, ``accuracy``) can train and score image-t
 """
 import os
 import warnings
+from collections.abc import Mapping
 
 import torch
 from mmf.common.registry import registry
@@ -255,18 +256,15 @@ class ImageCaptionDataset(CaptionSamples, ImageTextDataset):
         return self.add_caption(record, sample, lambda caption: self.text_for_image(caption, flipped))
 
 
-def collate_images(samples, dataset_name=None, dataset_type=None, fields=None, size_divisor=1):
-    """MMF's collation for images of different sizes: pads each image field (bottom/right, zeros
-    after normalisation) to the batch's largest height/width (rounded up to ``size_divisor``),
-    then builds the ``SampleList`` as MMF's ``BatchCollator`` does; ``<field>_size`` keeps each
-    content size. Lets SOHO-style inputs (``pad_to: null``) batch without a fixed canvas, for
-    loaders that take a ``collate_fn``.
-    """
-    if not samples:
-        raise ValueError("collate_images: empty batch")
-    fields = fields or [k for k, v in samples[0].items() if isinstance(v, torch.Tensor) and v.ndim == 3
-                        and f"{k}_size" in samples[0]]
-    divisor = max(1, int(size_divisor))
+def _pad_image_fields(samples, fields, divisor):
+    """Pads ``fields`` (default: each 3-D tensor with a ``<field>_size`` beside it, and so on in nested
+    samples such as NLVR2's ``img0`` / ``img1``) of ``samples`` in place to the largest height/width."""
+    first = samples[0]
+    if fields is None:
+        fields = [k for k, v in first.items() if isinstance(v, torch.Tensor) and v.ndim == 3 and f"{k}_size" in first]
+        for key, value in first.items():
+            if isinstance(value, Mapping):
+                _pad_image_fields([s[key] for s in samples], None, divisor)
     for field in fields:
         heights = [int(s[field].shape[-2]) for s in samples]
         widths = [int(s[field].shape[-1]) for s in samples]
@@ -275,6 +273,20 @@ def collate_images(samples, dataset_name=None, dataset_type=None, fields=None, s
         for sample, h, w in zip(samples, heights, widths):
             if (h, w) != (height, width):
                 sample[field] = torch.nn.functional.pad(sample[field], (0, width - w, 0, height - h), value=0.0)
+
+
+def collate_images(samples, dataset_name=None, dataset_type=None, fields=None, size_divisor=1):
+    """MMF's collation for images of different sizes: pads each image field (also in nested samples:
+    NLVR2's ``img0`` / ``img1``; bottom/right, zeros
+    after normalisation) to the batch's largest height/width (rounded up to ``size_divisor``),
+    then builds the ``SampleList`` as MMF's ``BatchCollator`` does; ``<field>_size`` keeps each
+    content size. Lets SOHO-style inputs (``pad_to: null``) batch without a fixed canvas, for
+    loaders that take a ``collate_fn``.
+    """
+    if not samples:
+        raise ValueError("collate_images: empty batch")
+    divisor = max(1, int(size_divisor))
+    _pad_image_fields(samples, fields, divisor)
     batch = SampleList(samples)
     if dataset_name is not None:
         batch.dataset_name = dataset_name

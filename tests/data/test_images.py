@@ -585,6 +585,28 @@ def test_collate_images_pads_to_the_batch_maximum(demo):
     assert batch.image_size.tolist() == [list(s) for s in sizes] and batch.dataset_type == "val"
 
 
+def test_collate_images_pads_nested_image_fields():
+    """NLVR2's pair layout (img0.image / img1.image, each with its image_size) batches with images of
+    different sizes: each side padded to its own batch maximum."""
+    from mmf.common.sample import Sample
+
+    shapes = [((40, 60), (50, 30)), ((48, 52), (36, 70))]
+    samples = []
+    for left, right in shapes:
+        sample = Sample()
+        for side, (h, w) in zip(("img0", "img1"), (left, right)):
+            sample[side] = Sample({"image": torch.ones(3, h, w), "image_size": torch.tensor([h, w])})
+        sample.targets = torch.tensor(1)
+        samples.append(sample)
+    batch = D.collate_images(samples, "nlvr2_images", "train")
+    assert batch.img0.image.shape == (2, 3, 48, 60) and batch.img1.image.shape == (2, 3, 50, 70)
+    for i, (left, right) in enumerate(shapes):
+        for side, (h, w) in zip(("img0", "img1"), (left, right)):
+            image = batch[side].image[i]
+            assert image[:, :h, :w].eq(1).all() and image.sum() == 3 * h * w
+    assert batch.img1.image_size.tolist() == [[50, 30], [36, 70]]
+
+
 @pytest.mark.slow
 def test_lmdb_builder_survives_kill_9(demo, tmp_path):
     """SIGKILL in the middle of a batch (from inside the process: deterministic), then a rerun: every image once."""

@@ -203,8 +203,9 @@ def test_assignment_under_autocast_is_the_float32_one():
 
 
 def test_loss_of_an_update_uses_the_dictionary_before_its_update():
-    """Update order: the forward assigns with D, the loss sees D[ids], and only synchronize moves D."""
-    model = build(vd_momentum=0.0).train()
+    """Update order: the forward assigns with D, the loss sees D[ids], and only synchronize moves D (the
+    one-time draw of vd_init: feature_statistics, before the first assignment, has its own test)."""
+    model = build(vd_momentum=0.0, vd_init="standard_normal").train()
     batch = tiny.tiny_batch("pretraining")
     seen = {}
     original = model.backbone.dictionary.forward
@@ -720,3 +721,111 @@ def test_config_errors_name_the_key():
     del batch.pairs["lm_label_ids"]
     with pytest.raises(KeyError, match="masked_token"):
         model(batch)
+
+
+# ---------------------------------------------------------------------------------------------- dictionary init
+def _distinct_after_one_update(vd_init):
+    model = build("pretraining", vd_init=vd_init, vd_size=64)
+    batch = tiny.pretraining_batch(num_images=4, seed=5, height=256, width=384)  # 4 distinct images, 96 cells
+    optimizer = model.configure_optimizer(None)
+    update(model, batch, optimizer, TrainingProgress(update=0, epoch=1))
+    first = model.backbone.dictionary.usage_summary()["distinct"]
+    with torch.no_grad():
+        image = model.backbone.encode_image(batch["image"], batch["image_mask"] if "image_mask" in batch else None,
+                                            quantise=False)
+        ids = model.backbone.dictionary.assign(image["features"])[image["mask"]]
+    return first, len(set(ids.tolist())), ids.numel()
+
+
+def test_a_fresh_dictionary_on_a_random_resnet_uses_many_entries():
+    """vd_init feature_statistics (default): entries drawn at the features' per-channel scale before the
+    first assignment, so a random ResNet's features spread over the dictionary; the N(0, 1) entries of
+    construction (standard_normal) put almost every cell on one or two entries (the collapse the demo logged)."""
+    assert build("pretraining").backbone.dictionary.init == "feature_statistics"  # the default
+    first, after, cells = _distinct_after_one_update("feature_statistics")
+    assert cells >= 40
+    assert first >= 8 and after >= 8, (first, after, cells)
+    first_n, after_n, _ = _distinct_after_one_update("standard_normal")
+    assert first_n <= 2 and after_n <= 2, (first_n, after_n)
+
+
+def test_feature_statistics_init_runs_once_and_a_loaded_dictionary_is_kept():
+    model = build("pretraining", vd_init="feature_statistics")
+    dictionary = model.backbone.dictionary
+    assert not bool(dictionary.initialised)
+    features = torch.randn(2, 6, HIDDEN) * 3 + 5
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    padded = features.clone()
+    padded[1, 3:] = 1e6  # padding cells take no part in the statistics
+    dictionary.train()
+    dictionary(padded, mask)
+    assert bool(dictionary.initialised)
+    real = features[mask].double()
+    z = torch.randn(dictionary.size, HIDDEN, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = real.mean(0) + real.std(0, unbiased=False) * z
+    torch.testing.assert_close(dictionary.embedding, expected.float(), rtol=1e-5, atol=1e-5)
+    drawn = dictionary.embedding.clone()
+    dictionary(torch.randn(2, 6, HIDDEN), mask)  # never redrawn
+    assert torch.equal(dictionary.embedding, drawn)
+    # a checkpoint's dictionary without the flag (older soho checkpoints, converted official ones) is kept
+    fresh = build("pretraining", vd_init="feature_statistics")
+    state = {k: v for k, v in model.state_dict().items() if k != "backbone.dictionary.initialised"}
+    fresh.load_state_dict(state)
+    assert bool(fresh.backbone.dictionary.initialised)
+    # and a fine-tuning model never draws (the dictionary does not update there)
+    tuned = build("vqa", vd_init="feature_statistics")
+    before = tuned.backbone.dictionary.embedding.clone()
+    tuned.train()
+    tuned(tiny.tiny_batch("vqa"))
+    assert torch.equal(tuned.backbone.dictionary.embedding, before)
+
+
+# ---------------------------------------------------------------------------------------------- retrieval batch
+def _retrieval_batch(count=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    batch = tiny._sample_list()
+    batch.image, batch.image_size = tiny.images(count, generator)
+    batch.input_ids, batch.input_mask = tiny.texts(count, generator)
+    batch.segment_ids = torch.zeros_like(batch.input_ids)
+    batch.targets = torch.ones(count, dtype=torch.long)
+    batch.dataset_name, batch.dataset_type = "coco_retrieval_images", "train"
+    return batch
+
+
+def test_in_batch_retrieval_scores_every_image_with_every_caption():
+    """§4.2.1: t aligned pairs -> t² (image, caption) pairs, aligned on the diagonal, binary CE over all."""
+    model = build("retrieval", retrieval_in_batch=True).train()
+    batch = _retrieval_batch()
+    out = model(batch)
+    (name, loss), = out["losses"].items()
+    assert name == "train/coco_retrieval_images/itm" and out["scores"].shape == (3, 2)
+    # independently: each (image i, caption j) as its own one-pair batch through the fine-tuning path
+    logits = torch.zeros(3, 3, 2)
+    with torch.no_grad():
+        for i in range(3):
+            for j in range(3):
+                single = tiny._sample_list()
+                single.image, single.image_size = batch.image[i:i + 1], batch.image_size[i:i + 1]
+                single.input_ids, single.input_mask = batch.input_ids[j:j + 1], batch.input_mask[j:j + 1]
+                single.segment_ids = batch.segment_ids[j:j + 1]
+                logits[i, j] = model.itm_head(model.encode(single)["pooled"])[0]
+    labels = torch.eye(3, dtype=torch.long).view(-1)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 2), labels), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["scores"], logits.diagonal(dim1=0, dim2=1).transpose(0, 1), rtol=1e-4, atol=1e-5)
+    # two captions of one image in the batch: both its pairs are aligned
+    batch.image_index = torch.tensor([4, 4, 9])
+    twin = model(batch)["losses"]["train/coco_retrieval_images/itm"]
+    same = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]]).view(-1)
+    torch.testing.assert_close(twin, F.cross_entropy(logits.view(-1, 2), same), rtol=1e-4, atol=1e-5)
+
+
+def test_in_batch_retrieval_refuses_swapped_captions_and_evaluates_pairwise():
+    model = build("retrieval", retrieval_in_batch=True).train()
+    batch = _retrieval_batch()
+    batch.targets = torch.tensor([1, 0, 1])
+    with pytest.raises(ValueError, match="itm_probability: 0"):
+        model(batch)
+    model.eval()
+    with torch.no_grad():
+        assert model(_retrieval_batch())["scores"].shape == (3, 2)  # evaluation scores the dataset's pairs

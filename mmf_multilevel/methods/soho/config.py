@@ -28,16 +28,21 @@ class SOHOOptimizationConfig:
 
 @dataclass
 class SOHOConfig(MethodConfig):
+    bert_num_layers: Optional[int] = None
     backbone: str = "resnet101"
     backbone_pretrained: bool = True
     frozen_batch_norm: bool = True
+    pool_before_conv: bool = False
+    visual_token_type: bool = True
     vd_size: int = 2048
     vd_momentum: float = 0.99
+    vd_init: str = "feature_statistics"
     use_vd: bool = True
     use_vd_in_finetune: bool = False
     freeze_resnet_epochs: int = 10
     freeze_resnet_updates: Optional[int] = None
     mask_token_id: int = 103
     num_answers: int = 3129
+    retrieval_in_batch: bool = False
     pretraining: SOHOPretrainingConfig = field(default_factory=SOHOPretrainingConfig)
     optimization: SOHOOptimizationConfig = field(default_factory=SOHOOptimizationConfig)

@@ -14,7 +14,8 @@
   the soft VQA scores); ``nlvr2`` - the statement with each image of the pair, the two pooled [CLS]
   concatenated and classified true / false (§4.2.3); ``snli_ve`` - one fully connected layer on the
   pooled [CLS] over entailment / neutral / contradiction (§4.2.4); ``retrieval`` - the matching head
-  (``itm_head``, 2-way, as the pre-training ITM head it inherits, §4.2.1) scoring image-caption pairs.
+  (``itm_head``, 2-way, as the pre-training ITM head it inherits, §4.2.1) scoring image-caption pairs;
+  with ``retrieval_in_batch`` trained on every image x caption pair of a batch of aligned pairs.
 
 Training hooks (the ``mmf_multilevel`` trainer calls them; ``methods/base.py``):
 
@@ -53,6 +54,7 @@ from mmf_multilevel.methods.soho.pretraining import (
 from mmf_multilevel.modules.heads import ITMHead, VQAHead, bert_pretraining_head_state, init_bert_weights
 from mmf_multilevel.modules.masking import IGNORE_INDEX
 from mmf_multilevel.modules.task_heads import NLVR2PairedHead
+from mmf_multilevel.modules.text import BertTextEncoder
 from mmf_multilevel.trainers.optim import CompositeOptimizer
 
 __all__ = ["SOHO"]
@@ -72,12 +74,33 @@ class SOHO(MethodModel):
     # ------------------------------------------------------------------ build
     def build_backbone(self):
         s = self.settings
-        backbone = SOHONetwork(build_text_encoder(s), backbone=s.backbone, pretrained_backbone=s.backbone_pretrained,
+        backbone = SOHONetwork(self._text_encoder(), backbone=s.backbone, pretrained_backbone=s.backbone_pretrained,
                                frozen_batch_norm=s.frozen_batch_norm, vd_size=s.vd_size, vd_momentum=s.vd_momentum,
-                               mask_token_id=s.mask_token_id)
+                               mask_token_id=s.mask_token_id, pool_before_conv=s.pool_before_conv,
+                               visual_token_type=s.visual_token_type, vd_init=s.vd_init)
         # the dictionary moves only in pre-training (fine-tuning neither reads nor updates it by default, §4.2)
         backbone.dictionary.updating = self.settings.training_head_type == "pretraining" and s.use_vd
         return backbone
+
+    def _text_encoder(self):
+        """``bert_model_name``'s BERT (its first ``bert_num_layers`` layers when set: Table 7's 3-layer
+        transformer, §4.1), or a random one from the BertConfig fields."""
+        s = self.settings
+        if s.bert_num_layers is None:
+            return build_text_encoder(s)
+        layers = int(s.bert_num_layers)
+        if not s.bert_model_name:
+            raise ValueError("model_config.soho.bert_num_layers keeps the first layers of bert_model_name, which is "
+                             f"null: set num_hidden_layers: {layers} for a randomly initialised transformer instead")
+        if layers < 1:
+            raise ValueError(f"model_config.soho.bert_num_layers must be positive (or null = all), got {layers}")
+        encoder = BertTextEncoder.from_name(str(s.bert_model_name), num_hidden_layers=layers,
+                                            hidden_dropout_prob=s.hidden_dropout_prob,
+                                            attention_probs_dropout_prob=s.attention_probs_dropout_prob)
+        if encoder.config.num_hidden_layers != layers:
+            raise ValueError(f"model_config.soho.bert_num_layers: {layers} asked, {s.bert_model_name} built "
+                             f"{encoder.config.num_hidden_layers}")
+        return encoder
 
     def build_head(self, head_type):
         s, config = self.settings, self.backbone.config
@@ -171,8 +194,40 @@ class SOHO(MethodModel):
                              segment_ids=text.segment_ids)
 
     def task_forward(self, sample_list):
+        if self.head_type == "retrieval" and self.training and self.settings.retrieval_in_batch:
+            return self.in_batch_retrieval_forward(sample_list)
         head = self.itm_head if self.head_type == "retrieval" else self.classifier
         return {"scores": head(self.encode(sample_list)["pooled"])}
+
+    def in_batch_retrieval_forward(self, sample_list):
+        """§4.2.1's training batch: ``t`` aligned (image, caption) pairs; every image with every caption of
+        the batch (the other ``t - 1`` its unaligned ones; a caption of the same image, when the batch holds
+        one twice, counts as aligned), the matching head as a binary classifier over all ``t²`` pairs, the
+        CNN once per image. Loss ``<split>/<dataset>/itm``; ``scores`` are the aligned pairs' (t, 2)."""
+        where = f"dataset_config.{sample_list.dataset_name}"
+        if "targets" in sample_list and bool((sample_list["targets"].view(-1) != 1).any()):
+            raise ValueError(f"soho retrieval_in_batch reads aligned pairs only: set {where}.itm_probability: 0 "
+                             "(the unaligned pairs are the batch's other captions)")
+        text = text_inputs(sample_list, self.name)
+        pixels = pixel_inputs(sample_list, self.name)
+        count = text.input_ids.size(0)
+        device = text.input_ids.device
+        image = self.backbone.encode_image(pixels.pixels, pixels.mask, quantise=self._visual_source() == "dictionary")
+        visual = image["quantised" if self._visual_source() == "dictionary" else "features"]
+        images = torch.arange(count, device=device).repeat_interleave(count)  # pair (i, j): image i, caption j
+        texts = torch.arange(count, device=device).repeat(count)
+        segments = text.segment_ids[texts] if text.segment_ids is not None else None
+        out = self.backbone.joint(text.input_ids[texts], text.mask[texts], visual[images], image["mask"][images],
+                                  image["grid"], segment_ids=segments)
+        logits = self.itm_head(out["pooled"])
+        if "image_index" in sample_list:
+            owner = sample_list["image_index"].to(device).view(-1)
+            labels = (owner[images] == owner[texts]).long()
+        else:
+            labels = (images == texts).long()
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        return {"losses": self.named_losses(sample_list, {"itm": loss}),
+                "scores": logits.view(count, count, -1).diagonal(dim1=0, dim2=1).transpose(0, 1)}
 
     def _pretraining_inputs(self, sample_list):
         """The batch's images and texts: the pair layout under ``pairs`` (SOHO's corpora, ``data.py``), or

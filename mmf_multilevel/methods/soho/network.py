@@ -30,12 +30,15 @@ from torch import nn
 from mmf_multilevel.modules.text import BertTextEncoder
 
 __all__ = ["GRID_STRIDE", "GridEncoder", "VisualDictionary", "sine_position_embedding", "SOHONetwork",
-           "VISUAL_SOURCES"]
+           "VISUAL_SOURCES", "VD_INITS"]
 
 #: pixels per grid cell along each side: the ResNet's stride 32 then the 2x2 max-pool
 GRID_STRIDE = 64
 #: what the transformer reads for the image: the dictionary embeddings f(V) or the features V
 VISUAL_SOURCES = ("dictionary", "features")
+#: ``feature_statistics``: entries drawn at the first training forward from the per-channel mean and
+#: spread of its features; ``standard_normal``: the N(0, 1) draw of construction kept
+VD_INITS = ("feature_statistics", "standard_normal")
 
 
 class GridEncoder(nn.Module):
@@ -48,8 +51,10 @@ class GridEncoder(nn.Module):
     """
 
     def __init__(self, backbone: str = "resnet101", hidden_size: int = 768, pretrained: bool = True,
-                 frozen_batch_norm: bool = True):
+                 frozen_batch_norm: bool = True, pool_before_conv: bool = False):
         super().__init__()
+        #: the official code's order (pool C5, then the 1x1 conv); §3.1's is conv, then pool
+        self.pool_before_conv = bool(pool_before_conv)
         import timm
         from timm.layers import freeze_batch_norm_2d
 
@@ -83,7 +88,7 @@ class GridEncoder(nn.Module):
                 c5 = self.resnet(pixels)[-1]
         else:
             c5 = self.resnet(pixels)[-1]
-        grid = self.pool(self.proj(c5))
+        grid = self.proj(self.pool(c5)) if self.pool_before_conv else self.pool(self.proj(c5))
         batch, _, height, width = pixels.shape
         if pixel_mask is None:
             pixel_mask = torch.ones(batch, height, width, dtype=torch.bool, device=pixels.device)
@@ -117,20 +122,53 @@ class VisualDictionary(nn.Module):
     and the entries never used.
     """
 
-    def __init__(self, size: int = 2048, dim: int = 768, momentum: float = 0.99):
+    def __init__(self, size: int = 2048, dim: int = 768, momentum: float = 0.99, init: str = "standard_normal",
+                 init_seed: int = 0):
         super().__init__()
         if size < 1 or dim < 1:
             raise ValueError(f"model_config.soho.vd_size must be positive, got {size}")
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"model_config.soho.vd_momentum must lie in [0, 1] (γ of Eq. 4), got {momentum}")
+        if init not in VD_INITS:
+            raise ValueError(f"model_config.soho.vd_init must be one of {list(VD_INITS)}, got {init!r}")
         self.size, self.dim, self.momentum = int(size), int(dim), float(momentum)
-        # "randomly initialized" (§3.2); a standard normal, as the official code's init
+        self.init, self.init_seed = init, int(init_seed)
+        # "randomly initialized" (§3.2): a standard normal (the official code's), redrawn at the features'
+        # scale before the first assignment with init "feature_statistics" (initialise_from)
         self.register_buffer("embedding", torch.randn(self.size, self.dim))
         self.register_buffer("usage", torch.zeros(self.size, dtype=torch.float64))
         self.register_buffer("last_counts", torch.zeros(self.size, dtype=torch.float64))
+        #: whether the entries are final for training (false until initialise_from ran, with "feature_statistics")
+        self.register_buffer("initialised", torch.tensor(init != "feature_statistics"))
         self.updating = True
         self._sums: Optional[torch.Tensor] = None
         self._counts: Optional[torch.Tensor] = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint's dictionary without the flag (written before it existed, or converted) is a trained one
+        flag = f"{prefix}initialised"
+        if f"{prefix}embedding" in state_dict and flag not in state_dict:
+            state_dict[flag] = torch.tensor(True)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def initialise_from(self, v: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Draw every entry from ``N(μ_c, σ_c²)`` per channel ``c`` of the real cells of ``v``
+        (all-reduced over ranks; the same draw on every rank), once, before the first assignment."""
+        flat = v.detach().reshape(-1, self.dim).double()
+        if mask is not None:
+            flat = flat[mask.reshape(-1).bool()]
+        moments = torch.cat([flat.sum(0), flat.pow(2).sum(0), flat.new_tensor([flat.size(0)])])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(moments)
+        count = float(moments[-1])
+        if count < 1:
+            return  # no real cell anywhere: wait for a batch with some
+        mean = moments[: self.dim] / count
+        std = (moments[self.dim: 2 * self.dim] / count - mean.pow(2)).clamp_min(0).sqrt()
+        z = torch.randn(self.size, self.dim, generator=torch.Generator().manual_seed(self.init_seed), dtype=torch.float64)
+        self.embedding.copy_((mean.cpu() + std.cpu() * z).to(self.embedding.device, self.embedding.dtype))
+        self.initialised.fill_(True)
 
     # ------------------------------------------------------------------ assignment
     def assign(self, v: torch.Tensor) -> torch.Tensor:
@@ -148,6 +186,8 @@ class VisualDictionary(nn.Module):
 
     def forward(self, v: torch.Tensor, mask: Optional[torch.Tensor] = None):
         """``v (..., c)`` and ``mask (...)`` (True = real cell) -> ``(f(v) (..., c), ids (...))``."""
+        if self.training and self.updating and not bool(self.initialised):
+            self.initialise_from(v, mask)
         ids = self.assign(v)
         # sg[d - v] + v written as d + (v - sg[v]): the same gradient, and the forward value is d exactly
         quantised = self.lookup(ids).to(v.dtype) + (v - v.detach())
@@ -263,7 +303,8 @@ class SOHONetwork(nn.Module):
 
     def __init__(self, text: BertTextEncoder, backbone: str = "resnet101", pretrained_backbone: bool = True,
                  frozen_batch_norm: bool = True, vd_size: int = 2048, vd_momentum: float = 0.99,
-                 mask_token_id: int = 103):
+                 mask_token_id: int = 103, pool_before_conv: bool = False, visual_token_type: bool = True,
+                 vd_init: str = "feature_statistics"):
         super().__init__()
         if text.pooler is None:
             raise ValueError("SOHONetwork needs a BertTextEncoder built with its pooler")
@@ -274,8 +315,10 @@ class SOHONetwork(nn.Module):
         if config.type_vocab_size < 2:
             raise ValueError("model_config.soho.type_vocab_size must be at least 2 (visual tokens are type 1)")
         self.text = text
-        self.encoder = GridEncoder(backbone, config.hidden_size, pretrained_backbone, frozen_batch_norm)
-        self.dictionary = VisualDictionary(vd_size, config.hidden_size, vd_momentum)
+        self.encoder = GridEncoder(backbone, config.hidden_size, pretrained_backbone, frozen_batch_norm, pool_before_conv)
+        #: add BERT's token-type row 1 to the visual tokens (false: the official code's LN(x + pos))
+        self.visual_token_type = bool(visual_token_type)
+        self.dictionary = VisualDictionary(vd_size, config.hidden_size, vd_momentum, init=vd_init)
         self.visual_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.visual_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.mask_token_id = int(mask_token_id)
@@ -311,8 +354,10 @@ class SOHONetwork(nn.Module):
             visual = torch.where(masked[..., None], mask_vector.expand_as(visual), visual)
         height, width = grid
         pos = sine_position_embedding(mask.view(-1, height, width), self.hidden_size).flatten(1, 2)
-        types = self.text.token_type_embeddings.weight[1]
-        return self.visual_dropout(self.visual_norm(visual + pos.to(visual.dtype) + types))
+        tokens = visual + pos.to(visual.dtype)
+        if self.visual_token_type:
+            tokens = tokens + self.text.token_type_embeddings.weight[1]
+        return self.visual_dropout(self.visual_norm(tokens))
 
     # ------------------------------------------------------------------ joint
     def joint(self, input_ids: torch.Tensor, text_mask: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor,

@@ -117,3 +117,55 @@ def tiny_batch(head_type, seed=0):
         batch.targets = torch.tensor([1, 0] if head_type != "snli_ve" else [2, 0])
     batch.dataset_name, batch.dataset_type = "soho_contract", "train"
     return batch
+
+
+def official_layout_state(seed=0, conv_norm=True, pos_line=True, hidden=32, vd_size=16, vocab_size=40, layers=2,
+                          intermediate=64, max_positions=40, heads=4):
+    """A randomly initialised state dict in the official release's key layout (researchmm/soho:
+    ``SOHOSingleStreamPre`` with ``SimpleVDforPre``; mmcv ResNet-18 = torchvision's module names, the 1x1 conv
+    with a BatchNorm after it or a bias, the dictionary and its running statistics, BERT without a pooler,
+    the tied MLM decoder, the bias-free ITM layer), for the converter's tests (``checkpoints.py``)."""
+    import torchvision
+    from transformers import BertConfig, BertModel
+
+    C, K = hidden, vd_size
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    resnet = torchvision.models.resnet18(weights=None)
+    state = {}
+    for key, value in resnet.state_dict().items():
+        if key.startswith("fc."):
+            continue
+        if key.endswith("running_mean"):
+            value = torch.randn(value.shape, generator=g) * 0.1
+        elif key.endswith("running_var"):
+            value = torch.rand(value.shape, generator=g) + 0.5
+        elif key.endswith(".bias") and "bn" in key or "downsample.1.bias" in key:
+            value = torch.randn(value.shape, generator=g) * 0.1
+        state[f"backbone.{key}"] = value
+    state["neck.conv.conv.weight"] = torch.randn(C, 512, 1, 1, generator=g) * 0.05
+    if conv_norm:
+        state.update({"neck.conv.bn.weight": torch.rand(C, generator=g) + 0.5,
+                      "neck.conv.bn.bias": torch.randn(C, generator=g) * 0.1,
+                      "neck.conv.bn.running_mean": torch.randn(C, generator=g) * 0.1,
+                      "neck.conv.bn.running_var": torch.rand(C, generator=g) + 0.5,
+                      "neck.conv.bn.num_batches_tracked": torch.tensor(7)})
+    else:
+        state["neck.conv.conv.bias"] = torch.randn(C, generator=g) * 0.1
+    state.update({"neck.ln.weight": torch.rand(C, generator=g) + 0.5, "neck.ln.bias": torch.randn(C, generator=g) * 0.1,
+                  "neck.mask_emb.weight": torch.randn(1, C, generator=g),
+                  "neck.vq.embed": torch.randn(K, C, generator=g),
+                  "neck.vq.cluster_size": torch.rand(K, generator=g), "neck.vq.cluster_sum": torch.rand(K, generator=g),
+                  "neck.vq.embed_avg": torch.randn(K, C, generator=g)})
+    if pos_line:
+        state.update({"neck.pos_line.weight": torch.randn(C, C, generator=g), "neck.pos_line.bias": torch.zeros(C)})
+    bert = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=C, num_hidden_layers=layers, num_attention_heads=heads,
+                                intermediate_size=intermediate, max_position_embeddings=max_positions),
+                     add_pooling_layer=False)
+    for key, value in bert.state_dict().items():
+        if "position_ids" in key or "token_type_ids" in key:
+            continue
+        state[f"language.bert.{key}"] = value + 0.01 * torch.randn(value.shape, generator=g)
+    state["mask_l_fc.weight"] = state["language.bert.embeddings.word_embeddings.weight"].clone()
+    state["head.match_class.weight"] = torch.randn(2, C, generator=g)
+    return state

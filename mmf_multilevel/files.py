@@ -1,7 +1,7 @@
 """Small file helpers shared by the long-running tools (extractor, image packer, data generator)."""
 import os
 
-__all__ = ["write_lines_atomically"]
+__all__ = ["write_lines_atomically", "save_torch_atomically"]
 
 
 def write_lines_atomically(path, lines, header=None, remove_when_empty=False):
@@ -20,3 +20,17 @@ def write_lines_atomically(path, lines, header=None, remove_when_empty=False):
         for line in lines:
             handle.write(line + "\n")
     os.replace(tmp, path)
+
+
+def save_torch_atomically(obj, path):
+    """``torch.save(obj, path)`` through a temporary file and a rename: a converter that fails or is
+    killed leaves no half-written checkpoint (and no temporary file)."""
+    import torch
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut, configured in setup.cfg [mutmut]): mutates the loss, masking, embedding
 # and network code of every method and mmf_multilevel/modules/, runs the unit tests that reach each
-# mutant, and prints the score. Not part of CI (about an hour on 2 cores; results are cached in
+# mutant, and prints the score. Not part of CI (about 3 hours on 2 cores; results are cached in
 # mutants/, so a second run only re-tests what changed).
 #   bash scripts/mutation.sh                 # run, then print the summary
 #   bash scripts/mutation.sh summary         # the summary of the last run only

@@ -363,3 +363,34 @@ def test_a_question_corpus_reads_the_annotation_file_of_its_index(demo):
     first, second = VQA2Dataset("vqa2", config, "train", 0), VQA2Dataset("vqa2", config, "train", 1)
     assert first.annotation_path.endswith("vqa_val.jsonl") and second.annotation_path.endswith("vqa_train.jsonl")
     assert len(first) != len(second)
+
+
+@pytest.mark.parametrize("key", ["itm_probability", "region_mask_probability"])
+def test_pretraining_probabilities_accept_the_closed_unit_interval_and_name_their_key(demo, key):
+    dataset = make(CaptionDataset, "coco_captions", demo, **{key: 1.0})
+    assert getattr(dataset, key) == 1.0
+    with pytest.raises(ValueError, match=key):
+        make(CaptionDataset, "coco_captions", demo, **{key: 1.5})
+
+
+@pytest.mark.parametrize("key", ["itm_probability", "region_mask_probability", "region_zero_ratio",
+                                 "region_random_ratio"])
+def test_a_missing_pretraining_key_names_the_dataset_and_the_key(demo, key):
+    config = dataset_config("coco_captions", demo)
+    del config[key]
+    with pytest.raises(KeyError, match=f"dataset_config.coco_captions.{key} is not set"):
+        CaptionDataset("coco_captions", config, "train")
+
+
+def test_every_caption_can_be_swapped_in_a_corpus_of_two_images(demo, tmp_path):
+    """Two images are enough for a mismatched pair: at itm_probability 1 each caption comes from the other."""
+    import random
+
+    records = [json.loads(line) for line in (demo / "annotations" / "captions_train.jsonl").read_text().splitlines()]
+    first_two = sorted({str(r["image_id"]) for r in records})[:2]
+    two = tmp_path / "two_images.jsonl"
+    two.write_text("".join(json.dumps(r) + "\n" for r in records if str(r["image_id"]) in first_two))
+    dataset = make(CaptionDataset, "coco_captions", demo, itm_probability=1.0, **{"annotations.train": str(two)})
+    assert {str(r["image_id"]) for r in dataset.records} == set(first_two)
+    random.seed(0)
+    assert all(int(dataset[i].is_correct) == 0 for i in range(len(dataset)))

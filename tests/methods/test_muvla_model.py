@@ -464,3 +464,46 @@ def test_loss_edge_cases_one_label_tag_zero_weighting_off_and_unweighted_text():
     assert not torch.equal(weighted["itm"], plain["itm"]) and not torch.equal(weighted["mlm"], plain["mlm"])
     text = pretraining_losses(heads, out, "text", mlm_labels=labels, itm_weights=weights)
     torch.testing.assert_close(text["mlm"], plain["mlm"])
+
+
+@pytest.mark.parametrize("style", ["paper", "released", "visual_bert"])
+def test_token_types_and_tag_boxes_reach_the_embeddings_in_every_style(style):
+    net = network(style).eval()
+    ids, mask, feats, boxes, rmask = batch()
+    types = (torch.arange(T) >= 3).long().expand(B, T) * mask
+    plain = net(ids, mask, feats, boxes, rmask)
+    typed = net(ids, mask, feats, boxes, rmask, token_type_ids=types)
+    assert not torch.allclose(plain["pooled"], typed["pooled"])
+    zeros = net(ids, mask, feats, boxes, rmask, token_type_ids=torch.zeros_like(ids))
+    torch.testing.assert_close(plain["pooled"], zeros["pooled"])  # no types = type 0
+    if style != "visual_bert":  # R-T: the tags carry their regions' boxes
+        tag_boxes = boxes[:, :1].expand(B, T, 5).clone()
+        tagged = net(ids, mask, feats, boxes, rmask, tag_boxes=tag_boxes)
+        moved = net(ids, mask, feats, boxes, rmask, tag_boxes=tag_boxes.roll(1, dims=-1))  # not a rescale: LN
+        assert not torch.allclose(tagged["pooled"], moved["pooled"])
+
+
+@pytest.mark.parametrize("key,head", [("pretraining.mrm_normalization", "pretraining"),
+                                      ("pretraining.itm_weighting", "pretraining"),
+                                      ("pretraining.itm_weight_source", "pretraining"),
+                                      ("pretraining.default_task", "pretraining"),
+                                      ("pooling", "classification")])
+def test_a_setting_outside_its_choices_is_refused_by_its_key(key, head):
+    overrides = {"training_head_type": head, "num_labels": 3}
+    section, _, leaf = key.rpartition(".")
+    if section:
+        overrides[section] = {leaf: "bogus"}
+    else:
+        overrides[leaf] = "bogus"
+    with pytest.raises(ValueError, match=f"model_config.muvla.{key}"):
+        build(**overrides)
+
+
+def test_task_heads_follow_the_bert_settings():
+    settings = dict(hidden_dropout_prob=0.3, layer_norm_eps=1e-6, initializer_range=0.5)
+    nlvr2 = build(training_head_type="nlvr2", **settings).classifier
+    assert nlvr2.dropout.p == 0.3 and nlvr2.classifier[2].eps == 1e-6 and nlvr2.classifier[3].out_features == 2
+    assert nlvr2.classifier[0].weight.std().item() == pytest.approx(0.5, rel=0.15)
+    scorer = build(training_head_type="refcoco", **settings).classifier
+    assert scorer.transform[2].eps == 1e-6
+    assert scorer.transform[0].weight.std().item() == pytest.approx(0.5, rel=0.15)

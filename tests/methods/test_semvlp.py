@@ -86,6 +86,7 @@ def test_shapes_and_summary_token(mode):
         assert torch.equal(out["summary"], out["sequence"][:, 1 + NOBJ])
         assert torch.equal(out["summary"], out["text"][:, 0])
     else:
+        assert out["summary_index"] == 0  # o_IMG, the first position of the object stream
         assert torch.equal(out["summary"], out["objects"][:, 0])  # o_IMG
     pooler = net.text.pooler
     assert torch.allclose(out["pooled"], torch.tanh(pooler.dense(out["summary"])))
@@ -633,3 +634,65 @@ def test_the_adapter_hands_the_backbone_token_types_padding_and_corrupted_region
                                 sl.segment_ids, mode=mode)
     assert not torch.allclose(clean["pooled"], no_types["pooled"])
     assert not torch.allclose(clean["pooled"][2], no_padding["pooled"][2])
+
+
+@pytest.mark.parametrize("mode", [SINGLE, TWO])
+def test_hidden_states_only_when_asked_one_per_block_plus_the_embeddings(mode):
+    net = tiny_network()
+    ids, mask, feats, boxes, rmask = batch()
+    plain = net(ids, mask, feats, boxes, rmask, mode=mode)
+    out = net(ids, mask, feats, boxes, rmask, mode=mode, output_hidden_states=True)
+    keys = ("hidden_states",) if mode == SINGLE else ("text_hidden_states", "object_hidden_states")
+    assert not any(key in plain for key in keys)
+    for key in keys:
+        assert len(out[key]) == LAYERS + 1
+    if mode == TWO:
+        assert torch.equal(out["text_hidden_states"][-1], out["text"])
+        assert torch.equal(out["object_hidden_states"][-1], out["objects"])
+    else:
+        assert torch.equal(out["hidden_states"][-1], out["sequence"])
+
+
+def test_settings_reach_the_heads_the_network_and_the_schedule():
+    """The task heads take BERT's dropout, LayerNorm eps and initializer range (two labels for NLVR2 and
+    matching); ``cross_attention_layers``, ``schedule_seed`` and ``pretraining.feature_loss`` reach the
+    network, the schedule and the loss; a wrong ``mode`` names its key."""
+    settings = dict(hidden_dropout_prob=0.3, layer_norm_eps=1e-6, initializer_range=0.5)
+    vqa = build_model(training_head_type="classification", num_labels=5, **settings).classifier
+    nlvr2 = build_model(training_head_type="nlvr2", **settings).classifier
+    itm = build_model(training_head_type="retrieval", **settings).itm_head
+    assert vqa.dropout.p == nlvr2.dropout.p == itm.dropout.p == 0.3
+    assert vqa.LayerNorm.eps == nlvr2.classifier[2].eps == 1e-6
+    assert nlvr2.classifier[3].out_features == itm.classifier.out_features == 2
+    for weight in (vqa.dense.weight, nlvr2.classifier[0].weight, itm.classifier.weight):
+        assert weight.std().item() == pytest.approx(0.5, rel=0.25)
+    upper, every = build_model(), build_model(cross_attention_layers="all")
+    assert len(every.backbone.cross_attention) == LAYERS > len(upper.backbone.cross_attention) == LAYERS - LS
+    draws = [build_model(mode_schedule="random", schedule_seed=seed).schedule.modes(64) for seed in (0, 7)]
+    assert draws[0] != draws[1]
+    sl = sample_list()
+    losses = {}
+    for kind in ("mse", "smooth_l1"):
+        model = build_model(mode_schedule="single", pretraining=dict(feature_loss=kind)).train()
+        model.on_update_start(TrainingProgress(update=0, epoch=0))
+        losses[kind] = model(sl)["losses"]["train/coco_captions/single/mrfr"]
+    assert not torch.allclose(losses["mse"], losses["smooth_l1"])
+    with pytest.raises(ValueError, match="model_config.semvlp.mode"):
+        build_model(mode="three")
+
+
+def test_bert_weights_by_path_start_the_encoder_and_the_masked_lm_head(tmp_path):
+    from transformers import BertForPreTraining
+
+    torch.manual_seed(5)
+    source = BertForPreTraining(tiny_bert())
+    with torch.no_grad():
+        source.cls.predictions.transform.dense.weight.normal_(0.0, 3.0)
+    source.save_pretrained(tmp_path / "bert")
+    state = source.state_dict()
+    model = build_model(bert_model_name=str(tmp_path / "bert"))
+    torch.testing.assert_close(model.backbone.text.bert.encoder.layer[0].attention.self.query.weight,
+                               state["bert.encoder.layer.0.attention.self.query.weight"])
+    torch.testing.assert_close(model.heads.mlm.transform.dense.weight, state["cls.predictions.transform.dense.weight"])
+    fresh = build_model(bert_model_name=str(tmp_path / "bert"), pretraining=dict(init_mlm_from_bert=False))
+    assert not torch.allclose(fresh.heads.mlm.transform.dense.weight, state["cls.predictions.transform.dense.weight"])

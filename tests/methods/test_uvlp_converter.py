@@ -170,3 +170,20 @@ def test_cli_writes_a_weights_only_checkpoint_and_refuses_other_layouts(tmp_path
     torch.save({"model": {"encoder.weight": torch.zeros(1)}}, source)
     assert C.main(["uvlp", str(source), str(tmp_path / "other.pth")]) == 2
     assert "not a UVLP" in capsys.readouterr().err and not (tmp_path / "other.pth").exists()
+
+
+def test_pretraining_without_tags_skips_the_region_class_head_and_a_missing_backbone_entry_is_named(tmp_path):
+    state, _ = official_state()
+    path = tmp_path / "uvlp.ckpt"
+    torch.save({"model": state}, path)
+    base = OmegaConf.load(MuVLA.config_path()).model_config.muvla
+    config = OmegaConf.merge(base, dict(bert_model_name=None, embedding_style="released", feature_dim=FEAT,
+                                        released_checkpoint=str(path), pretraining=dict(num_tags=0), **SIZES))
+    model = MuVLA(config)
+    model.build()
+    assert model.heads.mrc is None
+    torch.testing.assert_close(model.heads.itm.classifier.weight, state["model.itm_cls.weight"])
+    partial = {k: v for k, v in state.items() if k != "model.bert.encoder.layer.0.output.dense.weight"}
+    torch.save({"model": partial}, path)
+    with pytest.raises(KeyError, match=r"lacks backbone entries \['backbone.text.bert.encoder.layer.0.output.dense.weight'\]"):
+        build(path)

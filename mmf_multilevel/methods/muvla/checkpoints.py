@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from mmf_multilevel.files import save_torch_atomically
 from mmf_multilevel.zoo.zoo import load_converted, read_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -260,13 +261,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    tmp = f"{args.output}.tmp-{os.getpid()}"  # written whole, then renamed: no half-written output
-    try:
-        torch.save({"model": converted}, tmp)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_torch_atomically({"model": converted}, args.output)
     heads = sorted({k.split(".")[1] for k in converted if k.startswith("heads.")})
     print(f"wrote {args.output}: {len(converted)} tensors (backbone{' + heads ' + ', '.join(heads) if heads else ''}); "
           f"left out {len(dropped)} source keys{': ' + ', '.join(dropped[:8]) if dropped else ''}"

@@ -55,6 +55,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
+from mmf_multilevel.files import save_torch_atomically
 from mmf_multilevel.zoo.zoo import load_checkpoint
 
 __all__ = ["TARGETS", "convert_official_state", "read_official_state", "OFFICIAL_SETTINGS", "main"]
@@ -205,13 +206,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    tmp = f"{args.output}.tmp-{os.getpid()}"  # written whole, then renamed
-    try:
-        torch.save({"model": converted}, tmp)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_torch_atomically({"model": converted}, args.output)
     layers = len({k.split(".")[5] for k in converted if k.startswith("backbone.text.bert.encoder.layer.")})
     k, c = converted["backbone.dictionary.embedding"].shape
     settings = " ".join(f"model_config.soho.{key}={str(v).lower()}" for key, v in OFFICIAL_SETTINGS.items())

@@ -389,8 +389,9 @@ def test_every_caption_can_be_swapped_in_a_corpus_of_two_images(demo, tmp_path):
     records = [json.loads(line) for line in (demo / "annotations" / "captions_train.jsonl").read_text().splitlines()]
     first_two = sorted({str(r["image_id"]) for r in records})[:2]
     two = tmp_path / "two_images.jsonl"
-    two.write_text("".join(json.dumps(r) + "\n" for r in records if str(r["image_id"]) in first_two))
+    one_each = [next(r for r in records if str(r["image_id"]) == image_id) for image_id in first_two]
+    two.write_text("".join(json.dumps(r) + "\n" for r in one_each))  # two records: one caption per image
     dataset = make(CaptionDataset, "coco_captions", demo, itm_probability=1.0, **{"annotations.train": str(two)})
-    assert {str(r["image_id"]) for r in dataset.records} == set(first_two)
+    assert len(dataset.records) == 2 and {str(r["image_id"]) for r in dataset.records} == set(first_two)
     random.seed(0)
     assert all(int(dataset[i].is_correct) == 0 for i in range(len(dataset)))

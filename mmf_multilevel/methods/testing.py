@@ -73,7 +73,8 @@ def region_batch(dataset_name, batch=3, length=8, num_regions=5, feature_dim=16,
 
 
 def mlm_labels(sample_list, seed=1):
-    """``lm_label_ids`` with two masked positions per sample (-1 elsewhere), the ids put back as [MASK]."""
+    """``lm_label_ids`` with two labelled positions per sample (their current ids; -1 elsewhere); the ids
+    themselves are left as they are (a test that needs [MASK] in them puts it there)."""
     generator = torch.Generator().manual_seed(seed)
     ids = sample_list.input_ids
     labels = torch.full_like(ids, -1)

@@ -250,9 +250,8 @@ def test_two_gloo_ranks_update_the_dictionary_as_one_process(tmp_path):
     mask = torch.rand(8, 6) > 0.3
     reference(v, mask)
     reference.step()
-    # forked ranks: no second import of MMF and this module (a spawned rank pays ~15 s for it)
-    mp.start_processes(_dictionary_rank, args=(2, f"file://{tmp_path / 'init'}", v, mask, str(tmp_path / "out")),
-                       nprocs=2, start_method="fork")
+    # spawned ranks: a forked rank can deadlock in the OpenMP pool the parent has already used
+    mp.spawn(_dictionary_rank, args=(2, f"file://{tmp_path / 'init'}", v, mask, str(tmp_path / "out")), nprocs=2)
     ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
     assert torch.equal(ranks[0]["embedding"], ranks[1]["embedding"])
     torch.testing.assert_close(ranks[0]["embedding"], reference.embedding, atol=1e-6, rtol=0)

@@ -205,14 +205,15 @@ def load_converted(model: "torch.nn.Module", converted: Mapping[str, "torch.Tens
     return [k for k in own if k not in converted]
 
 
-def read_state(path: str, allow_pickle=None) -> Dict[str, "torch.Tensor"]:
-    """The tensors of an MMF checkpoint (``.ckpt`` / ``.pth``, optionally under ``model``)."""
+def read_state(path: str, allow_pickle=None, container: str = "model") -> Dict[str, "torch.Tensor"]:
+    """The tensors of a checkpoint (``.ckpt`` / ``.pth``), optionally under ``container`` (MMF's
+    ``model``; mmcv's ``state_dict``)."""
     import torch
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = load_checkpoint(path, allow_pickle)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = state.get(container, state) if isinstance(state, dict) else state
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (optionally under 'model')")
+        raise ValueError(f"{path}: expected a state dict of tensors (optionally under '{container}')")
     return dict(state)

@@ -49,14 +49,13 @@ writes ``{"model": state}`` (weights only), loadable with ``checkpoint.resume_fi
 checkpoint.resume_pretrained=True`` and ``pretrained_state_mapping: {backbone: backbone}``.
 """
 import argparse
-import os
 import sys
 from typing import Dict, List, Mapping, Tuple
 
 import torch
 
 from mmf_multilevel.files import save_torch_atomically
-from mmf_multilevel.zoo.zoo import load_checkpoint
+from mmf_multilevel.zoo.zoo import read_state
 
 __all__ = ["TARGETS", "convert_official_state", "read_official_state", "OFFICIAL_SETTINGS", "main"]
 
@@ -78,13 +77,7 @@ _DROPPED = {"neck.vq.cluster_size": "the official update's running count",
 def read_official_state(path: str, allow_pickle=None) -> Dict[str, torch.Tensor]:
     """The tensors of an official checkpoint (mmcv's ``{"meta", "state_dict", "optimizer"}`` or a bare
     state dict; a ``module.`` prefix from DDP is removed)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = load_checkpoint(path, allow_pickle)
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected mmcv's checkpoint (a 'state_dict' of tensors) or a state dict of tensors")
+    state = read_state(path, allow_pickle, container="state_dict")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 

@@ -213,7 +213,7 @@ class SOHO(MethodModel):
         count = text.input_ids.size(0)
         device = text.input_ids.device
         image = self.backbone.encode_image(pixels.pixels, pixels.mask, quantise=self._visual_source() == "dictionary")
-        visual = image["quantised" if self._visual_source() == "dictionary" else "features"]
+        visual = image["visual"]
         images = torch.arange(count, device=device).repeat_interleave(count)  # pair (i, j): image i, caption j
         texts = torch.arange(count, device=device).repeat(count)
         segments = text.segment_ids[texts] if text.segment_ids is not None else None
@@ -264,7 +264,7 @@ class SOHO(MethodModel):
         s, p = self.settings, self.settings.pretraining
         text, pixels, pair_index, raw_labels, is_matched = self._pretraining_inputs(sample_list)
         image = self.backbone.encode_image(pixels.pixels, pixels.mask, quantise=s.use_vd)
-        visual = (image["quantised"] if s.use_vd else image["features"])[pair_index]
+        visual = image["visual"][pair_index]
         visual_mask = image["mask"][pair_index]
         grid = image["grid"]
         mlm_targets = raw_labels.masked_fill(raw_labels < 0, IGNORE_INDEX)

@@ -336,7 +336,8 @@ class SOHONetwork(nn.Module):
                      quantise: bool = True) -> Dict[str, torch.Tensor]:
         """Each image through the CNN once: ``features`` v ``(B, l, c)``, ``mask`` ``(B, l)`` bool,
         ``grid`` ``(h, w)``; with ``quantise`` also ``quantised`` f(v) and ``ids`` ``(B, l)`` (the
-        dictionary accumulates its Eq. 4 statistics over the real cells when training)."""
+        dictionary accumulates its Eq. 4 statistics over the real cells when training). ``visual`` is
+        what the transformer reads: f(v) with ``quantise``, v without."""
         grid, cells = self.encoder(pixels, pixel_mask)
         batch, dim, height, width = grid.shape
         features = grid.flatten(2).transpose(1, 2)  # row-major cells
@@ -344,6 +345,7 @@ class SOHONetwork(nn.Module):
         out = {"features": features, "mask": mask, "grid": (height, width)}
         if quantise:
             out["quantised"], out["ids"] = self.dictionary(features, mask)
+        out["visual"] = out["quantised"] if quantise else features
         return out
 
     def visual_embeddings(self, visual: torch.Tensor, mask: torch.Tensor, grid, masked: Optional[torch.Tensor] = None):
@@ -383,7 +385,6 @@ class SOHONetwork(nn.Module):
             raise ValueError(f"source must be one of {list(VISUAL_SOURCES)}, got {source!r}")
         image = self.encode_image(pixels, pixel_mask, quantise=source == "dictionary")
         index = torch.arange(pixels.size(0), device=pixels.device) if pair_image_index is None else pair_image_index
-        visual = image["quantised" if source == "dictionary" else "features"][index]
-        out = self.joint(input_ids, text_mask, visual, image["mask"][index], image["grid"], segment_ids=segment_ids)
+        out = self.joint(input_ids, text_mask, image["visual"][index], image["mask"][index], image["grid"], segment_ids=segment_ids)
         out["image"] = image
         return out

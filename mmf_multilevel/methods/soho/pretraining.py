@@ -160,15 +160,18 @@ def pretraining_losses(heads: SOHOPretrainingHeads, itm_logits: torch.Tensor, is
     rows = torch.arange(is_matched.numel(), device=is_matched.device) if masked_rows is None else masked_rows
     matched = (is_matched[rows] == 1).unsqueeze(1)
     if mlm_targets is not None:
-        labels = mlm_targets.masked_fill(~matched, IGNORE_INDEX)
-        where = labels != IGNORE_INDEX
-        logits = heads.mlm(masked_out["text"][where])  # only predicted words through the vocabulary
-        losses["mlm"] = mlm_loss(logits, labels[where]) if where.any() else heads.mlm.bias.sum() * 0.0
+        losses["mlm"] = _masked_prediction_loss(heads.mlm, masked_out["text"], mlm_targets, matched)
     if mvm_targets is not None:
-        labels = mvm_targets.masked_fill(~matched, IGNORE_INDEX)
-        where = labels != IGNORE_INDEX
-        logits = heads.mvm(masked_out["visual"][where])
-        losses["mvm"] = (mlm_loss(logits, labels[where]) if where.any()
-                         else heads.mvm.decoder.bias.sum() * 0.0)
+        losses["mvm"] = _masked_prediction_loss(heads.mvm, masked_out["visual"], mvm_targets, matched)
     return losses
+
+
+def _masked_prediction_loss(head: nn.Module, states: torch.Tensor, targets: torch.Tensor,
+                            matched: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``head`` at the positions of matched rows with a target; only those
+    positions go through the head (the vocabulary / dictionary projection), and with none of them
+    ``mlm_loss`` gives its graph-connected zero."""
+    labels = targets.masked_fill(~matched, IGNORE_INDEX)
+    where = labels != IGNORE_INDEX
+    return mlm_loss(head(states[where]), labels[where])
 

@@ -13,31 +13,37 @@ WARMUP_STEPS = 2  # untimed: allocation, thread pools, the optimizer's state
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def step_seconds(model, loss_fn, steps, precision, profile=False):
-    """Times of ``steps`` training steps after ``WARMUP_STEPS`` untimed ones; bf16 = CPU autocast.
+def step_seconds(model, loss_fn, steps, precision, profile=False, optimizer=None, after_backward=None,
+                 warmup=WARMUP_STEPS):
+    """Times of ``steps`` training steps after ``warmup`` untimed ones; bf16 = CPU autocast.
 
-    The optimizer is torch's fused AdamW for every model: what HF's Trainer uses by default with
-    torch >= 2.8 and what the ``mmf_multilevel`` trainer builds from MMF's ``adam_w``.
+    The optimizer is torch's fused AdamW for every model unless ``optimizer`` is given (a method's own,
+    e.g. SOHO's SGD + AdamW): what HF's Trainer uses by default with torch >= 2.8 and what the
+    ``mmf_multilevel`` trainer builds from MMF's ``adam_w``. ``after_backward()`` runs between the
+    backward pass and the optimizer step (where the trainer calls a method's ``synchronize``).
     With ``profile``, one more step runs under ``torch.profiler`` and the result is
     ``(times, {"gemm_s": time in matrix products, "ops_s": time in all operators})``.
     """
     import torch
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def one_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn()
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     times = []
-    for step in range(steps + WARMUP_STEPS):
+    for step in range(steps + warmup):
         start = time.perf_counter()
         one_step()
-        if step >= WARMUP_STEPS:
+        if step >= warmup:
             times.append(time.perf_counter() - start)
     if not profile:
         return times

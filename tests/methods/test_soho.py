@@ -81,6 +81,33 @@ def test_grid_has_ceil_h_over_64_times_ceil_w_over_64_cells(size):
         assert expected[0] * expected[1] == 160  # the paper's §4.5 count
 
 
+def test_channels_last_encoder_computes_what_the_nchw_one_does_and_loads_its_weights():
+    torch.manual_seed(0)
+    nchw = GridEncoder("resnet10t", HIDDEN, pretrained=False, channels_last=False)
+    nhwc = GridEncoder("resnet10t", HIDDEN, pretrained=False)  # the default
+    nhwc.load_state_dict(nchw.state_dict())
+    convs = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not any(w.is_contiguous() for w in convs if w.shape[-1] > 1)  # (a 1x1 kernel is both)
+    assert all(m.weight.is_contiguous() for m in nchw.modules() if isinstance(m, torch.nn.Conv2d))
+    pixels = torch.randn(2, 3, 130, 200)
+    grids = []
+    for encoder in (nchw, nhwc):
+        grid, cells = encoder(pixels)
+        grid.square().sum().backward()
+        grids.append((grid, cells, encoder.proj.weight.grad, encoder.resnet.conv1[0].weight.grad))
+    assert grids[1][0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(*grids):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    # the cells read by the transformer are the same row-major sequence in either layout
+    network = tiny_network(channels_last=False).eval()
+    other = tiny_network(channels_last=True).eval()
+    other.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other.encode_image(pixels)["features"], network.encode_image(pixels)["features"],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_padding_cells_are_masked_and_never_attended():
     network = tiny_network().eval()
     pixels, sizes = tiny.images(2, torch.Generator().manual_seed(0), height=200, width=320,

@@ -33,6 +33,7 @@ class SOHOConfig(MethodConfig):
     backbone_pretrained: bool = True
     frozen_batch_norm: bool = True
     pool_before_conv: bool = False
+    channels_last: bool = True
     visual_token_type: bool = True
     vd_size: int = 2048
     vd_momentum: float = 0.99

@@ -77,7 +77,8 @@ class SOHO(MethodModel):
         backbone = SOHONetwork(self._text_encoder(), backbone=s.backbone, pretrained_backbone=s.backbone_pretrained,
                                frozen_batch_norm=s.frozen_batch_norm, vd_size=s.vd_size, vd_momentum=s.vd_momentum,
                                mask_token_id=s.mask_token_id, pool_before_conv=s.pool_before_conv,
-                               visual_token_type=s.visual_token_type, vd_init=s.vd_init)
+                               visual_token_type=s.visual_token_type, vd_init=s.vd_init,
+                               channels_last=s.channels_last)
         # the dictionary moves only in pre-training (fine-tuning neither reads nor updates it by default, §4.2)
         backbone.dictionary.updating = self.settings.training_head_type == "pretraining" and s.use_vd
         return backbone

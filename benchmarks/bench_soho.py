@@ -288,9 +288,13 @@ def inference(args):
 # --------------------------------------------------------------------------- training
 def soho_model():
     import torch
+    from mmf.common.registry import registry
     from omegaconf import OmegaConf
 
     from mmf_multilevel.methods.soho.model import SOHO
+
+    # what mmf_run registers and MMF's Losses read
+    registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
 
     config = OmegaConf.merge(OmegaConf.load(SOHO.config_path()).model_config.soho, {
         "bert_model_name": None, "backbone_pretrained": False, "training_head_type": "pretraining",

@@ -1,7 +1,7 @@
 """Small file helpers shared by the long-running tools (extractor, image packer, data generator)."""
 import os
 
-__all__ = ["write_lines_atomically", "save_torch_atomically"]
+__all__ = ["write_lines_atomically", "save_torch_atomically", "write_atomically"]
 
 
 def write_lines_atomically(path, lines, header=None, remove_when_empty=False):
@@ -30,6 +30,18 @@ def save_torch_atomically(obj, path):
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_atomically(path, write):
+    """``write(tmp)`` to a temporary file beside ``path``, then a rename onto ``path``: a writer that fails or
+    is killed leaves neither a half-written ``path`` nor the temporary file (a figure, a report)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -128,9 +128,11 @@ def draw(pictures: Sequence[np.ndarray], grids: Sequence[np.ndarray], names: Seq
                     extent=(0, grid_cols * GRID_STRIDE, grid_rows * GRID_STRIDE, 0))
         distinct = len({int(i) for i in np.unique(grid)} - {PADDING})
         axes.set_title(f"{name}\n{grid_rows} x {grid_cols} grid, {distinct} distinct ids", fontsize=9)
+        right, bottom = grid_cols * GRID_STRIDE, grid_rows * GRID_STRIDE
         if not (grid == PADDING).any():  # no padding cell: the picture alone (the last cells may reach past it)
-            axes.set_xlim(0, min(grid_cols * GRID_STRIDE, np.asarray(picture).shape[1]))
-            axes.set_ylim(min(grid_rows * GRID_STRIDE, np.asarray(picture).shape[0]), 0)
+            right, bottom = min(right, np.asarray(picture).shape[1]), min(bottom, np.asarray(picture).shape[0])
+            axes.set_xlim(0, right)
+            axes.set_ylim(bottom, 0)
         axes.set_xticks([])
         axes.set_yticks([])
         write = grid.size <= NUMBERED_CELLS if numbers is None else numbers
@@ -138,9 +140,11 @@ def draw(pictures: Sequence[np.ndarray], grids: Sequence[np.ndarray], names: Seq
             size = max(5, min(9, int(60 / max(grid_rows, grid_cols))))
             for r in range(grid_rows):
                 for c in range(grid_cols):
-                    if grid[r, c] != PADDING:
-                        text = axes.text((c + 0.5) * GRID_STRIDE, (r + 0.5) * GRID_STRIDE, str(int(grid[r, c])),
-                                         ha="center", va="center", fontsize=size, color="white")
+                    if grid[r, c] != PADDING:  # in the middle of the cell's visible part
+                        x = (c * GRID_STRIDE + min((c + 1) * GRID_STRIDE, right)) / 2
+                        y = (r * GRID_STRIDE + min((r + 1) * GRID_STRIDE, bottom)) / 2
+                        text = axes.text(x, y, str(int(grid[r, c])), ha="center", va="center", fontsize=size,
+                                         color="white", clip_on=True)
                         text.set_path_effects([patheffects.withStroke(linewidth=1.5, foreground="black")])
     figure.tight_layout()
     return figure

@@ -106,9 +106,6 @@ def draw(pictures: Sequence[np.ndarray], grids: Sequence[np.ndarray], names: Seq
     with the image's name, the grid size and the number of distinct ids. A panel shows the picture's extent,
     or the whole grid when it has padding cells. Panel ``i`` is ``figure.axes[i]``; its data coordinates are
     the picture's pixels (x right, y down)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib import patheffects
     from matplotlib.figure import Figure
 

@@ -27,18 +27,13 @@ def save_torch_atomically(obj, path):
     killed leaves no half-written checkpoint (and no temporary file)."""
     import torch
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_atomically(path, write):
-    """``write(tmp)`` to a temporary file beside ``path``, then a rename onto ``path``: a writer that fails or
-    is killed leaves neither a half-written ``path`` nor the temporary file (a figure, a report)."""
+    """``write(tmp)`` to a temporary file beside ``path``, then a rename onto ``path`` (a figure, a checkpoint):
+    a writer that fails leaves neither a half-written ``path`` nor the temporary file; one that is killed
+    leaves at most the temporary file, never a half-written ``path``."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)

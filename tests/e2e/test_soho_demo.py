@@ -19,7 +19,7 @@ from mmf_multilevel.evaluation.demo import blind_levels, dictionary_usage, final
 @pytest.mark.demo
 def test_soho_demo_fine_tunes_vqa_above_the_majority_answer(tmp_path):
     env = clean_env(tmp_path, VENV=os.path.dirname(os.path.dirname(sys.executable)), DATA=tmp_path / "data",
-                    SAVE=tmp_path / "save", OMP_NUM_THREADS="2")
+                    SAVE=tmp_path / "save")
     result = subprocess.run(["bash", os.path.join(ROOT, "projects", "soho", "demo.sh")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]

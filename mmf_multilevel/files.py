@@ -1,7 +1,7 @@
 """Small file helpers shared by the long-running tools (extractor, image packer, data generator)."""
 import os
 
-__all__ = ["write_lines_atomically", "save_torch_atomically"]
+__all__ = ["write_lines_atomically", "save_torch_atomically", "write_atomically"]
 
 
 def write_lines_atomically(path, lines, header=None, remove_when_empty=False):
@@ -27,9 +27,16 @@ def save_torch_atomically(obj, path):
     killed leaves no half-written checkpoint (and no temporary file)."""
     import torch
 
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_atomically(path, write):
+    """``write(tmp)`` to a temporary file beside ``path``, then a rename onto ``path`` (a figure, a checkpoint):
+    a writer that fails leaves neither a half-written ``path`` nor the temporary file; one that is killed
+    leaves at most the temporary file, never a half-written ``path``."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

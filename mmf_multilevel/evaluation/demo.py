@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 from mmf_multilevel.evaluation.vqa import normalize_answer, vqa_official_accuracy
 
-__all__ = ["RUNS", "final_vqa_accuracy", "last_losses", "blind_levels", "report"]
+__all__ = ["RUNS", "final_vqa_accuracy", "last_losses", "dictionary_usage", "blind_levels", "report"]
 
 #: (run folder, model, pre-trained?) in the order of the table
 RUNS = (
@@ -26,8 +26,12 @@ RUNS = (
     ("visual_bert_vqa_scratch", "VisualBERT", False),
     ("visual_bert_vqa", "VisualBERT", True),
 )
-_ACCURACY = re.compile(r"val/vqa2/vqa_official_accuracy: ([0-9.]+)")
+#: ``vqa2`` (region features) or ``vqa2_images`` (raw images: SOHO)
+_ACCURACY = re.compile(r"val/vqa2(?:_images)?/vqa_official_accuracy: ([0-9.]+)")
 _LOSS = re.compile(r"(train|val)/([\w]+)/(?:(single|two)/)?(\w+): ([0-9.]+)")
+#: the line SOHO's model logs every log_interval updates in pre-training (methods/soho/model.py, log_message)
+_USAGE = re.compile(r"soho visual dictionary: last update used (\d+) of (\d+) entries \(perplexity ([0-9.]+)\), "
+                    r"never used so far (\d+)")
 
 
 def _log(folder: str) -> str:
@@ -39,8 +43,8 @@ def _log(folder: str) -> str:
 
 
 def final_vqa_accuracy(folder: str) -> float:
-    """The last ``val/vqa2/vqa_official_accuracy`` of a run's log (MMF's final evaluation of the best
-    checkpoint), in %."""
+    """The last ``val/vqa2/vqa_official_accuracy`` (or ``val/vqa2_images/...``) of a run's log (MMF's final
+    evaluation of the best checkpoint), in %."""
     found = _ACCURACY.findall(_log(folder))
     if not found:
         raise ValueError(f"{folder}/train.log has no val/vqa2/vqa_official_accuracy")
@@ -54,6 +58,17 @@ def last_losses(folder: str, split: str = "val") -> Dict[str, float]:
         if kind == split and name != "total_loss":
             out["/".join(p for p in (dataset, mode, name) if p)] = float(value)
     return out
+
+
+def dictionary_usage(folder: str) -> Optional[Dict[str, float]]:
+    """SOHO's visual dictionary at the last logged update of a pre-training run: ``used`` (distinct entries
+    the update's real cells chose) of ``size``, the ``perplexity`` of that assignment and the entries
+    ``never_used`` in the whole run; None when the log has no such line (not a SOHO pre-training run)."""
+    found = _USAGE.findall(_log(folder))
+    if not found:
+        return None
+    used, size, perplexity, never = found[-1]
+    return {"used": int(used), "size": int(size), "perplexity": float(perplexity), "never_used": int(never)}
 
 
 def _read_jsonl(path):

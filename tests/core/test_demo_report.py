@@ -52,3 +52,16 @@ def test_missing_runs_are_named(tmp_path):
     write_log(tmp_path / "x", ["no accuracy here"])
     with pytest.raises(ValueError, match="vqa_official_accuracy"):
         demo.final_vqa_accuracy(str(tmp_path / "x"))
+
+
+def test_soho_runs_vqa2_images_accuracy_and_dictionary_usage(tmp_path):
+    """SOHO's runs log ``val/vqa2_images/...`` (raw images) and the dictionary's usage line."""
+    write_log(tmp_path / "vqa", ["progress: 100/200, val/vqa2_images/vqa_official_accuracy: 0.2500, x: 1",
+                                 "progress: 200/200, val/vqa2_images/vqa_official_accuracy: 0.3125, x: 1"])
+    assert demo.final_vqa_accuracy(str(tmp_path / "vqa")) == pytest.approx(31.25)
+    write_log(tmp_path / "pretrain", [
+        "soho visual dictionary: last update used 14 of 64 entries (perplexity 11.6), never used so far 27; ResNet frozen",
+        "soho visual dictionary: last update used 9 of 64 entries (perplexity 6.5), never used so far 30; ResNet training"])
+    assert demo.dictionary_usage(str(tmp_path / "pretrain")) == {"used": 9, "size": 64, "perplexity": 6.5,
+                                                                 "never_used": 30}
+    assert demo.dictionary_usage(str(tmp_path / "vqa")) is None

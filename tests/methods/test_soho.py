@@ -585,6 +585,33 @@ def test_total_is_the_sum_of_three_finite_losses_with_their_shapes():
     assert vqa(tiny.tiny_batch("vqa"))["scores"].shape == (2, tiny.ANSWERS)
 
 
+def test_pretraining_head_shapes(monkeypatch):
+    """Spec §8 item 19, the pre-training heads: MVM logits (n_masked, k) over the masked cells of the matched
+    pairs, ITM logits (B_pairs, 2); the task heads' shapes are checked in the test below."""
+    import mmf_multilevel.methods.soho.model as soho_model
+
+    masks = []
+
+    def recording(*args, **kwargs):
+        masks.append(tiny_draw(*args, **kwargs))
+        return masks[-1]
+
+    tiny_draw = soho_model.draw_mvm_mask
+    monkeypatch.setattr(soho_model, "draw_mvm_mask", recording)
+    model = build().train()
+    shapes = {}
+    for name in ("mvm", "itm"):
+        getattr(model.heads, name).register_forward_hook(
+            lambda module, args, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+    batch = tiny.tiny_batch("pretraining")
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    model(batch)
+    pairs = batch.pairs.input_ids.size(0)
+    (mask,) = masks  # one masked pass, over the matched pairs
+    assert mask.size(0) == int(batch.pairs.is_correct.sum()) and int(mask.sum()) > 0
+    assert shapes == {"mvm": (int(mask.sum()), K), "itm": (pairs, 2)}
+
+
 def test_task_heads_and_nlvr2_reads_both_images():
     for head_type, classes in (("vqa", tiny.ANSWERS), ("nlvr2", 2), ("snli_ve", 3), ("retrieval", 2)):
         model = build(head_type).eval()

@@ -1,0 +1,34 @@
+"""SOHO's demo (projects/soho/demo.sh) at its default size: pre-training, VQA fine-tuning from it, the
+figures it prints and the dictionary picture. About 10 minutes on 2 cores, so it is left out of the default
+run:
+
+    bash scripts/test.sh -m demo -k soho
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers.mmf import ROOT, clean_env
+from mmf_multilevel.evaluation.demo import blind_levels, dictionary_usage, final_vqa_accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.demo
+def test_soho_demo_fine_tunes_vqa_above_the_majority_answer(tmp_path):
+    env = clean_env(tmp_path, VENV=os.path.dirname(os.path.dirname(sys.executable)), DATA=tmp_path / "data",
+                    SAVE=tmp_path / "save")
+    result = subprocess.run(["bash", os.path.join(ROOT, "projects", "soho", "demo.sh")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    save = tmp_path / "save"
+    accuracy = final_vqa_accuracy(str(save / "vqa"))
+    majority = blind_levels(str(tmp_path / "data" / "demo"))["majority"]["vqa_accuracy"]
+    assert accuracy >= majority + 10.0, (accuracy, majority)
+    assert f"{accuracy:.2f} % after pre-training" in result.stdout
+    usage = dictionary_usage(str(save / "pretrain"))
+    assert usage["size"] == 64 and usage["used"] > 2, usage  # the dictionary did not collapse onto an entry or two
+    assert re.search(r"dictionary\.png: 4 images, \d+ of the dictionary's 64 entries", result.stdout), result.stdout[-3000:]
+    assert (save / "dictionary.png").stat().st_size > 10_000

@@ -75,7 +75,7 @@ def test_butd_detector_stages():
     from mmf_multilevel.extraction import detectors
 
     cfg = detectors.load_config("butd_r101")
-    model = detectors.build_random_detector(cfg, seed=0).eval()
+    model = detectors.build_detector(cfg, "cpu").eval()  # the architecture; FLOPs do not depend on the weights
     height, width, proposals = 96, 160, 3
     expected = bench_extract.c4_flops(**bench_extract.ANALYTIC["butd_r101"], height=height, width_px=width,
                                       proposals=proposals)

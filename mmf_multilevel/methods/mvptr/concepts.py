@@ -308,14 +308,14 @@ def load_wordpiece(vocab_path):
 
     if not os.path.isfile(vocab_path):
         raise ConceptError(f"--vocab {vocab_path}: no such file (a BERT vocab.txt, one word-piece a line)")
-    vocab = {}
+    vocab, lines = {}, 0
     with open(vocab_path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            vocab.setdefault(line.rstrip("\n"), i)
+        for lines, line in enumerate(f, 1):
+            vocab.setdefault(line.rstrip("\n"), lines - 1)
     for special in ("[CLS]", "[SEP]", "[UNK]"):
         if special not in vocab:
             raise ConceptError(f"--vocab {vocab_path}: no {special} line; expected a BERT vocab.txt")
-    return BertWordPieceTokenizer(vocab_path, lowercase=True), vocab, len(vocab)
+    return BertWordPieceTokenizer(dict(vocab), lowercase=True), vocab, lines  # new ids start after the last line
 
 
 def build_vocabulary(counts, min_count, vocab, vocab_size):

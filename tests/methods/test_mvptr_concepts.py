@@ -183,3 +183,15 @@ def test_cli_bad_vocab_exit_2(tmp_path, capsys):
     caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": 1, "caption": KITCHEN}])
     rc = concepts.main(["--captions", caps, "--vocab", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert rc == 2 and "--vocab" in capsys.readouterr().err
+
+
+def test_cli_resume_with_other_settings_names_them(tmp_path, vocab_file, capsys):
+    caps = tmp_path / "caps.txt"
+    caps.write_text(KITCHEN + "\n" + "A man riding a horse.\n", encoding="utf-8")
+    out = str(tmp_path / "o")
+    assert concepts.main(["--captions", str(caps), "--vocab", vocab_file, "--out", out, "--min-count", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["captions"] == 2 and summary["vocabulary"] > 7
+    rc = concepts.main(["--captions", str(caps), "--vocab", vocab_file, "--out", out, "--chunk-size", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "chunk_size: built with 2000, now 1" in err and "another --out folder" in err

@@ -30,6 +30,7 @@ from mmf_multilevel.weak_corpus._util import (
     Manifest,
     Report,
     RetrievalError,
+    StageMismatchError,
     atomic_write_json,
     progress,
     read_json,
@@ -370,7 +371,10 @@ def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1,
     manifest_path = os.path.join(work, "parse.manifest.json")
     if force and os.path.exists(manifest_path):
         os.remove(manifest_path)
-    manifest = Manifest(manifest_path, "parse", settings)
+    try:
+        manifest = Manifest(manifest_path, "parse", settings)
+    except StageMismatchError as exc:
+        raise ConceptError(str(exc).replace("Use another --work directory", "Use another --out folder")) from None
     chunks = [items[a:a + chunk_size] for a in range(0, len(items), chunk_size)]
     part_path = [os.path.join(work, f"part-{i:05d}.jsonl") for i in range(len(chunks))]
     todo = [i for i in range(len(chunks)) if not (manifest.is_done(i) and os.path.exists(part_path[i]))]

@@ -119,9 +119,11 @@ def test_spice_reader_and_alignment(tmp_path, vocab_file):
     path = tmp_path / "spice.json"
     path.write_text(json.dumps(spice), encoding="utf-8")
     assert concepts.read_spice(str(path)) == {"c0": KITCHEN_SPICE}
-    caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": "c0", "caption": KITCHEN}])
+    caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": "c0", "caption": KITCHEN}, {"id": "c1", "caption": "A dog."}])
     out = str(tmp_path / "out")
-    concepts.build(caps, vocab_file, out, min_count=1, spice=str(path), report=Report(quiet=True))
+    report = Report(quiet=True)
+    concepts.build(caps, vocab_file, out, min_count=1, spice=str(path), report=report)
+    assert report.examples["spice_missing"] == [f"{caps}:2: caption id 'c1' has no record in --spice {path}; it gets no tuples"]
     _, recs = read_out(out)
     parsed = concepts.build(caps, vocab_file, str(tmp_path / "out2"), min_count=1, report=Report(quiet=True))
     _, recs2 = read_out(str(tmp_path / "out2"))

@@ -379,7 +379,18 @@ def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1,
     part_path = [os.path.join(work, f"part-{i:05d}.jsonl") for i in range(len(chunks))]
     todo = [i for i in range(len(chunks)) if not (manifest.is_done(i) and os.path.exists(part_path[i]))]
     parse_started = time.time()
-    jobs = [(spacy_name, chunks[i], spice_tuples, part_path[i]) for i in todo]
+    if spice_tuples is not None:
+        for cid, _text, where in items:
+            if cid not in spice_tuples:
+                report.problem("spice_missing", f"{where}: caption id {cid!r} has no record in --spice {spice}; it gets no tuples")
+    if todo:
+        _load_nlp(spacy_name)  # once here: a missing pipeline fails before any work, and forked workers share it
+
+    def job(i):  # each worker gets only its chunk's SPICE tuples
+        given = None if spice_tuples is None else {cid: spice_tuples[cid] for cid, _, _ in chunks[i] if cid in spice_tuples}
+        return spacy_name, chunks[i], given, part_path[i]
+
+    jobs = [job(i) for i in todo]
     index_of = {part_path[i]: i for i in todo}
     done_before = len(items) - sum(len(chunks[i]) for i in todo)
     with progress(total=len(items), desc="parse captions", unit="cap", initial=done_before) as bar:

@@ -127,7 +127,7 @@ def test_spice_reader_and_alignment(tmp_path, vocab_file):
     _, recs = read_out(out)
     parsed = concepts.build(caps, vocab_file, str(tmp_path / "out2"), min_count=1, report=Report(quiet=True))
     _, recs2 = read_out(str(tmp_path / "out2"))
-    assert parsed["vocabulary"] == 7
+    assert parsed["vocabulary"] == 8  # the kitchen's 7 tuples and [dog]
     # SPICE's tuples aligned by lemma give the same phrases and word-piece positions as the rules
     assert sorted(zip(map(tuple, recs[0]["phrases"]), map(tuple, recs[0]["phrase_positions"]))) == \
         sorted(zip(map(tuple, recs2[0]["phrases"]), map(tuple, recs2[0]["phrase_positions"])))

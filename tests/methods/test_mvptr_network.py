@@ -8,7 +8,14 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from mmf_multilevel.methods.mvptr.network import MVPTRNetwork, base_counts, embedding_rows
+from mmf_multilevel.methods.mvptr.network import (
+    MVPTRNetwork,
+    base_config,
+    base_counts,
+    embedding_rows,
+    parameter_count,
+)
+from mmf_multilevel.methods.mvptr.pretraining import MVPTRPretrainingHeads
 
 VOCAB, HIDDEN, LAYERS = 40, 32, 4
 T, TAGS, K = 40, 20, 50  # 35 + 5 text slots, 20 tag slots, 50 regions
@@ -229,3 +236,27 @@ def test_base_size_parameter_count():
     assert counts["text_encoder"] == counts["visual_encoder"] == counts["multimodal_encoder"] == 6 * 7_087_872
     assert counts["region_embedding"] == 2054 * 768 + 768
     assert counts["network"] == BASE_NETWORK
+
+
+def test_mlm_and_mcr_decoders_are_tied_to_the_word_rows_only():
+    net = tiny_network()
+    heads = MVPTRPretrainingHeads(net)
+    table = net.word_embeddings.weight
+    assert heads.mlm.decoder.weight is table and heads.mcr.decoder.weight is table  # same storage, not a copy
+    assert heads.mlm.transform.dense.weight is not heads.mcr.transform.dense.weight
+    states = torch.randn(5, HIDDEN)
+    for head, logits in ((heads.mlm, heads.mlm_logits(states)), (heads.mcr, heads.mcr_logits(states))):
+        assert logits.shape == (5, VOCAB)  # the concept rows are never predicted
+        assert torch.allclose(logits, head.transform(states) @ table[:VOCAB].T + head.bias, atol=1e-5)
+    assert heads.itm_logits(torch.randn(4, HIDDEN)).shape == (4, 2)
+    with torch.no_grad():
+        table[7].add_(1.0)  # training the table moves the decoders with it
+    assert torch.equal(heads.mlm.decoder.weight[7], table[7])
+
+
+def test_base_size_parameter_count_with_heads():
+    with torch.device("meta"):
+        net = MVPTRNetwork(base_config(), 86_051)
+        both = torch.nn.ModuleDict(dict(network=net, heads=MVPTRPretrainingHeads(net)))
+    head_only = 2 * (768 * 768 + 768 + 2 * 768 + 30_522) + (768 * 2 + 2)
+    assert parameter_count(both) == BASE_NETWORK + head_only == 198_660_471

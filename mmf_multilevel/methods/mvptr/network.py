@@ -60,6 +60,8 @@ __all__ = [
     "MVPTRNetwork",
     "embedding_rows",
     "base_config",
+    "base_counts",
+    "parameter_count",
 ]
 
 TEXT_SLOTS = 35 + 5  # [CLS] tokens phrases [SEP] (spec §2.2)

@@ -443,7 +443,6 @@ class _DALLEUnpickler(pickle.Unpickler):
 _dalle_pickle = types.ModuleType("_dalle_pickle")
 _dalle_pickle.Unpickler = _DALLEUnpickler
 _dalle_pickle.load = pickle.load
-_dalle_pickle.__name__ = "pickle"
 
 
 def _allow_pickle_from_env() -> bool:

@@ -1,0 +1,278 @@
+"""SIMLA's text / multimodal encoder: one BERT run in two roles (paper §3.1, §3.3; spec §2.1, §2.2).
+
+:class:`SIMLATextEncoder` (a plain ``nn.Module``, no MMF) is the paper's E_l = E_mm: one 12-layer BERT
+whose every layer is self-attention -> cross-attention -> FFN (paper §3.1: "initialized using the
+weights of BERT with cross-attention"; the official ``shared_bert.json`` sets ``add_cross_attention``).
+The same module instances serve every role:
+
+* :meth:`~SIMLATextEncoder.encode_text` - the unimodal text encoder (``mode="text"`` in the official
+  code): word + position embeddings, then every layer with its cross-attention **skipped**;
+* :meth:`~SIMLATextEncoder.fuse` - the multimodal encoder (``mode="multimodal"``): the raw caption
+  embeddings go through all 12 layers again, each layer's cross-attention reading the image tokens
+  (queries = text, keys/values = image); it does not start from the text encoder's output (spec §2.2
+  (5), (6), (8));
+* :meth:`~SIMLATextEncoder.reconstruct_image` - the MIM direction of XMM (paper §3.3, spec §2.2 (7)):
+  the (masked) image tokens are the queries. They pass BERT's embedding module (BERT position
+  embeddings 0..N and its LayerNorm are applied to them), self-attend among themselves and
+  cross-attend to the caption's **embedding-layer** output (not contextualised).
+
+The cross-attention blocks are HF ``BertAttention`` modules (query/key/value, output dense, residual and
+LayerNorm), as in SemVLP's network; they are randomly initialised (spec §2.1). Their key/value input
+width is the hidden size, which must equal the ViT width (768 at base size; the official
+``encoder_width``). The embeddings are word + absolute position + LayerNorm + dropout: the official
+``med.py`` has no token-type table, so BERT's is removed (it is not loaded, not counted, not run).
+
+``python -m mmf_multilevel.methods.simla.network --counts`` prints the exact base-size parameter
+counts (built on the meta device, nothing downloaded); see the method README for how they relate to the
+paper's 223M.
+"""
+import argparse
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertAttention
+
+from mmf_multilevel.modules.attention import use_fast_attention
+from mmf_multilevel.modules.heads import init_bert_weights
+from mmf_multilevel.modules.text import BertTextEncoder, extended_attention_mask, load_pretrained, mask_compute_dtype
+
+__all__ = ["TEXT", "MULTIMODAL", "SIMLATextEncoder", "base_bert_config", "parameter_counts", "main"]
+
+TEXT, MULTIMODAL = "text", "multimodal"
+MODES = (TEXT, MULTIMODAL)
+
+
+def base_bert_config(**overrides) -> BertConfig:
+    """``bert-base-uncased``'s architecture (spec §2.1: 12 layers, 768, 12 heads, FFN 3072, 30,522 words)."""
+    fields = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+    fields.update(overrides)
+    return BertConfig(**fields)
+
+
+class SIMLATextEncoder(nn.Module):
+    """One BERT with a cross-attention block after the self-attention of every layer (spec §2.1).
+
+    ``text``: a :class:`BertTextEncoder` built without a pooler (the official ``BertForMaskedLM`` has
+    none); its token-type table is removed here. ``encoder_width``: the width of the image tokens the
+    cross-attention reads (the ViT's ``embed_dim``); it must equal the BERT hidden size.
+    """
+
+    def __init__(self, text: BertTextEncoder, encoder_width: Optional[int] = None):
+        super().__init__()
+        if text.pooler is not None:
+            raise ValueError("SIMLATextEncoder: the BERT must be built without its pooler (add_pooling_layer=False); "
+                             "SIMLA's heads read the [CLS] state directly")
+        config = text.config
+        if encoder_width is not None and int(encoder_width) != config.hidden_size:
+            raise ValueError(f"model_config.simla.encoder_width: the cross-attention reads image tokens of width "
+                             f"{encoder_width}, expected the BERT hidden size {config.hidden_size} (ViT-B/16 and "
+                             "BERT-base are both 768)")
+        embeddings = text.bert.embeddings
+        if hasattr(embeddings, "token_type_embeddings"):
+            del embeddings.token_type_embeddings  # the official embeddings have no token types (spec §2.1)
+        self.text = text
+        self.num_layers = config.num_hidden_layers
+        self.cross_attention = nn.ModuleList([BertAttention(config) for _ in range(self.num_layers)])
+        init_bert_weights(self.cross_attention, config.initializer_range)
+        use_fast_attention(self.cross_attention)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: BertConfig) -> "SIMLATextEncoder":
+        """Random initialisation (BERT's own init for the BERT part and the cross-attention)."""
+        return cls(BertTextEncoder.from_config(config, add_pooling_layer=False))
+
+    @classmethod
+    def from_bert(cls, name_or_path: str, **overrides) -> "SIMLATextEncoder":
+        """BERT weights (hub id or ``save_pretrained`` directory) into the embeddings, self-attention and FFN
+        of every layer; the cross-attention blocks stay newly initialised (spec §2.1)."""
+        bert = load_pretrained(BertModel, name_or_path, add_pooling_layer=False, **overrides)
+        return cls(BertTextEncoder(bert))
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def config(self) -> BertConfig:
+        return self.text.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.text.word_embeddings
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The 12 shared ``BertLayer`` blocks (self-attention ``attention``, FFN ``intermediate``/``output``)."""
+        return self.text.layers
+
+    def mode_parameters(self, mode: str) -> List[nn.Parameter]:
+        """The parameters a pass in ``mode`` uses: ``"text"`` all but the cross-attention, ``"multimodal"`` all."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+        if mode == MULTIMODAL:
+            return list(self.parameters())
+        skipped = {id(p) for p in self.cross_attention.parameters()}
+        return [p for p in self.parameters() if id(p) not in skipped]
+
+    # ------------------------------------------------------------------ embeddings
+    def embed(self, input_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+        """Word (or given input) embeddings + absolute positions 0..S-1, LayerNorm, dropout (``med.py``)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        emb = self.text.embeddings
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq_len); got shape {tuple(input_ids.shape)}")
+            inputs_embeds = emb.word_embeddings(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != self.hidden_size:
+            raise ValueError(f"inputs_embeds must be (batch, seq, {self.hidden_size}); got {tuple(inputs_embeds.shape)}")
+        length = inputs_embeds.size(1)
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        positions = torch.arange(length, device=inputs_embeds.device)
+        hidden = inputs_embeds + emb.position_embeddings(positions).unsqueeze(0)
+        return emb.dropout(emb.LayerNorm(hidden))
+
+    # ------------------------------------------------------------------ the stack
+    def run_block(self, index: int, hidden: torch.Tensor, extended_mask: torch.Tensor,
+                  memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
+                  output_attentions: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Layer ``index``: FFN(self-attention(x)), or FFN(cross-attention(self-attention(x), memory)) when
+        ``memory`` is given. Returns the output and, when asked, the self-attention probabilities."""
+        block = self.blocks[index]
+        out = block.attention(hidden, attention_mask=extended_mask, output_attentions=output_attentions)
+        attended, probs = out[0], (out[1] if output_attentions else None)
+        if memory is not None:
+            attended = self.cross_attention[index](attended, attention_mask=memory_mask,
+                                                   encoder_hidden_states=memory)[0]
+        return block.output(block.intermediate(attended), attended), probs
+
+    def encode(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
+               output_attentions: bool = False
+               ) -> Union[torch.Tensor, Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+        """All layers over embedded inputs ``(B, S, H)`` with 0/1 ``mask`` ``(B, S)``; cross-attention to
+        ``memory`` ``(B, M, H)`` (0/1 ``memory_mask`` ``(B, M)``) in every layer, or skipped when it is None.
+        With ``output_attentions`` also returns each layer's self-attention probabilities ``(B, heads, S, S)``
+        (PSL reads the last layer's, spec §3.4)."""
+        batch, length, _ = hidden.shape
+        dtype = mask_compute_dtype(hidden)
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
+        if tuple(mask.shape) != (batch, length):
+            raise ValueError(f"attention mask shape {tuple(mask.shape)} does not match the sequence {(batch, length)}")
+        extended = extended_attention_mask(mask, dtype)
+        memory_extended = None
+        if memory is not None:
+            if memory.dim() != 3 or memory.size(0) != batch or memory.size(-1) != self.hidden_size:
+                raise ValueError(f"cross-attention memory must be ({batch}, tokens, {self.hidden_size}); got "
+                                 f"{tuple(memory.shape)}")
+            if memory_mask is None:
+                memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
+            if tuple(memory_mask.shape) != tuple(memory.shape[:2]):
+                raise ValueError(f"memory mask shape {tuple(memory_mask.shape)} does not match the memory "
+                                 f"{tuple(memory.shape[:2])}")
+            memory_extended = extended_attention_mask(memory_mask, dtype)
+        attentions = []
+        for index in range(self.num_layers):
+            hidden, probs = self.run_block(index, hidden, extended, memory, memory_extended, output_attentions)
+            attentions.append(probs)
+        if output_attentions:
+            return hidden, tuple(attentions)
+        return hidden
+
+    # ------------------------------------------------------------------ roles
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The unimodal text encoder (spec §2.2 (2)): ``(B, L)`` ids -> ``(B, L, H)``, cross-attention skipped."""
+        return self.encode(self.embed(input_ids), attention_mask)
+
+    def fuse(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], image: torch.Tensor,
+             image_mask: Optional[torch.Tensor] = None, output_attentions: bool = False):
+        """The multimodal encoder (spec §2.2 (5), (6), (8)): the caption (ids, possibly MLM-masked) through
+        all layers from its embeddings, each layer cross-attending to ``image`` ``(B, 1 + N, H)``.
+        Returns ``(B, L, H)`` (and the self-attention maps with ``output_attentions``)."""
+        return self.encode(self.embed(input_ids), attention_mask, memory=image, memory_mask=image_mask,
+                           output_attentions=output_attentions)
+
+    def reconstruct_image(self, image: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: Optional[torch.Tensor] = None,
+                          image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The MIM direction (paper §3.3, spec §2.2 (7)): image tokens ``(B, 1 + N, H)`` (from the masked
+        image) as queries - BERT position embeddings and LayerNorm added, self-attention among them -
+        cross-attending to the caption's embedding-layer output. Returns ``(B, 1 + N, H)``; the MIM head
+        reads positions 1..N."""
+        text_memory = self.embed(input_ids)
+        return self.encode(self.embed(inputs_embeds=image), image_mask, memory=text_memory,
+                           memory_mask=attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                image: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
+                mode: str = TEXT) -> torch.Tensor:
+        """``mode="text"``: :meth:`encode_text`; ``mode="multimodal"``: :meth:`fuse` (needs ``image``)."""
+        if mode == TEXT:
+            return self.encode_text(input_ids, attention_mask)
+        if mode == MULTIMODAL:
+            if image is None:
+                raise ValueError("mode='multimodal' needs the image tokens (image=...)")
+            return self.fuse(input_ids, attention_mask, image, image_mask)
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+
+
+# ---------------------------------------------------------------------- parameter counts
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(image_size: int = 256) -> Dict[str, int]:
+    """Exact base-size parameter counts, built on the meta device (no weights are downloaded)."""
+    from mmf_multilevel.methods.simla.vision import SIMLAImageEncoder
+
+    with torch.device("meta"):
+        vision = SIMLAImageEncoder(image_size=image_size, pretrained=False)
+        text = SIMLATextEncoder.from_config(base_bert_config())
+    counts = {
+        "vision (ViT-B/16 at %d, with the MIM mask token)" % image_size: _count(vision),
+        "text embeddings (word + position + LayerNorm)": _count(text.text.embeddings),
+        "12 BERT layers (self-attention + FFN)": _count(text.blocks),
+        "12 cross-attention blocks": _count(text.cross_attention),
+    }
+    counts["text/multimodal encoder"] = _count(text)
+    counts["encoders total"] = counts["text/multimodal encoder"] + _count(vision)
+    try:
+        from mmf_multilevel.methods.simla.pretraining import SIMLAPretrainingHeads
+    except ImportError:
+        return counts
+    with torch.device("meta"):
+        heads = SIMLAPretrainingHeads(base_bert_config(), vision_width=vision.hidden_size)
+        heads.tie_to(text.word_embeddings)
+    for name, module in heads.named_children():
+        counts[f"head {name}" + (" (decoder tied to the word embeddings)" if name == "mlm" else "")] = (
+            _count(module) - (module.decoder.weight.numel() if name == "mlm" else 0))
+    counts["head temperature"] = heads.temp.numel()
+    counts["heads total"] = _count(nn.ModuleList([text, heads])) - counts["text/multimodal encoder"]
+    counts["all (encoders + heads)"] = counts["encoders total"] + counts["heads total"]
+    return counts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", action="store_true", help="print the exact base-size parameter counts")
+    parser.add_argument("--image-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    if not args.counts:
+        parser.print_help()
+        return 0
+    for name, value in parameter_counts(args.image_size).items():
+        print(f"{value:>13,}  {name}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

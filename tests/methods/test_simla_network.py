@@ -1,0 +1,174 @@
+"""SIMLA's shared text/multimodal encoder and its pre-training heads (tiny random BERTs, no hub)."""
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from mmf_multilevel.methods.simla.network import MULTIMODAL, TEXT, SIMLATextEncoder
+from mmf_multilevel.methods.simla.pretraining import SIMLAPretrainingHeads
+
+TINY = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def tiny_encoder(seed=0):
+    torch.manual_seed(seed)
+    return SIMLATextEncoder.from_config(BertConfig(**TINY)).eval()
+
+
+def batch(seed=1, bsz=3, length=7, patches=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40, (bsz, length), generator=g)
+    mask = torch.ones(bsz, length, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 6:] = 0
+    image = torch.randn(bsz, 1 + patches, 32, generator=g)
+    return ids, mask, image
+
+
+def reference_bert(enc):
+    """An independent BertModel holding the same weights (token-type rows zero: SIMLA has no token types)."""
+    ref = BertModel(BertConfig(**TINY), add_pooling_layer=False).eval()
+    state = {k[len("text.bert."):]: v for k, v in enc.state_dict().items() if k.startswith("text.bert.")}
+    state["embeddings.token_type_embeddings.weight"] = torch.zeros_like(ref.embeddings.token_type_embeddings.weight)
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and [k for k in missing if "position_ids" not in k] == []
+    return ref
+
+
+def test_text_only_pass_equals_hf_bert_on_the_same_weights():
+    enc = tiny_encoder()
+    ids, mask, _ = batch()
+    ours = enc.encode_text(ids, mask)
+    theirs = reference_bert(enc)(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
+    assert not hasattr(enc.text.bert.embeddings, "token_type_embeddings")
+
+
+def test_multimodal_pass_reads_the_image_in_every_layer_and_text_pass_does_not():
+    enc = tiny_encoder()
+    ids, mask, image = batch()
+    fused = enc.fuse(ids, mask, image)
+    assert fused.shape == (3, 7, 32)
+    assert not torch.allclose(fused, enc.fuse(ids, mask, image + 1.0))
+    assert not torch.allclose(fused, enc.encode_text(ids, mask))
+    # every layer's cross-attention runs in the multimodal pass and none in the text pass
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(enc.cross_attention)]
+    enc.encode_text(ids, mask)
+    assert calls == []
+    enc.fuse(ids, mask, image)
+    assert calls == list(range(enc.num_layers))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(enc(ids, mask, mode=TEXT), enc.encode_text(ids, mask))
+    torch.testing.assert_close(enc(ids, mask, image=image, mode=MULTIMODAL), fused)
+
+
+def test_one_parameter_set_serves_both_roles():
+    enc = tiny_encoder()
+    ids, mask, image = batch()
+    used = {}
+    for mode, run in ((TEXT, lambda: enc.encode_text(ids, mask)), (MULTIMODAL, lambda: enc.fuse(ids, mask, image))):
+        enc.zero_grad(set_to_none=True)
+        run().sum().backward()
+        used[mode] = {id(p) for p in enc.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert used[mode] == {id(p) for p in enc.mode_parameters(mode)}
+    assert used[TEXT] < used[MULTIMODAL]
+    cross = {id(p) for p in enc.cross_attention.parameters()}
+    assert used[MULTIMODAL] - used[TEXT] == cross
+    assert {id(p) for p in enc.parameters()} == used[MULTIMODAL]  # no parameter outside the two roles
+
+
+def test_padding_is_respected_on_both_sides():
+    enc = tiny_encoder()
+    ids, mask, image = batch()
+    image_mask = torch.ones(3, 6, dtype=torch.long)
+    image_mask[0, 4:] = 0
+    base = enc.fuse(ids, mask, image, image_mask)
+    # padded text positions and padded image tokens change nothing at the real positions
+    ids2, image2 = ids.clone(), image.clone()
+    ids2[1, 4:] = 7
+    image2[0, 4:] += 5.0
+    other = enc.fuse(ids2, mask, image2, image_mask)
+    real = mask.bool()
+    torch.testing.assert_close(base[real], other[real])
+    assert not torch.allclose(base[0], enc.fuse(ids, mask, image2)[0])  # unmasked, the change is seen
+    text_pad = enc.encode_text(ids2, mask)
+    torch.testing.assert_close(enc.encode_text(ids, mask)[real], text_pad[real])
+
+
+def test_mim_pass_image_queries_attend_to_text_embeddings():
+    enc = tiny_encoder()
+    ids, mask, image = batch()
+    out = enc.reconstruct_image(image, ids, mask)
+    assert out.shape == image.shape
+    # the memory is the caption's embedding-layer output: cross-attention 0 receives exactly it
+    seen = {}
+    hook = enc.cross_attention[0].register_forward_hook(
+        lambda m, args, kwargs, res: seen.update(memory=kwargs["encoder_hidden_states"]), with_kwargs=True)
+    enc.reconstruct_image(image, ids, mask)
+    hook.remove()
+    torch.testing.assert_close(seen["memory"], enc.embed(ids))
+    # the queries get BERT position embeddings + LayerNorm: equal to an explicit computation of layer 0's input
+    emb = enc.text.embeddings
+    expected_input = emb.LayerNorm(image + emb.position_embeddings.weight[: image.size(1)])
+    torch.testing.assert_close(enc.embed(inputs_embeds=image), expected_input)
+    ids2 = ids.clone()
+    ids2[1, 4:] = 9  # padded caption words are not attended to
+    torch.testing.assert_close(out, enc.reconstruct_image(image, ids2, mask))
+    ids2[0, 1] = 9 if ids[0, 1] != 9 else 10
+    assert not torch.allclose(out[0], enc.reconstruct_image(image, ids2, mask)[0])
+
+
+def test_from_bert_loads_self_attention_and_ffn_not_cross_attention(tmp_path):
+    torch.manual_seed(4)
+    bert = BertModel(BertConfig(**TINY), add_pooling_layer=False)
+    bert.save_pretrained(tmp_path / "bert")
+    enc = SIMLATextEncoder.from_bert(str(tmp_path / "bert"))
+    for name, value in bert.state_dict().items():
+        if "token_type" in name or "position_ids" in name:
+            continue
+        torch.testing.assert_close(enc.text.bert.state_dict()[name], value)
+    assert all(".crossattention." not in k for k in enc.state_dict())
+    assert len(enc.cross_attention) == TINY["num_hidden_layers"]
+
+
+def test_configuration_errors_name_the_key():
+    with pytest.raises(ValueError, match="encoder_width"):
+        SIMLATextEncoder(SIMLATextEncoder.from_config(BertConfig(**TINY)).text, encoder_width=48)
+    with pytest.raises(ValueError, match="model_config.simla.temp"):
+        SIMLAPretrainingHeads(BertConfig(**TINY), vision_width=32, temp=0.9)
+
+
+def test_heads_shapes_tying_normalisation_and_clamp():
+    enc = tiny_encoder()
+    heads = SIMLAPretrainingHeads(BertConfig(**TINY), vision_width=32, embed_dim=16, image_vocab=11).tie_to(
+        enc.word_embeddings)
+    ids, mask, image = batch()
+    text = enc.encode_text(ids, mask)
+    f_v, f_t = heads.image_feature(image[:, 0]), heads.text_feature(text[:, 0])
+    assert f_v.shape == f_t.shape == (3, 16)
+    torch.testing.assert_close(f_v.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(f_t.norm(dim=-1), torch.ones(3))
+    assert heads.itm_logits(text[:, 0]).shape == (3, 2)
+    assert heads.mlm_logits(text).shape == (3, 7, 40)
+    assert heads.mim_logits(image).shape == (3, 5, 11)
+    assert heads.concept_logits(f_v).shape == (3, 40)
+    assert heads.mlm.decoder.weight is enc.word_embeddings.weight
+    assert heads.temp.item() == pytest.approx(0.07)
+    with torch.no_grad():
+        heads.temp.fill_(2.0)
+    assert heads.clamp_temperature().item() == pytest.approx(0.5)
+    with torch.no_grad():
+        heads.temp.fill_(-1.0)
+    assert heads.clamp_temperature().item() == pytest.approx(0.001)
+
+
+def test_base_size_counts_relate_to_the_papers_223m():
+    from mmf_multilevel.methods.simla.network import parameter_counts
+
+    counts = parameter_counts()
+    assert counts["12 cross-attention blocks"] == 12 * (4 * (768 * 768 + 768) + 2 * 768)
+    assert counts["encoders total"] == 223_102_464
+    assert counts["heads total"] == 15_161_719

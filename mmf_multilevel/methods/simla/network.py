@@ -1,7 +1,7 @@
-"""SIMLA's text / multimodal encoder: one BERT run in two roles (paper §3.1, §3.3; spec §2.1, §2.2).
+"""SIMLA's text / multimodal encoder: one BERT run in two roles (paper §2.1, §2.3; spec §2.1, §2.2).
 
 :class:`SIMLATextEncoder` (a plain ``nn.Module``, no MMF) is the paper's E_l = E_mm: one 12-layer BERT
-whose every layer is self-attention -> cross-attention -> FFN (paper §3.1: "initialized using the
+whose every layer is self-attention -> cross-attention -> FFN (paper §2.1: "initialized using the
 weights of BERT with cross-attention"; the official ``shared_bert.json`` sets ``add_cross_attention``).
 The same module instances serve every role:
 
@@ -11,7 +11,7 @@ The same module instances serve every role:
   embeddings go through all 12 layers again, each layer's cross-attention reading the image tokens
   (queries = text, keys/values = image); it does not start from the text encoder's output (spec §2.2
   (5), (6), (8));
-* :meth:`~SIMLATextEncoder.reconstruct_image` - the MIM direction of XMM (paper §3.3, spec §2.2 (7)):
+* :meth:`~SIMLATextEncoder.reconstruct_image` - the MIM direction of XMM (paper §2.3, spec §2.2 (7)):
   the (masked) image tokens are the queries. They pass BERT's embedding module (BERT position
   embeddings 0..N and its LayerNorm are applied to them), self-attend among themselves and
   cross-attend to the caption's **embedding-layer** output (not contextualised).
@@ -204,7 +204,7 @@ class SIMLATextEncoder(nn.Module):
     def reconstruct_image(self, image: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: Optional[torch.Tensor] = None,
                           image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The MIM direction (paper §3.3, spec §2.2 (7)): image tokens ``(B, 1 + N, H)`` (from the masked
+        """The MIM direction (paper §2.3, spec §2.2 (7)): image tokens ``(B, 1 + N, H)`` (from the masked
         image) as queries - BERT position embeddings and LayerNorm added, self-attention among them -
         cross-attending to the caption's embedding-layer output. Returns ``(B, 1 + N, H)``; the MIM head
         reads positions 1..N."""

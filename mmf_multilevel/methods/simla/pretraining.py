@@ -1,14 +1,14 @@
-"""SIMLA's pre-training heads (paper §3.1-§3.4; spec §2.1). Heads only: the losses come later.
+"""SIMLA's pre-training heads (paper §2.1-§2.4; spec §2.1). Heads only: the losses come later.
 
-* ITC projections g_v, g_l (paper §3.1): ``vision_proj`` Linear(768, 256) on the image [CLS] and
+* ITC projections g_v, g_l (paper §2.2): ``vision_proj`` Linear(768, 256) on the image [CLS] and
   ``text_proj`` Linear(768, 256) on the text [CLS], each followed by L2 normalisation;
 * the learnable temperature τ (``temp``), initialised to 0.07 and clamped to [0.001, 0.5] (the official
   code clamps it in place at every step: :meth:`SIMLAPretrainingHeads.clamp_temperature`);
-* ITM (paper §3.2): Linear(768, 2) on the multimodal [CLS];
-* MLM (paper §3.3): BERT's LM head (dense, GELU, LayerNorm, decoder + bias), its decoder tied to the
+* ITM (paper §2.2): Linear(768, 2) on the multimodal [CLS];
+* MLM (paper §2.3): BERT's LM head (dense, GELU, LayerNorm, decoder + bias), its decoder tied to the
   word embeddings (:meth:`~SIMLAPretrainingHeads.tie_to`);
-* MIM (paper §3.3): ``mim_head`` Linear(768, 8192) on the BERT outputs at the image-token positions;
-* the concept (PSL) head (paper §3.4): Linear(256, vocabulary) on the *projected, normalised* image
+* MIM (paper §2.3): ``mim_head`` Linear(768, 8192) on the BERT outputs at the image-token positions;
+* the concept (PSL) head (paper §2.4): Linear(256, vocabulary) on the *projected, normalised* image
   feature (the official ``concept_head(image_feat)``), one logit per tokenizer word.
 
 The linear heads keep PyTorch's default initialisation, as the official ``nn.Linear`` modules do; the

@@ -1,5 +1,5 @@
 """SIMLA's image side: the ViT image encoder E_v with its MIM mask token, BEiT block masking and the
-frozen DALL·E dVAE tokenizer that gives the MIM targets (paper §3, Eq. 6; spec §2.1, §3.3, §8).
+frozen DALL·E dVAE tokenizer that gives the MIM targets (paper §2.3, Eq. 6; spec §2.1, §3.3, §8).
 
 - :class:`SIMLAImageEncoder`: a timm ViT-B/16 (DeiT-base/16-224 weights, spec §8.2) built at the run's
   resolution (256² in pre-training, 384² in fine-tuning), whose 14×14 position embeddings timm resamples
@@ -86,7 +86,7 @@ def resize_position_embeddings(state_dict: Mapping[str, torch.Tensor], new_grid:
 
 
 class SIMLAImageEncoder(nn.Module):
-    """The visual encoder E_v (paper §3.1: "weights and architecture of ViT/B-16"; spec §2.1, §8.2).
+    """The visual encoder E_v (paper §2.1: "weights and architecture of ViT/B-16"; spec §2.1, §8.2).
 
     ``backbone`` is a timm ViT name (default ``deit_base_patch16_224``: the official code's DeiT-base/16
     weights, patch 16, 768-d, 12 layers, LayerNorm eps 1e-6, no drop-path). The network is built with
@@ -361,7 +361,7 @@ def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
 
 
 class DVAETokenizer:
-    """The frozen MIM tokenizer (paper §3.3 "discrete VAE … 8192 visual tokens"; spec §2.1): ``(B, 3, S, S)``
+    """The frozen MIM tokenizer (paper §2.3 "discrete VAE … 8192 visual tokens"; spec §2.1): ``(B, 3, S, S)``
     pixels in [0, 1] -> ``(B, (S/8)²)`` token ids, the argmax of the DALL·E encoder's logits after
     :func:`map_pixels`. At the spec's 128² view (``image_size // 2``) that is 16×16 = 256 tokens, one per
     ViT patch at 256².

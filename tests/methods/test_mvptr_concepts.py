@@ -113,6 +113,17 @@ def test_min_count_filter_and_token_phrase_map(tmp_path, vocab_file):
         assert positions == sorted(p for w in source_words[tuple(phrase)] for p in pieces_of[w]), phrase
 
 
+def test_image_ids_carried_to_captions(tmp_path, vocab_file):
+    # a caption corpus names each caption's image: the pre-training dataset reads captions.jsonl with it
+    records = [{"id": f"c{i}", "image_id": 100 + i // 2, "caption": KITCHEN} for i in range(3)]
+    records.append({"id": "c9", "caption": KITCHEN})  # no image id: none written
+    out = str(tmp_path / "out")
+    concepts.build(write_jsonl(tmp_path / "caps.jsonl", records), vocab_file, out, min_count=1, report=Report(quiet=True))
+    _, caps = read_out(out)
+    assert [c.get("image_id") for c in caps] == [100, 100, 101, None]
+    assert [c["id"] for c in caps] == ["c0", "c1", "c2", "c9"]
+
+
 def test_spice_reader_and_alignment(tmp_path, vocab_file):
     spice = [{"image_id": "c0", "scores": {}, "ref_tuples": [],
               "test_tuples": [{"tuple": list(t), "truth_value": False} for t in KITCHEN_SPICE]}]

@@ -220,10 +220,11 @@ def read_spice(path):
 
 
 # --------------------------------------------------------------------------- captions
-def read_captions(path, report, text_field=None):
+def read_captions(path, report, text_field=None, image_ids=None):
     """``[(caption id, text, "file:line")]`` of a ``.txt`` (one caption a line, id = line number) or
     ``.jsonl`` file (one object a line: a text field, an ``id`` or ``image_id``; default id = line number).
-    Bad lines are skipped and reported with file and line."""
+    Bad lines are skipped and reported with file and line. A jsonl line's ``image_id`` is recorded in the
+    dict ``image_ids`` (caption id -> image id) when one is given."""
     if not os.path.isfile(path):
         raise ConceptError(f"--captions {path}: no such file")
     is_jsonl = path.endswith((".jsonl", ".json"))
@@ -267,6 +268,9 @@ def read_captions(path, report, text_field=None):
                 report.problem("duplicate_id", f"{where}: caption id {cid!r} already used at {seen[cid]}; line skipped")
                 continue
             seen[cid] = where
+            if image_ids is not None and is_jsonl and isinstance(item.get("image_id"), (int, str)) \
+                    and not isinstance(item.get("image_id"), bool):
+                image_ids[cid] = item["image_id"]
             out.append((cid, text, where))
     return out
 
@@ -358,7 +362,8 @@ def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1,
         raise ConceptError(f"--min-count must be >= 1, got {min_count}")
     if workers < 1:
         raise ConceptError(f"--workers must be >= 1, got {workers}")
-    items = read_captions(captions, report, text_field)
+    image_ids = {}
+    items = read_captions(captions, report, text_field, image_ids)
     spice_tuples = read_spice(spice) if spice else None
     work = os.path.join(out_dir, "work")
     os.makedirs(work, exist_ok=True)
@@ -441,8 +446,9 @@ def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1,
                             ids.append(phrase2id[key])
                             positions.append(phrase_positions(enc.offsets, [s for group in spans for s in group]))
                     with_phrase += bool(ids)
+                    image = {"image_id": image_ids[rec["id"]]} if rec["id"] in image_ids else {}
                     out.write(json.dumps({
-                        "id": rec["id"], "text": rec["text"], "tuples": [w for w, _ in rec["tuples"]], "phrases": phrases,
+                        "id": rec["id"], **image, "text": rec["text"], "tuples": [w for w, _ in rec["tuples"]], "phrases": phrases,
                         "phrase_ids": ids, "input_ids": enc.ids, "phrase_positions": positions,
                     }, ensure_ascii=False) + "\n")
     by_len = {n: sum(1 for t in id2phrase.values() if len(t) == n) for n in (1, 2, 3)}

@@ -1,4 +1,4 @@
-"""MVPTR phrase concepts, made offline (paper §3, "phrase concepts"; spec §2.2, §3.4, §8.5-8.7).
+"""MVPTR phrase concepts, made offline (paper §3, "phrase concepts"; chain masking, paper §3.2).
 
 A caption corpus becomes scene-graph tuples: objects ``[man]``, attribute-object ``[man, young]``
 (written object first, as SPICE does) and subject-relation-object ``[man, ride, horse]``, all

@@ -1,27 +1,29 @@
 """MVPTR's network: one shared embedding block and three 6-layer encoders in two stages (paper §3).
 
-* **Embeddings** (paper §3 "Input Embeddings"; spec §2.2-§2.4): one BERT ``BertEmbeddings`` (word,
+* **Embeddings** (paper §3 "Input Embeddings"): one BERT ``BertEmbeddings`` (word,
   position and token-type tables, LayerNorm, dropout) shared by the text tokens, the phrase concepts
   and the object tags. Its word table has ``num_embeddings >= vocab_size`` rows: the ``vocab_size``
   BERT word-pieces, then the phrase-concept ids of ``id2phrase.json`` (single-word-piece objects reuse
   their BERT id; the others have ids from ``vocab_size`` up). :meth:`MVPTRNetwork.init_concept_embeddings`
-  sets every new concept row to the mean of its word-pieces' embeddings (paper §3; spec §2.2, §8.6).
+  sets every new concept row to the mean of its word-pieces' embeddings (paper §3).
 * **Stage 1, uni-modal** (paper §3.1): the text encoder runs over ``[CLS] w_1..w_N c_1..c_M [SEP] pad``
-  (35 + 5 = 40 slots, token type 0, positions 0..39: the phrases continue the tokens' positions; spec
-  §2.2) and the visual encoder over ``[CLS] tags [SEP] pad`` (20 slots, token type 1, positions
+  (35 + 5 = 40 slots, token type 0, positions 0..39: the phrases continue the tokens' positions,
+  as the official code lays them out) and the visual encoder over ``[CLS] tags [SEP] pad`` (20 slots, token type 1, positions
   0..19) followed by the regions (50 slots). A region is ``Linear([f ; box]) (2048 + 6 -> H)`` then
   dropout: no position, token-type or LayerNorm (``img_layer_norm`` turns an optional LayerNorm on,
-  as some released fine-tuning scripts do; spec §2.3, §8.17). The box is ``[x1/W, y1/H, x2/W, y2/H,
-  w/W, h/H]`` (:func:`~mmf_multilevel.modules.visual.normalize_boxes` with ``mode="6d"``; spec §8.18).
+  as some released fine-tuning scripts do). The box is ``[x1/W, y1/H, x2/W, y2/H,
+  w/W, h/H]`` (:func:`~mmf_multilevel.modules.visual.normalize_boxes` with ``mode="6d"``; the official
+  release's 2054-d region feature).
 * **Stage 2, cross-modal** (paper §3.2): the multimodal encoder runs over the text outputs (all 40
   slots, [CLS]/[SEP]/pads included) followed by the **region** outputs of the visual encoder only (the
   visual [CLS] and the tags are dropped, so that tags give masked language modelling no shortcut), with
-  no new embedding; its attention mask is ``[text mask ; region mask]`` (spec §2.4, §8.16). BERT's
+  no new embedding; its attention mask is ``[text mask ; region mask]`` (paper §3.2). BERT's
   pooler (dense + tanh) reads position 0, the text [CLS].
-* **VSC projections** (paper §3.1 "Visual-Semantic Contrastive"; spec §2.4, §8.13-§8.14): bias-free
+* **VSC projections** (paper §3.1 "Visual-Semantic Contrastive"; the projections are
+  the official code's, the paper names none): bias-free
   ``H x H`` matrices ``txt_proj`` / ``vis_proj`` (init ``H^-0.5 * randn``) applied to the two [CLS]
   outputs before the L2 norm, and the learnable ``logit_scale`` (init ``ln(1/0.07)``). They live here,
-  not with the pre-training heads, because uni-modal retrieval (spec §5.5) uses them too.
+  not with the pre-training heads, because uni-modal retrieval (MVPTR-Uni, paper §4.2) uses them too.
 
 Each stage has its own method (:meth:`~MVPTRNetwork.encode_text`, :meth:`~MVPTRNetwork.encode_visual`,
 :meth:`~MVPTRNetwork.fuse`) because the losses use the uni-modal outputs alone (VSC, MCR) and the ITM
@@ -31,7 +33,7 @@ Storage: ``bert`` is one ``2L``-layer :class:`~mmf_multilevel.modules.text.BertT
 ``0..L-1`` are the text encoder and ``L..2L-1`` the multimodal encoder (so a BERT checkpoint maps onto it
 key for key), and ``visual_layers`` is the visual encoder, a separate copy of ``L`` layers.
 :meth:`MVPTRNetwork.from_bert` fills it from a 12-layer BERT: layers 1-6 into both uni-modal encoders,
-7-12 into the multimodal one, the embeddings and pooler shared (paper §4.1; spec §2.4, §8.19).
+7-12 into the multimodal one, the embeddings and pooler shared (paper §4.1).
 
 Parameter count at base size (BERT-base, 86,051 word rows = 30,522 + the official 55,029 new concept
 ids): 197,413,633 (``python -m mmf_multilevel.methods.mvptr.network --counts``; README.md here). The
@@ -64,13 +66,13 @@ __all__ = [
     "parameter_count",
 ]
 
-TEXT_SLOTS = 35 + 5  # [CLS] tokens phrases [SEP] (spec §2.2)
-TAG_SLOTS = 20  # [CLS] tag pieces [SEP] (spec §2.3)
+TEXT_SLOTS = 35 + 5  # [CLS] tokens phrases [SEP] (paper §4.1: 35 tokens, 5 phrases)
+TAG_SLOTS = 20  # [CLS] tag pieces [SEP] (paper §4.1: 20 tags)
 REGION_SLOTS = 50
 REGION_FEATURE_DIM = 2048
 BOX_DIM = 6  # x1/W, y1/H, x2/W, y2/H, w/W, h/H
 BERT_VOCAB = 30522
-OFFICIAL_CONCEPT_ROWS = 86051  # max id of the official id2phrase_new.json + 1 (spec §2.2)
+OFFICIAL_CONCEPT_ROWS = 86051  # max id of the official id2phrase_new.json + 1
 
 Phrase = Sequence[str]
 ConceptVocabulary = Union[Mapping[Union[int, str], Phrase], Iterable[Tuple[Union[int, str], Phrase]]]
@@ -91,7 +93,7 @@ def _concept_items(id2phrase: ConceptVocabulary):
 
 
 def embedding_rows(id2phrase: ConceptVocabulary, vocab_size: int = BERT_VOCAB) -> int:
-    """Rows the shared word table needs: ``max(vocab_size, largest concept id + 1)`` (spec §2.2: the
+    """Rows the shared word table needs: ``max(vocab_size, largest concept id + 1)`` (the
     official ids are not contiguous, so this is not ``vocab_size + len(id2phrase)``)."""
     ids = [index for index, _ in _concept_items(id2phrase)]
     return max([vocab_size] + [i + 1 for i in ids])
@@ -217,7 +219,7 @@ class MVPTRNetwork(nn.Module):
         tokenizer=None,
         **kwargs,
     ) -> "MVPTRNetwork":
-        """The paper's initialisation from a ``2 L``-layer BERT (paper §4.1; spec §2.4, §8.19).
+        """The paper's initialisation from a ``2 L``-layer BERT (paper §4.1).
 
         ``bert``: a ``BertModel``, a :class:`BertTextEncoder` or a ``save_pretrained`` directory / hub id.
         Its layers ``1..L`` go into the text **and** (a separate copy) the visual encoder, layers
@@ -268,7 +270,7 @@ class MVPTRNetwork(nn.Module):
     def init_concept_embeddings(self, id2phrase: ConceptVocabulary, tokenizer) -> int:
         """Set each concept row ``>= vocab_size`` to the mean of the word embeddings of all word-pieces of
         all its elements (relations included: "[man, ride on top of, horse]" averages the pieces of "man",
-        "ride on top of" and "horse"; paper §3 "Input Embeddings", spec §2.2, §8.6). Concepts with ids
+        "ride on top of" and "horse"; paper §3 "Input Embeddings"). Concepts with ids
         below ``vocab_size`` reuse a BERT row and are left alone. Returns the number of rows set."""
         tokenize = _tokenizer_fn(tokenizer)
         table = self.word_embeddings.weight
@@ -312,7 +314,7 @@ class MVPTRNetwork(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Text encoder (paper §3.1): ``[CLS] w c [SEP] pad`` ids ``(B, T)`` (T = 40 in pre-training) ->
-        ``(B, T, H)``. Token types default to 0 and positions to ``0..T-1`` (spec §2.2)."""
+        ``(B, T, H)``. Token types default to 0 and positions to ``0..T-1`` (the official layout)."""
         mask = self._check_mask(attention_mask, input_ids, "attention_mask")
         if input_ids.numel() and int(input_ids.max()) >= self.num_embeddings:
             raise ValueError(f"input_ids hold id {int(input_ids.max())} >= num_embeddings = {self.num_embeddings}")
@@ -321,7 +323,7 @@ class MVPTRNetwork(nn.Module):
 
     def embed_regions(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """``Linear([f ; box])`` + dropout (LayerNorm only with ``img_layer_norm``): ``(B, K, D), (B, K, 6) ->
-        (B, K, H)``, no position or token-type embedding (spec §2.3)."""
+        (B, K, H)``, no position or token-type embedding (paper §3.1: "linearly mapped")."""
         return self.region_embedding(features, boxes)[0]
 
     def encode_visual(
@@ -396,7 +398,7 @@ class MVPTRNetwork(nn.Module):
         self, text_states: torch.Tensor, visual_states: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """VSC's L2-normalised global vectors ``g_t = norm(w_cls W_t)``, ``g_v = norm(t_cls W_v)`` from the
-        uni-modal outputs (paper §3.1; spec §2.4, §8.13)."""
+        uni-modal outputs (paper §3.1)."""
         text = text_states[:, 0] @ self.txt_proj.to(text_states.dtype)
         visual = visual_states[:, 0] @ self.vis_proj.to(visual_states.dtype)
         return F.normalize(text.float(), dim=-1), F.normalize(visual.float(), dim=-1)

@@ -1,4 +1,4 @@
-"""MVPTR phrase concepts, made offline (paper §3, "phrase concepts"; chain masking, paper §3.2).
+"""MVPTR phrase concepts, made offline (paper §3.1 "Model Input"; chain masking, paper §3.3).
 
 A caption corpus becomes scene-graph tuples: objects ``[man]``, attribute-object ``[man, young]``
 (written object first, as SPICE does) and subject-relation-object ``[man, ride, horse]``, all

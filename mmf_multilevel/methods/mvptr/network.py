@@ -1,12 +1,12 @@
 """MVPTR's network: one shared embedding block and three 6-layer encoders in two stages (paper §3).
 
-* **Embeddings** (paper §3 "Input Embeddings"): one BERT ``BertEmbeddings`` (word,
+* **Embeddings** (paper §3.1 "Model Input"): one BERT ``BertEmbeddings`` (word,
   position and token-type tables, LayerNorm, dropout) shared by the text tokens, the phrase concepts
   and the object tags. Its word table has ``num_embeddings >= vocab_size`` rows: the ``vocab_size``
   BERT word-pieces, then the phrase-concept ids of ``id2phrase.json`` (single-word-piece objects reuse
   their BERT id; the others have ids from ``vocab_size`` up). :meth:`MVPTRNetwork.init_concept_embeddings`
-  sets every new concept row to the mean of its word-pieces' embeddings (paper §3).
-* **Stage 1, uni-modal** (paper §3.1): the text encoder runs over ``[CLS] w_1..w_N c_1..c_M [SEP] pad``
+  sets every new concept row to the mean of its word-pieces' embeddings (paper §3.1).
+* **Stage 1, uni-modal** (paper §3.2): the text encoder runs over ``[CLS] w_1..w_N c_1..c_M [SEP] pad``
   (35 + 5 = 40 slots, token type 0, positions 0..39: the phrases continue the tokens' positions,
   as the official code lays them out) and the visual encoder over ``[CLS] tags [SEP] pad`` (20 slots, token type 1, positions
   0..19) followed by the regions (50 slots). A region is ``Linear([f ; box]) (2048 + 6 -> H)`` then
@@ -14,16 +14,16 @@
   as some released fine-tuning scripts do). The box is ``[x1/W, y1/H, x2/W, y2/H,
   w/W, h/H]`` (:func:`~mmf_multilevel.modules.visual.normalize_boxes` with ``mode="6d"``; the official
   release's 2054-d region feature).
-* **Stage 2, cross-modal** (paper §3.2): the multimodal encoder runs over the text outputs (all 40
+* **Stage 2, cross-modal** (paper §3.3): the multimodal encoder runs over the text outputs (all 40
   slots, [CLS]/[SEP]/pads included) followed by the **region** outputs of the visual encoder only (the
   visual [CLS] and the tags are dropped, so that tags give masked language modelling no shortcut), with
-  no new embedding; its attention mask is ``[text mask ; region mask]`` (paper §3.2). BERT's
+  no new embedding; its attention mask is ``[text mask ; region mask]`` (paper §3.3). BERT's
   pooler (dense + tanh) reads position 0, the text [CLS].
-* **VSC projections** (paper §3.1 "Visual-Semantic Contrastive"; the projections are
+* **VSC projections** (paper §3.3 "Visual Semantic Contrastive Loss"; the projections are
   the official code's, the paper names none): bias-free
   ``H x H`` matrices ``txt_proj`` / ``vis_proj`` (init ``H^-0.5 * randn``) applied to the two [CLS]
   outputs before the L2 norm, and the learnable ``logit_scale`` (init ``ln(1/0.07)``). They live here,
-  not with the pre-training heads, because uni-modal retrieval (MVPTR-Uni, paper §4.2) uses them too.
+  not with the pre-training heads, because uni-modal retrieval (MVPTR-Uni, paper §4.3 Table 2) uses them too.
 
 Each stage has its own method (:meth:`~MVPTRNetwork.encode_text`, :meth:`~MVPTRNetwork.encode_visual`,
 :meth:`~MVPTRNetwork.fuse`) because the losses use the uni-modal outputs alone (VSC, MCR) and the ITM
@@ -270,7 +270,7 @@ class MVPTRNetwork(nn.Module):
     def init_concept_embeddings(self, id2phrase: ConceptVocabulary, tokenizer) -> int:
         """Set each concept row ``>= vocab_size`` to the mean of the word embeddings of all word-pieces of
         all its elements (relations included: "[man, ride on top of, horse]" averages the pieces of "man",
-        "ride on top of" and "horse"; paper §3 "Input Embeddings"). Concepts with ids
+        "ride on top of" and "horse"; paper §3.1 "Model Input"). Concepts with ids
         below ``vocab_size`` reuse a BERT row and are left alone. Returns the number of rows set."""
         tokenize = _tokenizer_fn(tokenizer)
         table = self.word_embeddings.weight
@@ -313,7 +313,7 @@ class MVPTRNetwork(nn.Module):
         token_type_ids: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Text encoder (paper §3.1): ``[CLS] w c [SEP] pad`` ids ``(B, T)`` (T = 40 in pre-training) ->
+        """Text encoder (paper §3.2): ``[CLS] w c [SEP] pad`` ids ``(B, T)`` (T = 40 in pre-training) ->
         ``(B, T, H)``. Token types default to 0 and positions to ``0..T-1`` (the official layout)."""
         mask = self._check_mask(attention_mask, input_ids, "attention_mask")
         if input_ids.numel() and int(input_ids.max()) >= self.num_embeddings:
@@ -335,7 +335,7 @@ class MVPTRNetwork(nn.Module):
         region_mask: torch.Tensor,
         tag_type_ids: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Visual encoder (paper §3.1): ``[CLS] tags [SEP] pad`` ids ``(B, num_tag_slots)`` through the
+        """Visual encoder (paper §3.2): ``[CLS] tags [SEP] pad`` ids ``(B, num_tag_slots)`` through the
         shared embeddings (token type 1, positions ``0..num_tag_slots-1``) followed by the embedded regions
         ``(B, K, region_feature_dim)`` with ``boxes (B, K, box_dim)``. Returns ``(states (B, num_tag_slots +
         K, H), mask (B, num_tag_slots + K))``; position 0 is the visual [CLS]."""
@@ -361,7 +361,7 @@ class MVPTRNetwork(nn.Module):
         text_index: Optional[torch.Tensor] = None,
         image_index: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Multimodal encoder (paper §3.2) over already-encoded uni-modal outputs.
+        """Multimodal encoder (paper §3.3) over already-encoded uni-modal outputs.
 
         ``text_states (Bt, T, H)`` / ``text_mask (Bt, T)`` from :meth:`encode_text`, ``visual_states (Bv,
         num_tag_slots + K, H)`` / ``visual_mask`` from :meth:`encode_visual`. Pair ``p`` joins text
@@ -398,7 +398,7 @@ class MVPTRNetwork(nn.Module):
         self, text_states: torch.Tensor, visual_states: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """VSC's L2-normalised global vectors ``g_t = norm(w_cls W_t)``, ``g_v = norm(t_cls W_v)`` from the
-        uni-modal outputs (paper §3.1)."""
+        uni-modal outputs (paper §3.3, VSC)."""
         text = text_states[:, 0] @ self.txt_proj.to(text_states.dtype)
         visual = visual_states[:, 0] @ self.vis_proj.to(visual_states.dtype)
         return F.normalize(text.float(), dim=-1), F.normalize(visual.float(), dim=-1)

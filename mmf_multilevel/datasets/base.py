@@ -180,7 +180,10 @@ class RegionTextDataset(BaseDataset):
         warnings.warn(f"{where}; dropped their {self.num_dropped} of {before} records (skip_missing_features)")
 
     def region_fields(self, image_id):
-        record = self.reader.get(str(image_id))
+        return self.record_fields(self.reader.get(str(image_id)), image_id)
+
+    def record_fields(self, record, image_id):
+        """``(image_feature_0, image_info_0)`` of one cache record (``reader.get``'s dict)."""
         features = np.asarray(record["features"])
         if self.expected_dim is not None and features.shape[1] != int(self.expected_dim):
             raise FeatureDimensionError(

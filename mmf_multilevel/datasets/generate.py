@@ -547,8 +547,10 @@ def generate(out, num_images=240, feature_dim=2048, min_objects=2, max_objects=5
     dtype = settings["dtype"]
     cache = os.path.join(work, "features", "regions.lmdb")
     bounds = _split_bounds(args.num_images)
+    # the class names in the header, as the extractor writes them (info.object_names: objects id k = name k)
+    info = {"object_names": list(SHAPES), "attribute_names": list(COLORS)}
     with FeatureCacheWriter(cache, detector="demo_shapes", dtype=dtype, batch_size=64, mmf_compat=args.mmf_compat,
-                            feature_dim=args.feature_dim) as writer:
+                            feature_dim=args.feature_dim, info=info) as writer:
         indices = tqdm(range(args.num_images), desc="demo data", unit="img", disable=not progress)
         captions, questions, texts, scenes = _write_images(writer, work, indices, bounds, args, rng, prototypes, dtype)
     _write_annotations(work, captions, questions, scenes, args.seed, texts)

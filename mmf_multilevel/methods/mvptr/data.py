@@ -1,0 +1,269 @@
+"""MVPTR's pre-training corpus: captions with their phrase concepts, region features and object tags
+(paper §3.1 "Model Input", §4.1 for the lengths).
+
+``mvptr_captions`` reads the phrase-concept tool's ``captions.jsonl`` (``python -m
+mmf_multilevel.methods.mvptr.concepts``: ``image_id``, ``input_ids`` with [CLS]/[SEP], ``phrase_ids``,
+``phrase_positions``) and the region feature cache, one sample per caption:
+
+* **text** (``input_ids`` / ``input_mask`` / ``segment_ids``, ``max_tokens + max_phrases`` = 35 + 5
+  slots): ``[CLS] w_1..w_N c_1..c_M [SEP] pad``, N <= ``max_tokens - 2`` word-pieces, M <=
+  ``max_phrases`` phrase concepts in the tool's order, truncated from the end (``phrase_spare_slots``:
+  the official code also lets phrases use the word slots a short caption leaves free);
+  ``phrase_slots`` marks the phrase positions (WPG reads their multimodal outputs).
+  A record without ``input_ids`` (a plain caption corpus) is tokenised here and has no phrases.
+* **MLM with chain masking** (paper §3.3, "Masked Language Modeling"): word-pieces are selected with
+  ``mlm_probability`` (BERT 80/10/10, ``lm_label_ids`` = the original ids there); every phrase built
+  from a selected word-piece becomes ``[MASK]`` whatever that piece's 80/10/10 outcome, so the phrase
+  never leaks the word; each other phrase is selected with ``phrase_mask_probability`` (80 % ``[MASK]``,
+  10 % a random concept id of the vocabulary, 10 % unchanged), as the official code does. Phrases are
+  never predicted (their labels are ignored): the paper's MLM vocabulary holds word-pieces only.
+* **tags** (``tag_ids`` / ``tag_mask``, ``max_tags`` = 20 slots, paper §3.1): ``[CLS] tag pieces [SEP]
+  pad``. The tags are the image's detected class names (the region cache's ``objects`` over *all* its
+  detections, named by the cache header's ``info.object_names`` or the ``tag_vocab`` file), each name
+  once and sorted - the official code joins a set, whose order is arbitrary - word-piece tokenised
+  and truncated to 18 pieces. Images without a tag get ``[CLS] [SEP]``; how many there are is counted
+  when the dataset opens (``untagged_images``) and warned about.
+* **MCR masking** (paper §3.2, "Masked Concept Recovering"): tag word-pieces selected with
+  ``mcr_mask_probability`` (the paper's 0.25; the official code uses 0.15) and corrupted 80/10/10;
+  ``mcr_label_ids`` holds the original word-piece ids there (the MCR targets are word-pieces, as the
+  official code predicts them through the tied word decoder).
+* **regions**: ``image_feature_0`` / ``image_info_0`` (the first ``max_features`` = 50 regions); the
+  model builds the 6-d boxes through the batch contract.
+
+``use_phrases: false`` and ``use_tags: false`` give the paper's Table 4 "w/o phrases" / "w/o tags" inputs.
+"""
+import json
+import os
+import warnings
+
+import torch
+from mmf.common.registry import registry
+
+from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, data_path, setting
+from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_tokens
+from mmf_multilevel.registration import register_variants
+
+__all__ = ["MVPTRCaptionsDataset", "CONFIG_DIR", "chain_mask_phrases", "tag_names"]
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def chain_mask_phrases(phrase_ids, phrase_positions, selected_tokens, *, mask_token_id, concept_ids, prob,
+                       generator=None):
+    """Chain masking of one caption's phrase concepts (paper §3.3).
+
+    ``phrase_ids`` ``(M,)``; ``phrase_positions``: for each phrase, the token positions it was built
+    from; ``selected_tokens`` ``(T,)`` bool, the word-pieces MLM selected. A phrase with a selected
+    token becomes ``mask_token_id``; every other phrase is selected with ``prob`` and then becomes
+    ``mask_token_id`` (80 %), a uniform draw of ``concept_ids`` (10 %) or stays (10 %).
+    Returns ``(masked phrase ids (M,), chained (M,) bool)``."""
+    phrase_ids = torch.as_tensor(phrase_ids, dtype=torch.long)
+    count, length = phrase_ids.numel(), selected_tokens.numel()
+    chained = torch.zeros(count, dtype=torch.bool)
+    for j, positions in enumerate(phrase_positions[:count]):
+        chained[j] = any(0 <= p < length and bool(selected_tokens[p]) for p in positions)
+    out = phrase_ids.clone()
+    out[chained] = mask_token_id
+    draw = torch.rand(count, generator=generator)
+    other = (~chained) & (draw < prob)
+    outcome = torch.rand(count, generator=generator)
+    out[other & (outcome < 0.8)] = mask_token_id
+    replace = other & (outcome >= 0.8) & (outcome < 0.9)
+    if replace.any():
+        pool = torch.as_tensor(concept_ids, dtype=torch.long)
+        out[replace] = pool[torch.randint(len(pool), (int(replace.sum()),), generator=generator)]
+    return out, chained
+
+
+def tag_names(objects, names):
+    """The sorted, de-duplicated class names of an image's detections (``objects``: class ids)."""
+    found = set()
+    for index in objects:
+        index = int(index)
+        if not 0 <= index < len(names):
+            raise IndexError(f"detected class id {index} is outside the {len(names)} object names")
+        found.add(names[index])
+    return sorted(found)
+
+
+class MVPTRCaptionsDataset(RegionTextDataset):
+    """Concept-annotated captions (``captions.jsonl`` of the concept tool) over a region cache."""
+
+    required_fields = ("image_id",)
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        super().__init__(dataset_name, config, dataset_type, index)
+        get = lambda key: setting(config, key, dataset_name)  # noqa: E731
+        self.max_tokens = int(get("max_tokens"))
+        self.max_phrases = int(get("max_phrases"))
+        self.max_tags = int(get("max_tags"))
+        self.phrase_spare_slots = bool(get("phrase_spare_slots"))
+        self.use_phrases = bool(get("use_phrases"))
+        self.use_tags = bool(get("use_tags"))
+        for key in ("mlm_probability", "phrase_mask_probability", "mcr_mask_probability"):
+            value = float(get(key))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"dataset_config.{dataset_name}.{key} must lie in [0, 1], got {value}")
+            setattr(self, key, value)
+        if self.max_tokens < 3 or self.max_phrases < 0 or self.max_tags < 2:
+            raise ValueError(f"dataset_config.{dataset_name}: max_tokens >= 3, max_phrases >= 0 and max_tags >= 2 "
+                             f"are needed, got {self.max_tokens} / {self.max_phrases} / {self.max_tags}")
+        data_dir = get("data_dir")
+        self.concept_ids = self._read_concepts(data_path(get("concepts"), data_dir))
+        self.object_names = self._read_object_names(data_path(config.get("tag_vocab"), data_dir)) if self.use_tags else []
+        self.untagged_images = self._count_untagged() if self.use_tags and bool(get("count_untagged")) else None
+
+    # ------------------------------------------------------------------ vocabularies
+    def _read_concepts(self, path):
+        """The concept ids of ``id2phrase.json`` (the random replacements of phrase masking)."""
+        if not self.use_phrases:
+            return []
+        if path is None or not os.path.isfile(path):
+            raise FileNotFoundError(f"dataset_config.{self.dataset_name}.concepts: no id2phrase.json at {path} (the "
+                                    "concept tool's output, python -m mmf_multilevel.methods.mvptr.concepts); "
+                                    "use_phrases: false trains without phrases")
+        with open(path, encoding="utf-8") as f:
+            try:
+                table = json.load(f)
+            except ValueError as exc:
+                raise ValueError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(table, dict) or not table or not all(str(k).isdigit() for k in table):
+            raise ValueError(f"{path}: expected a non-empty object {{\"<concept id>\": [words...]}}")
+        return sorted(int(k) for k in table)
+
+    def _read_object_names(self, path):
+        """Class names: the ``tag_vocab`` file (one a line, line k = class k), else the cache header's
+        ``info.object_names`` (the extractor writes them)."""
+        if path is not None:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"dataset_config.{self.dataset_name}.tag_vocab: {path} does not exist")
+            with open(path, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+            if not names:
+                raise ValueError(f"dataset_config.{self.dataset_name}.tag_vocab: {path} holds no class name")
+            return names
+        header = self.reader.header or {}
+        info = header.get("info") if isinstance(header.get("info"), dict) else {}
+        names = info.get("object_names")
+        if not names:
+            raise KeyError(f"{self.features_path}: the cache header has no info.object_names (the detector's class "
+                           f"names); set dataset_config.{self.dataset_name}.tag_vocab to a file of class names (one a "
+                           "line, line k = class id k), or use_tags: false")
+        return list(names)
+
+    def _count_untagged(self):
+        ids = sorted({str(record["image_id"]) for record in self.records})
+        untagged = []
+        for image_id in ids:
+            objects = self.reader.get(image_id).get("objects")
+            if objects is None or len(objects) == 0:
+                untagged.append(image_id)
+        if untagged:
+            shown = ", ".join(repr(i) for i in untagged[:5]) + (" ..." if len(untagged) > 5 else "")
+            warnings.warn(f"{self.dataset_name}: {len(untagged)} of {len(ids)} images in {self.features_path} have no "
+                          f"detected object (their tag sequence is [CLS] [SEP]): {shown}")
+        return len(untagged)
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def tokenizer(self):
+        tokenizer = getattr(self.text_processor, "_tokenizer", None)
+        if tokenizer is None:
+            raise TypeError(f"dataset_config.{self.dataset_name}.processors.text_processor must be a BERT tokenizer "
+                            "processor (bert_tokenizer) whose tokenizer the MVPTR dataset uses")
+        return tokenizer
+
+    def attach_visual(self, sample, image_id):
+        cached = self.reader.get(str(image_id))
+        sample.image_feature_0, sample.image_info_0 = self.record_fields(cached, image_id)
+        self._objects = cached.get("objects")
+        return False
+
+    def _words(self, record):
+        """The caption's word-pieces without [CLS]/[SEP], and whether they came from the concept tool."""
+        tok = self.tokenizer
+        if "input_ids" in record:
+            ids = [int(i) for i in record["input_ids"]]
+            if len(ids) < 2 or ids[0] != tok.cls_token_id or ids[-1] != tok.sep_token_id:
+                raise ValueError(f"{self.annotation_path}: image {record['image_id']!r}: input_ids must start with "
+                                 f"[CLS] ({tok.cls_token_id}) and end with [SEP] ({tok.sep_token_id}) of the "
+                                 "dataset's tokenizer (the concept tool's --vocab must be the same vocab.txt)")
+            return ids[1:-1], True
+        text = record.get("text", record.get("caption"))
+        if not isinstance(text, str):
+            raise KeyError(f"{self.annotation_path}: image {record['image_id']!r} has neither input_ids nor a "
+                           "text/caption field")
+        return tok.convert_tokens_to_ids(tok.tokenize(text)), False
+
+    def build_sample(self, record, sample):
+        tok = self.tokenizer
+        words, with_phrases = self._words(record)
+        words = words[: self.max_tokens - 2]
+        phrases, positions = [], []
+        if self.use_phrases and with_phrases:
+            phrases = [int(i) for i in record.get("phrase_ids", [])]
+            positions = [list(p) for p in record.get("phrase_positions", [[]] * len(phrases))]
+            if len(positions) != len(phrases):
+                raise ValueError(f"{self.annotation_path}: image {record['image_id']!r}: phrase_positions must hold one "
+                                 f"list per phrase id ({len(phrases)})")
+            budget = self.max_phrases + (self.max_tokens - 2 - len(words) if self.phrase_spare_slots else 0)
+            phrases, positions = phrases[:budget], positions[:budget]
+        slots = self.max_tokens + self.max_phrases
+        ids = torch.full((slots,), tok.pad_token_id or 0, dtype=torch.long)
+        n, m = len(words), len(phrases)
+        ids[0] = tok.cls_token_id
+        ids[1:1 + n] = torch.as_tensor(words, dtype=torch.long)
+        ids[1 + n + m] = tok.sep_token_id
+        mask = torch.zeros(slots, dtype=torch.long)
+        mask[: n + m + 2] = 1
+        word_mask = torch.zeros(slots, dtype=torch.long)
+        word_mask[1:1 + n] = 1
+        masked, labels = mask_tokens(ids, attention_mask=word_mask, vocab_size=len(tok), mask_token_id=tok.mask_token_id,
+                                     prob=self.mlm_probability)
+        phrase_slots = torch.zeros(slots, dtype=torch.long)
+        if m:
+            # positions count from [CLS] = 0 in the tool's input_ids and here alike
+            chained_ids, _ = chain_mask_phrases(phrases, positions, labels != IGNORE_INDEX, mask_token_id=tok.mask_token_id,
+                                                concept_ids=self.concept_ids, prob=self.phrase_mask_probability)
+            masked[1 + n:1 + n + m] = chained_ids
+            phrase_slots[1 + n:1 + n + m] = 1
+        sample.input_ids, sample.lm_label_ids = masked, labels
+        sample.input_mask, sample.segment_ids = mask, torch.zeros(slots, dtype=torch.long)
+        sample.phrase_slots = phrase_slots
+        self._add_tags(sample)
+        return sample
+
+    def _add_tags(self, sample):
+        tok = self.tokenizer
+        pieces = []
+        if self.use_tags and self._objects is not None:
+            for name in tag_names(self._objects, self.object_names):
+                pieces.extend(tok.tokenize(name))
+        pieces = pieces[: self.max_tags - 2]
+        ids = torch.full((self.max_tags,), tok.pad_token_id or 0, dtype=torch.long)
+        ids[0], ids[len(pieces) + 1] = tok.cls_token_id, tok.sep_token_id
+        if pieces:
+            ids[1:1 + len(pieces)] = torch.as_tensor(tok.convert_tokens_to_ids(pieces), dtype=torch.long)
+        mask = torch.zeros(self.max_tags, dtype=torch.long)
+        mask[: len(pieces) + 2] = 1
+        maskable = mask.clone()
+        maskable[0] = maskable[len(pieces) + 1] = 0
+        sample.tag_ids, sample.mcr_label_ids = mask_tokens(ids, attention_mask=maskable, vocab_size=len(tok),
+                                                           mask_token_id=tok.mask_token_id, prob=self.mcr_mask_probability)
+        sample.tag_mask = mask
+
+
+def _builders():
+    class MVPTRCaptionsBuilder(RegionTaskBuilder):
+        name = "mvptr_captions"
+        dataset_class = MVPTRCaptionsDataset
+
+        @classmethod
+        def config_path(cls):
+            return os.path.join(CONFIG_DIR, f"{cls.name}.yaml")
+
+    return register_variants(registry.register_builder, MVPTRCaptionsBuilder, {"mvptr_captions": {"name": "mvptr_captions"}},
+                             suffix="Builder")
+
+
+_builders()

@@ -1,0 +1,247 @@
+"""MVPTR's pre-training dataset (mmf_multilevel.methods.mvptr.data) on a region cache and concept
+annotations written here: the [CLS] words phrases [SEP] layout, chain masking, tags from the cache
+header, MCR masking rates, untagged images counted, bad input named."""
+import json
+import os
+import warnings
+
+import mmf  # noqa: F401  (applies the compatibility layer, registers our components)
+import numpy as np
+import pytest
+import torch
+from mmf.common.registry import registry
+from omegaconf import OmegaConf
+
+from helpers.stats import assert_rate
+from mmf_multilevel.features import FeatureCacheWriter
+from mmf_multilevel.methods.mvptr.data import CONFIG_DIR, MVPTRCaptionsDataset, chain_mask_phrases, tag_names
+from mmf_multilevel.modules.masking import IGNORE_INDEX
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*have no detected object")
+
+DIM = 8
+NAMES = ["man", "horse", "beach", "red car", "dog"]  # class id k = NAMES[k]; "red car" is two word-pieces
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["a", "man", "riding", "horse", "on", "the", "beach", "red", "car", "dog", "grass", "##s", "sits", "."]
+# a caption's word-pieces: a man riding a horse on the beach . -> positions 1..9 ([CLS] = 0)
+CAPTION = ["a", "man", "riding", "a", "horse", "on", "the", "beach", "."]
+CONCEPTS = {"1": ["man"], "100": ["man", "ride", "horse"], "101": ["horse", "on", "beach"], "102": ["beach"],
+            "103": ["dog"], "104": ["car", "red"]}
+# phrase -> the word-piece positions it was built from
+PHRASES = [(6, [2]), (100, [2, 3, 5]), (101, [5, 6, 8]), (102, [8])]  # 6 = "man" reuses its word id
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvptr_data")
+    vocab = root / "vocab"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_text("\n".join(SPECIALS + WORDS) + "\n")
+    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    ids = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    rng = np.random.default_rng(0)
+    detections = {"img0": [0, 1, 2, 1, 0], "img1": [4, 3], "img2": [], "img3": [3, 3]}
+    with FeatureCacheWriter(str(root / "regions.lmdb"), detector="test", feature_dim=DIM,
+                            info={"object_names": NAMES}) as writer:
+        for image_id, objects in detections.items():
+            n = max(len(objects), 2)
+            record = {"features": rng.normal(size=(n, DIM)).astype(np.float32),
+                      "boxes": np.tile(np.array([[1.0, 2.0, 30.0, 40.0]], np.float32), (n, 1)), "image_w": 64, "image_h": 48}
+            if objects:
+                record["objects"] = np.array(objects + [objects[0]] * (n - len(objects)), np.int64)
+            writer.write(image_id, record)
+    with FeatureCacheWriter(str(root / "no_names.lmdb"), detector="test", feature_dim=DIM) as writer:
+        writer.write("img0", {"features": np.zeros((2, DIM), np.float32), "boxes": np.zeros((2, 4), np.float32),
+                              "objects": np.array([0, 1]), "image_w": 10, "image_h": 10})
+    caption_ids = [ids["[CLS]"]] + [ids[w] for w in CAPTION] + [ids["[SEP]"]]
+    records = [{"id": f"c{i}", "image_id": f"img{i % 4}", "text": " ".join(CAPTION), "input_ids": caption_ids,
+                "phrase_ids": [p for p, _ in PHRASES], "phrase_positions": [q for _, q in PHRASES]} for i in range(8)]
+    records.append({"id": "plain", "image_id": "img1", "caption": "a dog sits on the grass ."})
+    with open(root / "captions.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    (root / "id2phrase.json").write_text(json.dumps(CONCEPTS))
+    (root / "names.txt").write_text("\n".join(["x" + n.replace(" ", "") for n in NAMES]) + "\n")
+    return root
+
+
+def make(data, annotations="captions.jsonl", **overrides):
+    config = OmegaConf.load(os.path.join(CONFIG_DIR, "mvptr_captions.yaml")).dataset_config.mvptr_captions
+    config.data_dir = str(data)
+    config.annotations = {"train": annotations}
+    config.features = {"train": "regions.lmdb"}
+    config.concepts = "id2phrase.json"
+    config.feature_dim, config.max_features = DIM, 4
+    config.max_tokens, config.max_phrases, config.max_tags = 12, 3, 6
+    config.processors.text_processor.params.tokenizer_config.type = str(data / "vocab")
+    for dotted, value in overrides.items():
+        OmegaConf.update(config, dotted, value, merge=False)
+    for key in config.processors:
+        registry.unregister(f"mvptr_captions_{key}")
+    dataset = MVPTRCaptionsDataset("mvptr_captions", config, "train")
+    dataset.init_processors()
+    return dataset
+
+
+def words(dataset, ids):
+    return dataset.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+
+
+@pytest.fixture
+def one_record(data):
+    with open(data / "captions.jsonl") as f, open(data / "one.jsonl", "w") as out:
+        out.write(f.readline())
+
+
+def unmasked(data, **overrides):
+    return make(data, mlm_probability=0.0, phrase_mask_probability=0.0, mcr_mask_probability=0.0, **overrides)
+
+
+def test_text_layout_words_then_phrases_then_sep(data):
+    ds = unmasked(data)
+    sample = ds[0]
+    n, phrases = len(CAPTION), [p for p, _ in PHRASES][:3]  # max_phrases = 3: truncated from the end
+    assert words(ds, sample.input_ids[: n + 1]) == ["[CLS]"] + CAPTION
+    assert sample.input_ids[1 + n: 1 + n + 3].tolist() == phrases
+    assert int(sample.input_ids[1 + n + 3]) == ds.tokenizer.sep_token_id
+    slots = 12 + 3
+    assert sample.input_ids.shape == (slots,) and sample.input_mask.tolist() == [1] * (n + 5) + [0] * (slots - n - 5)
+    assert sample.phrase_slots.tolist() == [0] * (1 + n) + [1] * 3 + [0] * (slots - n - 4)
+    assert sample.segment_ids.tolist() == [0] * slots
+    assert (sample.lm_label_ids == IGNORE_INDEX).all()  # nothing masked at probability 0
+
+
+def test_long_captions_are_cut_and_spare_slots_take_more_phrases(data, tmp_path):
+    ds = unmasked(data, max_tokens=6)  # 4 word-pieces fit
+    sample = ds[0]
+    assert words(ds, sample.input_ids[:5]) == ["[CLS]"] + CAPTION[:4] and sample.phrase_slots.sum() == 3
+    # the official budget: phrases may also use the word slots the caption leaves free (12 - 2 - 9 = 1 here)
+    spare = unmasked(data, phrase_spare_slots=True)[0]
+    assert spare.phrase_slots.sum() == 4 and spare.input_ids[10:14].tolist() == [p for p, _ in PHRASES]
+
+
+def test_plain_caption_is_tokenised_and_has_no_phrase(data):
+    ds = unmasked(data)
+    sample = ds[len(ds) - 1]
+    assert words(ds, sample.input_ids[:9]) == ["[CLS]", "a", "dog", "sits", "on", "the", "grass", ".", "[SEP]"]
+    assert sample.phrase_slots.sum() == 0
+
+
+def test_tags_are_unique_sorted_names_of_all_detections(data):
+    ds = unmasked(data, max_features=2)  # tags come from every detection, not only the regions kept
+    sample = ds[0]  # img0: man, horse, beach, horse, man -> beach horse man
+    assert words(ds, sample.tag_ids[:5]) == ["[CLS]", "beach", "horse", "man", "[SEP]"]
+    assert sample.tag_mask.tolist() == [1] * 5 + [0]
+    assert int(sample.image_info_0.max_features) == 2
+    tags = words(ds, ds[1].tag_ids[:5])  # img1: dog, "red car" (two pieces) -> dog red car
+    assert tags == ["[CLS]", "dog", "red", "car", "[SEP]"]
+    assert tag_names([1, 0, 1], NAMES) == ["horse", "man"]
+    with pytest.raises(IndexError, match="outside the 5 object names"):
+        tag_names([7], NAMES)
+
+
+def test_tag_slots_are_cut(data):
+    ds = unmasked(data, max_tags=4)
+    assert words(ds, ds[0].tag_ids) == ["[CLS]", "beach", "horse", "[SEP]"]
+
+
+def test_images_without_a_detection_have_empty_tags_and_are_counted(data):
+    with pytest.warns(UserWarning, match="1 of 4 images .* have no detected object.*'img2'"):
+        ds = unmasked(data)
+    assert ds.untagged_images == 1
+    sample = ds[2]
+    assert words(ds, sample.tag_ids[:2]) == ["[CLS]", "[SEP]"] and sample.tag_mask.sum() == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert unmasked(data, count_untagged=False).untagged_images is None
+
+
+def test_ablation_inputs_without_phrases_or_tags(data, one_record):
+    no_phrases = unmasked(data, use_phrases=False, concepts=None)[0]
+    assert no_phrases.phrase_slots.sum() == 0 and int(no_phrases.input_ids[1 + len(CAPTION)]) == 3  # [SEP]
+    no_tags = unmasked(data, use_tags=False, features={"train": "no_names.lmdb"}, annotations="one.jsonl")
+    assert no_tags[0].tag_mask.sum() == 2
+
+
+def test_tag_names_from_a_file_when_the_header_has_none(data, one_record):
+    with pytest.raises(KeyError, match="no info.object_names.*tag_vocab"):
+        unmasked(data, features={"train": "no_names.lmdb"}, annotations="one.jsonl")
+    ds = unmasked(data, features={"train": "no_names.lmdb"}, annotations="one.jsonl", tag_vocab="names.txt")
+    assert words(ds, ds[0].tag_ids[:2]) == ["[CLS]", "[UNK]"]  # xman / xhorse are not in the vocab
+
+
+def test_bad_input_is_named(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="mvptr_captions.concepts.*use_phrases: false"):
+        unmasked(data, concepts="missing.json")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image_id": "img0", "input_ids": [5, 6], "phrase_ids": []}) + "\n")
+    ds = unmasked(data, annotations=str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ValueError, match="bad.jsonl: image 'img0': input_ids must start with \\[CLS\\]"):
+        ds[0]
+    with pytest.raises(ValueError, match="mcr_mask_probability must lie in"):
+        make(data, mcr_mask_probability=1.5)
+
+
+def test_chain_masking_masks_every_phrase_built_from_a_selected_word(data):
+    ds = make(data, mlm_probability=0.3, phrase_mask_probability=0.0, mcr_mask_probability=0.0)
+    mask_id, n = ds.tokenizer.mask_token_id, len(CAPTION)
+    chained = 0
+    for i in range(400):
+        sample = ds[i % 8]
+        selected = (sample.lm_label_ids != IGNORE_INDEX).nonzero().view(-1).tolist()
+        for j, (phrase, positions) in enumerate(PHRASES[:3]):
+            got = int(sample.input_ids[1 + n + j])
+            if set(positions) & set(selected):
+                assert got == mask_id, (i, phrase, selected)
+                chained += 1
+            else:
+                assert got == phrase, (i, phrase, selected)
+        assert (sample.lm_label_ids[sample.phrase_slots.bool()] == IGNORE_INDEX).all()  # phrases never predicted
+        assert all(1 <= p <= n for p in selected)  # only word-pieces are selected
+    assert chained > 100
+
+
+def test_unchained_phrases_are_masked_80_10_10(data):
+    ds = make(data, mlm_probability=0.0, phrase_mask_probability=0.5, mcr_mask_probability=0.0)
+    n, mask_id, trials = len(CAPTION), ds.tokenizer.mask_token_id, 0
+    outcomes = {"mask": 0, "random": 0, "same": 0}
+    for i in range(1200):
+        sample = ds[i % 8]
+        for j, (phrase, _) in enumerate(PHRASES[:3]):
+            got, trials = int(sample.input_ids[1 + n + j]), trials + 1
+            if got == mask_id:
+                outcomes["mask"] += 1
+            elif got != phrase:
+                assert str(got) in CONCEPTS  # a random concept of the vocabulary
+                outcomes["random"] += 1
+            else:
+                outcomes["same"] += 1
+    # P(random draw is the phrase itself) = 1/6 for the concept ids here
+    assert_rate(outcomes["mask"] / trials, 0.5 * 0.8, trials, what="phrase -> [MASK]")
+    assert_rate(outcomes["random"] / trials, 0.5 * 0.1 * 5 / 6, trials, what="phrase -> random concept")
+
+
+def test_mcr_masks_tag_pieces_at_its_rate_with_word_piece_targets(data):
+    ds = make(data, mlm_probability=0.0, phrase_mask_probability=0.0, mcr_mask_probability=0.25)
+    clean = unmasked(data)
+    selected = total = 0
+    for i in range(800):
+        sample, reference = ds[i % 8], clean[i % 8]
+        real = reference.tag_mask.bool().clone()
+        real[0] = False
+        real[int(reference.tag_mask.sum()) - 1] = False  # [CLS] and [SEP] are never selected
+        labels = sample.mcr_label_ids
+        assert (labels[~real] == IGNORE_INDEX).all()
+        picked = labels != IGNORE_INDEX
+        assert torch.equal(labels[picked], reference.tag_ids[picked])  # the original word-piece
+        selected, total = selected + int(picked.sum()), total + int(real.sum())
+    assert_rate(selected / total, 0.25, total, what="MCR selection")
+
+
+def test_chain_mask_function_against_hand_cases():
+    gen = torch.Generator().manual_seed(0)
+    selected = torch.tensor([False, False, True, False, False])
+    out, chained = chain_mask_phrases([7, 8, 9], [[2], [1, 3], [2, 4]], selected, mask_token_id=4, concept_ids=[7, 8, 9],
+                                      prob=0.0, generator=gen)
+    assert out.tolist() == [4, 8, 4] and chained.tolist() == [True, False, True]
+    out, _ = chain_mask_phrases([7, 8], [[9], []], selected, mask_token_id=4, concept_ids=[7], prob=0.0, generator=gen)
+    assert out.tolist() == [7, 8]  # a position past the cut never chains

@@ -136,6 +136,7 @@ def test_tags_are_unique_sorted_names_of_all_detections(data):
     tags = words(ds, ds[1].tag_ids[:5])  # img1: dog, "red car" (two pieces) -> dog red car
     assert tags == ["[CLS]", "dog", "red", "car", "[SEP]"]
     assert tag_names([1, 0, 1], NAMES) == ["horse", "man"]
+    assert tag_names([4, 3, 2, 1, 0, 2], NAMES) == ["beach", "dog", "horse", "man", "red car"]  # sorted, once each
     with pytest.raises(IndexError, match="outside the 5 object names"):
         tag_names([7], NAMES)
 

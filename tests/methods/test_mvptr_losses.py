@@ -94,7 +94,9 @@ def test_sampled_negatives_follow_the_softmax_of_the_scaled_similarities():
 def test_split_negatives_take_half_hard_images_half_hard_texts():
     hard_image = torch.tensor([3, 2, 1, 0, 5, 4])
     hard_text = torch.tensor([1, 0, 3, 2, 4, 5])
-    text_index, image_index = split_negatives(hard_image, hard_text, generator=torch.Generator().manual_seed(0))
+    text_index, image_index, anchored = split_negatives(hard_image, hard_text,
+                                                        generator=torch.Generator().manual_seed(0))
+    assert anchored.tolist() == [True] * 3 + [False] * 3
     assert text_index.numel() == 6
     pairs = list(zip(text_index.tolist(), image_index.tolist()))
     # the first half: texts with their hard image; the second: images with their hard text
@@ -104,11 +106,13 @@ def test_split_negatives_take_half_hard_images_half_hard_texts():
     anchors = [t for t, _ in pairs[:3]] + [k for _, k in pairs[3:]]
     assert sorted(anchors) == list(range(6))
     # another permutation, another split
-    other, _ = split_negatives(hard_image, hard_text, generator=torch.Generator().manual_seed(5))
+    other, _, _ = split_negatives(hard_image, hard_text, generator=torch.Generator().manual_seed(5))
     assert other.tolist() != text_index.tolist()
     # a partner of -1 (no negative exists) leaves that pair out
-    text_index, image_index = split_negatives(torch.full((4,), -1), torch.full((4,), -1))
-    assert text_index.numel() == 0
+    text_index, image_index, anchored = split_negatives(torch.tensor([1, -1, 3, 0]), torch.full((4,), -1),
+                                                        generator=torch.Generator().manual_seed(0))
+    assert (text_index >= 0).all() and (image_index >= 0).all() and anchored.all()
+    assert text_index.numel() <= 2
 
 
 def _wpg_reference(phrases, phrase_mask, regions, region_mask, pick):

@@ -28,7 +28,8 @@ mmf_multilevel.methods.mvptr.concepts``: ``image_id``, ``input_ids`` with [CLS]/
   ``mcr_label_ids`` holds the original word-piece ids there (the MCR targets are word-pieces, as the
   official code predicts them through the tied word decoder).
 * **regions**: ``image_feature_0`` / ``image_info_0`` (the first ``max_features`` = 50 regions); the
-  model builds the 6-d boxes through the batch contract.
+  model builds the 6-d boxes through the batch contract. ``image_index`` numbers the caption's image
+  (captions of one image share it), so that in-batch negatives never pair a caption with its own image.
 
 ``use_phrases: false`` and ``use_tags: false`` give the paper's Table 4 "w/o phrases" / "w/o tags" inputs.
 """
@@ -112,6 +113,8 @@ class MVPTRCaptionsDataset(RegionTextDataset):
         self.concept_ids = self._read_concepts(data_path(get("concepts"), data_dir))
         self.object_names = self._read_object_names(data_path(config.get("tag_vocab"), data_dir)) if self.use_tags else []
         self.untagged_images = self._count_untagged() if self.use_tags and bool(get("count_untagged")) else None
+        # each caption's image as an integer (``image_index``): in-batch negatives never pair one image twice
+        self.image_indices = {key: i for i, key in enumerate(sorted({str(r["image_id"]) for r in self.records}))}
 
     # ------------------------------------------------------------------ vocabularies
     def _read_concepts(self, path):
@@ -230,6 +233,7 @@ class MVPTRCaptionsDataset(RegionTextDataset):
         sample.input_ids, sample.lm_label_ids = masked, labels
         sample.input_mask, sample.segment_ids = mask, torch.zeros(slots, dtype=torch.long)
         sample.phrase_slots = phrase_slots
+        sample.image_index = torch.tensor(self.image_indices[str(record["image_id"])], dtype=torch.long)
         self._add_tags(sample)
         return sample
 

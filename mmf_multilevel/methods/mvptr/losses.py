@@ -106,17 +106,20 @@ def hard_negatives(sim: torch.Tensor, mode: str = "sampled", scale: Optional[tor
 
 
 def split_negatives(hard_image: torch.Tensor, hard_text: torch.Tensor,
-                    generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    generator: Optional[torch.Generator] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``n`` negative pairs of the official code: a random permutation's first ``n // 2`` texts with
-    their hard image, its other entries' images with their hard text. Returns ``(text_index, image_index)``
-    of the negatives (pairs whose partner is ``-1`` left out)."""
+    their hard image, its other entries' images with their hard text. Returns ``(text_index, image_index,
+    text_anchored)`` of the negatives (pairs whose partner is ``-1`` left out); ``text_anchored`` marks
+    the (text, hard image) ones."""
     n = hard_image.numel()
     order = torch.randperm(n, generator=generator).to(hard_image.device)
     first, second = order[: n // 2], order[n // 2:]
     text_index = torch.cat([first, hard_text[second]])
     image_index = torch.cat([hard_image[first], second])
+    anchored = torch.arange(n, device=hard_image.device) < first.numel()
     keep = (text_index >= 0) & (image_index >= 0)
-    return text_index[keep], image_index[keep]
+    return text_index[keep], image_index[keep], anchored[keep]
 
 
 def wpg_scores(phrase_states: torch.Tensor, phrase_mask: torch.Tensor, region_states: torch.Tensor,

@@ -1,0 +1,207 @@
+"""The registered MMF model ``mvptr``: MVPTR's network, heads and losses on the adapter base.
+
+``training_head_type: pretraining`` - the five losses of paper §3.2-§3.3, weight 1 each (Eq. 5), all
+from one forward pass over the batch that ``mvptr_captions`` (``data.py``) gives: captions ``[CLS]
+words phrases [SEP]`` with MLM + chain masking already applied (``lm_label_ids``, ``phrase_slots``),
+tags ``[CLS] tags [SEP]`` with MCR masking (``tag_ids``, ``tag_mask``, ``mcr_label_ids``), regions
+(``image_feature_0`` / ``image_info_0``, 6-d boxes) and ``image_index``:
+
+1. stage 1: the text encoder over the captions, the visual encoder over tags + regions;
+2. **MCR** (§3.2): the MCR head on the visual-encoder outputs at the masked tags;
+3. **VSC** (§3.3, Eq. 1): symmetric InfoNCE over the batch's global [CLS] embeddings;
+4. in-batch hard negatives from the VSC similarities (sampled, or the hardest: ``itm_negatives``),
+   never a pair of one image; ``n`` negatives, half (caption, hard image), half (hard caption, image),
+   as the official code lays them out;
+5. stage 2: **one** multimodal pass over the matched pairs, the negatives and - for WPG's paper negative -
+   the (caption, hard image) pairs the ITM half lacks, all built from the stage-1 outputs by index
+   (:meth:`~.network.MVPTRNetwork.fuse`: nothing is encoded twice);
+6. **ITM** (Eq. 4) on the pooler of the matched (label 1) and negative (label 0) pairs; **MLM** (Eq. 3)
+   on the matched pairs' word-pieces; **WPG** (Eq. 2) from the phrase and region outputs: the caption's
+   score with its image against its score with the negative image, hinge with margin 0.2.
+
+Losses ``<split>/<dataset>/{mcr,vsc,itm,mlm,wpg}`` (``pretraining.mcr`` / ``pretraining.wpg`` false:
+the paper's Table 4 ablations drop them); ``scores``: the ITM logits (index 1 = matched).
+"""
+import json
+import os
+
+import torch
+
+from mmf_multilevel.methods.base import MethodModel, register_method
+from mmf_multilevel.methods.batch import region_inputs, text_inputs
+from mmf_multilevel.methods.config import bert_config_of
+from mmf_multilevel.methods.mvptr.config import MVPTRConfig
+from mmf_multilevel.methods.mvptr.losses import (
+    hard_negatives,
+    itm_loss,
+    masked_token_loss,
+    split_negatives,
+    vsc_loss,
+    vsc_scale,
+    wpg_loss,
+    wpg_scores,
+)
+from mmf_multilevel.methods.mvptr.network import BOX_DIM, MVPTRNetwork, embedding_rows
+from mmf_multilevel.methods.mvptr.pretraining import MVPTRPretrainingHeads
+from mmf_multilevel.modules.heads import bert_pretraining_head_state
+from mmf_multilevel.modules.masking import IGNORE_INDEX
+
+__all__ = ["MVPTR"]
+
+
+def read_id2phrase(path: str) -> dict:
+    """``id2phrase.json`` (the concept tool's vocabulary): ``{"<id>": [words, ...]}``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model_config.mvptr.concepts: no id2phrase.json at {path} (the concept tool's "
+                                "output, python -m mmf_multilevel.methods.mvptr.concepts)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            table = json.load(f)
+        except ValueError as error:
+            raise ValueError(f"model_config.mvptr.concepts: {path} is not JSON ({error})") from None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"model_config.mvptr.concepts: {path} must be a non-empty object {{\"<id>\": [words...]}}")
+    return table
+
+
+@register_method
+class MVPTR(MethodModel):
+    """The registered MMF model ``mvptr`` (see the module docstring and ``defaults.yaml`` beside it)."""
+
+    name = "mvptr"
+    config_class = MVPTRConfig
+    head_types = ("pretraining",)
+
+    # ------------------------------------------------------------------ build
+    def build_backbone(self):
+        s = self.settings
+        id2phrase = read_id2phrase(str(s.concepts)) if s.concepts else None
+        rows = s.num_embeddings
+        if id2phrase is not None and not s.bert_model_name:
+            rows = embedding_rows(id2phrase, s.vocab_size)
+        options = dict(region_feature_dim=s.feature_dim, box_dim=BOX_DIM, img_layer_norm=s.img_layer_norm,
+                       num_tag_slots=s.num_tag_slots)
+        if s.bert_model_name:
+            tokenizer = None
+            if id2phrase is not None:
+                from transformers import AutoTokenizer
+
+                from mmf_multilevel.modules.text import load_pretrained
+
+                tokenizer = load_pretrained(AutoTokenizer, str(s.bert_model_name))
+            network = MVPTRNetwork.from_bert(str(s.bert_model_name), id2phrase=id2phrase, tokenizer=tokenizer,
+                                             num_embeddings=rows if id2phrase is None else None, **options)
+        else:
+            network = MVPTRNetwork(bert_config_of(s), rows, **options)
+        return network
+
+    def build_head(self, head_type):
+        s = self.settings
+        self.heads = MVPTRPretrainingHeads(self.backbone)
+        if s.bert_model_name and s.pretraining.init_heads_from_bert:
+            state = bert_pretraining_head_state(str(s.bert_model_name))
+            self.heads.mlm.load_bert_state_dict(state)
+            self.heads.mcr.load_bert_state_dict(state)
+
+    # ------------------------------------------------------------------ forward
+    def _need(self, sample_list, key, why):
+        if key not in sample_list or sample_list[key] is None:
+            raise KeyError(f"mvptr pre-training needs '{key}' in the batch ({why}; dataset mvptr_captions gives it)")
+        return sample_list[key]
+
+    def encode(self, sample_list, side=None):
+        """Stage 1 and the matched pairs' stage 2: ``text``, ``visual`` (+ masks), ``states``, ``pooled``."""
+        s = self.settings
+        text = text_inputs(sample_list, self.name)
+        regions = region_inputs(sample_list, self.name, s.feature_dim, "6d", side=side)
+        tag_ids = self._need(sample_list, "tag_ids", "the object tags of the visual encoder")
+        tag_mask = self._need(sample_list, "tag_mask", "the object tags of the visual encoder")
+        net = self.backbone
+        text_states = net.encode_text(text.input_ids, text.mask, text.segment_ids)
+        visual, visual_mask = net.encode_visual(tag_ids.to(text_states.device), tag_mask.to(text_states.device),
+                                                regions.corrupted, regions.boxes, regions.mask)
+        return dict(text=text_states, text_mask=text.mask, visual=visual, visual_mask=visual_mask)
+
+    def pretraining_forward(self, sample_list):
+        p = self.settings.pretraining
+        net, heads = self.backbone, self.heads
+        out = self.encode(sample_list)
+        text, text_mask, visual, visual_mask = out["text"], out["text_mask"], out["visual"], out["visual_mask"]
+        device, n, width = text.device, text.size(0), text.size(1)
+        losses = {}
+
+        if p.mcr:  # §3.2: masked tags from the visual encoder
+            labels = self._need(sample_list, "mcr_label_ids", "the MCR targets").to(device).long()
+            chosen = labels != IGNORE_INDEX
+            logits = heads.mcr_logits(visual[:, : net.num_tag_slots][chosen])
+            losses["mcr"] = masked_token_loss(logits, labels[chosen]) if bool(chosen.any()) else visual.sum() * 0.0
+
+        g_t, g_v = net.global_embeddings(text, visual)  # §3.3, Eq. 1
+        losses["vsc"], sim = vsc_loss(g_t, g_v, net.logit_scale, p.vsc_max_logit_scale)
+
+        image_ids = sample_list["image_index"].to(device).view(-1) if "image_index" in sample_list else None
+        scale = vsc_scale(net.logit_scale, p.vsc_max_logit_scale)
+        hard_image, hard_text = hard_negatives(sim, p.itm_negatives, scale=scale, image_ids=image_ids)
+        neg_text, neg_image, text_anchored = split_negatives(hard_image, hard_text)
+        arange = torch.arange(n, device=device)
+        text_index, image_index = [arange, neg_text], [arange, neg_image]
+        wpg_rows = None
+        if p.wpg and p.wpg_negative == "hard":
+            # the row of (caption i, hard image of i) in the multimodal pass, for every caption that has one
+            wpg_rows = torch.full((n,), -1, dtype=torch.long, device=device)
+            anchored = neg_text[text_anchored]
+            wpg_rows[anchored] = n + text_anchored.nonzero().view(-1)
+            extra = ((wpg_rows < 0) & (hard_image >= 0)).nonzero().view(-1)
+            wpg_rows[extra] = n + neg_text.numel() + torch.arange(extra.numel(), device=device)
+            text_index.append(extra)
+            image_index.append(hard_image[extra])
+        states, pooled, joint_mask = net.fuse(text, text_mask, visual, visual_mask,
+                                              torch.cat(text_index), torch.cat(image_index))
+
+        pairs = n + neg_text.numel()
+        itm_logits = heads.itm_logits(pooled[:pairs])
+        labels = torch.cat([torch.ones(n, dtype=torch.long, device=device),
+                            torch.zeros(neg_text.numel(), dtype=torch.long, device=device)])
+        losses["itm"] = itm_loss(itm_logits, labels)
+
+        lm_labels = self._need(sample_list, "lm_label_ids", "the MLM targets").to(device).long()
+        chosen = lm_labels != IGNORE_INDEX
+        mlm_logits = heads.mlm_logits(states[:n, :width][chosen])
+        losses["mlm"] = masked_token_loss(mlm_logits, lm_labels[chosen]) if bool(chosen.any()) else states.sum() * 0.0
+
+        if p.wpg:
+            losses["wpg"] = self._wpg(sample_list, states, joint_mask, n, width, wpg_rows, image_ids)
+        return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits}
+
+    def _wpg(self, sample_list, states, joint_mask, n, width, wpg_rows, image_ids):
+        """Eq. 2's hinge: each caption's phrase-region score with its image against the negative image's."""
+        p = self.settings.pretraining
+        device = states.device
+        phrases = self._need(sample_list, "phrase_slots", "the phrase positions WPG reads; pretraining.wpg: false "
+                             "trains without WPG").to(device).long()
+        regions, region_mask = states[:, width:], joint_mask[:, width:]
+        positive, has_phrase = wpg_scores(states[:n, :width], phrases, regions[:n], region_mask[:n], p.wpg_aggregation)
+        if p.wpg_negative == "hard":
+            valid = has_phrase & (wpg_rows >= 0)
+            rows = wpg_rows.clamp(min=0)
+            negative, _ = wpg_scores(states[rows, :width], phrases, regions[rows], region_mask[rows], p.wpg_aggregation)
+        elif p.wpg_negative == "random":
+            other = _random_other_image(n, image_ids, device)
+            valid = has_phrase & (other >= 0)
+            other = other.clamp(min=0)
+            negative, _ = wpg_scores(states[:n, :width], phrases, regions[other], region_mask[other], p.wpg_aggregation)
+        else:
+            raise ValueError(f"model_config.mvptr.pretraining.wpg_negative must be 'hard' or 'random', "
+                             f"got {p.wpg_negative!r}")
+        return wpg_loss(positive, negative, valid, p.wpg_margin)
+
+
+def _random_other_image(n, image_ids, device):
+    """For each sample a uniformly drawn sample of another image (``-1`` when the batch has none)."""
+    ids = image_ids if image_ids is not None else torch.arange(n, device=device)
+    allowed = (ids.view(-1, 1) != ids.view(1, -1)).float()
+    out = torch.full((n,), -1, dtype=torch.long, device=device)
+    has = allowed.sum(1) > 0
+    if bool(has.any()):
+        out[has] = torch.multinomial(allowed[has], 1).view(-1)
+    return out

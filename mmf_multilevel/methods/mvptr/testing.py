@@ -1,0 +1,40 @@
+"""Tiny MVPTR models and batches for the method contract (see ``methods/testing.py``)."""
+import torch
+
+from mmf_multilevel.methods.testing import TINY_BERT, mlm_labels, region_batch
+
+FEATURES, REGIONS, TAGS, MASK = 16, 5, 6, 4
+
+
+def tiny_config(head_type):
+    # num_hidden_layers counts text + multimodal layers (1 + 1 here); 4 concept rows above the 40 words
+    return dict(TINY_BERT, training_head_type=head_type, feature_dim=FEATURES, num_tag_slots=TAGS,
+                num_embeddings=TINY_BERT["vocab_size"] + 4)
+
+
+def tiny_batch(head_type, seed=0, batch=3):
+    """``mvptr_captions``' fields: captions with two phrase slots before [SEP] and MLM labels, tags with MCR
+    labels, regions, and each caption's image."""
+    sample_list = region_batch("mvptr_contract", batch=batch, length=10, feature_dim=FEATURES, num_regions=REGIONS,
+                               seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    ids, mask = sample_list.input_ids, sample_list.input_mask
+    phrases = torch.zeros_like(ids)
+    for row in range(ids.size(0)):
+        sep = int(mask[row].sum()) - 1
+        if row != 1:  # the second caption has no phrase
+            ids[row, sep - 2:sep] = torch.randint(40, 44, (2,), generator=g)
+            phrases[row, sep - 2:sep] = 1
+    sample_list.phrase_slots = phrases
+    labels = mlm_labels(sample_list).masked_fill(phrases.bool(), -100)
+    sample_list.lm_label_ids = labels.masked_fill(labels < 0, -100)
+    tags = torch.randint(5, 40, (ids.size(0), TAGS), generator=g)
+    tags[:, 0], tags[:, 4] = 2, 3
+    tag_mask = (torch.arange(TAGS) < 5).long().expand(ids.size(0), TAGS).clone()
+    tags = tags * tag_mask
+    mcr = torch.full_like(tags, -100)
+    mcr[:, 2] = tags[:, 2]
+    tags[:, 2] = MASK
+    sample_list.tag_ids, sample_list.tag_mask, sample_list.mcr_label_ids = tags, tag_mask, mcr
+    sample_list.image_index = torch.arange(ids.size(0))
+    return sample_list

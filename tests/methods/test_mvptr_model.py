@@ -1,0 +1,211 @@
+"""The registered ``mvptr`` model's pre-training forward (mmf_multilevel/methods/mvptr/model.py): every loss
+recomputed independently from the network's stages, pair by pair with loops (which pairs are negatives,
+which outputs MLM/MCR/WPG read), same-image pairs never negatives, the Table 4 ablations, and a few
+optimisation steps on a fixed tiny batch lowering every loss."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from mmf_multilevel.methods.mvptr import model as model_module
+from mmf_multilevel.methods.mvptr.testing import tiny_batch, tiny_config
+from mmf_multilevel.methods.progress import TrainingProgress
+
+pytestmark = pytest.mark.usefixtures("mmf_global_config")
+
+
+def build(seed=0, **pretraining):
+    from mmf.common.registry import registry
+
+    cls = registry.get_model_class("mvptr")
+    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config("pretraining"),
+                             {"pretraining": pretraining})
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.build()
+    model.init_losses()
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    return model.eval()
+
+
+def recorded_split(monkeypatch):
+    calls = []
+    real = model_module.split_negatives
+
+    def record(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(model_module, "split_negatives", record)
+    return calls
+
+
+def losses_of(out):
+    return {key.rsplit("/", 1)[-1]: value for key, value in out["losses"].items()}
+
+
+def _ce(logits, label):
+    return math.log(sum(math.exp(v) for v in logits.tolist())) - float(logits[label])
+
+
+def reference(model, batch, negatives):
+    """The five losses from the network's stages, one pair at a time."""
+    net, heads = model.backbone, model.heads
+    from mmf_multilevel.methods.batch import region_inputs
+
+    regions = region_inputs(batch, "mvptr", model.settings.feature_dim, "6d")
+    n, width, tags = batch.input_ids.size(0), batch.input_ids.size(1), net.num_tag_slots
+    text = net.encode_text(batch.input_ids, batch.input_mask)
+    visual, vmask = net.encode_visual(batch.tag_ids, batch.tag_mask, regions.features, regions.boxes, regions.mask)
+
+    def joint(t, i):
+        states, pooled, mask = net.fuse(text[t:t + 1], batch.input_mask[t:t + 1], visual[i:i + 1], vmask[i:i + 1])
+        return states[0], pooled[0], mask[0]
+
+    # MCR: every masked tag of every sample
+    terms = [_ce(heads.mcr_logits(visual[b, k]), int(batch.mcr_label_ids[b, k]))
+             for b in range(n) for k in range(tags) if batch.mcr_label_ids[b, k] != -100]
+    mcr = sum(terms) / len(terms)
+    # VSC
+    g_t = [F.normalize(text[b, 0] @ net.txt_proj, dim=0) for b in range(n)]
+    g_v = [F.normalize(visual[b, 0] @ net.vis_proj, dim=0) for b in range(n)]
+    scale = math.exp(min(float(net.logit_scale), math.log(100)))
+    vsc = 0.0
+    for b in range(n):
+        row = [scale * float(g_t[b] @ g_v[k]) for k in range(n)]
+        col = [scale * float(g_t[k] @ g_v[b]) for k in range(n)]
+        vsc += (math.log(sum(map(math.exp, row))) - row[b] + math.log(sum(map(math.exp, col))) - col[b]) / (2 * n)
+    # ITM over matched pairs and the recorded negatives; MLM over the matched pairs only
+    neg_text, neg_image, _ = negatives
+    pairs = [(b, b, 1) for b in range(n)] + [(int(t), int(i), 0) for t, i in zip(neg_text, neg_image)]
+    itm = sum(_ce(heads.itm_logits(joint(t, i)[1]), y) for t, i, y in pairs) / len(pairs)
+    terms = []
+    for b in range(n):
+        states = joint(b, b)[0]
+        for k in range(width):
+            if batch.lm_label_ids[b, k] != -100:
+                terms.append(_ce(heads.mlm_logits(states[k]), int(batch.lm_label_ids[b, k])))
+    mlm = sum(terms) / len(terms)
+    return dict(mcr=mcr, vsc=vsc, itm=itm, mlm=mlm), joint
+
+
+def wpg_reference(batch, joint, hard_image, n, width):
+    def score(states, mask, b):
+        phrases = [F.normalize(states[k], dim=0) for k in range(width) if batch.phrase_slots[b, k]]
+        regions = [F.normalize(states[width + k], dim=0) for k in range(states.size(0) - width) if mask[width + k]]
+        if not phrases:
+            return 0.0, False
+        return sum(max(float(p @ r) for r in regions) for p in phrases) / len(phrases), True
+
+    hinges = []
+    for b in range(n):
+        states, _, mask = joint(b, b)
+        positive, has = score(states, mask, b)
+        if not has:
+            continue
+        states, _, mask = joint(b, int(hard_image[b]))
+        negative, _ = score(states, mask, b)
+        hinges.append(max(0.0, 0.2 + negative - positive))
+    return sum(hinges) / len(hinges)
+
+
+def test_every_loss_equals_an_independent_pair_by_pair_computation(monkeypatch):
+    model = build(itm_negatives="hardest")
+    batch = tiny_batch("pretraining", batch=4)
+    calls = recorded_split(monkeypatch)
+    fused = []
+    real_fuse = model.backbone.fuse
+
+    def fuse(*args, **kwargs):
+        fused.append(int(args[4].numel()))
+        return real_fuse(*args, **kwargs)
+
+    monkeypatch.setattr(model.backbone, "fuse", fuse)
+    with torch.no_grad():
+        got = losses_of(model(batch))
+    monkeypatch.setattr(model.backbone, "fuse", real_fuse)
+    with torch.no_grad():
+        want, joint = reference(model, batch, calls[0])
+        # the hardest image of each caption, recomputed from the VSC similarities
+        net = model.backbone
+        text = net.encode_text(batch.input_ids, batch.input_mask)
+        from mmf_multilevel.methods.batch import region_inputs
+
+        regions = region_inputs(batch, "mvptr", model.settings.feature_dim, "6d")
+        visual, _ = net.encode_visual(batch.tag_ids, batch.tag_mask, regions.features, regions.boxes, regions.mask)
+        g_t, g_v = net.global_embeddings(text, visual)
+        sim = g_t @ g_v.t()
+        hard_image = [max((k for k in range(4) if k != b), key=lambda k: float(sim[b, k])) for b in range(4)]
+        want["wpg"] = wpg_reference(batch, joint, hard_image, 4, batch.input_ids.size(1))
+    assert set(got) == {"mcr", "vsc", "itm", "mlm", "wpg"}
+    for key in want:
+        assert got[key].item() == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+    neg_text, neg_image, anchored = calls[0]
+    assert neg_text.numel() == 4  # n negatives: half (caption, hard image), half (hard caption, image)
+    # one multimodal pass: the 4 matched pairs, the 4 negatives, and (caption, hard image) for the 2 captions
+    # the ITM half did not pair with their hard image (WPG's negatives), nothing twice
+    assert fused == [4 + 4 + 2]
+    assert [int(neg_image[j]) for j in range(4) if anchored[j]] == [hard_image[int(neg_text[j])] for j in range(4)
+                                                                    if anchored[j]]
+
+
+def test_same_image_captions_are_never_negatives(monkeypatch):
+    model = build(itm_negatives="sampled", wpg_negative="random")
+    calls = recorded_split(monkeypatch)
+    for seed in range(8):
+        batch = tiny_batch("pretraining", seed=seed, batch=4)
+        batch.image_index = torch.tensor([5, 5, 6, 7])  # captions 0 and 1 show the same image
+        with torch.no_grad():
+            model(batch)
+        neg_text, neg_image, _ = calls[-1]
+        for t, i in zip(neg_text.tolist(), neg_image.tolist()):
+            assert int(batch.image_index[t]) != int(batch.image_index[i]), (t, i)
+
+
+def test_one_image_batch_has_no_negative_but_every_loss_is_finite():
+    model = build()
+    batch = tiny_batch("pretraining", batch=3)
+    batch.image_index = torch.zeros(3, dtype=torch.long)
+    out = model(batch)
+    assert out["scores"].shape == (3, 2)
+    assert all(torch.isfinite(v) for v in out["losses"].values())
+
+
+def test_ablations_drop_their_losses_and_inputs():
+    batch = tiny_batch("pretraining")
+    assert set(losses_of(build(mcr=False)(batch))) == {"vsc", "itm", "mlm", "wpg"}
+    del batch["phrase_slots"]
+    with pytest.raises(KeyError, match="phrase_slots"):
+        build()(batch)
+    del batch["mcr_label_ids"]
+    assert set(losses_of(build(mcr=False, wpg=False)(batch))) == {"vsc", "itm", "mlm"}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(wpg_negative="random", wpg_aggregation="rand_top3",
+                                                  itm_negatives="hardest")])
+def test_a_few_steps_on_a_fixed_batch_lower_every_loss(options):
+    model = build(**options).train()
+    batch = tiny_batch("pretraining", batch=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first, last = {}, {}
+    for step in range(40):
+        torch.manual_seed(0)  # the same draws (negatives, permutation) while the similarities allow
+        losses = losses_of(model(batch))
+        for key, value in losses.items():
+            first.setdefault(key, value.item())
+            last[key] = value.item()
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    for key in first:
+        assert last[key] < first[key], (key, first[key], last[key])
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ValueError, match="itm_negatives"):
+        build(itm_negatives="nearest")(tiny_batch("pretraining"))
+    with pytest.raises(ValueError, match="wpg_negative"):
+        build(wpg_negative="nearest")(tiny_batch("pretraining"))

@@ -54,7 +54,9 @@ def read_config(schema, config, method: str, moved=None):
     dotted key that no longer belongs here to where it went (its error says so)."""
     base = OmegaConf.structured(schema)
     try:
-        given = config if isinstance(config, DictConfig) else OmegaConf.create(dict(config or {}))
+        # interpolations (``${env.data_dir}/...``) resolved against the whole run config the node belongs to
+        given = (OmegaConf.create(OmegaConf.to_container(config, resolve=True)) if isinstance(config, DictConfig)
+                 else OmegaConf.create(dict(config or {})))
         for key, place in (moved or {}).items():
             if OmegaConf.select(given, key, default=None) is not None:
                 raise ValueError(f"model_config.{method}.{key} is no longer a model setting: {place}")

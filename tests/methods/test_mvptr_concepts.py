@@ -122,6 +122,13 @@ def test_image_ids_carried_to_captions(tmp_path, vocab_file):
     _, caps = read_out(out)
     assert [c.get("image_id") for c in caps] == [100, 100, 101, None]
     assert [c["id"] for c in caps] == ["c0", "c1", "c2", "c9"]
+    # without caption ids (the demo's captions: several per image) each line is its own caption
+    records = [{"image_id": "img1", "caption": KITCHEN}, {"image_id": "img1", "caption": "A dog."}]
+    out = str(tmp_path / "out_lines")
+    concepts.build(write_jsonl(tmp_path / "lines.jsonl", records), vocab_file, out, min_count=1,
+                   report=Report(quiet=True))
+    _, caps = read_out(out)
+    assert [(c["id"], c["image_id"]) for c in caps] == [("1", "img1"), ("2", "img1")]
 
 
 def test_spice_reader_and_alignment(tmp_path, vocab_file):

@@ -209,3 +209,22 @@ def test_bad_settings_name_the_key():
         build(itm_negatives="nearest")(tiny_batch("pretraining"))
     with pytest.raises(ValueError, match="wpg_negative"):
         build(wpg_negative="nearest")(tiny_batch("pretraining"))
+
+
+def test_model_config_paths_interpolate_against_the_run_config(tmp_path):
+    """``model_config.mvptr.concepts: ${env.data_dir}/...`` (the projects' form) resolves against the whole run
+    config, and the concept table sizes the word table."""
+    from mmf_multilevel.methods.config import read_config
+    from mmf_multilevel.methods.mvptr.config import MVPTRConfig
+
+    (tmp_path / "id2phrase.json").write_text('{"45": ["w1", "w2"], "41": ["w3"]}')
+    run = OmegaConf.create({"env": {"data_dir": str(tmp_path)},
+                            "model_config": {"mvptr": {**tiny_config("pretraining"), "num_embeddings": None,
+                                                       "concepts": "${env.data_dir}/id2phrase.json"}}})
+    settings = read_config(MVPTRConfig, run.model_config.mvptr, "mvptr")
+    assert settings.concepts == str(tmp_path / "id2phrase.json")
+    from mmf.common.registry import registry
+
+    model = registry.get_model_class("mvptr")(run.model_config.mvptr)
+    model.build()
+    assert model.backbone.word_embeddings.weight.size(0) == 46

@@ -222,7 +222,8 @@ def read_spice(path):
 # --------------------------------------------------------------------------- captions
 def read_captions(path, report, text_field=None, image_ids=None):
     """``[(caption id, text, "file:line")]`` of a ``.txt`` (one caption a line, id = line number) or
-    ``.jsonl`` file (one object a line: a text field, an ``id`` or ``image_id``; default id = line number).
+    ``.jsonl`` file (one object a line: a text field and an optional caption ``id``; default id = line
+    number, so the captions of one image - which share an ``image_id`` - stay distinct).
     Bad lines are skipped and reported with file and line. A jsonl line's ``image_id`` is recorded in the
     dict ``image_ids`` (caption id -> image id) when one is given."""
     if not os.path.isfile(path):
@@ -256,10 +257,8 @@ def read_captions(path, report, text_field=None, image_ids=None):
                     report.problem("missing_text", f"{where}: no string text field (expected one of {list(fields)}); line skipped")
                     continue
                 line = item[field]
-                for key in ("id", "image_id"):
-                    if isinstance(item.get(key), (int, str)) and not isinstance(item.get(key), bool):
-                        cid = str(item[key])
-                        break
+                if isinstance(item.get("id"), (int, str)) and not isinstance(item.get("id"), bool):
+                    cid = str(item["id"])
             text = _clean(line, False)
             if not text:
                 report.problem("empty_line", f"{where}: empty caption skipped")

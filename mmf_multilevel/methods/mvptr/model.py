@@ -26,6 +26,7 @@ import json
 import os
 
 import torch
+from mmf.utils.modeling import get_bert_configured_parameters
 
 from mmf_multilevel.methods.base import MethodModel, register_method
 from mmf_multilevel.methods.batch import region_inputs, text_inputs
@@ -102,6 +103,10 @@ class MVPTR(MethodModel):
             state = bert_pretraining_head_state(str(s.bert_model_name))
             self.heads.mlm.load_bert_state_dict(state)
             self.heads.mcr.load_bert_state_dict(state)
+
+    def get_optimizer_parameters(self, config):
+        """AdamW's groups as the official code: weight decay 0.01 except on biases and LayerNorms."""
+        return get_bert_configured_parameters(self)
 
     # ------------------------------------------------------------------ forward
     def _need(self, sample_list, key, why):

@@ -215,3 +215,27 @@ def test_cli_resume_with_other_settings_names_them(tmp_path, vocab_file, capsys)
     rc = concepts.main(["--captions", str(caps), "--vocab", vocab_file, "--out", out, "--chunk-size", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "chunk_size: built with 2000, now 1" in err and "another --out folder" in err
+
+
+def test_retrieval_annotations_and_an_applied_vocabulary(tmp_path, vocab_file):
+    """A downstream corpus (one image a line with its ``captions``) gets the pre-training corpus's concept ids
+    (``--concepts``): no new vocabulary, tuples outside it dropped, the same ids for the same tuples."""
+    pre = str(tmp_path / "pre")
+    concepts.build(corpus(tmp_path), vocab_file, pre, min_count=2, report=Report(quiet=True))
+    id2phrase, pre_caps = read_out(pre)
+    records = [{"image_id": "im1", "captions": [KITCHEN, "A narrow horse."]}, {"image_id": "im2", "captions": ["", 5]}]
+    report = Report(quiet=True)
+    out = str(tmp_path / "down")
+    assert concepts.main(["--captions", write_jsonl(tmp_path / "ret.jsonl", records), "--vocab", vocab_file, "--out", out,
+                          "--concepts", os.path.join(pre, "id2phrase.json")]) == 0
+    down_vocab, caps = read_out(out)
+    assert down_vocab == id2phrase
+    assert [(c["id"], c["image_id"]) for c in caps] == [("1.0", "im1"), ("1.1", "im1")]
+    assert caps[0]["phrase_ids"] == pre_caps[0]["phrase_ids"]  # the kitchen: the same ids as in pre-training
+    # [horse, narrow] is not in the pre-training vocabulary: dropped; [horse] keeps its id
+    assert caps[1]["phrases"] == [["horse"]] and "horse narrow" not in {" ".join(t) for t in id2phrase.values()}
+    concepts.build(write_jsonl(tmp_path / "ret2.jsonl", records), vocab_file, str(tmp_path / "down2"), report=report,
+                   concepts=os.path.join(pre, "id2phrase.json"))
+    assert report.counts["empty_line"] == 2
+    with pytest.raises(concepts.ConceptError, match="--concepts"):
+        concepts.build(corpus(tmp_path, "c2.jsonl"), vocab_file, str(tmp_path / "x"), concepts=str(tmp_path / "none.json"))

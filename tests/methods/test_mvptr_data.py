@@ -173,7 +173,7 @@ def test_tag_names_from_a_file_when_the_header_has_none(data, one_record):
 
 def test_bad_input_is_named(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="mvptr_captions.concepts.*use_phrases: false"):
-        unmasked(data, concepts="missing.json")
+        make(data, concepts="missing.json", phrase_mask_probability=0.15)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image_id": "img0", "input_ids": [5, 6], "phrase_ids": []}) + "\n")
     ds = unmasked(data, annotations=str(tmp_path / "bad.jsonl"))
     with pytest.raises(ValueError, match="bad.jsonl: image 'img0': input_ids must start with \\[CLS\\]"):

@@ -252,6 +252,11 @@ def read_captions(path, report, text_field=None, image_ids=None):
                 if not isinstance(item, dict):
                     report.problem("bad_json", f"{where}: expected a JSON object, got {type(item).__name__}; line skipped")
                     continue
+                if text_field is None and "captions" in item and not any(k in item for k in fields):
+                    # a retrieval annotation: one image a line with its "captions" list; caption k of line n
+                    # gets the id "n.k" (or "<id>.k")
+                    _add_caption_list(item, lineno, where, report, out, seen, image_ids)
+                    continue
                 field = next((k for k in fields if k in item), None)
                 if field is None or not isinstance(item[field], str):
                     report.problem("missing_text", f"{where}: no string text field (expected one of {list(fields)}); line skipped")
@@ -271,6 +276,43 @@ def read_captions(path, report, text_field=None, image_ids=None):
                     and not isinstance(item.get("image_id"), bool):
                 image_ids[cid] = item["image_id"]
             out.append((cid, text, where))
+    return out
+
+
+def _add_caption_list(item, lineno, where, report, out, seen, image_ids):
+    captions = item["captions"]
+    if not isinstance(captions, list) or not captions:
+        report.problem("missing_text", f"{where}: field 'captions' must be a non-empty list of strings; line skipped")
+        return
+    base = str(item["id"]) if isinstance(item.get("id"), (int, str)) and not isinstance(item.get("id"), bool) else str(lineno)
+    image = item.get("image_id")
+    for k, caption in enumerate(captions):
+        text = _clean(caption, False) if isinstance(caption, str) else ""
+        if not text:
+            report.problem("empty_line", f"{where}: captions[{k}] is empty or not a string; skipped")
+            continue
+        cid = f"{base}.{k}"
+        if cid in seen:
+            report.problem("duplicate_id", f"{where}: caption id {cid!r} already used at {seen[cid]}; skipped")
+            continue
+        seen[cid] = where
+        if image_ids is not None and isinstance(image, (int, str)) and not isinstance(image, bool):
+            image_ids[cid] = image
+        out.append((cid, text, where))
+
+
+def read_concepts(path):
+    """An existing ``id2phrase.json`` (``--concepts``): ``{id: tuple}``."""
+    if not os.path.isfile(path):
+        raise ConceptError(f"--concepts {path}: no such file (a previous run's id2phrase.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        out = {int(k): tuple(v) for k, v in table.items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConceptError(f"--concepts {path}: expected {{\"<id>\": [words, ...]}} ({exc})") from None
+    if not out or not all(t and all(isinstance(w, str) for w in t) for t in out.values()):
+        raise ConceptError(f"--concepts {path}: expected a non-empty {{\"<id>\": [words, ...]}}")
     return out
 
 
@@ -352,8 +394,10 @@ def _digest(obj):
 
 
 def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1, spacy_name="en_core_web_sm", spice=None,
-          chunk_size=DEFAULT_CHUNK, text_field=None, report=None, force=False):
-    """The whole tool; returns the summary dict (also written to ``out_dir/summary.json``)."""
+          chunk_size=DEFAULT_CHUNK, text_field=None, report=None, force=False, concepts=None):
+    """The whole tool; returns the summary dict (also written to ``out_dir/summary.json``). ``concepts``: an
+    existing ``id2phrase.json`` to apply instead of building a vocabulary (a downstream corpus gets the
+    pre-training corpus's concept ids; ``min_count`` is not used then)."""
     report = report or Report()
     started = time.time()
     tokenizer, vocab, vocab_size = load_wordpiece(vocab_path)
@@ -361,6 +405,7 @@ def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1,
         raise ConceptError(f"--min-count must be >= 1, got {min_count}")
     if workers < 1:
         raise ConceptError(f"--workers must be >= 1, got {workers}")
+    given_vocabulary = read_concepts(concepts) if concepts else None
     image_ids = {}
     items = read_captions(captions, report, text_field, image_ids)
     spice_tuples = read_spice(spice) if spice else None
@@ -425,7 +470,7 @@ def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1,
                 for words, _ in json.loads(line)["tuples"]:
                     key = tuple(words)
                     counts[key] = counts.get(key, 0) + 1
-    id2phrase = build_vocabulary(counts, min_count, vocab, vocab_size)
+    id2phrase = given_vocabulary if given_vocabulary is not None else build_vocabulary(counts, min_count, vocab, vocab_size)
     phrase2id = {t: i for i, t in id2phrase.items()}
     atomic_write_json(os.path.join(out_dir, "id2phrase.json"), {str(i): list(t) for i, t in sorted(id2phrase.items())})
 
@@ -455,7 +500,7 @@ def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1,
         "captions": len(items), "parsed_now": parsed, "resumed_chunks": len(chunks) - len(todo), "distinct_tuples": len(counts),
         "vocabulary": len(id2phrase), "vocabulary_by_length": by_len,
         "reused_bert_ids": sum(1 for i in id2phrase if i < vocab_size), "captions_with_phrase": with_phrase,
-        "min_count": min_count, "workers": workers, "parser": "spice" if spice else "spacy-rules",
+        "min_count": None if given_vocabulary is not None else min_count, "concepts": concepts, "workers": workers, "parser": "spice" if spice else "spacy-rules",
         "parse_seconds": round(parse_seconds, 3), "captions_per_second": round(parsed / parse_seconds, 1) if parsed and parse_seconds > 0 else None,
         "seconds": round(time.time() - started, 3), **report.summary(),
     }
@@ -475,10 +520,12 @@ def main(argv=None):
     ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="captions per resumable chunk")
     ap.add_argument("--text-field", default=None, help="jsonl text field (default: text, caption or sentence)")
     ap.add_argument("--force", action="store_true", help="reparse everything, ignoring a previous run's work/")
+    ap.add_argument("--concepts", default=None,
+                    help="apply this id2phrase.json (the pre-training corpus's) instead of building a vocabulary")
     args = ap.parse_args(argv)
     try:
         summary = build(args.captions, args.vocab, args.out, args.min_count, args.workers, args.spacy, args.spice,
-                        args.chunk_size, args.text_field, force=args.force)
+                        args.chunk_size, args.text_field, force=args.force, concepts=args.concepts)
     except RetrievalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,14 @@ class MVPTRPretrainingConfig:
 
 
 @dataclass
+class MVPTRRetrievalConfig:
+    itm_negatives: str = "sampled"
+    uni: bool = False
+    top_k_texts: int = 128
+    top_k_images: int = 64
+
+
+@dataclass
 class MVPTRConfig(MethodConfig):
     concepts: Optional[str] = None
     num_embeddings: Optional[int] = None
@@ -26,3 +34,4 @@ class MVPTRConfig(MethodConfig):
     img_layer_norm: bool = False
     num_tag_slots: int = 20
     pretraining: MVPTRPretrainingConfig = field(default_factory=MVPTRPretrainingConfig)
+    retrieval: MVPTRRetrievalConfig = field(default_factory=MVPTRRetrievalConfig)

@@ -39,12 +39,15 @@ import warnings
 
 import torch
 from mmf.common.registry import registry
+from mmf.common.sample import Sample
 
 from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, data_path, setting
+from mmf_multilevel.datasets.retrieval import RetrievalDataset
 from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_tokens
 from mmf_multilevel.registration import register_variants
 
-__all__ = ["MVPTRCaptionsDataset", "CONFIG_DIR", "chain_mask_phrases", "tag_names"]
+__all__ = ["MVPTRInputs", "MVPTRCaptionsDataset", "MVPTRRetrievalDataset", "CONFIG_DIR", "chain_mask_phrases",
+           "tag_names"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -87,14 +90,15 @@ def tag_names(objects, names):
     return sorted(found)
 
 
-class MVPTRCaptionsDataset(RegionTextDataset):
-    """Concept-annotated captions (``captions.jsonl`` of the concept tool) over a region cache."""
+class MVPTRInputs:
+    """MVPTR's inputs for any region dataset: the ``[CLS] words phrases [SEP]`` text layout (with MLM and
+    chain masking when the masking rates are above 0) and the ``[CLS] tags [SEP]`` sequence (with MCR
+    masking likewise). Pre-training (:class:`MVPTRCaptionsDataset`) masks; the downstream datasets
+    (:class:`MVPTRRetrievalDataset`) use the same layout unmasked."""
 
-    required_fields = ("image_id",)
-
-    def __init__(self, dataset_name, config, dataset_type, index=0):
-        super().__init__(dataset_name, config, dataset_type, index)
-        get = lambda key: setting(config, key, dataset_name)  # noqa: E731
+    def init_mvptr_inputs(self, config, masking=True):
+        name = self.dataset_name
+        get = lambda key: setting(config, key, name)  # noqa: E731
         self.max_tokens = int(get("max_tokens"))
         self.max_phrases = int(get("max_phrases"))
         self.max_tags = int(get("max_tags"))
@@ -102,25 +106,23 @@ class MVPTRCaptionsDataset(RegionTextDataset):
         self.use_phrases = bool(get("use_phrases"))
         self.use_tags = bool(get("use_tags"))
         for key in ("mlm_probability", "phrase_mask_probability", "mcr_mask_probability"):
-            value = float(get(key))
+            value = float(get(key)) if masking else 0.0
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"dataset_config.{dataset_name}.{key} must lie in [0, 1], got {value}")
+                raise ValueError(f"dataset_config.{name}.{key} must lie in [0, 1], got {value}")
             setattr(self, key, value)
         if self.max_tokens < 3 or self.max_phrases < 0 or self.max_tags < 2:
-            raise ValueError(f"dataset_config.{dataset_name}: max_tokens >= 3, max_phrases >= 0 and max_tags >= 2 "
+            raise ValueError(f"dataset_config.{name}: max_tokens >= 3, max_phrases >= 0 and max_tags >= 2 "
                              f"are needed, got {self.max_tokens} / {self.max_phrases} / {self.max_tags}")
         data_dir = get("data_dir")
-        self.concept_ids = self._read_concepts(data_path(get("concepts"), data_dir))
+        masked_phrases = self.use_phrases and self.phrase_mask_probability > 0
+        self.concept_ids = self._read_concepts(data_path(get("concepts"), data_dir)) if masked_phrases else []
         self.object_names = self._read_object_names(data_path(config.get("tag_vocab"), data_dir)) if self.use_tags else []
         self.untagged_images = self._count_untagged() if self.use_tags and bool(get("count_untagged")) else None
-        # each caption's image as an integer (``image_index``): in-batch negatives never pair one image twice
-        self.image_indices = {key: i for i, key in enumerate(sorted({str(r["image_id"]) for r in self.records}))}
+        self._objects = None
 
     # ------------------------------------------------------------------ vocabularies
     def _read_concepts(self, path):
         """The concept ids of ``id2phrase.json`` (the random replacements of phrase masking)."""
-        if not self.use_phrases:
-            return []
         if path is None or not os.path.isfile(path):
             raise FileNotFoundError(f"dataset_config.{self.dataset_name}.concepts: no id2phrase.json at {path} (the "
                                     "concept tool's output, python -m mmf_multilevel.methods.mvptr.concepts); "
@@ -198,7 +200,9 @@ class MVPTRCaptionsDataset(RegionTextDataset):
                            "text/caption field")
         return tok.convert_tokens_to_ids(tok.tokenize(text)), False
 
-    def build_sample(self, record, sample):
+    def mvptr_text(self, record, sample):
+        """``record`` (a concept-tool line, or one with ``text``/``caption``) -> the text fields of ``sample``:
+        ``input_ids``, ``input_mask``, ``segment_ids``, ``lm_label_ids``, ``phrase_slots``."""
         tok = self.tokenizer
         words, with_phrases = self._words(record)
         words = words[: self.max_tokens - 2]
@@ -233,11 +237,10 @@ class MVPTRCaptionsDataset(RegionTextDataset):
         sample.input_ids, sample.lm_label_ids = masked, labels
         sample.input_mask, sample.segment_ids = mask, torch.zeros(slots, dtype=torch.long)
         sample.phrase_slots = phrase_slots
-        sample.image_index = torch.tensor(self.image_indices[str(record["image_id"])], dtype=torch.long)
-        self._add_tags(sample)
         return sample
 
-    def _add_tags(self, sample):
+    def add_tags(self, sample):
+        """``tag_ids``, ``tag_mask``, ``mcr_label_ids`` of the image :meth:`attach_visual` read last."""
         tok = self.tokenizer
         pieces = []
         if self.use_tags and self._objects is not None:
@@ -257,6 +260,74 @@ class MVPTRCaptionsDataset(RegionTextDataset):
         sample.tag_mask = mask
 
 
+class MVPTRCaptionsDataset(MVPTRInputs, RegionTextDataset):
+    """Concept-annotated captions (``captions.jsonl`` of the concept tool) over a region cache."""
+
+    required_fields = ("image_id",)
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        super().__init__(dataset_name, config, dataset_type, index)
+        self.init_mvptr_inputs(config, masking=True)
+        # each caption's image as an integer (``image_index``): in-batch negatives never pair one image twice
+        self.image_indices = {key: i for i, key in enumerate(sorted({str(r["image_id"]) for r in self.records}))}
+
+    def build_sample(self, record, sample):
+        self.mvptr_text(record, sample)
+        sample.image_index = torch.tensor(self.image_indices[str(record["image_id"])], dtype=torch.long)
+        self.add_tags(sample)
+        return sample
+
+
+class MVPTRRetrievalDataset(MVPTRInputs, RetrievalDataset):
+    """COCO / Flickr30K retrieval (``datasets/retrieval.py``: one image a line with its ``captions``) in
+    MVPTR's layout, unmasked: captions ``[CLS] words phrases [SEP]`` - the phrases from ``phrases``, the
+    concept tool's ``captions.jsonl`` over the same annotation file with the pre-training vocabulary
+    (``--concepts``), matched by image and caption position - and the image's tags. Training samples carry
+    ``image_index`` / ``text_index`` for in-batch hard negatives; the gallery pairs are scored as
+    ``coco_retrieval``'s."""
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        super().__init__(dataset_name, config, dataset_type, index)
+        self.init_mvptr_inputs(config, masking=False)
+        self.caption_position = [k for record in self.records for k, _ in enumerate(record["captions"])]
+        path = data_path(config.get("phrases"), setting(config, "data_dir", dataset_name)) if self.use_phrases else None
+        self.phrase_records = self._read_phrases(path) if path else {}
+
+    def _read_phrases(self, path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"dataset_config.{self.dataset_name}.phrases: {path} does not exist (the concept "
+                                    "tool's captions.jsonl over this annotation file, run with --concepts <the "
+                                    "pre-training id2phrase.json>); null trains without phrases")
+        out = {}
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                    key = (str(record["image_id"]), int(str(record["id"]).rsplit(".", 1)[1]))
+                except (ValueError, KeyError, IndexError) as exc:
+                    raise ValueError(f"{path}:{lineno}: expected a concept-tool line with image_id and an id "
+                                     f"'<line>.<caption>' ({exc})") from None
+                out[key] = record
+        return out
+
+    def _text(self, index):
+        fields = self._tokens.get(index)
+        if fields is None:
+            image_index, caption = self.texts[index]
+            image_id = str(self.records[image_index]["image_id"])
+            record = self.phrase_records.get((image_id, self.caption_position[index]))
+            if record is None:
+                record = {"image_id": image_id, "text": caption}
+            fields = self.mvptr_text(record, Sample())
+            self._tokens[index] = fields
+        return fields
+
+    def __getitem__(self, idx):
+        sample = super().__getitem__(idx)
+        self.add_tags(sample)
+        return sample
+
+
 def _builders():
     class MVPTRCaptionsBuilder(RegionTaskBuilder):
         name = "mvptr_captions"
@@ -266,8 +337,17 @@ def _builders():
         def config_path(cls):
             return os.path.join(CONFIG_DIR, f"{cls.name}.yaml")
 
-    return register_variants(registry.register_builder, MVPTRCaptionsBuilder, {"mvptr_captions": {"name": "mvptr_captions"}},
-                             suffix="Builder")
+    class MVPTRRetrievalBuilder(MVPTRCaptionsBuilder):
+        dataset_class = MVPTRRetrievalDataset
+
+        def num_outputs(self, dataset):
+            return 2
+
+    register_variants(registry.register_builder, MVPTRCaptionsBuilder, {"mvptr_captions": {"name": "mvptr_captions"}},
+                      suffix="Builder")
+    register_variants(registry.register_builder, MVPTRRetrievalBuilder,
+                      {name: {"name": name} for name in ("mvptr_coco_retrieval", "mvptr_flickr30k_retrieval")},
+                      suffix="Builder")
 
 
 _builders()

@@ -1,5 +1,10 @@
 """The registered MMF model ``mvptr``: MVPTR's network, heads and losses on the adapter base.
 
+``training_head_type: retrieval`` - COCO / Flickr30K fine-tuning (paper §4.2): VSC + ITM with in-batch hard
+negatives; evaluation scores the gallery's pairs with the ITM head (through ``mmf_run``) or, faster,
+with the paper's two-stage inference (``python -m mmf_multilevel.methods.mvptr.retrieval``); ``retrieval.uni``
+is MVPTR-Uni (the VSC similarity alone).
+
 ``training_head_type: pretraining`` - the five losses of paper §3.2-§3.3, weight 1 each (Eq. 5), all
 from one forward pass over the batch that ``mvptr_captions`` (``data.py``) gives: captions ``[CLS]
 words phrases [SEP]`` with MLM + chain masking already applied (``lm_label_ids``, ``phrase_slots``),
@@ -44,7 +49,7 @@ from mmf_multilevel.methods.mvptr.losses import (
 )
 from mmf_multilevel.methods.mvptr.network import BOX_DIM, MVPTRNetwork, embedding_rows
 from mmf_multilevel.methods.mvptr.pretraining import MVPTRPretrainingHeads
-from mmf_multilevel.modules.heads import bert_pretraining_head_state
+from mmf_multilevel.modules.heads import ITMHead, bert_pretraining_head_state
 from mmf_multilevel.modules.masking import IGNORE_INDEX
 
 __all__ = ["MVPTR"]
@@ -71,7 +76,7 @@ class MVPTR(MethodModel):
 
     name = "mvptr"
     config_class = MVPTRConfig
-    head_types = ("pretraining",)
+    head_types = ("pretraining", "retrieval")
 
     # ------------------------------------------------------------------ build
     def build_backbone(self):
@@ -98,6 +103,14 @@ class MVPTR(MethodModel):
 
     def build_head(self, head_type):
         s = self.settings
+        if head_type == "retrieval":
+            config = self.backbone.config
+            if s.retrieval.itm_negatives not in ("sampled", "hardest"):
+                raise ValueError("model_config.mvptr.retrieval.itm_negatives must be 'sampled' or 'hardest', got "
+                                 f"{s.retrieval.itm_negatives!r}")
+            self.itm_head = ITMHead(config.hidden_size, 2, dropout=config.hidden_dropout_prob,
+                                    initializer_range=config.initializer_range)
+            return
         self.heads = MVPTRPretrainingHeads(self.backbone)
         if s.bert_model_name and s.pretraining.init_heads_from_bert:
             state = bert_pretraining_head_state(str(s.bert_model_name))
@@ -177,6 +190,37 @@ class MVPTR(MethodModel):
         if p.wpg:
             losses["wpg"] = self._wpg(sample_list, states, joint_mask, n, width, wpg_rows, image_ids)
         return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits}
+
+    def task_forward(self, sample_list):
+        """Retrieval. Training (aligned pairs with ``image_index``): VSC + ITM over the matched pairs and ``n``
+        in-batch hard negatives (§4.2), losses ``<split>/<dataset>/{vsc,itm}``. Evaluation: the given pairs'
+        ITM scores (index 1 = matched); with ``retrieval.uni`` (MVPTR-Uni) the VSC similarity alone, as the
+        log-odds of the 2-column scores, and no multimodal pass."""
+        r = self.settings.retrieval
+        net = self.backbone
+        out = self.encode(sample_list)
+        text, text_mask, visual, visual_mask = out["text"], out["text_mask"], out["visual"], out["visual_mask"]
+        g_t, g_v = net.global_embeddings(text, visual)
+        if self.training:
+            device, n = text.device, text.size(0)
+            loss_vsc, sim = vsc_loss(g_t, g_v, net.logit_scale, self.settings.pretraining.vsc_max_logit_scale)
+            image_ids = sample_list["image_index"].to(device).view(-1) if "image_index" in sample_list else None
+            scale = vsc_scale(net.logit_scale, self.settings.pretraining.vsc_max_logit_scale)
+            hard_image, hard_text = hard_negatives(sim, r.itm_negatives, scale=scale, image_ids=image_ids)
+            neg_text, neg_image, _ = split_negatives(hard_image, hard_text)
+            arange = torch.arange(n, device=device)
+            _, pooled, _ = net.fuse(text, text_mask, visual, visual_mask, torch.cat([arange, neg_text]),
+                                    torch.cat([arange, neg_image]))
+            logits = self.itm_head(pooled)
+            labels = torch.cat([torch.ones(n, dtype=torch.long, device=device),
+                                torch.zeros(neg_text.numel(), dtype=torch.long, device=device)])
+            losses = {"vsc": loss_vsc, "itm": itm_loss(logits, labels)}
+            return {"losses": self.named_losses(sample_list, losses), "scores": logits[:n]}
+        if r.uni:
+            similarity = (g_t * g_v).sum(-1) * vsc_scale(net.logit_scale, self.settings.pretraining.vsc_max_logit_scale)
+            return {"scores": torch.stack([-similarity / 2, similarity / 2], dim=-1)}
+        _, pooled, _ = net.fuse(text, text_mask, visual, visual_mask)
+        return {"scores": self.itm_head(pooled)}
 
     def _wpg(self, sample_list, states, joint_mask, n, width, wpg_rows, image_ids):
         """Eq. 2's hinge: each caption's phrase-region score with its image against the negative image's."""

@@ -8,8 +8,11 @@ FEATURES, REGIONS, TAGS, MASK = 16, 5, 6, 4
 
 def tiny_config(head_type):
     # num_hidden_layers counts text + multimodal layers (1 + 1 here); 4 concept rows above the 40 words
-    return dict(TINY_BERT, training_head_type=head_type, feature_dim=FEATURES, num_tag_slots=TAGS,
-                num_embeddings=TINY_BERT["vocab_size"] + 4)
+    config = dict(TINY_BERT, training_head_type=head_type, feature_dim=FEATURES, num_tag_slots=TAGS,
+                  num_embeddings=TINY_BERT["vocab_size"] + 4)
+    if head_type == "retrieval":
+        config.update(losses=[{"type": "cross_entropy"}])
+    return config
 
 
 def tiny_batch(head_type, seed=0, batch=3):
@@ -37,4 +40,8 @@ def tiny_batch(head_type, seed=0, batch=3):
     tags[:, 2] = MASK
     sample_list.tag_ids, sample_list.tag_mask, sample_list.mcr_label_ids = tags, tag_mask, mcr
     sample_list.image_index = torch.arange(ids.size(0))
+    if head_type == "retrieval":  # aligned training pairs (mvptr_coco_retrieval), no MLM/MCR masking
+        sample_list.text_index = torch.arange(ids.size(0))
+        sample_list.targets = torch.ones(ids.size(0), dtype=torch.long)
+        del sample_list["lm_label_ids"], sample_list["mcr_label_ids"]
     return sample_list

@@ -41,6 +41,11 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is of a lower precision (teacher probabilities of bf16/fp16 logits)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Row-wise H(targets, softmax(logits)) = -sum_j targets_j log softmax(logits)_j, shape ``logits[:-1]``."""
     return -(F.log_softmax(logits, dim=-1) * targets).sum(dim=-1)
@@ -194,7 +199,7 @@ def distilled_token_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_log
         return loss
     if teacher_logits is None or teacher_logits.shape != logits.shape:
         raise ValueError("distilled_token_loss: alpha > 0 needs teacher_logits of the logits' shape")
-    soft = F.softmax(teacher_logits.detach()[keep].float(), dim=-1).to(student.dtype)
+    soft = F.softmax(_at_least_float32(teacher_logits.detach()[keep]), dim=-1).to(student.dtype)
     distill = _soft_cross_entropy(student, soft).mean()
     return (1 - alpha) * loss + alpha * distill
 
@@ -303,5 +308,5 @@ def psl_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Option
         return hard
     if teacher_logits is None or teacher_logits.shape != logits.shape:
         raise ValueError("psl_loss: alpha > 0 needs teacher_logits of the logits' shape")
-    soft = torch.sigmoid(teacher_logits.detach().float()).to(logits.dtype)
+    soft = torch.sigmoid(_at_least_float32(teacher_logits.detach())).to(logits.dtype)
     return (1 - alpha) * hard + alpha * F.binary_cross_entropy_with_logits(logits, soft)

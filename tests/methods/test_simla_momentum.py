@@ -73,6 +73,35 @@ def test_ema_update_is_m_times_momentum_plus_one_minus_m_times_online():
         momentum_update(model.momentum.pairs(), 1.5)
 
 
+def test_copies_of_the_simla_modules_compute_what_the_online_ones_do():
+    # imported here: the spawned gloo ranks import this module, and transformers would slow each start by seconds
+    from transformers import BertConfig
+
+    from mmf_multilevel.methods.simla.network import SIMLATextEncoder
+    from mmf_multilevel.methods.simla.pretraining import SIMLAPretrainingHeads
+
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    text = SIMLATextEncoder.from_config(config).eval()
+    heads = SIMLAPretrainingHeads(config, vision_width=32, embed_dim=8, image_vocab=12).tie_to(text.word_embeddings)
+    # the official pairs on the text side: the BERT with its MLM head, the projection, the MIM and concept heads
+    online = {"text_encoder": text, "mlm": heads.mlm, "text_proj": heads.text_proj, "mim_head": heads.mim_head,
+              "concept_head": heads.concept_head}
+    copies = MomentumCopies(online)
+    assert copies["mlm"].decoder.weight is copies["text_encoder"].word_embeddings.weight  # the tie survives
+    ids, image = torch.randint(1, 40, (2, 6)), torch.randn(2, 5, 32)
+    torch.testing.assert_close(copies["text_encoder"].fuse(ids, None, image), text.fuse(ids, None, image))
+    torch.testing.assert_close(copies["mlm"](text.encode_text(ids)), heads.mlm(text.encode_text(ids)))
+    with torch.no_grad():
+        text.word_embeddings.weight.add_(1.0)
+    before = copies["text_encoder"].word_embeddings.weight.clone()
+    copies.update()
+    torch.testing.assert_close(copies["mlm"].decoder.weight, before + 0.005)  # moved once through the tie
+    assert sum(p.requires_grad for p in copies.parameters()) == 0
+
+
 def test_synchronize_after_loading_online_weights_and_pairs_must_match():
     model = Owner()
     with torch.no_grad():

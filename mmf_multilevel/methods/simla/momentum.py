@@ -206,8 +206,8 @@ class FeatureQueues(nn.Module):
                              "global batch of 512")
         ptr = int(self.queue_ptr)
         columns = (ptr + torch.arange(batch, device=self.image_queue.device)) % self.queue_size
-        self.image_queue[:, columns] = images.t().to(self.image_queue.dtype)
-        self.text_queue[:, columns] = texts.t().to(self.text_queue.dtype)
+        self.image_queue[:, columns] = images.t().to(self.image_queue)
+        self.text_queue[:, columns] = texts.t().to(self.text_queue)
         if self.track_ids:
             all_ids = gather_from_all_ranks(ids.reshape(-1).to(self.idx_queue.device, torch.long))
             if all_ids.numel() != batch:

@@ -93,6 +93,8 @@ def test_itc_with_image_ids_spreads_the_hard_target_over_same_image_candidates()
             log_p = log_softmax_row(sims[b].tolist())
             total += -sum(log_p[j] for j in positives) / len(positives) / 2
     assert out.loss.item() == pytest.approx(total / 3, rel=1e-10)
+    with pytest.raises(ValueError, match=r"the queues must both be \(4, M\)"):
+        itc_loss(img, txt, img_m, txt_m, q.t(), q.t(), 0.5, 0.0)
     with pytest.raises(ValueError, match="queue_ids"):
         itc_loss(img, txt, img_m, txt_m, q, q, 0.5, 0.0, image_ids=ids)
 

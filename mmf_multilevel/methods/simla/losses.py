@@ -82,7 +82,13 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: to
     The teacher side (momentum features, queues, τ in the targets) carries no gradient. Returns the loss and
     the online similarity matrices (ITM's hard-negative sampling reads their batch block)."""
     alpha = _check_alpha(alpha)
-    batch = image_feat.size(0)
+    batch, dim = image_feat.shape
+    for name, feat in (("text_feat", text_feat), ("image_feat_m", image_feat_m), ("text_feat_m", text_feat_m)):
+        if tuple(feat.shape) != (batch, dim):
+            raise ValueError(f"itc_loss: {name} has shape {tuple(feat.shape)}, expected image_feat's {(batch, dim)}")
+    if image_queue.dim() != 2 or image_queue.shape != text_queue.shape or image_queue.size(0) != dim:
+        raise ValueError(f"itc_loss: the queues must both be ({dim}, M); got {tuple(image_queue.shape)} and "
+                         f"{tuple(text_queue.shape)}")
     text_all = torch.cat([text_feat_m.detach().t(), text_queue.detach()], dim=1)
     image_all = torch.cat([image_feat_m.detach().t(), image_queue.detach()], dim=1)
     sim_i2t = image_feat @ text_all / temp

@@ -48,7 +48,7 @@ def test_grid_and_sequence_length(size, grid):
     assert out.shape == (2, 1 + grid[0] * grid[1], 16)  # [CLS] + 256 (257 tokens) / + 576 (577 tokens)
 
 
-def test_defaults_follow_the_spec():
+def test_defaults_follow_the_official_code():
     assert SIMLAImageEncoder.__init__.__defaults__[:2] == ("deit_base_patch16_224", 256)
     encoder = tiny_encoder()
     assert torch.count_nonzero(encoder.mask_token) == 0  # zeros, as the official code
@@ -123,7 +123,7 @@ def test_pretraining_checkpoint_into_a_384_finetuning_model():
     pretrained = tiny_encoder(256)
     with torch.no_grad():
         pretrained.mask_token.normal_()
-    finetuning = tiny_encoder(384, mask_token=False)  # spec §8.23: no mask token in fine-tuning
+    finetuning = tiny_encoder(384, mask_token=False)  # the official fine-tuning configs: no mask token
     finetuning.load_state_dict(pretrained.state_dict())  # strict: the mask token is dropped, pos_embed resampled
     expected = resample_abs_pos_embed(pretrained.vit.pos_embed.data, new_size=[24, 24], num_prefix_tokens=1)
     torch.testing.assert_close(finetuning.vit.pos_embed.data, expected)
@@ -205,7 +205,7 @@ def test_matches_the_dall_e_package():
 
 def test_tokens_line_up_with_the_vit_grid():
     tokenizer = tiny_tokenizer()
-    pixels = torch.rand(2, 3, 128, 128)  # spec §2.1: the image_size // 2 view
+    pixels = torch.rand(2, 3, 128, 128)  # the official image_size // 2 view
     tokens = tokenizer(pixels)
     assert tokens.shape == (2, 256) and tokens.dtype == torch.long
     assert tokens.min() >= 0 and tokens.max() < 8192

@@ -1,24 +1,26 @@
-"""SIMLA's text / multimodal encoder: one BERT run in two roles (paper §2.1, §2.3; spec §2.1, §2.2).
+"""SIMLA's text / multimodal encoder: one BERT run in two roles (paper §2.1, §2.3, §2.5;
+the official ``models/med.py`` and ``models/simla/pretrain.py``).
 
 :class:`SIMLATextEncoder` (a plain ``nn.Module``, no MMF) is the paper's E_l = E_mm: one 12-layer BERT
-whose every layer is self-attention -> cross-attention -> FFN (paper §2.1: "initialized using the
-weights of BERT with cross-attention"; the official ``shared_bert.json`` sets ``add_cross_attention``).
+whose every layer is self-attention -> cross-attention -> FFN (paper §2.5: "the weights and
+architecture of BERT, with cross-attention"; the official ``shared_bert.json`` sets ``add_cross_attention``).
 The same module instances serve every role:
 
 * :meth:`~SIMLATextEncoder.encode_text` - the unimodal text encoder (``mode="text"`` in the official
   code): word + position embeddings, then every layer with its cross-attention **skipped**;
 * :meth:`~SIMLATextEncoder.fuse` - the multimodal encoder (``mode="multimodal"``): the raw caption
   embeddings go through all 12 layers again, each layer's cross-attention reading the image tokens
-  (queries = text, keys/values = image); it does not start from the text encoder's output (spec §2.2
-  (5), (6), (8));
-* :meth:`~SIMLATextEncoder.reconstruct_image` - the MIM direction of XMM (paper §2.3, spec §2.2 (7)):
+  (queries = text, keys/values = image); it does not start from the text encoder's output (the official
+  ITM, MLM and PSL passes call ``text_encoder.bert(input_ids, ..., mode="multimodal")``);
+* :meth:`~SIMLATextEncoder.reconstruct_image` - the MIM direction of XMM (paper §2.3; appendix §1.2, item 3):
   the (masked) image tokens are the queries. They pass BERT's embedding module (BERT position
   embeddings 0..N and its LayerNorm are applied to them), self-attend among themselves and
   cross-attend to the caption's **embedding-layer** output (not contextualised).
 
 The cross-attention blocks are HF ``BertAttention`` modules (query/key/value, output dense, residual and
-LayerNorm), as in SemVLP's network; they are randomly initialised (spec §2.1). Their key/value input
-width is the hidden size, which must equal the ViT width (768 at base size; the official
+LayerNorm), as in SemVLP's network; they are randomly initialised (BERT checkpoints hold no cross-attention
+weights; the official ``BertForMaskedLM.from_pretrained`` leaves them new too). Their key/value input width
+is the hidden size, which must equal the ViT width (768 at base size; the official
 ``encoder_width``). The embeddings are word + absolute position + LayerNorm + dropout: the official
 ``med.py`` has no token-type table, so BERT's is removed (it is not loaded, not counted, not run).
 
@@ -45,7 +47,8 @@ MODES = (TEXT, MULTIMODAL)
 
 
 def base_bert_config(**overrides) -> BertConfig:
-    """``bert-base-uncased``'s architecture (spec §2.1: 12 layers, 768, 12 heads, FFN 3072, 30,522 words)."""
+    """``bert-base-uncased``'s architecture (the official ``configs/shared_bert.json``: 12 layers, 768, 12 heads,
+    FFN 3072, 30,522 words)."""
     fields = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                   intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
     fields.update(overrides)
@@ -53,7 +56,7 @@ def base_bert_config(**overrides) -> BertConfig:
 
 
 class SIMLATextEncoder(nn.Module):
-    """One BERT with a cross-attention block after the self-attention of every layer (spec §2.1).
+    """One BERT with a cross-attention block after the self-attention of every layer (paper §2.1).
 
     ``text``: a :class:`BertTextEncoder` built without a pooler (the official ``BertForMaskedLM`` has
     none); its token-type table is removed here. ``encoder_width``: the width of the image tokens the
@@ -72,7 +75,7 @@ class SIMLATextEncoder(nn.Module):
                              "BERT-base are both 768)")
         embeddings = text.bert.embeddings
         if hasattr(embeddings, "token_type_embeddings"):
-            del embeddings.token_type_embeddings  # the official embeddings have no token types (spec §2.1)
+            del embeddings.token_type_embeddings  # the official med.py embeddings have no token types
         self.text = text
         self.num_layers = config.num_hidden_layers
         self.cross_attention = nn.ModuleList([BertAttention(config) for _ in range(self.num_layers)])
@@ -88,7 +91,7 @@ class SIMLATextEncoder(nn.Module):
     @classmethod
     def from_bert(cls, name_or_path: str, **overrides) -> "SIMLATextEncoder":
         """BERT weights (hub id or ``save_pretrained`` directory) into the embeddings, self-attention and FFN
-        of every layer; the cross-attention blocks stay newly initialised (spec §2.1)."""
+        of every layer; the cross-attention blocks stay newly initialised (paper §2.5)."""
         bert = load_pretrained(BertModel, name_or_path, add_pooling_layer=False, **overrides)
         return cls(BertTextEncoder(bert))
 
@@ -161,7 +164,7 @@ class SIMLATextEncoder(nn.Module):
         """All layers over embedded inputs ``(B, S, H)`` with 0/1 ``mask`` ``(B, S)``; cross-attention to
         ``memory`` ``(B, M, H)`` (0/1 ``memory_mask`` ``(B, M)``) in every layer, or skipped when it is None.
         With ``output_attentions`` also returns each layer's self-attention probabilities ``(B, heads, S, S)``
-        (PSL reads the last layer's, spec §3.4)."""
+        (PSL reads the last layer's, paper appendix §3)."""
         batch, length, _ = hidden.shape
         dtype = mask_compute_dtype(hidden)
         if mask is None:
@@ -190,13 +193,14 @@ class SIMLATextEncoder(nn.Module):
 
     # ------------------------------------------------------------------ roles
     def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The unimodal text encoder (spec §2.2 (2)): ``(B, L)`` ids -> ``(B, L, H)``, cross-attention skipped."""
+        """The unimodal text encoder (official ``mode="text"``): ``(B, L)`` ids -> ``(B, L, H)``,
+        cross-attention skipped."""
         return self.encode(self.embed(input_ids), attention_mask)
 
     def fuse(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], image: torch.Tensor,
              image_mask: Optional[torch.Tensor] = None, output_attentions: bool = False):
-        """The multimodal encoder (spec §2.2 (5), (6), (8)): the caption (ids, possibly MLM-masked) through
-        all layers from its embeddings, each layer cross-attending to ``image`` ``(B, 1 + N, H)``.
+        """The multimodal encoder (official ``mode="multimodal"``; ITM, MLM, PSL): the caption (ids, possibly
+        MLM-masked) through all layers from its embeddings, each layer cross-attending to ``image`` ``(B, 1 + N, H)``.
         Returns ``(B, L, H)`` (and the self-attention maps with ``output_attentions``)."""
         return self.encode(self.embed(input_ids), attention_mask, memory=image, memory_mask=image_mask,
                            output_attentions=output_attentions)
@@ -204,7 +208,7 @@ class SIMLATextEncoder(nn.Module):
     def reconstruct_image(self, image: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: Optional[torch.Tensor] = None,
                           image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The MIM direction (paper §2.3, spec §2.2 (7)): image tokens ``(B, 1 + N, H)`` (from the masked
+        """The MIM direction (paper §2.3; appendix §1.2, item 3): image tokens ``(B, 1 + N, H)`` (from the masked
         image) as queries - BERT position embeddings and LayerNorm added, self-attention among them -
         cross-attending to the caption's embedding-layer output. Returns ``(B, 1 + N, H)``; the MIM head
         reads positions 1..N."""

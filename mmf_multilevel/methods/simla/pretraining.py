@@ -1,4 +1,4 @@
-"""SIMLA's pre-training heads (paper §2.1-§2.4; spec §2.1). Heads only: the losses come later.
+"""SIMLA's pre-training heads (paper §2.1-§2.4). Heads only: the losses are in ``losses.py``.
 
 * ITC projections g_v, g_l (paper §2.2): ``vision_proj`` Linear(768, 256) on the image [CLS] and
   ``text_proj`` Linear(768, 256) on the text [CLS], each followed by L2 normalisation;

@@ -1,15 +1,16 @@
 """SIMLA's image side: the ViT image encoder E_v with its MIM mask token, BEiT block masking and the
-frozen DALL·E dVAE tokenizer that gives the MIM targets (paper §2.3, Eq. 6; spec §2.1, §3.3, §8).
+frozen DALL·E dVAE tokenizer that gives the MIM targets (paper §2.3, Eq. 6; the official ``models/vit.py``,
+``masking_generator.py`` and ``models/discrete_vae.py``).
 
-- :class:`SIMLAImageEncoder`: a timm ViT-B/16 (DeiT-base/16-224 weights, spec §8.2) built at the run's
-  resolution (256² in pre-training, 384² in fine-tuning), whose 14×14 position embeddings timm resamples
-  when it loads the pretrained weights; a learned mask token replaces the masked patch embeddings
-  before the position embedding is added (BEiT).
+- :class:`SIMLAImageEncoder`: a timm ViT-B/16 (DeiT-base/16-224 weights: the official ``SIMLA.__init__``;
+  appendix §4 "BERT and DeiT") built at the run's resolution (256² in pre-training, 384² in fine-tuning),
+  whose 14×14 position embeddings timm resamples when it loads the pretrained weights; a learned mask token
+  replaces the masked patch embeddings before the position embedding is added (BEiT).
 - :func:`resize_position_embeddings`: the same resampling for a checkpoint of another resolution (a 256²
-  pre-training checkpoint into a 384² fine-tuning model, spec §5 and §8.23); loading a state dict into
-  :class:`SIMLAImageEncoder` applies it by itself.
+  pre-training checkpoint into a 384² fine-tuning model, the official ``interpolate_pos_embed``); loading a
+  state dict into :class:`SIMLAImageEncoder` applies it by itself.
 - :func:`block_mask` / :func:`draw_mask_blocks`: BEiT block-wise masking (75 of 16×16 patches, blocks of
-  at least 16 patches, aspect ratio in [0.3, 1/0.3], spec §3.3 and §8.5).
+  at least 16 patches, aspect ratio in [0.3, 1/0.3], the official ``masking_generator.py``).
 - :class:`DALLEEncoder` and :class:`DVAETokenizer`: the DALL·E dVAE encoder (module names and shapes
   of the ``dall-e`` package, so the released ``encoder.pkl`` loads) wrapped as a frozen tokenizer that
   lives outside the model's module tree (no state-dict entries, no parameters for the optimizer).
@@ -46,7 +47,8 @@ __all__ = [
     "main",
 ]
 
-#: spec §3.3 / §8.5: ``MaskingGenerator((16, 16), num_masking_patches=75, min_num_patches=16, min_aspect=0.3)``
+#: the official ``dataset/caption_dataset.py``:
+#: ``MaskingGenerator((16, 16), num_masking_patches=75, min_num_patches=16, min_aspect=0.3)``
 MIM_MASKED_PATCHES = 75
 MIM_MIN_BLOCK = 16
 MIM_MIN_ASPECT = 0.3
@@ -64,8 +66,8 @@ def resize_position_embeddings(state_dict: Mapping[str, torch.Tensor], new_grid:
     """A copy of ``state_dict`` whose ``key`` (``(1, prefix + h·w, d)``, a square old grid) is resampled
     to ``new_grid`` = ``(h', w')`` with timm's :func:`~timm.layers.resample_abs_pos_embed` (bicubic, the
     [CLS] entry kept), the interpolation timm applies to pretrained weights and the official code applies
-    between resolutions (spec §2.1: 14×14 -> 16×16 at 256², 16×16 -> 24×24 at 384²). Unchanged if the
-    grid already matches."""
+    between resolutions (14×14 -> 16×16 at 256², 16×16 -> 24×24 at 384²; the official
+    ``interpolate_pos_embed``). Unchanged if the grid already matches."""
     from timm.layers import resample_abs_pos_embed
 
     if key not in state_dict:
@@ -86,7 +88,7 @@ def resize_position_embeddings(state_dict: Mapping[str, torch.Tensor], new_grid:
 
 
 class SIMLAImageEncoder(nn.Module):
-    """The visual encoder E_v (paper §2.1: "weights and architecture of ViT/B-16"; spec §2.1, §8.2).
+    """The visual encoder E_v (paper §2.1: "weights and architecture of ViT/B-16"; §2.5; appendix §4).
 
     ``backbone`` is a timm ViT name (default ``deit_base_patch16_224``: the official code's DeiT-base/16
     weights, patch 16, 768-d, 12 layers, LayerNorm eps 1e-6, no drop-path). The network is built with
@@ -96,11 +98,12 @@ class SIMLAImageEncoder(nn.Module):
     Extra ``timm_kwargs`` go to :func:`timm.create_model` (tests build tiny ViTs with ``embed_dim`` /
     ``depth`` / ``num_heads``).
 
-    ``mask_token`` (pre-training; spec §2.1, §8.6): a learned ``(1, 1, d)`` token that replaces the
-    patch embeddings at the MIM-masked positions *before* the position embedding is added (BEiT), so a
+    ``mask_token`` (pre-training; the official ``models/vit.py``): a learned ``(1, 1, d)`` token that
+    replaces the patch embeddings at the MIM-masked positions *before* the position embedding is added (BEiT), so a
     masked position's input is ``mask_token + pos_embed``. Initialised to zeros as in the official code
     (``mask_token_init="zeros"``) or BEiT's truncated normal (``"trunc_normal"``, std 0.02). Fine-tuning
-    models are built without it and ignore the key when loading a pre-training checkpoint (spec §8.23).
+    models are built without it and ignore the key when loading a pre-training checkpoint (the official
+    fine-tuning configs set ``vit_mask_token: false``).
 
     :meth:`forward` returns the token sequence ``(B, 1 + h·w, d)`` ([CLS] first) after the final
     LayerNorm. Loading a state dict whose ``vit.pos_embed`` has another grid resamples it to this grid
@@ -178,7 +181,7 @@ class SIMLAImageEncoder(nn.Module):
         key = prefix + "vit.pos_embed"
         if key in state_dict and state_dict[key].shape != self.vit.pos_embed.shape:
             state_dict[key] = resize_position_embeddings({"pos_embed": state_dict[key]}, self.grid_size)["pos_embed"]
-        if self.mask_token is None:  # a fine-tuning encoder ignores the pre-training mask token (spec §8.23)
+        if self.mask_token is None:  # a fine-tuning encoder ignores the pre-training mask token
             state_dict.pop(prefix + "mask_token", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -199,7 +202,8 @@ def draw_mask_blocks(grid: Tuple[int, int] = (16, 16), num_masked: int = MIM_MAS
                      min_aspect: float = MIM_MIN_ASPECT, max_aspect: Optional[float] = None,
                      rng: Optional[random.Random] = None) -> List[Tuple[int, int, int, int]]:
     """BEiT's block-wise masking for one image: rectangles ``(top, left, height, width)`` on the grid,
-    whose union masks at most ``num_masked`` patches (BEiT's algorithm; spec §3.3).
+    whose union masks at most ``num_masked`` patches (BEiT's algorithm, the official
+    ``masking_generator.py``).
 
     Each block draws a target area uniformly in ``[min_block, min(remaining, max_block)]`` and a
     log-uniform aspect ratio in ``[min_aspect, max_aspect or 1 / min_aspect]``, a position uniformly
@@ -356,15 +360,16 @@ class DALLEEncoder(nn.Module):
 
 
 def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
-    """DALL·E's pixel mapping ``[0, 1] -> [eps, 1 - eps]``: ``(1 - 2 eps) x + eps`` (spec §2.1: 0.8x + 0.1)."""
+    """DALL·E's pixel mapping ``[0, 1] -> [eps, 1 - eps]``: ``(1 - 2 eps) x + eps`` (0.8x + 0.1; the official
+    ``dall_e/utils.py``)."""
     return (1 - 2 * eps) * x + eps
 
 
 class DVAETokenizer:
-    """The frozen MIM tokenizer (paper §2.3 "discrete VAE … 8192 visual tokens"; spec §2.1): ``(B, 3, S, S)``
-    pixels in [0, 1] -> ``(B, (S/8)²)`` token ids, the argmax of the DALL·E encoder's logits after
-    :func:`map_pixels`. At the spec's 128² view (``image_size // 2``) that is 16×16 = 256 tokens, one per
-    ViT patch at 256².
+    """The frozen MIM tokenizer (paper §2.3 "discrete VAE … 8192 visual tokens"; the official
+    ``models/discrete_vae.py``): ``(B, 3, S, S)`` pixels in [0, 1] -> ``(B, (S/8)²)`` token ids, the argmax
+    of the DALL·E encoder's logits after :func:`map_pixels`. At the official 128² view (``image_size // 2``)
+    that is 16×16 = 256 tokens, one per ViT patch at 256².
 
     Deliberately *not* an ``nn.Module``: stored as an attribute of a model it stays outside the module
     tree, so it adds nothing to ``state_dict()`` (checkpoints), ``parameters()`` (the optimizer, the

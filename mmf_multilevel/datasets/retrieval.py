@@ -14,6 +14,9 @@ Annotations: jsonl, one image per line: ``{"image_id": "...", "captions": ["..."
   ranks and report text→image (``ir_r1/5/10``) and image→text (``tr_r1/5/10``) recall and RSUM.
   Two-stage scoring (contrastive top-k, then the matching head) needs a model with embeddings:
   ``mmf_multilevel.evaluation.retrieval.two_stage_scores``.
+* ``eval_pairs: aligned``: ``val`` / ``test`` read as ``train`` does, without swaps (one sample per
+  caption with its own image, ``image_index`` / ``text_index``): the validation losses of a model that
+  mines negatives in the batch, when the gallery is ranked by a separate command.
 """
 import random
 
@@ -31,13 +34,17 @@ class RetrievalDataset(RegionTextDataset):
         super().__init__(dataset_name, config, dataset_type, index)
         self.itm_probability = float(setting(config, "itm_probability", dataset_name))
         self.eval_pairs = str(setting(config, "eval_pairs", dataset_name))
-        if self.eval_pairs != "all":
-            raise ValueError(f"dataset_config.{dataset_name}.eval_pairs must be 'all', got {self.eval_pairs!r}")
+        if self.eval_pairs not in ("all", "aligned"):
+            raise ValueError(f"dataset_config.{dataset_name}.eval_pairs must be 'all' or 'aligned', got {self.eval_pairs!r}")
         self.texts = [(i, caption) for i, record in enumerate(self.records) for caption in record["captions"]]
         if not self.texts:
             raise ValueError(f"{self.annotation_path}: the retrieval gallery has no captions")
         self.text_image = torch.tensor([i for i, _ in self.texts], dtype=torch.long)
-        self.training = dataset_type == "train"
+        # "aligned" evaluation reads the split as training does (one sample per caption with its own image,
+        # no swap): the validation losses of a model that mines its negatives in the batch
+        self.training = dataset_type == "train" or self.eval_pairs == "aligned"
+        if dataset_type != "train" and self.eval_pairs == "aligned":
+            self.itm_probability = 0.0
         self._tokens = {}
 
     def validate_record(self, record):

@@ -95,30 +95,43 @@ def all_pair_scores(num_images, num_texts, match_fn, chunk_size=4096, image_rows
     return out
 
 
-def two_stage_scores(image_embeds, text_embeds, match_fn, k=128, chunk_size=4096):
+def two_stage_scores(image_embeds, text_embeds, match_fn, k=128, chunk_size=4096, k_t2i=None, similarity=None):
     """(i2t matrix, t2i matrix): contrastive top-k per query, re-scored by ``match_fn``; others ``-inf``.
 
-    Embeddings are L2-normalised here; ``k`` is clipped to the gallery size.
+    ``k`` texts per image (i2t) and ``k_t2i`` images per text (default ``k``; MVPTR: 128 and 64), clipped
+    to the gallery. Embeddings are L2-normalised here (or ``similarity`` (images x texts) is given).
+    A pair among the candidates of both directions is scored once.
     """
-    if image_embeds.numel() == 0 or text_embeds.numel() == 0:
-        raise ValueError(f"empty retrieval gallery: {image_embeds.shape[0]} images x {text_embeds.shape[0]} texts")
-    img = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
-    txt = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
-    sim = img @ txt.t()
+    if similarity is None:
+        if image_embeds.numel() == 0 or text_embeds.numel() == 0:
+            raise ValueError(f"empty retrieval gallery: {image_embeds.shape[0]} images x {text_embeds.shape[0]} texts")
+        img = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+        txt = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
+        similarity = img @ txt.t()
+    sim = similarity.float()
     n_img, n_txt = sim.shape
-    i2t = torch.full_like(sim, float("-inf"))
-    t2i = torch.full_like(sim, float("-inf"))
-    for matrix, candidates, transpose in ((i2t, sim, False), (t2i, sim.t(), True)):
-        top = candidates.topk(min(k, candidates.shape[1]), dim=1).indices  # Q x k
-        q = torch.arange(candidates.shape[0]).unsqueeze(1).expand_as(top).reshape(-1)
-        c = top.reshape(-1)
-        image_idx, text_idx = (c, q) if transpose else (q, c)
-        values = torch.empty(q.numel())
-        for start in range(0, q.numel(), chunk_size):
-            end = start + chunk_size
-            values[start:end] = match_fn(image_idx[start:end], text_idx[start:end]).float().cpu()
-        matrix[image_idx, text_idx] = values
-    return i2t, t2i
+    if n_img == 0 or n_txt == 0:
+        raise ValueError(f"empty retrieval gallery: {n_img} images x {n_txt} texts")
+    k_i2t, k_t2i = int(k), int(k if k_t2i is None else k_t2i)
+    if k_i2t < 1 or k_t2i < 1:
+        raise ValueError(f"two-stage retrieval: k must be >= 1, got {k_i2t} texts per image / {k_t2i} images per text")
+    top_texts = sim.topk(min(k_i2t, n_txt), dim=1).indices  # images x k
+    top_images = sim.t().topk(min(k_t2i, n_img), dim=1).indices  # texts x k
+    i2t_flat = torch.arange(n_img).unsqueeze(1) * n_txt + top_texts
+    t2i_flat = top_images * n_txt + torch.arange(n_txt).unsqueeze(1)
+    pairs = torch.unique(torch.cat([i2t_flat.reshape(-1), t2i_flat.reshape(-1)]))
+    image_idx, text_idx = pairs // n_txt, pairs % n_txt
+    values = torch.empty(pairs.numel())
+    for start in range(0, pairs.numel(), chunk_size):
+        end = start + chunk_size
+        values[start:end] = match_fn(image_idx[start:end], text_idx[start:end]).float().cpu()
+    scored = torch.full((n_img * n_txt,), float("-inf"))
+    scored[pairs] = values
+    i2t = torch.full((n_img * n_txt,), float("-inf"))
+    t2i = torch.full((n_img * n_txt,), float("-inf"))
+    i2t[i2t_flat.reshape(-1)] = scored[i2t_flat.reshape(-1)]
+    t2i[t2i_flat.reshape(-1)] = scored[t2i_flat.reshape(-1)]
+    return i2t.view(n_img, n_txt), t2i.view(n_img, n_txt)
 
 
 def distributed_ranks(shard_scores, shard_gt, ties="pessimistic", group=None):

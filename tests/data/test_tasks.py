@@ -237,6 +237,21 @@ def test_all_pairs_in_chunks_and_two_stage():
     top = sim.topk(3, dim=1).indices
     expected = torch.full((7, 11), float("-inf")).scatter(1, top, 1.0)
     torch.testing.assert_close(i2t, expected)
+    # k texts per image and k_t2i images per text (MVPTR: 128 / 64); a pair in both candidate sets scored once
+    seen = []
+
+    def counting(i, t):
+        seen.extend(zip(i.tolist(), t.tolist()))
+        return (img[i] * txt[t]).sum(-1)
+
+    i2t, t2i = R.two_stage_scores(img, txt, counting, k=4, k_t2i=2, chunk_size=5)
+    assert len(seen) == len(set(seen))
+    want_i2t = {(i, int(t)) for i in range(7) for t in sim.topk(4, dim=1).indices[i]}
+    want_t2i = {(int(i), t) for t in range(11) for i in sim.t().topk(2, dim=1).indices[t]}
+    assert set(seen) == want_i2t | want_t2i
+    assert {tuple(p) for p in torch.isfinite(i2t).nonzero().tolist()} == want_i2t
+    assert {tuple(p) for p in torch.isfinite(t2i).nonzero().tolist()} == want_t2i
+    torch.testing.assert_close(t2i[torch.isfinite(t2i)], (img @ txt.t())[torch.isfinite(t2i)])
     with pytest.raises(ValueError, match="empty retrieval gallery"):
         R.all_pair_scores(0, 3, match)
 

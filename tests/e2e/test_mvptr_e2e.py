@@ -1,7 +1,9 @@
-"""MVPTR's pre-training end to end through the stock mmf_run: the generated demo set, the real concept tool over
-its training captions (as projects/mvptr/demo/pretrain.yaml documents), the tiny model of
-projects/mvptr/demo/model.yaml, CPU, a few updates; every loss logged in training and validation, the
-concept rows of the word table sized from id2phrase.json, a checkpoint written."""
+"""MVPTR end to end through the stock mmf_run: the generated demo set, the real concept tool over its training
+captions (as projects/mvptr/demo/pretrain.yaml documents), the tiny model of projects/mvptr/demo/model.yaml,
+CPU, a few updates. Pre-training: every loss logged in training and validation, the concept rows of the
+word table sized from id2phrase.json, a checkpoint written. Retrieval: fine-tuned from that checkpoint
+with phrases from the applied vocabulary, the gallery's recall through mmf_run equal to the two-stage
+command's (cached uni-modal outputs, k covering the gallery) and to its all-pairs mode."""
 import json
 import re
 import subprocess
@@ -28,13 +30,25 @@ def data(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "mmf_multilevel.methods.mvptr.concepts", "--captions",
                     str(demo / "annotations" / "captions_train.jsonl"), "--vocab", str(demo / "vocab" / "vocab.txt"),
                     "--out", str(demo / "concepts"), "--min-count", "2"], check=True, capture_output=True, timeout=300)
+    for split in ("train", "val", "test"):
+        subprocess.run([sys.executable, "-m", "mmf_multilevel.methods.mvptr.concepts", "--captions",
+                        str(demo / "annotations" / f"retrieval_{split}.jsonl"), "--vocab", str(demo / "vocab" / "vocab.txt"),
+                        "--concepts", str(demo / "concepts" / "id2phrase.json"), "--out",
+                        str(demo / "concepts" / f"retrieval_{split}")], check=True, capture_output=True, timeout=300)
     return root
 
 
-def test_pretraining_logs_every_loss_and_writes_the_concept_table(data, tmp_path):
-    save = tmp_path / "save"
-    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT,
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("mvptr_pre")
+    save = work / "save"
+    result = run_mmf(work, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT,
                      config=f"{ROOT}/projects/mvptr/demo/pretrain.yaml")
+    return save, result
+
+
+def test_pretraining_logs_every_loss_and_writes_the_concept_table(data, pretrained):
+    save, result = pretrained
     assert "Finished run" in result.stdout + result.stderr
     log = (save / "train.log").read_text()
     for split in ("train", "val"):
@@ -48,3 +62,42 @@ def test_pretraining_logs_every_loss_and_writes_the_concept_table(data, tmp_path
     concepts = json.loads((data / "demo" / "concepts" / "id2phrase.json").read_text())
     assert table.size(0) == max(74, max(int(k) for k in concepts) + 1)
     assert "heads.itm.classifier.weight" in state and "backbone.visual_layers.0.attention.self.query.weight" in state
+
+
+RECALLS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
+
+
+def test_retrieval_fine_tuning_and_two_stage_ranking_agree_with_mmf_run(data, pretrained, tmp_path):
+    pre, _ = pretrained
+    save = tmp_path / "save"
+    config = f"{ROOT}/projects/mvptr/demo/retrieval_coco.yaml"
+    metrics = repr([f"retrieval_{k}" for k in RECALLS])  # MMF decodes overrides with literal_eval
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT,
+                     f"checkpoint.resume_file={pre / 'mvptr_final.pth'}", "checkpoint.resume_pretrained=True",
+                     "dataset_config.mvptr_coco_retrieval.eval_pairs=all", f"evaluation.metrics={metrics}",
+                     "training.early_stop.criteria=val/mvptr_coco_retrieval/retrieval_rsum",
+                     "training.early_stop.minimize=false", config=config)
+    assert "Finished run" in result.stdout + result.stderr
+    log = (save / "train.log").read_text()
+    assert re.search(r"train/mvptr_coco_retrieval/vsc: [0-9.]+", log) and re.search(r"train/mvptr_coco_retrieval/itm", log)
+    # the pre-trained network and ITM head were copied in
+    assert "Copying itm_head.classifier.weight from heads.itm.classifier.weight" in log
+    found = re.findall(r"val/mvptr_coco_retrieval/retrieval_rsum: ([0-9.]+)", log)
+    assert found, log[-3000:]
+    through_mmf = float(found[-1])
+    checkpoint = save / "mvptr_final.pth"
+    common = ["--config", config, "--checkpoint", str(checkpoint), "--split", "val"]
+    outputs = {}
+    for mode, extra in (("two_stage", ["--top-k-texts", "1000", "--top-k-images", "1000"]), ("all_pairs", ["--all-pairs"]),
+                        ("uni", ["--uni"]), ("two_stage_k1", ["--top-k-texts", "1", "--top-k-images", "1"])):
+        out = tmp_path / f"{mode}.json"
+        subprocess.run([sys.executable, "-m", "mmf_multilevel.methods.mvptr.retrieval", *common, *extra, "--out", str(out),
+                        f"env.data_dir={data}"], check=True, capture_output=True, timeout=300)
+        outputs[mode] = json.loads(out.read_text())
+    assert outputs["all_pairs"]["rsum"] == pytest.approx(through_mmf, abs=0.01)
+    for key in RECALLS:
+        assert outputs["two_stage"][key] == pytest.approx(outputs["all_pairs"][key])
+    # k = 1: one caption per image and one image per caption re-scored; uni: no multimodal pass at all
+    gallery = outputs["all_pairs"]["pairs_fused"]
+    assert outputs["uni"]["pairs_fused"] == 0
+    assert 0 < outputs["two_stage_k1"]["pairs_fused"] < gallery

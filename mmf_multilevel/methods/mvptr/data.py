@@ -290,7 +290,10 @@ class MVPTRRetrievalDataset(MVPTRInputs, RetrievalDataset):
         super().__init__(dataset_name, config, dataset_type, index)
         self.init_mvptr_inputs(config, masking=False)
         self.caption_position = [k for record in self.records for k, _ in enumerate(record["captions"])]
-        path = data_path(config.get("phrases"), setting(config, "data_dir", dataset_name)) if self.use_phrases else None
+        entry = config.get("phrases") if self.use_phrases else None
+        if entry is not None and not isinstance(entry, str):  # one file per split
+            entry = entry.get(dataset_type)
+        path = data_path(entry, setting(config, "data_dir", dataset_name)) if entry else None
         self.phrase_records = self._read_phrases(path) if path else {}
 
     def _read_phrases(self, path):

@@ -31,7 +31,6 @@ import json
 import os
 
 import torch
-from mmf.utils.modeling import get_bert_configured_parameters
 
 from mmf_multilevel.methods.base import MethodModel, register_method
 from mmf_multilevel.methods.batch import region_inputs, text_inputs
@@ -118,8 +117,14 @@ class MVPTR(MethodModel):
             self.heads.mcr.load_bert_state_dict(state)
 
     def get_optimizer_parameters(self, config):
-        """AdamW's groups as the official code: weight decay 0.01 except on biases and LayerNorms."""
-        return get_bert_configured_parameters(self)
+        """AdamW's groups as the official code: ``optimizer.params.weight_decay`` (pre-training 0.01,
+        fine-tuning 0.05) except on biases and LayerNorms (the region LayerNorm included)."""
+        decay = float(config.optimizer.params.get("weight_decay", 0.01))
+        groups = {True: [], False: []}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                groups[not (name.endswith("bias") or "LayerNorm" in name or ".norm." in name)].append(param)
+        return [{"params": groups[True], "weight_decay": decay}, {"params": groups[False], "weight_decay": 0.0}]
 
     # ------------------------------------------------------------------ forward
     def _need(self, sample_list, key, why):
@@ -192,16 +197,17 @@ class MVPTR(MethodModel):
         return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits}
 
     def task_forward(self, sample_list):
-        """Retrieval. Training (aligned pairs with ``image_index``): VSC + ITM over the matched pairs and ``n``
-        in-batch hard negatives (§4.2), losses ``<split>/<dataset>/{vsc,itm}``. Evaluation: the given pairs'
-        ITM scores (index 1 = matched); with ``retrieval.uni`` (MVPTR-Uni) the VSC similarity alone, as the
-        log-odds of the 2-column scores, and no multimodal pass."""
+        """Retrieval. Aligned pairs (training, and ``eval_pairs: aligned`` validation; ``image_index`` tells
+        captions of one image apart): VSC + ITM over the matched pairs and ``n`` in-batch hard negatives
+        (§4.2), losses ``<split>/<dataset>/{vsc,itm}``. Gallery pairs (``pair_image_index``, ``eval_pairs:
+        all``): their ITM scores (index 1 = matched); with ``retrieval.uni`` (MVPTR-Uni) the VSC similarity
+        alone, as the log-odds of the 2-column scores, with no multimodal pass."""
         r = self.settings.retrieval
         net = self.backbone
         out = self.encode(sample_list)
         text, text_mask, visual, visual_mask = out["text"], out["text_mask"], out["visual"], out["visual_mask"]
         g_t, g_v = net.global_embeddings(text, visual)
-        if self.training:
+        if self.training or "pair_image_index" not in sample_list:  # aligned pairs: the fine-tuning losses
             device, n = text.device, text.size(0)
             loss_vsc, sim = vsc_loss(g_t, g_v, net.logit_scale, self.settings.pretraining.vsc_max_logit_scale)
             image_ids = sample_list["image_index"].to(device).view(-1) if "image_index" in sample_list else None

@@ -1,0 +1,218 @@
+"""MVPTR's retrieval inference (paper §4.2): two-stage ranking, and MVPTR-Uni (§4.3, Table 2).
+
+The gallery's images and captions are each run through the uni-modal encoders **once**
+(:func:`encode_gallery`); their VSC similarity ranks every caption for every image. Two-stage: for each
+image the top ``k_c`` = 128 captions, for each caption the top ``k_i`` = 64 images are re-scored by the
+multimodal encoder and the ITM head (a pair in both candidate lists is fused once, from the cached
+uni-modal outputs); the others keep no score (ranked last). MVPTR-Uni: the VSC similarity alone, a
+dual-encoder retriever with no multimodal pass. Scoring every pair with the multimodal encoder
+(``--all-pairs``) is the cost the two stages avoid; ``mmf_run`` evaluation of a ``retrieval`` model does
+that through the stock loop.
+
+    python -m mmf_multilevel.methods.mvptr.retrieval --config projects/mvptr/retrieval_coco.yaml \\
+        --checkpoint save/mvptr_coco/mvptr_final.pth [--split test] [--uni | --all-pairs] [overrides ...]
+
+prints R@1/5/10 of both directions and RSUM (``--out`` writes them as JSON).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from mmf_multilevel.evaluation.retrieval import all_pair_scores, query_ranks, retrieval_metrics, two_stage_scores
+
+__all__ = ["Gallery", "encode_gallery", "rank_gallery", "load_configuration", "load_model", "main"]
+
+
+@dataclass
+class Gallery:
+    """A retrieval split through the uni-modal encoders: captions ``(T, 40, H)`` and their masks, images
+    (tags + regions) ``(I, 20 + K, H)`` and their masks, the VSC similarity ``(I, T)`` (scaled) and the
+    ground truth ``(I, T)``."""
+
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    visual: torch.Tensor
+    visual_mask: torch.Tensor
+    similarity: torch.Tensor
+    gt: torch.Tensor
+
+
+def _collate(samples):
+    from mmf.common.sample import SampleList
+
+    return SampleList(samples)
+
+
+@torch.no_grad()
+def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
+    """Every image and every caption of ``dataset`` (an ``mvptr_*_retrieval`` split) through the
+    uni-modal encoders of ``model`` (an ``mvptr`` model), once each."""
+    from mmf.common.sample import Sample
+
+    from mmf_multilevel.methods.batch import region_inputs, text_inputs
+    from mmf_multilevel.methods.mvptr.losses import vsc_scale
+
+    net = model.backbone
+    device = next(net.parameters()).device
+    texts, text_masks = [], []
+    for start in range(0, dataset.num_texts, batch_size):
+        batch = _collate([Sample(dict(dataset._text(t))) for t in range(start, min(start + batch_size, dataset.num_texts))])
+        text = text_inputs(batch.to(device), "mvptr")
+        texts.append(net.encode_text(text.input_ids, text.mask, text.segment_ids))
+        text_masks.append(text.mask)
+    visuals, visual_masks = [], []
+    for start in range(0, dataset.num_images, batch_size):
+        samples = []
+        for index in range(start, min(start + batch_size, dataset.num_images)):
+            sample = Sample()
+            dataset.attach_visual(sample, dataset.records[index]["image_id"])
+            dataset.add_tags(sample)
+            samples.append(sample)
+        batch = _collate(samples).to(device)
+        regions = region_inputs(batch, "mvptr", model.settings.feature_dim, "6d")
+        visual, mask = net.encode_visual(batch.tag_ids, batch.tag_mask, regions.features, regions.boxes, regions.mask)
+        visuals.append(visual)
+        visual_masks.append(mask)
+    text, visual = torch.cat(texts), torch.cat(visuals)
+    g_t, g_v = net.global_embeddings(text, visual)
+    scale = vsc_scale(net.logit_scale, model.settings.pretraining.vsc_max_logit_scale)
+    similarity = (g_v @ g_t.t()) * scale
+    gt = torch.zeros(dataset.num_images, dataset.num_texts, dtype=torch.bool)
+    gt[dataset.text_image, torch.arange(dataset.num_texts)] = True
+    return Gallery(text, torch.cat(text_masks), visual, torch.cat(visual_masks), similarity.cpu(), gt)
+
+
+def match_function(model, gallery: Gallery):
+    """``(image_idx, text_idx) -> ITM log-odds`` of those pairs, fused from the cached uni-modal outputs."""
+    net = model.backbone
+    head = model.itm_head if hasattr(model, "itm_head") else model.heads.itm
+
+    @torch.no_grad()
+    def match(image_idx, text_idx):
+        device = gallery.text.device
+        _, pooled, _ = net.fuse(gallery.text, gallery.text_mask, gallery.visual, gallery.visual_mask,
+                                text_idx.to(device), image_idx.to(device))
+        logits = head(pooled).float()
+        return logits[:, 1] - logits[:, 0]
+
+    return match
+
+
+def rank_gallery(model, gallery: Gallery, mode: str = "two_stage", k_texts: int = 128, k_images: int = 64,
+                 chunk_size: int = 256) -> Dict[str, float]:
+    """R@1/5/10 both ways and RSUM of ``mode``: ``two_stage`` (VSC top-k re-ranked by ITM), ``uni``
+    (MVPTR-Uni: VSC alone) or ``all_pairs`` (ITM on every pair); plus ``pairs_fused`` and ``seconds``."""
+    started = time.perf_counter()
+    fused = [0]
+    match = match_function(model, gallery)
+
+    def counted(image_idx, text_idx):
+        fused[0] += image_idx.numel()
+        return match(image_idx, text_idx)
+
+    if mode == "uni":
+        i2t = t2i = gallery.similarity
+    elif mode == "two_stage":
+        i2t, t2i = two_stage_scores(None, None, counted, k=k_texts, k_t2i=k_images, chunk_size=chunk_size,
+                                    similarity=gallery.similarity)
+    elif mode == "all_pairs":
+        i2t = t2i = all_pair_scores(gallery.similarity.size(0), gallery.similarity.size(1), counted, chunk_size)
+    else:
+        raise ValueError(f"mode must be two_stage, uni or all_pairs, got {mode!r}")
+    metrics = retrieval_metrics(query_ranks(i2t, gallery.gt), query_ranks(t2i.t(), gallery.gt.t()))
+    metrics.update(pairs_fused=fused[0], seconds=time.perf_counter() - started)
+    return metrics
+
+
+def load_configuration(config_path: str, overrides: Sequence[str] = ()):
+    """The MMF config ``mmf_run config=<config_path> <overrides>`` would run with, registered globally."""
+    from mmf.common.registry import registry
+    from mmf.utils.env import setup_imports
+
+    from mmf_multilevel.compat.launcher import build_configuration, parse_args
+
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"--config {config_path}: no such file")
+    setup_imports()
+    config = build_configuration(parse_args([f"config={config_path}", *overrides])).get_config()
+    registry.register("config", config)
+    return config
+
+
+def load_model(config, checkpoint: Optional[str]):
+    """The config's ``mvptr`` model as MMF builds it, with ``checkpoint``'s weights (strict), in eval mode."""
+    from mmf.utils.build import build_model
+    from omegaconf import open_dict
+
+    from mmf_multilevel.zoo.zoo import read_state
+
+    if config.get("model") != "mvptr":
+        raise ValueError(f"the config's model is {config.get('model')!r}; this command evaluates 'mvptr'")
+    attributes = config.model_config.mvptr
+    with open_dict(attributes):
+        attributes.model = "mvptr"
+    model = build_model(attributes)
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
+        model.load_state_dict(read_state(checkpoint), strict=True)
+    return model.eval()
+
+
+def build_split(config, split: str):
+    """The config's first dataset (an ``mvptr_*_retrieval``), ``split`` of it, processors ready."""
+    from mmf.common.registry import registry
+
+    name = str(config.datasets).split(",")[0].strip()
+    builder = registry.get_builder_class(name)
+    if builder is None or not name.startswith("mvptr_") or not name.endswith("_retrieval"):
+        raise ValueError(f"datasets: {name!r} is not an MVPTR retrieval dataset (mvptr_coco_retrieval, "
+                         "mvptr_flickr30k_retrieval)")
+    dataset = builder.dataset_class(name, config.dataset_config[name], split)
+    dataset.init_processors()
+    return dataset
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmf_multilevel.methods.mvptr.retrieval",
+                                     description="MVPTR retrieval: two-stage inference (paper §4.2) or MVPTR-Uni.")
+    parser.add_argument("--config", required=True, help="an mvptr retrieval project (projects/mvptr/retrieval_*.yaml)")
+    parser.add_argument("--checkpoint", default=None, help="the model's weights (.pth / .ckpt); none: as built")
+    parser.add_argument("--split", default="test", choices=("val", "test"))
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--uni", action="store_true", help="MVPTR-Uni: the VSC similarity alone")
+    group.add_argument("--all-pairs", action="store_true", help="the multimodal ITM score of every pair")
+    parser.add_argument("--top-k-texts", type=int, default=None, help="k_c (default model_config.mvptr.retrieval)")
+    parser.add_argument("--top-k-images", type=int, default=None, help="k_i (default model_config.mvptr.retrieval)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", default=None, help="write the metrics here as JSON")
+    parser.add_argument("opts", nargs="*", help="config overrides, as for mmf_run (env.data_dir=...)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_configuration(args.config, args.opts)
+        model = load_model(config, args.checkpoint)
+        dataset = build_split(config, args.split)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    r = model.settings.retrieval
+    mode = "uni" if args.uni else "all_pairs" if args.all_pairs else "two_stage"
+    gallery = encode_gallery(model, dataset, args.batch_size)
+    metrics = rank_gallery(model, gallery, mode, args.top_k_texts or r.top_k_texts, args.top_k_images or r.top_k_images)
+    print(f"{mode} on {dataset.num_images} images x {dataset.num_texts} captions ({metrics['pairs_fused']} pairs fused, "
+          f"{metrics['seconds']:.1f} s)")
+    print("  ".join(f"{key} {metrics[key]:.2f}" for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"mode": mode, **metrics}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""MVPTR's projects: the paper's Table 4 ablation configs (projects/mvptr/ablations) load with the projects they
+include and state the losses and inputs of their row; the model they configure returns exactly those
+losses on a tiny batch; the retrieval projects carry the official fine-tuning values."""
+import os
+
+import mmf  # noqa: F401  (applies the compatibility layer, registers our components)
+import pytest
+import torch
+from mmf.utils.configuration import load_yaml
+from omegaconf import OmegaConf
+
+from mmf_multilevel.methods.mvptr.model import MVPTR
+from mmf_multilevel.methods.mvptr.testing import tiny_batch, tiny_config
+
+pytestmark = pytest.mark.usefixtures("mmf_global_config")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROJECTS = os.path.join(ROOT, "projects", "mvptr")
+
+#: Table 4's rows: file -> (mcr loss, wpg loss, tags in the input, phrases in the input)
+TABLE4 = {"pretrain.yaml": (True, True, True, True),
+          "ablations/pretrain_no_mcr.yaml": (False, True, True, True),
+          "ablations/pretrain_no_mcr_tags.yaml": (False, True, False, True),
+          "ablations/pretrain_no_wpg.yaml": (True, False, True, True),
+          "ablations/pretrain_no_wpg_phrases.yaml": (True, False, True, False)}
+
+
+def load(name):
+    return load_yaml(os.path.join(PROJECTS, name))
+
+
+def dataset_defaults(name):
+    return OmegaConf.load(os.path.join(ROOT, "mmf_multilevel", "methods", "mvptr", "configs", f"{name}.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(TABLE4))
+def test_table4_rows_state_their_losses_and_inputs(name):
+    mcr, wpg, tags, phrases = TABLE4[name]
+    config = OmegaConf.merge(dataset_defaults("mvptr_captions"), load(name))
+    assert config.model == "mvptr" and config.datasets == "mvptr_captions"
+    model_config = OmegaConf.merge(OmegaConf.load(MVPTR.config_path()).model_config.mvptr, config.model_config.mvptr)
+    data = config.dataset_config.mvptr_captions
+    assert (model_config.pretraining.mcr, model_config.pretraining.wpg) == (mcr, wpg)
+    assert (data.use_tags, data.use_phrases) == (tags, phrases)
+    assert (data.mcr_mask_probability > 0) == mcr
+    # the model the row configures (at a tiny size) returns exactly the row's losses
+    tiny = OmegaConf.merge(model_config, tiny_config("pretraining"), {"concepts": None})
+    torch.manual_seed(0)
+    model = MVPTR(tiny)
+    model.build()
+    batch = tiny_batch("pretraining")
+    losses = {key.rsplit("/", 1)[-1] for key in model(batch)["losses"]}
+    assert losses == {"vsc", "itm", "mlm"} | ({"mcr"} if mcr else set()) | ({"wpg"} if wpg else set())
+
+
+@pytest.mark.parametrize("name,flag", [("ablations/retrieval_coco_no_tags.yaml", "use_tags"),
+                                       ("ablations/retrieval_coco_no_phrases.yaml", "use_phrases")])
+def test_input_ablations_fine_tune_without_their_input(name, flag):
+    config = OmegaConf.merge(dataset_defaults("mvptr_coco_retrieval"), load(name))
+    data = config.dataset_config.mvptr_coco_retrieval
+    assert data[flag] is False and config.model_config.mvptr.training_head_type == "retrieval"
+
+
+@pytest.mark.parametrize("name,dataset,batch,lr,tags", [
+    ("retrieval_coco.yaml", "mvptr_coco_retrieval", 96, 4e-5, 32),
+    ("retrieval_flickr.yaml", "mvptr_flickr30k_retrieval", 64, 4e-5, 20)])
+def test_retrieval_projects_carry_the_official_values(name, dataset, batch, lr, tags):
+    config = OmegaConf.merge(dataset_defaults(dataset), load(name))
+    assert config.datasets == dataset and config.training.batch_size == batch
+    assert config.optimizer.params.lr == lr and config.optimizer.params.weight_decay == 0.05
+    assert config.model_config.mvptr.num_tag_slots == tags == config.dataset_config[dataset].max_tags
+    assert config.model_config.mvptr.retrieval.top_k_texts == 128 and config.model_config.mvptr.retrieval.top_k_images == 64
+    assert config.checkpoint.pretrained_state_mapping == {"backbone": "backbone", "itm_head": "heads.itm"}
+    assert load("retrieval_uni.yaml").model_config.mvptr.retrieval.uni is True

@@ -91,6 +91,16 @@ def test_sampled_negatives_follow_the_softmax_of_the_scaled_similarities():
         assert abs(observed - p) < 4 * se, (i, observed, p)
 
 
+def test_random_negatives_are_uniform_over_the_other_images():
+    sim = torch.tensor([[1.0, 0.9, -0.9], [0.2, 1.0, 0.4], [0.3, 0.1, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        image, _ = hard_negatives(sim, "random", scale=torch.tensor(50.0), generator=g)
+        counts[image[0]] += 1
+    assert counts[0] == 0 and abs(counts[1].item() / 3000 - 0.5) < 4 * math.sqrt(0.25 / 3000)
+
+
 def test_split_negatives_take_half_hard_images_half_hard_texts():
     hard_image = torch.tensor([3, 2, 1, 0, 5, 4])
     hard_text = torch.tensor([1, 0, 3, 2, 4, 5])

@@ -205,10 +205,9 @@ def test_a_few_steps_on_a_fixed_batch_lower_every_loss(options):
 
 
 def test_bad_settings_name_the_key():
-    with pytest.raises(ValueError, match="itm_negatives"):
-        build(itm_negatives="nearest")(tiny_batch("pretraining"))
-    with pytest.raises(ValueError, match="wpg_negative"):
-        build(wpg_negative="nearest")(tiny_batch("pretraining"))
+    for key in ("itm_negatives", "wpg_negative", "wpg_aggregation"):
+        with pytest.raises(ValueError, match=f"model_config.mvptr.pretraining.{key} must be one of"):
+            build(**{key: "nearest"})
 
 
 def test_model_config_paths_interpolate_against_the_run_config(tmp_path):

@@ -8,8 +8,8 @@
   the scale is clamped at 100 (``ln 100``), as CLIP does; the official code leaves it unclamped;
 * :func:`hard_negatives` - ITM's in-batch hard negatives (paper §3.3, "Image-Text Matching"): a hard
   image for every text and a hard text for every image, **sampled** from the softmax of the scaled VSC
-  similarities (the paper, Eq. 1's distributions) or the **hardest** one (the official code's default);
-  pairs of the same image are never a negative;
+  similarities (the paper, Eq. 1's distributions) or the **hardest** one (the official code's default),
+  or uniformly drawn (``random``, a control); pairs of the same image are never a negative;
 * :func:`split_negatives` - the official layout of the ``n`` negative pairs: a random half of the texts
   with their hard image, the other half of the images with their hard text;
 * :func:`wpg_scores` / :func:`wpg_loss` - weakly-supervised phrase grounding (paper §3.3, Eq. 2): the
@@ -81,13 +81,18 @@ def hard_negatives(sim: torch.Tensor, mode: str = "sampled", scale: Optional[tor
     ``hard_text[k]`` a text for image ``k``; ``-1`` where none exists (every other pair shows the same
     image). Pairs of one image (``image_ids``, default: only the diagonal) are never chosen.
     ``mode="sampled"``: drawn from ``softmax(scale · sim)`` over the allowed entries of the row / column
-    (the paper); ``"hardest"``: the most similar allowed one (the official code's default)."""
-    if mode not in ("sampled", "hardest"):
-        raise ValueError(f"model_config.mvptr.pretraining.itm_negatives must be 'sampled' or 'hardest', got {mode!r}")
+    (the paper); ``"hardest"``: the most similar allowed one (the official code's default); ``"random"``:
+    uniform over the allowed ones (UNITER / LXMERT-style negatives, a control)."""
+    if mode not in ("sampled", "hardest", "random"):
+        raise ValueError(f"itm_negatives must be 'sampled', 'hardest' or 'random', got {mode!r}")
     sim = sim.detach().float()
     n = sim.size(0)
     forbidden = _same_image(image_ids, n, sim.device)
-    logits = sim * (scale.detach().float() if scale is not None else 1.0)
+    if mode == "random":
+        logits = torch.zeros_like(sim)
+        mode = "sampled"
+    else:
+        logits = sim * (scale.detach().float() if scale is not None else 1.0)
     logits = logits.masked_fill(forbidden, float("-inf"))
 
     def pick(rows: torch.Tensor) -> torch.Tensor:

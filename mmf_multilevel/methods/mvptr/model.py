@@ -104,12 +104,18 @@ class MVPTR(MethodModel):
         s = self.settings
         if head_type == "retrieval":
             config = self.backbone.config
-            if s.retrieval.itm_negatives not in ("sampled", "hardest"):
-                raise ValueError("model_config.mvptr.retrieval.itm_negatives must be 'sampled' or 'hardest', got "
-                                 f"{s.retrieval.itm_negatives!r}")
+            if s.retrieval.itm_negatives not in ("sampled", "hardest", "random"):
+                raise ValueError("model_config.mvptr.retrieval.itm_negatives must be 'sampled', 'hardest' or 'random', "
+                                 f"got {s.retrieval.itm_negatives!r}")
             self.itm_head = ITMHead(config.hidden_size, 2, dropout=config.hidden_dropout_prob,
                                     initializer_range=config.initializer_range)
             return
+        p = s.pretraining
+        for key, value, allowed in (("itm_negatives", p.itm_negatives, ("sampled", "hardest", "random")),
+                                    ("wpg_negative", p.wpg_negative, ("hard", "random")),
+                                    ("wpg_aggregation", p.wpg_aggregation, ("max", "rand_top3"))):
+            if value not in allowed:
+                raise ValueError(f"model_config.mvptr.pretraining.{key} must be one of {list(allowed)}, got {value!r}")
         self.heads = MVPTRPretrainingHeads(self.backbone)
         if s.bert_model_name and s.pretraining.init_heads_from_bert:
             state = bert_pretraining_head_state(str(s.bert_model_name))

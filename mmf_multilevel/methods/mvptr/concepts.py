@@ -388,6 +388,31 @@ def phrase_positions(offsets, spans):
     return out
 
 
+def caption_record(text, vocab_path, id2phrase, spacy_name="en_core_web_sm", image_id=None):
+    """One caption as a line of ``captions.jsonl`` (the same parse, vocabulary lookup and word-piece positions
+    as :func:`build`), its phrases from an existing vocabulary ``id2phrase`` (``{id: words}``)."""
+    tokenizer, _, _ = load_wordpiece(vocab_path)
+    text = _clean(text, False)
+    if not text:
+        raise ConceptError("the caption is empty")
+    doc = _load_nlp(spacy_name)(text)
+    phrase2id = {tuple(words): int(i) for i, words in id2phrase.items()}
+    enc = tokenizer.encode(text)
+    phrases, ids, positions = [], [], []
+    for words, groups in extract_tuples(doc):
+        key = tuple(words)
+        if key in phrase2id:
+            spans = [[doc[i].idx, doc[i].idx + len(doc[i])] for group in groups for i in group]
+            phrases.append(list(words))
+            ids.append(phrase2id[key])
+            positions.append(phrase_positions(enc.offsets, spans))
+    record = {"id": "0", "text": text, "phrases": phrases, "phrase_ids": ids, "input_ids": enc.ids,
+              "phrase_positions": positions}
+    if image_id is not None:
+        record["image_id"] = image_id
+    return record
+
+
 # --------------------------------------------------------------------------- the run
 def _digest(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -101,3 +101,27 @@ def test_retrieval_fine_tuning_and_two_stage_ranking_agree_with_mmf_run(data, pr
     gallery = outputs["all_pairs"]["pairs_fused"]
     assert outputs["uni"]["pairs_fused"] == 0
     assert 0 < outputs["two_stage_k1"]["pairs_fused"] < gallery
+
+
+def test_grounding_picture_for_a_dataset_caption_and_a_new_one(data, pretrained, tmp_path):
+    pre, _ = pretrained
+    demo = data / "demo"
+    common = [sys.executable, "-m", "mmf_multilevel.methods.mvptr.picture", "--config",
+              f"{ROOT}/projects/mvptr/demo/pretrain.yaml", "--checkpoint", str(pre / "mvptr_final.pth"), "--split", "train"]
+    result = subprocess.run([*common, "--index", "0", "--out", str(tmp_path / "a.png"), "--html", str(tmp_path / "a.html"),
+                             f"env.data_dir={data}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = json.loads(result.stdout[result.stdout.index("{"):])
+    first = json.loads((demo / "concepts" / "captions.jsonl").read_text().splitlines()[0])
+    assert printed["image_id"] == first["image_id"]
+    assert set(printed["phrases"]) == {" ".join(p) for p in first["phrases"][:5]}
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in (tmp_path / "a.html").read_text()
+    result = subprocess.run([*common, "--image-id", first["image_id"], "--caption", "a red circle on a plain background.",
+                             "--vocab", str(demo / "vocab" / "vocab.txt"), "--out", str(tmp_path / "b.png"),
+                             f"env.data_dir={data}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "circle" in json.loads(result.stdout[result.stdout.index("{"):])["phrases"]
+    result = subprocess.run([*common, "--index", "0", "--caption", "x", "--out", str(tmp_path / "c.png"),
+                             f"env.data_dir={data}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "either --index or --caption" in result.stderr

@@ -125,3 +125,18 @@ def test_grounding_picture_for_a_dataset_caption_and_a_new_one(data, pretrained,
     result = subprocess.run([*common, "--index", "0", "--caption", "x", "--out", str(tmp_path / "c.png"),
                              f"env.data_dir={data}"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "either --index or --caption" in result.stderr
+
+
+@pytest.mark.parametrize("task,metric", [("vqa", r"val/mvptr_vqa2/vqa_official_accuracy: ([0-9.]+)"),
+                                         ("snli_ve", r"val/mvptr_snli_ve/accuracy: ([0-9.]+)")])
+def test_downstream_task_from_the_pretrained_network(task, metric, data, pretrained, tmp_path):
+    pre, _ = pretrained
+    save = tmp_path / "save"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT,
+                     f"checkpoint.resume_file={pre / 'mvptr_final.pth'}", "checkpoint.resume_pretrained=True",
+                     config=f"{ROOT}/projects/mvptr/demo/{task}.yaml")
+    assert "Finished run" in result.stdout + result.stderr
+    log = (save / "train.log").read_text()
+    assert "Copying backbone.visual_layers.0.attention.self.query.weight" in log
+    values = [float(v) for v in re.findall(metric, log)]
+    assert values and all(0.0 <= v <= 1.0 for v in values), log[-2000:]

@@ -72,3 +72,17 @@ def test_retrieval_projects_carry_the_official_values(name, dataset, batch, lr, 
     assert config.model_config.mvptr.retrieval.top_k_texts == 128 and config.model_config.mvptr.retrieval.top_k_images == 64
     assert config.checkpoint.pretrained_state_mapping == {"backbone": "backbone", "itm_head": "heads.itm"}
     assert load("retrieval_uni.yaml").model_config.mvptr.retrieval.uni is True
+
+
+@pytest.mark.parametrize("name,dataset,head,lr,batch,regions,tags", [
+    ("vqa.yaml", "mvptr_vqa2", "vqa", 5e-5, 32, 50, 32),
+    ("snli_ve.yaml", "mvptr_snli_ve", "snli_ve", 4e-5, 64, 70, 20)])
+def test_classification_projects_carry_the_official_values(name, dataset, head, lr, batch, regions, tags):
+    config = OmegaConf.merge(dataset_defaults(dataset), load(name))
+    model = config.model_config.mvptr
+    data = config.dataset_config[dataset]
+    assert config.datasets == dataset and model.training_head_type == head
+    assert config.optimizer.params.lr == lr and config.optimizer.params.weight_decay == 0.05
+    assert config.training.batch_size == batch and data.max_features == regions
+    assert model.num_tag_slots == tags == data.max_tags
+    assert config.checkpoint.pretrained_state_mapping == {"backbone": "backbone"}

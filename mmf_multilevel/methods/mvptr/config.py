@@ -33,5 +33,6 @@ class MVPTRConfig(MethodConfig):
     feature_dim: int = 2048
     img_layer_norm: bool = False
     num_tag_slots: int = 20
+    num_answers: int = 3129
     pretraining: MVPTRPretrainingConfig = field(default_factory=MVPTRPretrainingConfig)
     retrieval: MVPTRRetrievalConfig = field(default_factory=MVPTRRetrievalConfig)

@@ -46,8 +46,8 @@ from mmf_multilevel.datasets.retrieval import RetrievalDataset
 from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_tokens
 from mmf_multilevel.registration import register_variants
 
-__all__ = ["MVPTRInputs", "MVPTRCaptionsDataset", "MVPTRRetrievalDataset", "CONFIG_DIR", "chain_mask_phrases",
-           "tag_names"]
+__all__ = ["MVPTRInputs", "MVPTRTaskMixin", "MVPTRCaptionsDataset", "MVPTRRetrievalDataset", "CONFIG_DIR",
+           "chain_mask_phrases", "tag_names"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -331,6 +331,24 @@ class MVPTRRetrievalDataset(MVPTRInputs, RetrievalDataset):
         return sample
 
 
+class MVPTRTaskMixin(MVPTRInputs):
+    """A region task dataset (VQA v2, SNLI-VE) in MVPTR's layout: the task's own targets, its text (the
+    ``text_field`` of the record) as ``[CLS] words [SEP]`` (no phrases: downstream questions and
+    hypotheses have no concept-tool output here) and the image's tags, all unmasked."""
+
+    text_field = None
+
+    def __init__(self, dataset_name, config, dataset_type, index=0):
+        super().__init__(dataset_name, config, dataset_type, index)
+        self.init_mvptr_inputs(config, masking=False)
+
+    def build_sample(self, record, sample):
+        super().build_sample(record, sample)
+        self.mvptr_text({"image_id": record["image_id"], "text": self.view_text(record[self.text_field])}, sample)
+        self.add_tags(sample)
+        return sample
+
+
 def _builders():
     class MVPTRCaptionsBuilder(RegionTaskBuilder):
         name = "mvptr_captions"
@@ -348,6 +366,17 @@ def _builders():
 
     register_variants(registry.register_builder, MVPTRCaptionsBuilder, {"mvptr_captions": {"name": "mvptr_captions"}},
                       suffix="Builder")
+    from mmf_multilevel.datasets.snli_ve import SNLIVEBuilder
+    from mmf_multilevel.datasets.vqa2 import VQA2Builder
+
+    for base, field in ((VQA2Builder, "question"), (SNLIVEBuilder, "hypothesis")):
+        name = f"mvptr_{base.name}"
+        dataset = type(f"MVPTR{base.dataset_class.__name__}", (MVPTRTaskMixin, base.dataset_class),
+                       {"text_field": field, "__module__": __name__})
+        register_variants(registry.register_builder, base, {name: {
+            "name": name, "dataset_class": dataset,
+            "config_path": classmethod(lambda cls, name=name: os.path.join(CONFIG_DIR, f"{name}.yaml"))}},
+            suffix="Builder")
     register_variants(registry.register_builder, MVPTRRetrievalBuilder,
                       {name: {"name": name} for name in ("mvptr_coco_retrieval", "mvptr_flickr30k_retrieval")},
                       suffix="Builder")

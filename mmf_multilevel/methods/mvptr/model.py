@@ -5,6 +5,9 @@ negatives; evaluation scores the gallery's pairs with the ITM head (through ``mm
 with the paper's two-stage inference (``python -m mmf_multilevel.methods.mvptr.retrieval``); ``retrieval.uni``
 is MVPTR-Uni (the VSC similarity alone).
 
+``training_head_type: vqa`` / ``snli_ve`` (paper §4.2): the official heads on the multimodal outputs of
+``mvptr_vqa2`` / ``mvptr_snli_ve`` batches (questions / hypotheses with the image's tags).
+
 ``training_head_type: pretraining`` - the five losses of paper §3.2-§3.3, weight 1 each (Eq. 5), all
 from one forward pass over the batch that ``mvptr_captions`` (``data.py``) gives: captions ``[CLS]
 words phrases [SEP]`` with MLM + chain masking already applied (``lm_label_ids``, ``phrase_slots``),
@@ -31,6 +34,7 @@ import json
 import os
 
 import torch
+from torch import nn
 
 from mmf_multilevel.methods.base import MethodModel, register_method
 from mmf_multilevel.methods.batch import region_inputs, text_inputs
@@ -48,10 +52,13 @@ from mmf_multilevel.methods.mvptr.losses import (
 )
 from mmf_multilevel.methods.mvptr.network import BOX_DIM, MVPTRNetwork, embedding_rows
 from mmf_multilevel.methods.mvptr.pretraining import MVPTRPretrainingHeads
-from mmf_multilevel.modules.heads import ITMHead, bert_pretraining_head_state
+from mmf_multilevel.modules.heads import ITMHead, VQAHead, bert_pretraining_head_state, init_bert_weights
 from mmf_multilevel.modules.masking import IGNORE_INDEX
 
 __all__ = ["MVPTR"]
+
+#: dropout before the VQA head (the official BiImageBertForVQA)
+VQA_DROPOUT = 0.3
 
 
 def read_id2phrase(path: str) -> dict:
@@ -75,7 +82,7 @@ class MVPTR(MethodModel):
 
     name = "mvptr"
     config_class = MVPTRConfig
-    head_types = ("pretraining", "retrieval")
+    head_types = ("pretraining", "retrieval", "vqa", "snli_ve")
 
     # ------------------------------------------------------------------ build
     def build_backbone(self):
@@ -102,8 +109,20 @@ class MVPTR(MethodModel):
 
     def build_head(self, head_type):
         s = self.settings
+        config = self.backbone.config
+        if head_type == "vqa":  # the official BiImageBertForVQA head (dropout 0.3 on the text [CLS] output)
+            if s.num_answers < 1:
+                raise ValueError(f"model_config.mvptr.num_answers must be positive for training_head_type: vqa, "
+                                 f"got {s.num_answers}")
+            self.classifier = VQAHead(config.hidden_size, s.num_answers, intermediate_size=config.hidden_size,
+                                      dropout=VQA_DROPOUT, layer_norm_eps=config.layer_norm_eps,
+                                      initializer_range=config.initializer_range)
+            return
+        if head_type == "snli_ve":
+            self.classifier = nn.Sequential(nn.Dropout(config.hidden_dropout_prob), nn.Linear(config.hidden_size, 3))
+            init_bert_weights(self.classifier, config.initializer_range)
+            return
         if head_type == "retrieval":
-            config = self.backbone.config
             if s.retrieval.itm_negatives not in ("sampled", "hardest", "random"):
                 raise ValueError("model_config.mvptr.retrieval.itm_negatives must be 'sampled', 'hardest' or 'random', "
                                  f"got {s.retrieval.itm_negatives!r}")
@@ -203,14 +222,18 @@ class MVPTR(MethodModel):
         return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits}
 
     def task_forward(self, sample_list):
-        """Retrieval. Aligned pairs (training, and ``eval_pairs: aligned`` validation; ``image_index`` tells
+        """VQA (``vqa``) and SNLI-VE (``snli_ve``): the classifier's scores; MMF's configured loss. Retrieval. Aligned pairs (training, and ``eval_pairs: aligned`` validation; ``image_index`` tells
         captions of one image apart): VSC + ITM over the matched pairs and ``n`` in-batch hard negatives
         (§4.2), losses ``<split>/<dataset>/{vsc,itm}``. Gallery pairs (``pair_image_index``, ``eval_pairs:
         all``): their ITM scores (index 1 = matched); with ``retrieval.uni`` (MVPTR-Uni) the VSC similarity
         alone, as the log-odds of the 2-column scores, with no multimodal pass."""
-        r = self.settings.retrieval
         net = self.backbone
         out = self.encode(sample_list)
+        if self.head_type in ("vqa", "snli_ve"):
+            states, pooled, _ = net.fuse(out["text"], out["text_mask"], out["visual"], out["visual_mask"])
+            # VQA reads the multimodal text [CLS] output, SNLI-VE the pooler (the official heads)
+            return {"scores": self.classifier(states[:, 0] if self.head_type == "vqa" else pooled)}
+        r = self.settings.retrieval
         text, text_mask, visual, visual_mask = out["text"], out["text_mask"], out["visual"], out["visual_mask"]
         g_t, g_v = net.global_embeddings(text, visual)
         if self.training or "pair_image_index" not in sample_list:  # aligned pairs: the fine-tuning losses

@@ -3,15 +3,17 @@ import torch
 
 from mmf_multilevel.methods.testing import TINY_BERT, mlm_labels, region_batch
 
-FEATURES, REGIONS, TAGS, MASK = 16, 5, 6, 4
+FEATURES, REGIONS, TAGS, MASK, ANSWERS = 16, 5, 6, 4, 7
 
 
 def tiny_config(head_type):
     # num_hidden_layers counts text + multimodal layers (1 + 1 here); 4 concept rows above the 40 words
     config = dict(TINY_BERT, training_head_type=head_type, feature_dim=FEATURES, num_tag_slots=TAGS,
                   num_embeddings=TINY_BERT["vocab_size"] + 4)
-    if head_type == "retrieval":
+    if head_type in ("retrieval", "snli_ve"):
         config.update(losses=[{"type": "cross_entropy"}])
+    elif head_type == "vqa":
+        config.update(num_answers=ANSWERS, losses=[{"type": "logit_bce"}])
     return config
 
 
@@ -40,6 +42,11 @@ def tiny_batch(head_type, seed=0, batch=3):
     tags[:, 2] = MASK
     sample_list.tag_ids, sample_list.tag_mask, sample_list.mcr_label_ids = tags, tag_mask, mcr
     sample_list.image_index = torch.arange(ids.size(0))
+    if head_type in ("vqa", "snli_ve"):  # mvptr_vqa2 / mvptr_snli_ve: unmasked, no phrases, task targets
+        del sample_list["lm_label_ids"], sample_list["mcr_label_ids"], sample_list["phrase_slots"]
+        size = ids.size(0)
+        sample_list.targets = (torch.rand(size, ANSWERS, generator=g) if head_type == "vqa"
+                               else torch.tensor([0, 2, 1, 0][:size]))
     if head_type == "retrieval":  # aligned training pairs (mvptr_coco_retrieval), no MLM/MCR masking
         sample_list.text_index = torch.arange(ids.size(0))
         sample_list.targets = torch.ones(ids.size(0), dtype=torch.long)

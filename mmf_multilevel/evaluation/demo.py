@@ -27,7 +27,7 @@ RUNS = (
     ("visual_bert_vqa", "VisualBERT", True),
 )
 #: ``vqa2`` (region features) or ``vqa2_images`` (raw images: SOHO)
-_ACCURACY = re.compile(r"val/vqa2(?:_images)?/vqa_official_accuracy: ([0-9.]+)")
+_ACCURACY = re.compile(r"val/(?:mvptr_)?vqa2(?:_images)?/vqa_official_accuracy: ([0-9.]+)")
 _LOSS = re.compile(r"(train|val)/([\w]+)/(?:(single|two)/)?(\w+): ([0-9.]+)")
 #: the line SOHO's model logs every log_interval updates in pre-training (methods/soho/model.py, log_message)
 _USAGE = re.compile(r"soho visual dictionary: last update used (\d+) of (\d+) entries \(perplexity ([0-9.]+)\), "
@@ -43,7 +43,7 @@ def _log(folder: str) -> str:
 
 
 def final_vqa_accuracy(folder: str) -> float:
-    """The last ``val/vqa2/vqa_official_accuracy`` (or ``val/vqa2_images/...``) of a run's log (MMF's final
+    """The last ``val/vqa2/vqa_official_accuracy`` (or ``val/vqa2_images/...``, ``val/mvptr_vqa2/...``) of a run's log (MMF's final
     evaluation of the best checkpoint), in %."""
     found = _ACCURACY.findall(_log(folder))
     if not found:

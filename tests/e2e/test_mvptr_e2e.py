@@ -128,7 +128,8 @@ def test_grounding_picture_for_a_dataset_caption_and_a_new_one(data, pretrained,
 
 
 @pytest.mark.parametrize("task,metric", [("vqa", r"val/mvptr_vqa2/vqa_official_accuracy: ([0-9.]+)"),
-                                         ("snli_ve", r"val/mvptr_snli_ve/accuracy: ([0-9.]+)")])
+                                         ("snli_ve", r"val/mvptr_snli_ve/accuracy: ([0-9.]+)"),
+                                         ("refcoco_plus", r"val/mvptr_refcoco_plus/refcoco_accuracy: ([0-9.]+)")])
 def test_downstream_task_from_the_pretrained_network(task, metric, data, pretrained, tmp_path):
     pre, _ = pretrained
     save = tmp_path / "save"

@@ -86,3 +86,12 @@ def test_classification_projects_carry_the_official_values(name, dataset, head, 
     assert config.training.batch_size == batch and data.max_features == regions
     assert model.num_tag_slots == tags == data.max_tags
     assert config.checkpoint.pretrained_state_mapping == {"backbone": "backbone"}
+
+
+def test_refcoco_project_reads_the_third_multimodal_layer_with_the_official_loss():
+    config = OmegaConf.merge(dataset_defaults("mvptr_refcoco_plus"), load("refcoco_plus.yaml"))
+    model = config.model_config.mvptr
+    assert model.training_head_type == "refcoco" and model.refcoco.layer == 3 and model.refcoco.loss == "mse_iou"
+    data = config.dataset_config.mvptr_refcoco_plus
+    assert (data.max_features, data.max_tokens, data.max_tags) == (50, 30, 20) and config.training.batch_size == 64
+    assert config.optimizer.params.lr == 4e-5 and "refcoco_accuracy" in config.evaluation.metrics

@@ -227,3 +227,57 @@ def test_model_config_paths_interpolate_against_the_run_config(tmp_path):
     model = registry.get_model_class("mvptr")(run.model_config.mvptr)
     model.build()
     assert model.backbone.word_embeddings.weight.size(0) == 46
+
+
+def _refcoco_model(**refcoco):
+    from mmf.common.registry import registry
+
+    cls = registry.get_model_class("mvptr")
+    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config("refcoco"),
+                             {"num_hidden_layers": 4, "refcoco": refcoco})
+    torch.manual_seed(0)
+    model = cls(config)
+    model.build()
+    return model.eval()
+
+
+@pytest.mark.parametrize("loss", ["mse_iou", "cross_entropy"])
+def test_refcoco_scores_and_loss_against_an_independent_computation(loss):
+    """Each proposal's score is the cosine of the text [CLS] and its region output after ``layer`` multimodal
+    layers (here 1 of 2); mse_iou regresses them onto the IoU with the gold box, over real proposals only."""
+    from mmf_multilevel.evaluation.grounding import pairwise_iou
+    from mmf_multilevel.methods.batch import region_inputs
+
+    model = _refcoco_model(layer=1, loss=loss)
+    batch = tiny_batch("refcoco")
+    batch.gold_box = batch.image_info_0.bbox[:, 1] + torch.tensor([5.0, -5.0, 20.0, 10.0])
+    batch.targets = torch.tensor([1, 0, 2])
+    out = model(batch)
+    net = model.backbone
+    regions = region_inputs(batch, "mvptr", 16, "6d")
+    with torch.no_grad():
+        text = net.encode_text(batch.input_ids, batch.input_mask)
+        visual, vmask = net.encode_visual(batch.tag_ids, batch.tag_mask, regions.features, regions.boxes, regions.mask)
+        joint = torch.cat([text, visual[:, net.num_tag_slots:]], 1)
+        mask = torch.cat([batch.input_mask, regions.mask], 1)
+        from mmf_multilevel.modules.text import extended_attention_mask
+
+        hidden = net.multimodal_layers[0](joint, attention_mask=extended_attention_mask(mask, joint.dtype))[0]
+    width = text.size(1)
+    terms, ce = [], []
+    for b in range(3):
+        real = int(regions.mask[b].sum())
+        cos = [F.cosine_similarity(hidden[b, 0], hidden[b, width + k], dim=0).item() for k in range(real)]
+        for k in range(5):
+            want = cos[k] if k < real else float("-inf")
+            assert out["scores"][b, k].item() == pytest.approx(want, abs=1e-5)
+        iou = pairwise_iou(batch.proposal_boxes[b][:real], batch.gold_box[b].unsqueeze(0)).squeeze(1).tolist()
+        terms += [(c - i) ** 2 for c, i in zip(cos, iou)]
+        ce.append(math.log(sum(math.exp(c) for c in cos)) - cos[int(batch.targets[b])])
+    want = sum(terms) / len(terms) if loss == "mse_iou" else sum(ce) / 3
+    assert next(iter(out["losses"].values())).item() == pytest.approx(want, rel=1e-4)
+
+
+def test_refcoco_layer_is_checked():
+    with pytest.raises(ValueError, match="model_config.mvptr.refcoco.layer must lie in \\[1, 2\\]"):
+        _refcoco_model(layer=3)

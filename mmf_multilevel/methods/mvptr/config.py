@@ -27,6 +27,13 @@ class MVPTRRetrievalConfig:
 
 
 @dataclass
+class MVPTRRefCOCOConfig:
+    layer: int = 3
+    loss: str = "mse_iou"
+    learn_scale: bool = True
+
+
+@dataclass
 class MVPTRConfig(MethodConfig):
     concepts: Optional[str] = None
     num_embeddings: Optional[int] = None
@@ -36,3 +43,4 @@ class MVPTRConfig(MethodConfig):
     num_answers: int = 3129
     pretraining: MVPTRPretrainingConfig = field(default_factory=MVPTRPretrainingConfig)
     retrieval: MVPTRRetrievalConfig = field(default_factory=MVPTRRetrievalConfig)
+    refcoco: MVPTRRefCOCOConfig = field(default_factory=MVPTRRefCOCOConfig)

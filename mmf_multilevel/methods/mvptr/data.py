@@ -332,7 +332,7 @@ class MVPTRRetrievalDataset(MVPTRInputs, RetrievalDataset):
 
 
 class MVPTRTaskMixin(MVPTRInputs):
-    """A region task dataset (VQA v2, SNLI-VE) in MVPTR's layout: the task's own targets, its text (the
+    """A region task dataset (VQA v2, SNLI-VE, RefCOCO+) in MVPTR's layout: the task's own targets, its text (the
     ``text_field`` of the record) as ``[CLS] words [SEP]`` (no phrases: downstream questions and
     hypotheses have no concept-tool output here) and the image's tags, all unmasked."""
 
@@ -366,10 +366,11 @@ def _builders():
 
     register_variants(registry.register_builder, MVPTRCaptionsBuilder, {"mvptr_captions": {"name": "mvptr_captions"}},
                       suffix="Builder")
+    from mmf_multilevel.datasets.refcoco import RefCOCOPlusBuilder
     from mmf_multilevel.datasets.snli_ve import SNLIVEBuilder
     from mmf_multilevel.datasets.vqa2 import VQA2Builder
 
-    for base, field in ((VQA2Builder, "question"), (SNLIVEBuilder, "hypothesis")):
+    for base, field in ((VQA2Builder, "question"), (SNLIVEBuilder, "hypothesis"), (RefCOCOPlusBuilder, "expression")):
         name = f"mvptr_{base.name}"
         dataset = type(f"MVPTR{base.dataset_class.__name__}", (MVPTRTaskMixin, base.dataset_class),
                        {"text_field": field, "__module__": __name__})

@@ -8,6 +8,10 @@ is MVPTR-Uni (the VSC similarity alone).
 ``training_head_type: vqa`` / ``snli_ve`` (paper §4.2): the official heads on the multimodal outputs of
 ``mvptr_vqa2`` / ``mvptr_snli_ve`` batches (questions / hypotheses with the image's tags).
 
+``training_head_type: refcoco`` (paper §4.2): each proposal of ``mvptr_refcoco_plus`` scored by the cosine
+of the multimodal text [CLS] and its region output after ``refcoco.layer`` multimodal layers, trained by
+regressing the scores onto the proposals' IoU with the gold box (the official loss).
+
 ``training_head_type: pretraining`` - the five losses of paper §3.2-§3.3, weight 1 each (Eq. 5), all
 from one forward pass over the batch that ``mvptr_captions`` (``data.py``) gives: captions ``[CLS]
 words phrases [SEP]`` with MLM + chain masking already applied (``lm_label_ids``, ``phrase_slots``),
@@ -82,7 +86,7 @@ class MVPTR(MethodModel):
 
     name = "mvptr"
     config_class = MVPTRConfig
-    head_types = ("pretraining", "retrieval", "vqa", "snli_ve")
+    head_types = ("pretraining", "retrieval", "vqa", "snli_ve", "refcoco")
 
     # ------------------------------------------------------------------ build
     def build_backbone(self):
@@ -117,6 +121,15 @@ class MVPTR(MethodModel):
             self.classifier = VQAHead(config.hidden_size, s.num_answers, intermediate_size=config.hidden_size,
                                       dropout=VQA_DROPOUT, layer_norm_eps=config.layer_norm_eps,
                                       initializer_range=config.initializer_range)
+            return
+        if head_type == "refcoco":
+            r = s.refcoco
+            if r.loss not in ("mse_iou", "cross_entropy"):
+                raise ValueError(f"model_config.mvptr.refcoco.loss must be 'mse_iou' or 'cross_entropy', got {r.loss!r}")
+            if not 1 <= r.layer <= self.backbone.stage_layers:
+                raise ValueError(f"model_config.mvptr.refcoco.layer must lie in [1, {self.backbone.stage_layers}] (the "
+                                 f"multimodal layers), got {r.layer}")
+            self.classifier = RegionCosineScorer(config.hidden_dropout_prob, r.learn_scale)
             return
         if head_type == "snli_ve":
             self.classifier = nn.Sequential(nn.Dropout(config.hidden_dropout_prob), nn.Linear(config.hidden_size, 3))
@@ -229,6 +242,8 @@ class MVPTR(MethodModel):
         alone, as the log-odds of the 2-column scores, with no multimodal pass."""
         net = self.backbone
         out = self.encode(sample_list)
+        if self.head_type == "refcoco":
+            return self.refcoco_forward(sample_list, out)
         if self.head_type in ("vqa", "snli_ve"):
             states, pooled, _ = net.fuse(out["text"], out["text_mask"], out["visual"], out["visual_mask"])
             # VQA reads the multimodal text [CLS] output, SNLI-VE the pooler (the official heads)
@@ -257,6 +272,33 @@ class MVPTR(MethodModel):
         _, pooled, _ = net.fuse(text, text_mask, visual, visual_mask)
         return {"scores": self.itm_head(pooled)}
 
+    def refcoco_forward(self, sample_list, out):
+        """RefCOCO+ (paper §4.2; the official BiImageBertForRE): every proposal scored by the cosine of the text
+        [CLS] and the region's multimodal output after ``refcoco.layer`` layers; loss ``<split>/<dataset>/refcoco``:
+        ``mse_iou`` - the scores regressed onto the proposals' IoU with the gold box (the official loss) - or
+        ``cross_entropy`` over the proposals with the best one as target. Padding proposals score -inf."""
+        from mmf_multilevel.evaluation.grounding import pairwise_iou
+
+        r = self.settings.refcoco
+        net = self.backbone
+        states, _, mask = net.fuse(out["text"], out["text_mask"], out["visual"], out["visual_mask"], num_layers=r.layer)
+        width = out["text"].size(1)
+        region_mask = mask[:, width:].bool()
+        scores = self.classifier(states[:, 0], states[:, width:])
+        shown = scores.masked_fill(~region_mask, float("-inf"))
+        if "gold_box" not in sample_list:
+            return {"scores": shown}
+        if r.loss == "cross_entropy":
+            targets = sample_list["targets"].to(scores.device).long().view(-1)
+            loss = torch.nn.functional.cross_entropy(shown.float(), targets, ignore_index=-100)
+        else:
+            boxes = sample_list["proposal_boxes"].to(scores.device).float()
+            gold = sample_list["gold_box"].to(scores.device).float().view(-1, 4)
+            iou = torch.stack([pairwise_iou(b, g.unsqueeze(0)).squeeze(1) for b, g in zip(boxes, gold)])
+            squared = (scores.float() - iou[:, : scores.size(1)]) ** 2
+            loss = squared[region_mask].mean() if bool(region_mask.any()) else scores.sum() * 0.0
+        return {"losses": self.named_losses(sample_list, {"refcoco": loss}), "scores": shown}
+
     def _wpg(self, sample_list, states, joint_mask, n, width, wpg_rows, image_ids):
         """Eq. 2's hinge: each caption's phrase-region score with its image against the negative image's."""
         p = self.settings.pretraining
@@ -278,6 +320,21 @@ class MVPTR(MethodModel):
             raise ValueError(f"model_config.mvptr.pretraining.wpg_negative must be 'hard' or 'random', "
                              f"got {p.wpg_negative!r}")
         return wpg_loss(positive, negative, valid, p.wpg_margin)
+
+
+class RegionCosineScorer(nn.Module):
+    """``scale · cos(dropout(text [CLS]), dropout(region))`` per region (the official RefCOCO+ scorer; ``scale``
+    starts at 1 and is learned unless ``learn_scale`` is false, where it stays 1 as in the official code)."""
+
+    def __init__(self, dropout: float, learn_scale: bool = True):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=bool(learn_scale))
+
+    def forward(self, cls_state: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        text = torch.nn.functional.normalize(self.dropout(cls_state).float(), dim=-1)
+        region = torch.nn.functional.normalize(self.dropout(regions).float(), dim=-1)
+        return self.scale * (region @ text.unsqueeze(-1)).squeeze(-1)
 
 
 def _random_other_image(n, image_ids, device):

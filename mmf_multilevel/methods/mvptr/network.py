@@ -360,8 +360,10 @@ class MVPTRNetwork(nn.Module):
         visual_mask: torch.Tensor,
         text_index: Optional[torch.Tensor] = None,
         image_index: Optional[torch.Tensor] = None,
+        num_layers: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Multimodal encoder (paper §3.3) over already-encoded uni-modal outputs.
+        """Multimodal encoder (paper §3.3) over already-encoded uni-modal outputs (its first ``num_layers``
+        layers only when given: RefCOCO+ reads an intermediate layer).
 
         ``text_states (Bt, T, H)`` / ``text_mask (Bt, T)`` from :meth:`encode_text`, ``visual_states (Bv,
         num_tag_slots + K, H)`` / ``visual_mask`` from :meth:`encode_visual`. Pair ``p`` joins text
@@ -391,7 +393,8 @@ class MVPTRNetwork(nn.Module):
             raise ValueError(f"text_index gives {text_states.size(0)} pairs, image_index {regions.size(0)}")
         joint = torch.cat([text_states, regions.to(text_states.dtype)], dim=1)
         mask = torch.cat([text_mask, region_mask], dim=1)
-        states = self._run(self.multimodal_layers, joint, mask)
+        layers = self.multimodal_layers if num_layers is None else self.multimodal_layers[: int(num_layers)]
+        states = self._run(layers, joint, mask)
         return states, self.bert.pool(states, 0), mask
 
     def global_embeddings(

@@ -14,6 +14,8 @@ def tiny_config(head_type):
         config.update(losses=[{"type": "cross_entropy"}])
     elif head_type == "vqa":
         config.update(num_answers=ANSWERS, losses=[{"type": "logit_bce"}])
+    elif head_type == "refcoco":  # the tiny network has one multimodal layer
+        config.update(refcoco={"layer": 1})
     return config
 
 
@@ -42,6 +44,13 @@ def tiny_batch(head_type, seed=0, batch=3):
     tags[:, 2] = MASK
     sample_list.tag_ids, sample_list.tag_mask, sample_list.mcr_label_ids = tags, tag_mask, mcr
     sample_list.image_index = torch.arange(ids.size(0))
+    if head_type == "refcoco":  # mvptr_refcoco_plus: proposals = the regions, a gold box each
+        del sample_list["lm_label_ids"], sample_list["mcr_label_ids"], sample_list["phrase_slots"]
+        info = sample_list.image_info_0
+        sample_list.proposal_boxes = info.bbox
+        sample_list.num_proposals = info.max_features
+        sample_list.gold_box = info.bbox[:, 0] + 3.0
+        sample_list.targets = torch.zeros(ids.size(0), dtype=torch.long)
     if head_type in ("vqa", "snli_ve"):  # mvptr_vqa2 / mvptr_snli_ve: unmasked, no phrases, task targets
         del sample_list["lm_label_ids"], sample_list["mcr_label_ids"], sample_list["phrase_slots"]
         size = ids.size(0)

@@ -301,19 +301,29 @@ def _add_caption_list(item, lineno, where, report, out, seen, image_ids):
         out.append((cid, text, where))
 
 
-def read_concepts(path):
-    """An existing ``id2phrase.json`` (``--concepts``): ``{id: tuple}``."""
-    if not os.path.isfile(path):
-        raise ConceptError(f"--concepts {path}: no such file (a previous run's id2phrase.json)")
+def read_id2phrase(path, key="--concepts", hint=""):
+    """An ``id2phrase.json`` (this tool's vocabulary) -> ``{id: words tuple}``; errors name ``key`` (the option
+    or config key that gave the path) and end with ``hint``."""
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}: no id2phrase.json at {path} (the concept tool's output, python -m "
+                                f"mmf_multilevel.methods.mvptr.concepts){hint}")
     try:
         with open(path, encoding="utf-8") as f:
             table = json.load(f)
         out = {int(k): tuple(v) for k, v in table.items()}
     except (ValueError, TypeError, AttributeError) as exc:
-        raise ConceptError(f"--concepts {path}: expected {{\"<id>\": [words, ...]}} ({exc})") from None
+        raise ValueError(f"{key}: {path}: expected {{\"<id>\": [words, ...]}} ({exc})") from None
     if not out or not all(t and all(isinstance(w, str) for w in t) for t in out.values()):
-        raise ConceptError(f"--concepts {path}: expected a non-empty {{\"<id>\": [words, ...]}}")
+        raise ValueError(f"{key}: {path}: expected a non-empty {{\"<id>\": [words, ...]}}")
     return out
+
+
+def read_concepts(path):
+    """An existing ``id2phrase.json`` (``--concepts``): ``{id: tuple}``."""
+    try:
+        return read_id2phrase(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConceptError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- workers

@@ -123,18 +123,10 @@ class MVPTRInputs:
     # ------------------------------------------------------------------ vocabularies
     def _read_concepts(self, path):
         """The concept ids of ``id2phrase.json`` (the random replacements of phrase masking)."""
-        if path is None or not os.path.isfile(path):
-            raise FileNotFoundError(f"dataset_config.{self.dataset_name}.concepts: no id2phrase.json at {path} (the "
-                                    "concept tool's output, python -m mmf_multilevel.methods.mvptr.concepts); "
-                                    "use_phrases: false trains without phrases")
-        with open(path, encoding="utf-8") as f:
-            try:
-                table = json.load(f)
-            except ValueError as exc:
-                raise ValueError(f"{path}: not JSON ({exc})") from None
-        if not isinstance(table, dict) or not table or not all(str(k).isdigit() for k in table):
-            raise ValueError(f"{path}: expected a non-empty object {{\"<concept id>\": [words...]}}")
-        return sorted(int(k) for k in table)
+        from mmf_multilevel.methods.mvptr.concepts import read_id2phrase
+
+        return sorted(read_id2phrase(path, f"dataset_config.{self.dataset_name}.concepts",
+                                     "; use_phrases: false trains without phrases"))
 
     def _read_object_names(self, path):
         """Class names: the ``tag_vocab`` file (one a line, line k = class k), else the cache header's

@@ -34,8 +34,6 @@ tags ``[CLS] tags [SEP]`` with MCR masking (``tag_ids``, ``tag_mask``, ``mcr_lab
 Losses ``<split>/<dataset>/{mcr,vsc,itm,mlm,wpg}`` (``pretraining.mcr`` / ``pretraining.wpg`` false:
 the paper's Table 4 ablations drop them); ``scores``: the ITM logits (index 1 = matched).
 """
-import json
-import os
 
 import torch
 from torch import nn
@@ -66,18 +64,10 @@ VQA_DROPOUT = 0.3
 
 
 def read_id2phrase(path: str) -> dict:
-    """``id2phrase.json`` (the concept tool's vocabulary): ``{"<id>": [words, ...]}``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model_config.mvptr.concepts: no id2phrase.json at {path} (the concept tool's "
-                                "output, python -m mmf_multilevel.methods.mvptr.concepts)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            table = json.load(f)
-        except ValueError as error:
-            raise ValueError(f"model_config.mvptr.concepts: {path} is not JSON ({error})") from None
-    if not isinstance(table, dict) or not table:
-        raise ValueError(f"model_config.mvptr.concepts: {path} must be a non-empty object {{\"<id>\": [words...]}}")
-    return table
+    """``model_config.mvptr.concepts``: the concept tool's vocabulary ``{id: words}``."""
+    from mmf_multilevel.methods.mvptr.concepts import read_id2phrase as read
+
+    return read(path, "model_config.mvptr.concepts")
 
 
 @register_method

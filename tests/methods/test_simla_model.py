@@ -83,8 +83,8 @@ def test_the_queues_take_the_momentum_features_after_a_training_forward_only():
     model = build().train()
     batch = testing.tiny_batch("pretraining")
     with torch.no_grad():  # online != momentum, so the test tells them apart
-        model.heads.vision_proj.weight.add_(0.5)
-        model.heads.text_proj.weight.add_(0.5)
+        model.heads.vision_proj.weight.add_(torch.randn_like(model.heads.vision_proj.weight))
+        model.heads.text_proj.weight.add_(torch.randn_like(model.heads.text_proj.weight))
     queue_image, queue_text = model.queues.image_queue.clone(), model.queues.text_queue.clone()
     forward(model, batch)
     size = batch.input_ids.size(0)
@@ -119,7 +119,7 @@ def test_itc_and_itm_equal_a_recomputation_from_the_pieces():
     model = build().eval()  # no dropout, no enqueue
     model.alpha = 0.4
     with torch.no_grad():
-        model.heads.vision_proj.weight.add_(0.3)  # online and momentum features differ
+        model.heads.vision_proj.weight.add_(torch.randn_like(model.heads.vision_proj.weight))  # online and momentum features differ
         model.backbone.text_encoder.cross_attention[0].self.query.weight.mul_(1.5)
     batch = testing.tiny_batch("pretraining")
     queues = (model.queues.image_queue.clone(), model.queues.text_queue.clone())
@@ -169,7 +169,7 @@ def test_the_state_dict_carries_the_momentum_model_and_queues_and_reloads_exactl
     model = build(seed=0).train()
     batch = testing.tiny_batch("pretraining")
     with torch.no_grad():
-        model.heads.vision_proj.weight.add_(0.3)
+        model.heads.vision_proj.weight.add_(torch.randn_like(model.heads.vision_proj.weight))
     for update in range(2):
         model.on_update_start(TrainingProgress(update=update, epoch=1))
         forward(model, batch, seed=update)

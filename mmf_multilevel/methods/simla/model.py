@@ -201,7 +201,7 @@ class SIMLA(MethodModel):
                 group["lr"] = lr
 
     def log_message(self, progress: TrainingProgress):
-        return (f"simla: alpha {self.alpha:.3f}, temp {float(self.heads.temp):.4f}, queue pointer "
+        return (f"simla: alpha {self.alpha:.3f}, temp {float(self.heads.temp.detach()):.4f}, queue pointer "
                 f"{int(self.queues.queue_ptr)} of {self.queues.queue_size}"
                 + (f", {self.skipped_enqueues} batches not enqueued" if self.skipped_enqueues else ""))
 

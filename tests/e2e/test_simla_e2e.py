@@ -48,3 +48,22 @@ def test_demo_pretraining_logs_every_loss_and_checkpoints_the_momentum_model(dat
     # the momentum copy moved towards the online weights but is not equal to them (EMA 0.995)
     online, copy = state["heads.vision_proj.weight"], state["momentum.copies.vision_proj.weight"]
     assert not torch.equal(online, copy)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(data, tmp_path):
+    """Stopped after 2 updates and resumed with ``checkpoint.resume=True``: the momentum model, the queues, the
+    online weights and the optimizer after update 4 equal those of one uninterrupted run (the EMA, α and the
+    learning rate follow the pushed update; the checkpoint carries the copies and the queues)."""
+    common = [f"env.data_dir={data}", *SHORT, "training.evaluation_interval=100", "training.checkpoint_interval=2",
+              f"config={ROOT}/projects/simla/demo/pretrain.yaml"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_mmf(tmp_path, f"env.save_dir={full}", *common, config=None)
+    run_mmf(tmp_path, f"env.save_dir={resumed}", *common, "training.max_updates=2", config=None)
+    run_mmf(tmp_path, f"env.save_dir={resumed}", *common, "checkpoint.resume=True", config=None)
+    ours = torch.load(full / "models" / f"model_{UPDATES}.ckpt", weights_only=False)
+    theirs = torch.load(resumed / "models" / f"model_{UPDATES}.ckpt", weights_only=False)
+    assert int(theirs["model"]["queues.queue_ptr"]) == UPDATES * BATCH
+    for key, value in ours["model"].items():
+        assert torch.equal(theirs["model"][key], value), key
+    first = ours["optimizer"]["state"]
+    assert first and all(torch.equal(theirs["optimizer"]["state"][k]["exp_avg"], v["exp_avg"]) for k, v in first.items())

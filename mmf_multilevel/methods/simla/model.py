@@ -1,0 +1,344 @@
+"""The registered MMF model ``simla``: SIMLA's encoders, heads, momentum model and queues on the adapter base.
+
+``training_head_type: pretraining`` (paper §2, Eq. 10: ``L = L_itc^mod + L_xmm^mod + L_itm + L_PSL^mod``, all
+weighted 1). A batch is an image-caption corpus on raw images (``coco_captions_images`` and its siblings with
+``itm_probability: 0``; the in-batch hard negatives are drawn here): ``image`` ``(B, 3, S, S)``, the caption
+``input_ids`` masked by the dataset's ``masked_token`` processor and its ``lm_label_ids`` (-1 = not predicted).
+One forward, in the official order (``models/simla/pretrain.py``):
+
+1. τ clamped; the image through the ViT (``V``) and the unmasked caption (the dataset's masked words put back)
+   through the BERT in text mode; their projected, normalised [CLS] features ``f_v``, ``f_t`` (§2.2);
+2. under ``no_grad`` the momentum model's ``V'``, ``f_v'``, ``f_t'`` (its EMA already applied by
+   :meth:`SIMLA.on_update_start`, once per optimizer update);
+3. ITC against ``[momentum features ; queue]`` with momentum distillation (Eqs. 1-4);
+4. ITM on the B pairs and 2B in-batch hard negatives drawn from the ITC similarities (Eq. 5);
+5. MLM (Eqs. 6-7): the masked caption through the multimodal BERT reading ``V``; the teacher reads ``V'``;
+6. MIM (Eqs. 6-7): the image again with a BEiT block mask, its tokens as BERT's queries cross-attending to
+   the caption's embedding-layer output, predicting the dVAE tokens of the image (teacher: the momentum
+   ViT, BERT and MIM head on the same masked image);
+7. PSL (Eqs. 8-9, appendix §3): keywords from the momentum multimodal pass's last-layer self-attention,
+   predicted from ``f_v`` by the concept head, distilled from the momentum concept head on ``f_v'``;
+8. in training, the momentum features enqueued (all-gathered over the ranks).
+
+Losses ``<split>/<dataset>/{itc,itm,mlm,mim,psl}`` (``mlm``, ``mim``, ``psl`` switchable: Table 1's
+ablations); ``scores``: the ITM logits ``(3B, 2)`` of the positives and the two negative sets, in the
+order of :func:`~mmf_multilevel.methods.simla.losses.itm_pair_indices`.
+
+Training hooks: :meth:`SIMLA.on_update_start` (the EMA step, α from the pushed update, the learning rate of
+the model's AdamW), :meth:`SIMLA.configure_optimizer` / :meth:`SIMLA.get_optimizer_parameters` (the momentum
+copies never reach an optimizer), :meth:`SIMLA.log_message` (α, τ, the queue pointer).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmf_multilevel.methods.base import MethodModel, register_method
+from mmf_multilevel.methods.batch import pixel_inputs, text_inputs
+from mmf_multilevel.methods.config import bert_config_of
+from mmf_multilevel.methods.progress import TrainingProgress
+from mmf_multilevel.methods.simla.config import SIMLAConfig
+from mmf_multilevel.methods.simla.losses import (
+    IGNORE_INDEX,
+    distilled_token_loss,
+    itc_loss,
+    itm_loss,
+    itm_pair_indices,
+    mlm_loss,
+    psl_loss,
+    psl_targets,
+    sample_hard_negatives,
+)
+from mmf_multilevel.methods.simla.momentum import FeatureQueues, MomentumCopies, ramped_alpha
+from mmf_multilevel.methods.simla.network import SIMLATextEncoder
+from mmf_multilevel.methods.simla.pretraining import SIMLAPretrainingHeads
+from mmf_multilevel.methods.simla.vision import DVAETokenizer, SIMLAImageEncoder, block_mask
+
+__all__ = ["SIMLA", "SIMLABackbone", "MOMENTUM_PAIRS"]
+
+#: the online modules with a momentum copy (the official ``model_pairs``): the ViT (with its mask token), the
+#: BERT with its MLM head, both projections, the MIM and concept heads; the ITM head and τ have none
+MOMENTUM_PAIRS = ("visual_encoder", "text_encoder", "mlm", "vision_proj", "text_proj", "mim_head", "concept_head")
+
+
+class SIMLABackbone(nn.Module):
+    """The two encoders (paper §2.1): ``image_encoder`` (E_v, a ViT with the MIM mask token) and
+    ``text_encoder`` (E_l = E_mm, one BERT with cross-attention in every layer)."""
+
+    def __init__(self, image_encoder: SIMLAImageEncoder, text_encoder: SIMLATextEncoder):
+        super().__init__()
+        if image_encoder.hidden_size != text_encoder.hidden_size:
+            raise ValueError(f"model_config.simla: the ViT width {image_encoder.hidden_size} must equal the BERT "
+                             f"hidden_size {text_encoder.hidden_size} (the cross-attention reads the image tokens)")
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+
+    @property
+    def config(self):
+        return self.text_encoder.config
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - the adapter calls the encoders' roles
+        raise RuntimeError("SIMLABackbone is a container: call image_encoder / text_encoder")
+
+
+def _original_ids(input_ids: torch.Tensor, lm_labels: torch.Tensor) -> torch.Tensor:
+    """The caption before the dataset's MLM corruption: the label wherever one is predicted."""
+    return torch.where(lm_labels >= 0, lm_labels.to(input_ids.dtype), input_ids)
+
+
+@register_method
+class SIMLA(MethodModel):
+    """The registered MMF model ``simla`` (see the module docstring and ``defaults.yaml`` beside it)."""
+
+    name = "simla"
+    config_class = SIMLAConfig
+    head_types = ("pretraining",)
+
+    # ------------------------------------------------------------------ build
+    def build_backbone(self):
+        s = self.settings
+        image = SIMLAImageEncoder(str(s.vit), image_size=int(s.image_size), pretrained=bool(s.vit_pretrained),
+                                  mask_token=True, mask_token_init=str(s.mask_token_init), **dict(s.vit_options))
+        if s.bert_model_name:
+            text = SIMLATextEncoder.from_bert(str(s.bert_model_name), hidden_dropout_prob=s.hidden_dropout_prob,
+                                              attention_probs_dropout_prob=s.attention_probs_dropout_prob)
+        else:
+            text = SIMLATextEncoder.from_config(bert_config_of(s))
+        return SIMLABackbone(image, text)
+
+    def build_head(self, head_type):
+        s = self.settings
+        backbone = self.backbone
+        self.heads = SIMLAPretrainingHeads(backbone.config, vision_width=backbone.image_encoder.hidden_size,
+                                           embed_dim=s.embed_dim, image_vocab=s.image_vocab, temp=s.temp,
+                                           temp_range=tuple(s.temp_range))
+        if s.bert_model_name and s.init_mlm_from_bert:
+            from mmf_multilevel.modules.heads import bert_pretraining_head_state
+
+            self.heads.mlm.load_bert_state_dict(bert_pretraining_head_state(str(s.bert_model_name)))
+        self.heads.tie_to(backbone.text_encoder.word_embeddings)
+
+    def after_build(self):
+        s = self.settings
+        online = {"visual_encoder": self.backbone.image_encoder, "text_encoder": self.backbone.text_encoder,
+                  "mlm": self.heads.mlm, "vision_proj": self.heads.vision_proj, "text_proj": self.heads.text_proj,
+                  "mim_head": self.heads.mim_head, "concept_head": self.heads.concept_head}
+        self.momentum = MomentumCopies({name: online[name] for name in MOMENTUM_PAIRS}, momentum=s.momentum)
+        self.queues = FeatureQueues(s.embed_dim, s.queue_size)
+        # the frozen dVAE: a plain attribute (outside the state dict, the optimizer, the EMA and .train())
+        self.dvae = self._build_tokenizer() if s.mim else None
+        self.alpha = self.alpha_at(self.progress)
+        self._optimizer = None
+        self.skipped_enqueues = 0
+
+    def _build_tokenizer(self) -> DVAETokenizer:
+        s = self.settings
+        if s.dvae_path:
+            tokenizer = DVAETokenizer.from_file(str(s.dvae_path))
+        else:
+            tokenizer = DVAETokenizer.random(n_hid=s.dvae_random_hidden, n_blk_per_group=s.dvae_random_blocks,
+                                             vocab_size=s.image_vocab)
+        if tokenizer.vocab_size != s.image_vocab:
+            raise ValueError(f"model_config.simla.dvae_path: the tokenizer has {tokenizer.vocab_size} visual tokens, "
+                             f"model_config.simla.image_vocab is {s.image_vocab}")
+        return tokenizer
+
+    # ------------------------------------------------------------------ optimisation
+    def get_optimizer_parameters(self, config):
+        """AdamW groups without the momentum copies (they never require gradients and move only by the EMA)
+        and without frozen parameters: weight decay on every weight matrix and on τ, none on biases and
+        other 1-D parameters (the official timm ``create_optimizer``: ``ndim == 1`` or ``.bias``)."""
+        decay, no_decay = [], []
+        for name, parameter in self.trainable_parameters():
+            (no_decay if parameter.ndim == 1 or name.endswith(".bias") else decay).append(parameter)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def trainable_parameters(self):
+        """``(name, parameter)`` of every parameter an optimizer updates: not the momentum copies."""
+        copies = {id(p) for p in self.momentum.parameters()}
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in copies]
+
+    def configure_optimizer(self, config):
+        """AdamW (paper §2.5: weight decay 0.02) over :meth:`get_optimizer_parameters`; its learning rate is
+        set by :meth:`on_update_start` (warm-up, then cosine: :meth:`lr_at`)."""
+        o = self.settings.optimization
+        self._optimizer = torch.optim.AdamW(self.get_optimizer_parameters(config), lr=self.lr_at(self.progress),
+                                            weight_decay=o.weight_decay)
+        return self._optimizer
+
+    def lr_at(self, progress: TrainingProgress) -> float:
+        """Linear warm-up ``warmup_lr -> lr`` over ``warmup_updates``, then a cosine to ``min_lr`` at
+        ``total_updates`` (paper §2.5; official ``Pretrain.py`` warms up over 2,000 steps)."""
+        o = self.settings.optimization
+        step = int(progress.update)
+        if step < int(o.warmup_updates):
+            return o.warmup_lr + (o.lr - o.warmup_lr) * step / int(o.warmup_updates)
+        if o.total_updates is None:
+            return o.lr
+        span = max(1, int(o.total_updates) - int(o.warmup_updates))
+        done = min(1.0, (step - int(o.warmup_updates)) / span)
+        return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * done))
+
+    def alpha_at(self, progress: TrainingProgress) -> float:
+        """α at the pushed update (paper §2.5: 0 -> alpha over the first epoch = ``alpha_ramp_updates``)."""
+        s = self.settings
+        if s.alpha_ramp_updates is None:
+            return float(s.alpha)
+        return ramped_alpha(int(progress.update), int(s.alpha_ramp_updates), float(s.alpha))
+
+    # ------------------------------------------------------------------ training hooks
+    def on_update_start(self, progress: TrainingProgress) -> None:
+        """Once per optimizer update, before its first forward: the momentum model's EMA step (the official
+        ``_momentum_update`` at the start of the teacher block; with gradient accumulation once per update,
+        not per forward), α and the learning rate from the pushed update."""
+        super().on_update_start(progress)
+        self.momentum.update()
+        self.alpha = self.alpha_at(progress)
+        if self._optimizer is not None:
+            lr = self.lr_at(progress)
+            for group in self._optimizer.param_groups:
+                group["lr"] = lr
+
+    def log_message(self, progress: TrainingProgress):
+        return (f"simla: alpha {self.alpha:.3f}, temp {float(self.heads.temp.detach()):.4f}, queue pointer "
+                f"{int(self.queues.queue_ptr)} of {self.queues.queue_size}"
+                + (f", {self.skipped_enqueues} batches not enqueued" if self.skipped_enqueues else ""))
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, sample_list, side=None):
+        """The image through the ViT and the caption through the BERT in text mode: the unimodal features."""
+        text = text_inputs(sample_list, self.name)
+        pixels = pixel_inputs(sample_list, self.name, side=side).pixels
+        image = self.backbone.image_encoder(pixels)
+        hidden = self.backbone.text_encoder.encode_text(text.input_ids, text.mask)
+        return {"image": image, "text": hidden, "pooled": hidden[:, 0],
+                "image_feat": self.heads.image_feature(image[:, 0]), "text_feat": self.heads.text_feature(hidden[:, 0])}
+
+    def dvae_view(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The dVAE's input: the same (augmented) crop as the ViT's, normalisation undone, resized to half the
+        side (256 -> 128: 16x16 tokens, one per ViT patch), in [0, 1]."""
+        s = self.settings
+        mean = torch.tensor(s.pixel_mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(s.pixel_std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+        raw = (pixels * std + mean).clamp(0.0, 1.0)
+        side = pixels.shape[-1] // 2
+        return F.interpolate(raw, size=(pixels.shape[-2] // 2, side), mode="bilinear", antialias=True,
+                             align_corners=False).clamp(0.0, 1.0)
+
+    def pretraining_forward(self, sample_list):
+        s, heads, momentum = self.settings, self.heads, self.momentum
+        image_encoder, text_encoder = self.backbone.image_encoder, self.backbone.text_encoder
+        text = text_inputs(sample_list, self.name)
+        pixels = pixel_inputs(sample_list, self.name).pixels
+        where = f"dataset_config.{sample_list.dataset_name}"
+        if s.mlm and "lm_label_ids" not in sample_list:
+            raise KeyError(f"simla pre-training reads its MLM targets from the batch ('lm_label_ids'): give {where} a "
+                           "masked_token text_processor with mask_probability > 0 (or model_config.simla.mlm: false)")
+        masked_ids, mask = text.input_ids, text.mask
+        lm_labels = sample_list["lm_label_ids"].to(masked_ids.device).long() if "lm_label_ids" in sample_list else None
+        ids = masked_ids if lm_labels is None else _original_ids(masked_ids, lm_labels)
+        alpha = float(self.alpha)
+        batch = ids.size(0)
+        losses = {}
+
+        # (1) online unimodal features; (2) the momentum model's (its EMA step ran in on_update_start)
+        temp = heads.clamp_temperature()
+        image_embeds = image_encoder(pixels)
+        image_feat = heads.image_feature(image_embeds[:, 0])
+        text_feat = heads.text_feature(text_encoder.encode_text(ids, mask)[:, 0])
+        with torch.no_grad():
+            image_embeds_m = momentum["visual_encoder"](pixels)
+            image_feat_m = F.normalize(momentum["vision_proj"](image_embeds_m[:, 0]), dim=-1)
+            text_hidden_m = momentum["text_encoder"].encode_text(ids, mask)
+            text_feat_m = F.normalize(momentum["text_proj"](text_hidden_m[:, 0]), dim=-1)
+
+        # (3) ITC with the queues and momentum distillation (Eqs. 1-4)
+        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.queues.image_queue,
+                       self.queues.text_queue, temp, alpha)
+        losses["itc"] = itc.loss
+
+        # (4) ITM: B positives + a hard negative image per text and a hard negative text per image (Eq. 5)
+        if batch > 1:
+            neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i)
+            text_index, image_index = itm_pair_indices(neg_text, neg_image)
+            fused = text_encoder.fuse(ids[text_index], mask[text_index], image_embeds[image_index])
+            itm_logits = heads.itm_logits(fused[:, 0])
+            losses["itm"] = itm_loss(itm_logits)
+        else:  # a batch of one has no in-batch negative (the official loader drops such a last batch)
+            itm_logits = heads.itm_logits(text_encoder.fuse(ids, mask, image_embeds)[:, 0])
+            losses["itm"] = itm_logits.sum() * 0.0
+
+        # (5) MLM distilled (Eqs. 6-7): the masked caption reading the online / momentum image tokens
+        if s.mlm:
+            keep = lm_labels >= 0
+            hidden = text_encoder.fuse(masked_ids, mask, image_embeds)
+            logits = heads.mlm_logits(hidden[keep])
+            teacher = None
+            if alpha > 0:
+                with torch.no_grad():
+                    hidden_m = momentum["text_encoder"].fuse(masked_ids, mask, image_embeds_m)
+                    teacher = momentum["mlm"](hidden_m[keep])
+            losses["mlm"] = mlm_loss(logits, lm_labels[keep], teacher, alpha)
+
+        # (6) MIM distilled (Eqs. 6-7): block-masked image tokens as BERT queries over the caption's embeddings
+        if s.mim:
+            losses["mim"] = self._mim_loss(pixels, ids, mask, alpha)
+
+        # (7) PSL (Eqs. 8-9): keywords from the momentum multimodal pass over the online image tokens
+        if s.psl:
+            with torch.no_grad():
+                _, attentions = momentum["text_encoder"].fuse(ids, mask, image_embeds.detach(), output_attentions=True)
+                specials = (s.cls_token_id, s.sep_token_id, s.pad_token_id)
+                targets = psl_targets(attentions[-1], ids, text_encoder.config.vocab_size, attention_mask=mask,
+                                      excluded_ids=specials, cls_token_id=s.cls_token_id,
+                                      k_per_head=s.psl_k_per_head, num_labels=s.psl_num_labels,
+                                      replicate_official=s.psl_replicate_official)
+                teacher = momentum["concept_head"](image_feat_m)
+            losses["psl"] = psl_loss(heads.concept_logits(image_feat), targets, teacher, alpha)
+
+        # (8) the momentum features of the global batch into the queues, after the losses (training only)
+        if self.training:
+            self._enqueue(image_feat_m, text_feat_m)
+        return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits}
+
+    def _mim_loss(self, pixels, ids, mask, alpha):
+        s, heads, momentum = self.settings, self.heads, self.momentum
+        image_encoder, text_encoder = self.backbone.image_encoder, self.backbone.text_encoder
+        grid = image_encoder.grid_size
+        mim_mask = block_mask(pixels.size(0), grid, num_masked=s.mim_masked_patches, min_block=s.mim_min_block,
+                              min_aspect=s.mim_min_aspect, device=pixels.device)
+        tokens = self.dvae(self.dvae_view(pixels))
+        if tokens.shape != mim_mask.shape:
+            raise ValueError(f"simla MIM: the dVAE gives {tuple(tokens.shape)} tokens for {tuple(mim_mask.shape)} ViT "
+                             "patches (its view is half the image side, stride 8: patch 16 needed)")
+        labels = tokens.masked_fill(~mim_mask, IGNORE_INDEX)[mim_mask]
+        # the cross-attention memory: the unmasked caption's embedding-layer output of the online BERT, for the
+        # student and the teacher alike (official ``text_encoder.bert.embeddings``)
+        text_memory = text_encoder.embed(ids)
+        masked_embeds = image_encoder(pixels, mim_mask)
+        hidden = text_encoder.encode(text_encoder.embed(inputs_embeds=masked_embeds), None, memory=text_memory,
+                                     memory_mask=mask)
+        logits = heads.mim_head(hidden[:, 1:][mim_mask])
+        teacher = None
+        if alpha > 0:
+            with torch.no_grad():
+                teacher_text = momentum["text_encoder"]
+                masked_m = momentum["visual_encoder"](pixels, mim_mask)
+                hidden_m = teacher_text.encode(teacher_text.embed(inputs_embeds=masked_m), None,
+                                               memory=text_memory.detach(), memory_mask=mask)
+                teacher = momentum["mim_head"](hidden_m[:, 1:][mim_mask])
+        return distilled_token_loss(logits, labels, teacher, alpha)
+
+    @torch.no_grad()
+    def _enqueue(self, image_feat_m, text_feat_m):
+        queues = self.queues
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+        if queues.queue_size % (image_feat_m.size(0) * world):
+            # a short last batch (the official loader drops it): trained on, not enqueued
+            self.skipped_enqueues += 1
+            return
+        queues.enqueue(image_feat_m, text_feat_m)
+

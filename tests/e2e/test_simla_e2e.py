@@ -1,0 +1,69 @@
+"""SIMLA's demo pre-training end to end through the stock mmf_run: projects/simla/demo/pretrain.yaml on
+generated raw images (coco_captions_images, the masked_token processor, 64x64 random resized crops), CPU, a few
+updates - the model's AdamW without the momentum copies, the EMA and α ramp pushed by the trainer, every loss
+in the log for training and validation, a checkpoint carrying the momentum model and the filled queues."""
+import re
+
+import pytest
+import torch
+
+from helpers.mmf import ROOT, run_mmf
+from mmf_multilevel.datasets import generate as gen
+
+pytestmark = pytest.mark.slow
+
+UPDATES, BATCH = 4, 4
+SHORT = [f"training.max_updates={UPDATES}", f"training.evaluation_interval={UPDATES}",
+         f"training.checkpoint_interval={UPDATES}", "training.log_interval=1", f"training.batch_size={BATCH}",
+         "training.progress_bar=False", "model_config.simla.queue_size=32", "model_config.simla.alpha_ramp_updates=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simla_e2e")
+    gen.generate(root / "demo", num_images=24, progress=False)
+    return root
+
+
+def test_demo_pretraining_logs_every_loss_and_checkpoints_the_momentum_model(data, tmp_path):
+    save = tmp_path / "save"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT,
+                     config=f"{ROOT}/projects/simla/demo/pretrain.yaml")
+    assert "Finished run" in result.stdout + result.stderr
+    assert (save / "current.ckpt").is_file() and (save / "simla_final.pth").is_file()
+    log = (save / "train.log").read_text()
+    assert "Optimizer: AdamW (the model's configure_optimizer)" in log
+    for loss in ("itc", "itm", "mlm", "mim", "psl"):
+        for split in ("train", "val"):
+            values = re.findall(rf"{split}/coco_captions_images/{loss}: ([0-9.]+)", log)
+            assert values and all(0.0 <= float(v) < 100.0 for v in values), (split, loss, log[-3000:])
+    # α of each update (0-based index i: 0.4 · min(1, i / 2)); the queue advances by the batch every update
+    lines = re.findall(r"simla: alpha ([0-9.]+), temp ([0-9.]+), queue pointer (\d+) of 32", log)
+    assert [float(a) for a, _, _ in lines] == pytest.approx([0.0, 0.2, 0.4, 0.4]), lines
+    assert [int(p) for _, _, p in lines] == [BATCH * (i + 1) for i in range(UPDATES)]
+    state = torch.load(save / "simla_final.pth", weights_only=True)
+    assert any(k.startswith("momentum.copies.visual_encoder.") for k in state)
+    assert int(state["queues.queue_ptr"]) == UPDATES * BATCH
+    assert not any("dvae" in k for k in state)
+    # the momentum copy moved towards the online weights but is not equal to them (EMA 0.995)
+    online, copy = state["heads.vision_proj.weight"], state["momentum.copies.vision_proj.weight"]
+    assert not torch.equal(online, copy)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(data, tmp_path):
+    """Stopped after 2 updates and resumed with ``checkpoint.resume=True``: the momentum model, the queues, the
+    online weights and the optimizer after update 4 equal those of one uninterrupted run (the EMA, α and the
+    learning rate follow the pushed update; the checkpoint carries the copies and the queues)."""
+    common = [f"env.data_dir={data}", *SHORT, "training.evaluation_interval=100", "training.checkpoint_interval=2",
+              f"config={ROOT}/projects/simla/demo/pretrain.yaml"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_mmf(tmp_path, f"env.save_dir={full}", *common, config=None)
+    run_mmf(tmp_path, f"env.save_dir={resumed}", *common, "training.max_updates=2", config=None)
+    run_mmf(tmp_path, f"env.save_dir={resumed}", *common, "checkpoint.resume=True", config=None)
+    ours = torch.load(full / "models" / f"model_{UPDATES}.ckpt", weights_only=False)
+    theirs = torch.load(resumed / "models" / f"model_{UPDATES}.ckpt", weights_only=False)
+    assert int(theirs["model"]["queues.queue_ptr"]) == UPDATES * BATCH
+    for key, value in ours["model"].items():
+        assert torch.equal(theirs["model"][key], value), key
+    first = ours["optimizer"]["state"]
+    assert first and all(torch.equal(theirs["optimizer"]["state"][k]["exp_avg"], v["exp_avg"]) for k, v in first.items())

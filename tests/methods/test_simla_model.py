@@ -1,0 +1,204 @@
+"""The registered ``simla`` model (``mmf_multilevel/methods/simla/model.py``) on the tiny configuration of
+``methods/simla/testing.py``: the momentum copies outside the optimizer, the EMA once per update, the queues
+filled with the momentum features, the ITC/ITM wiring recomputed from the pieces, a few steps lowering every
+loss, and checkpoints carrying the momentum model and the queues."""
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from mmf_multilevel.methods.progress import TrainingProgress
+from mmf_multilevel.methods.simla import testing
+from mmf_multilevel.methods.simla.losses import itc_loss, itm_labels, itm_pair_indices, sample_hard_negatives
+
+pytestmark = pytest.mark.usefixtures("mmf_global_config")
+
+LOSSES = ("itc", "itm", "mlm", "mim", "psl")
+
+
+def build(seed=0, **overrides):
+    from mmf.common.registry import registry
+
+    cls = registry.get_model_class("simla")
+    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.simla, testing.tiny_config("pretraining"),
+                             overrides)
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.build()
+    return model
+
+
+def forward(model, batch, seed=1):
+    torch.manual_seed(seed)
+    out = model(batch)
+    return {key.rsplit("/", 1)[-1]: value for key, value in out["losses"].items()}, out["scores"]
+
+
+def momentum_parameters(model):
+    return {id(p) for p in model.momentum.parameters()}
+
+
+def test_the_momentum_copies_never_reach_an_optimizer():
+    model = build()
+    copies = momentum_parameters(model)
+    assert copies and all(not p.requires_grad for p in model.momentum.parameters())
+    groups = model.get_optimizer_parameters(OmegaConf.create({}))
+    chosen = [p for group in groups for p in group["params"]]
+    optimizer = model.configure_optimizer(OmegaConf.create({}))
+    in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
+    for params in (chosen, in_optimizer):
+        assert not copies & {id(p) for p in params}
+        assert len(params) == len({id(p) for p in params})
+    trainable = {id(p) for p in model.parameters() if id(p) not in copies}
+    assert {id(p) for p in chosen} == trainable  # every online parameter, the dVAE none (it is no parameter)
+    # weight decay on matrices and τ, none on biases and LayerNorms (the official optimizer's rule)
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert id(model.heads.temp) not in no_decay and id(model.heads.itm_head.bias) in no_decay
+    assert groups[1]["weight_decay"] == 0.0
+
+
+def test_the_ema_runs_once_per_update_in_on_update_start_and_not_in_forward():
+    model = build().train()
+    batch = testing.tiny_batch("pretraining")
+    online = model.backbone.image_encoder.vit.patch_embed.proj.weight
+    copy = model.momentum["visual_encoder"].vit.patch_embed.proj.weight
+    head, head_copy = model.heads.concept_head.weight, model.momentum["concept_head"].weight
+    torch.testing.assert_close(copy, online)
+    with torch.no_grad():
+        online.add_(1.0)
+        head.mul_(2.0)
+    before, head_before = copy.detach().clone(), head_copy.detach().clone()
+    forward(model, batch)
+    forward(model, batch)
+    assert torch.equal(copy, before) and torch.equal(head_copy, head_before), "forward moved the momentum model"
+    model.on_update_start(TrainingProgress(update=1, epoch=1))
+    torch.testing.assert_close(copy, 0.995 * before + 0.005 * online.detach())
+    torch.testing.assert_close(head_copy, 0.995 * head_before + 0.005 * head.detach())
+    # the ITM head has no copy; the MLM decoder's copy stays tied to the copied word embeddings
+    assert "itm_head" not in model.momentum.names
+    assert model.momentum["mlm"].decoder.weight is model.momentum["text_encoder"].word_embeddings.weight
+
+
+def test_the_queues_take_the_momentum_features_after_a_training_forward_only():
+    model = build().train()
+    batch = testing.tiny_batch("pretraining")
+    with torch.no_grad():  # online != momentum, so the test tells them apart
+        model.heads.vision_proj.weight.add_(torch.randn_like(model.heads.vision_proj.weight))
+        model.heads.text_proj.weight.add_(torch.randn_like(model.heads.text_proj.weight))
+    queue_image, queue_text = model.queues.image_queue.clone(), model.queues.text_queue.clone()
+    forward(model, batch)
+    size = batch.input_ids.size(0)
+    assert int(model.queues.queue_ptr) == size
+    ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)
+    with torch.no_grad():
+        m = model.momentum
+        image_m = F.normalize(m["vision_proj"](m["visual_encoder"](batch.image)[:, 0]), dim=-1)
+        text_m = F.normalize(m["text_proj"](m["text_encoder"].encode_text(ids, batch.input_mask)[:, 0]), dim=-1)
+    torch.testing.assert_close(model.queues.image_queue[:, :size], image_m.t())
+    torch.testing.assert_close(model.queues.text_queue[:, :size], text_m.t())
+    assert torch.equal(model.queues.image_queue[:, size:], queue_image[:, size:])
+    assert torch.equal(model.queues.text_queue[:, size:], queue_text[:, size:])
+    model.eval()
+    state = {k: v.clone() for k, v in model.queues.state_dict().items()}
+    forward(model, batch)
+    assert all(torch.equal(model.queues.state_dict()[k], v) for k, v in state.items()), "evaluation enqueued"
+
+
+def test_every_loss_is_present_and_finite_and_the_switches_drop_theirs():
+    batch = testing.tiny_batch("pretraining")
+    losses, scores = forward(build().train(), batch)
+    assert set(losses) == set(LOSSES)
+    assert all(torch.isfinite(v) and v.numel() == 1 for v in losses.values())
+    assert scores.shape == (3 * batch.input_ids.size(0), 2)
+    losses, _ = forward(build(mlm=False, mim=False, psl=False).train(), batch)
+    assert set(losses) == {"itc", "itm"}
+    assert build(mim=False).dvae is None
+
+
+def test_itc_and_itm_equal_a_recomputation_from_the_pieces():
+    model = build().eval()  # no dropout, no enqueue
+    model.alpha = 0.4
+    with torch.no_grad():
+        model.heads.vision_proj.weight.add_(torch.randn_like(model.heads.vision_proj.weight))  # online and momentum features differ
+        model.backbone.text_encoder.cross_attention[0].self.query.weight.mul_(1.5)
+    batch = testing.tiny_batch("pretraining")
+    queues = (model.queues.image_queue.clone(), model.queues.text_queue.clone())
+    losses, scores = forward(model, batch, seed=7)
+    ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)  # the unmasked caption
+    mask = batch.input_mask
+    with torch.no_grad():
+        vit, bert, heads, m = model.backbone.image_encoder, model.backbone.text_encoder, model.heads, model.momentum
+        image = vit(batch.image)
+        image_feat = F.normalize(heads.vision_proj(image[:, 0]), dim=-1)
+        text_feat = F.normalize(heads.text_proj(bert.encode_text(ids, mask)[:, 0]), dim=-1)
+        image_m = F.normalize(m["vision_proj"](m["visual_encoder"](batch.image)[:, 0]), dim=-1)
+        text_m = F.normalize(m["text_proj"](m["text_encoder"].encode_text(ids, mask)[:, 0]), dim=-1)
+        itc = itc_loss(image_feat, text_feat, image_m, text_m, *queues, heads.temp, 0.4)
+        torch.testing.assert_close(losses["itc"], itc.loss)
+        torch.manual_seed(7)  # the negatives are the forward's first random draw
+        neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i)
+        text_index, image_index = itm_pair_indices(neg_text, neg_image)
+        fused = bert.fuse(ids[text_index], mask[text_index], image[image_index])
+        logits = heads.itm_head(fused[:, 0])
+    torch.testing.assert_close(scores, logits)
+    torch.testing.assert_close(losses["itm"], F.cross_entropy(logits, itm_labels(ids.size(0))))
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_every_loss():
+    model = build().train()
+    batch = testing.tiny_batch("pretraining")
+    optimizer = model.configure_optimizer(OmegaConf.create({}))
+    for group in optimizer.param_groups:
+        group["lr"] = 2e-3
+    model._optimizer = None  # a fixed learning rate for this test
+    first = None
+    for update in range(40):
+        model.on_update_start(TrainingProgress(update=update, epoch=1))
+        optimizer.zero_grad()
+        losses, _ = forward(model, batch, seed=3)  # the same MIM masks and negatives at every step
+        first = first or {k: float(v.detach()) for k, v in losses.items()}
+        sum(losses.values()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        last, _ = forward(model, batch, seed=3)
+    for name in LOSSES:
+        assert float(last[name]) < first[name], (name, first[name], float(last[name]))
+
+
+def test_the_state_dict_carries_the_momentum_model_and_queues_and_reloads_exactly():
+    model = build(seed=0).train()
+    batch = testing.tiny_batch("pretraining")
+    with torch.no_grad():
+        model.heads.vision_proj.weight.add_(torch.randn_like(model.heads.vision_proj.weight))
+    for update in range(2):
+        model.on_update_start(TrainingProgress(update=update, epoch=1))
+        forward(model, batch, seed=update)
+    state = model.state_dict()
+    assert any(k.startswith("momentum.copies.visual_encoder.") for k in state)
+    assert any(k.startswith("momentum.copies.text_encoder.") for k in state)
+    assert {"queues.image_queue", "queues.text_queue", "queues.queue_ptr"} <= set(state)
+    assert int(state["queues.queue_ptr"]) == 2 * batch.input_ids.size(0)
+    assert not any("dvae" in k for k in state)
+    fresh = build(seed=5).train()
+    fresh.load_state_dict(state, strict=True)
+    for other in (model, fresh):
+        other.on_update_start(TrainingProgress(update=2, epoch=1))
+    ours, our_scores = forward(model, batch, seed=9)
+    theirs, their_scores = forward(fresh, batch, seed=9)
+    torch.testing.assert_close(their_scores, our_scores)
+    for name in LOSSES:
+        torch.testing.assert_close(theirs[name], ours[name])
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value)
+
+
+def test_alpha_ramp_and_learning_rate_follow_the_pushed_update():
+    model = build(alpha_ramp_updates=10, optimization=dict(warmup_updates=4, total_updates=12, lr=1e-4,
+                                                           warmup_lr=1e-5, min_lr=1e-5))
+    optimizer = model.configure_optimizer(OmegaConf.create({}))
+    seen = []
+    for update in (0, 2, 4, 8, 12, 20):
+        model.on_update_start(TrainingProgress(update=update, epoch=1))
+        seen.append((model.alpha, optimizer.param_groups[0]["lr"]))
+    assert [a for a, _ in seen] == pytest.approx([0.0, 0.08, 0.16, 0.32, 0.4, 0.4])
+    assert [lr for _, lr in seen] == pytest.approx([1e-5, 5.5e-5, 1e-4, 5.5e-5, 1e-5, 1e-5])

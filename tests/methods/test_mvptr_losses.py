@@ -211,3 +211,49 @@ def test_a_few_steps_lower_vsc_and_wpg():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_draws_follow_the_given_generator_only():
+    """Sampled negatives, the half/half split and rand_top3 depend on their generator alone (reproducible
+    whatever the global RNG did), and a sampled negative is the multinomial draw of softmax(scale · sim)
+    over the allowed entries (scale 1 when none is given)."""
+    g = torch.Generator().manual_seed(4)
+    sim = torch.randn(5, 5, generator=g)
+    outs = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # the global RNG differs between the two calls
+        image, text = hard_negatives(sim, "sampled", generator=torch.Generator().manual_seed(7))
+        order = split_negatives(image, text, generator=torch.Generator().manual_seed(7))
+        scores, _ = wpg_scores(torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1)), torch.ones(2, 3),
+                               torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(2)), torch.ones(2, 6),
+                               "rand_top3", generator=torch.Generator().manual_seed(7))
+        outs.append((image, text, order, scores))
+    for a, b in zip(*outs):
+        if isinstance(a, tuple):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+        else:
+            assert torch.equal(a, b)
+    image, text = outs[0][:2]
+    assert image.dtype == torch.long and text.dtype == torch.long
+    probs = torch.softmax(sim.masked_fill(torch.eye(5, dtype=torch.bool), float("-inf")), dim=1)
+    want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(7)).view(-1)
+    assert torch.equal(image, want)
+
+
+def test_wpg_edge_pairs_one_region_one_phrase_no_region():
+    g = torch.Generator().manual_seed(5)
+    phrases, regions = torch.randn(3, 4, 6, generator=g), torch.randn(3, 3, 6, generator=g)
+    phrase_mask = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0], [1, 1, 1, 0]])
+    region_mask = torch.tensor([[1, 0, 0], [1, 1, 1], [0, 0, 0]])  # one region; three; none
+    for agg in ("max", "rand_top3"):
+        scores, has = wpg_scores(phrases, phrase_mask, regions, region_mask, agg, generator=torch.Generator().manual_seed(0))
+        only = [float(_unit(phrases[0, t]) @ _unit(regions[0, 0])) for t in range(2)]
+        assert scores[0].item() == pytest.approx(sum(only) / 2, abs=1e-5)  # one region: it is the best of 1 and of 3
+        assert has.tolist() == [True, True, False]  # one phrase counts; no region: no score
+        assert scores[2].item() == 0.0
+    # rand_top3 over two phrases picks per phrase among its own best three
+    scores, _ = wpg_scores(phrases[1:2, :2], torch.ones(1, 2), regions[1:2], torch.ones(1, 3), "rand_top3",
+                           generator=torch.Generator().manual_seed(3))
+    options = [sorted(float(_unit(phrases[1, t]) @ _unit(regions[1, k])) for k in range(3)) for t in range(2)]
+    assert any(abs(scores.item() - (a + b) / 2) < 1e-5 for a in options[0] for b in options[1])

@@ -143,3 +143,27 @@ def test_a_pre_training_checkpoint_loads_whole_into_a_retrieval_model():
     target.load_state_dict(state, strict=True)
     assert torch.equal(target.state_dict()["heads.itm_head.weight"], state["heads.itm_head.weight"])
     assert target.dvae is None
+
+
+def test_pretrained_state_mapping_resamples_the_position_embeddings_to_the_fine_tuning_grid():
+    """A 64² pre-training checkpoint (4x4 patches) into a 96² retrieval model (6x6) through the trainer's
+    ``pretrained_state_mapping`` load: the online and momentum position embeddings resampled, the rest copied."""
+    from types import SimpleNamespace
+
+    from mmf_multilevel.methods.simla.vision import resize_position_embeddings
+    from mmf_multilevel.trainers.checkpoint import MultilevelCheckpoint
+
+    source = build("pretraining", seed=3).state_dict()
+    target = build("retrieval", seed=4, image_size=96)
+    mapping = {"backbone": "backbone", "heads": "heads", "momentum": "momentum", "queues": "queues"}
+    config = OmegaConf.create({"checkpoint": {"pretrained_state_mapping": mapping}})
+    writer = SimpleNamespace(write=lambda *args, **kwargs: None)
+    MultilevelCheckpoint._load_pretrained(SimpleNamespace(trainer=SimpleNamespace(model=target, config=config,
+                                                                                  writer=writer)), source)
+    after = target.state_dict()
+    for key in ("backbone.image_encoder.vit.pos_embed", "momentum.copies.visual_encoder.vit.pos_embed"):
+        assert after[key].shape == (1, 37, 32)
+        torch.testing.assert_close(after[key], resize_position_embeddings({"pos_embed": source[key]}, (6, 6))["pos_embed"])
+    for key in ("heads.itm_head.weight", "backbone.text_encoder.text.bert.embeddings.word_embeddings.weight",
+                "momentum.copies.vision_proj.weight", "queues.text_queue"):
+        assert torch.equal(after[key], source[key]), key

@@ -162,6 +162,16 @@ class SIMLA(MethodModel):
                              f"model_config.simla.image_vocab is {s.image_vocab}")
         return tokenizer
 
+    def adapt_pretrained_tensor(self, name: str, tensor: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """A ``pretrained_state_mapping`` load of a checkpoint at another resolution (pre-training at 256²,
+        fine-tuning at 384²): the ViT position embeddings, online and momentum, resampled to this model's grid
+        (the official ``interpolate_pos_embed``); every other tensor as it is."""
+        if name.endswith("vit.pos_embed") and tuple(tensor.shape) != tuple(own.shape):
+            from mmf_multilevel.methods.simla.vision import resize_position_embeddings
+
+            return resize_position_embeddings({"pos_embed": tensor}, self.backbone.image_encoder.grid_size)["pos_embed"]
+        return tensor
+
     # ------------------------------------------------------------------ optimisation
     def get_optimizer_parameters(self, config):
         """AdamW groups without the momentum copies (they never require gradients and move only by the EMA)

@@ -167,3 +167,20 @@ def test_pretrained_state_mapping_resamples_the_position_embeddings_to_the_fine_
     for key in ("heads.itm_head.weight", "backbone.text_encoder.text.bert.embeddings.word_embeddings.weight",
                 "momentum.copies.vision_proj.weight", "queues.text_queue"):
         assert torch.equal(after[key], source[key]), key
+
+
+def test_sixty_steps_on_a_fixed_batch_lower_both_losses():
+    model = build(queue_size=12, optimization=dict(lr=1e-3, warmup_lr=1e-3, warmup_updates=0)).train()
+    optimizer = model.configure_optimizer(OmegaConf.create({}))
+    batch = aligned_batch()
+    history = []
+    for step in range(60):
+        model.on_update_start(TrainingProgress(update=step, epoch=1))
+        torch.manual_seed(step)
+        losses = model(batch)["losses"]
+        history.append({key.rsplit("/", 1)[-1]: float(value) for key, value in losses.items()})
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    for name in ("itc", "itm"):
+        assert history[-1][name] < 0.9 * history[0][name], (name, history[0], history[-1])

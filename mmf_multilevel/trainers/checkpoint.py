@@ -134,6 +134,8 @@ class MultilevelCheckpoint(Checkpoint):
         model = self.trainer.model
         inner = model.module if hasattr(model, "module") else model
         translate = getattr(inner, "map_pretrained_prefix", lambda prefix: prefix)
+        # a model may adapt a checkpoint tensor to its own shape (SIMLA: ViT position embeddings of another grid)
+        adapt = getattr(inner, "adapt_pretrained_tensor", lambda name, tensor, own: tensor)
         own_state = model.state_dict()
         formatted = {attr: (inner.format_state_key(attr) if hasattr(inner, "format_state_key") else attr) for attr in ckpt}
         mapping = self.trainer.config.checkpoint.pretrained_state_mapping
@@ -149,7 +151,7 @@ class MultilevelCheckpoint(Checkpoint):
                 for own_attr in own_state:
                     if key in own_attr and own_attr.replace(key, "") == rest:
                         self.trainer.writer.write(f"Copying {own_attr} from {attr}")
-                        own_state[own_attr].copy_(ckpt[attr])
+                        own_state[own_attr].copy_(adapt(own_attr, ckpt[attr], own_state[own_attr]))
                         copied += 1
             if copied == 0:
                 raise KeyError(f"checkpoint.pretrained_state_mapping {own_prefix}: {ckpt_prefix} copied nothing: the "

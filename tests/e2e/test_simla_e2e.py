@@ -2,7 +2,10 @@
 generated raw images (coco_captions_images, the masked_token processor, 64x64 random resized crops), CPU, a few
 updates - the model's AdamW without the momentum copies, the EMA and α ramp pushed by the trainer, every loss
 in the log for training and validation, a checkpoint carrying the momentum model and the filled queues."""
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,3 +70,78 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(data, tmp_path):
         assert torch.equal(theirs["model"][key], value), key
     first = ours["optimizer"]["state"]
     assert first and all(torch.equal(theirs["optimizer"]["state"][k]["exp_avg"], v["exp_avg"]) for k, v in first.items())
+
+
+RECALLS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    """A tiny demo pre-training checkpoint (4 updates, queue of 32)."""
+    save = tmp_path_factory.mktemp("simla_pre") / "save"
+    run_mmf(save.parent, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT,
+            config=f"{ROOT}/projects/simla/demo/pretrain.yaml")
+    return save / "simla_final.pth"
+
+
+def test_retrieval_fine_tuning_and_two_stage_ranking_agree_with_mmf_run(data, pretrained, tmp_path):
+    """A few updates of projects/simla/demo/retrieval_coco.yaml from the pre-training checkpoint (the whole model
+    copied in: encoders, heads, momentum model, queues); the val gallery ranked by mmf_run with eval_pairs=all
+    equals the command's --all-pairs, and two-stage with k covering the gallery equals both."""
+    save = tmp_path / "save"
+    config = f"{ROOT}/projects/simla/demo/retrieval_coco.yaml"
+    metrics = repr([f"retrieval_{k}" for k in RECALLS])  # MMF decodes overrides with literal_eval
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.batch_size=8",
+                     f"checkpoint.resume_file={pretrained}", "checkpoint.resume_pretrained=True",
+                     "dataset_config.coco_retrieval_images.eval_pairs=all", f"evaluation.metrics={metrics}",
+                     "training.early_stop.criteria=val/coco_retrieval_images/retrieval_rsum",
+                     "training.early_stop.minimize=false", config=config)
+    assert "Finished run" in result.stdout + result.stderr
+    log = (save / "train.log").read_text()
+    for loss in ("itc", "itm"):
+        values = re.findall(rf"train/coco_retrieval_images/{loss}: ([0-9.]+)", log)
+        assert values and all(0.0 < float(v) < 100.0 for v in values), (loss, log[-3000:])
+    assert not re.search(r"train/coco_retrieval_images/(mlm|mim|psl)", log)
+    for key in ("heads.itm_head.weight", "momentum.copies.text_proj.weight", "queues.image_queue"):
+        assert f"Copying {key} from {key}" in log, key
+    found = re.findall(r"val/coco_retrieval_images/retrieval_rsum: ([0-9.]+)", log)
+    assert found, log[-3000:]
+    checkpoint = save / "simla_final.pth"
+    state = torch.load(checkpoint, weights_only=True)
+    assert int(state["queues.queue_ptr"]) == (UPDATES * 8 + UPDATES * BATCH) % 32  # pre-training's 16, then 4 x 8
+    outputs = {}
+    for mode, extra in (("all_pairs", ["--all-pairs"]), ("two_stage", ["--k", "1000"]), ("itc", ["--itc-only"]),
+                        ("two_stage_k1", ["--k", "1"])):
+        out = tmp_path / f"{mode}.json"
+        done = subprocess.run([sys.executable, "-m", "mmf_multilevel.methods.simla.retrieval", "--config", config,
+                               "--checkpoint", str(checkpoint), "--split", "val", *extra, "--out", str(out),
+                               f"env.data_dir={data}", "model_config.simla.queue_size=32"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[mode] = json.loads(out.read_text())
+    assert outputs["all_pairs"]["rsum"] == pytest.approx(float(found[-1]), abs=0.01)
+    for key in RECALLS:
+        assert outputs["two_stage"][key] == pytest.approx(outputs["all_pairs"][key])
+    gallery = outputs["all_pairs"]["pairs_fused"]
+    assert outputs["two_stage"]["pairs_fused"] == gallery and outputs["itc"]["pairs_fused"] == 0
+    assert 0 < outputs["two_stage_k1"]["pairs_fused"] < gallery
+
+
+def test_zero_shot_ranking_of_the_pre_training_checkpoint(data, pretrained, tmp_path):
+    """projects/simla/demo/zero_shot_flickr.yaml ranks the Flickr30K test gallery with the pre-training checkpoint,
+    built as a retrieval model or as the pre-training model itself: the same figures."""
+    outputs = {}
+    for head in ("retrieval", "pretraining"):
+        out = tmp_path / f"{head}.json"
+        done = subprocess.run([sys.executable, "-m", "mmf_multilevel.methods.simla.retrieval", "--config",
+                               f"{ROOT}/projects/simla/demo/zero_shot_flickr.yaml", "--checkpoint", str(pretrained),
+                               "--out", str(out), f"env.data_dir={data}", "model_config.simla.queue_size=32",
+                               f"model_config.simla.training_head_type={head}"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "two_stage (k 16) on" in done.stdout and "rsum" in done.stdout
+        outputs[head] = json.loads(out.read_text())
+    assert outputs["retrieval"]["pairs_fused"] > 0
+    for key in RECALLS:
+        assert 0.0 <= outputs["retrieval"][key] <= (600.0 if key == "rsum" else 100.0)
+        assert outputs["pretraining"][key] == pytest.approx(outputs["retrieval"][key])

@@ -88,7 +88,7 @@ def test_forward_backward_and_named_losses(name, head_type):
     grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert all(torch.isfinite(g).all() for g in grads.values())
     assert any(k.startswith("backbone.") and g.abs().sum() > 0 for k, g in grads.items()), "no gradient reached the backbone"
-    head = "heads." if head_type == "pretraining" else ("classifier.", "itm_head.")
+    head = "heads." if head_type == "pretraining" else ("classifier.", "itm_head.", "heads.itm_head.")
     assert any(k.startswith(head) and g.abs().sum() > 0 for k, g in grads.items()), "no gradient reached the head"
 
 

@@ -49,4 +49,5 @@ class SIMLAConfig(MethodConfig):
     cls_token_id: int = 101
     sep_token_id: int = 102
     pad_token_id: int = 0
+    k_test: int = 256
     optimization: SIMLAOptimizationConfig = field(default_factory=SIMLAOptimizationConfig)

@@ -24,6 +24,18 @@ Losses ``<split>/<dataset>/{itc,itm,mlm,mim,psl}`` (``mlm``, ``mim``, ``psl`` sw
 ablations); ``scores``: the ITM logits ``(3B, 2)`` of the positives and the two negative sets, in the
 order of :func:`~mmf_multilevel.methods.simla.losses.itm_pair_indices`.
 
+``training_head_type: retrieval`` (paper §3.1, "Image-Text Retrieval": ITC (Eq. 2) and ITM (Eq. 5) during
+fine-tuning; the official ``models/simla/retrieval.py`` otherwise). Aligned pairs (training, and ``eval_pairs:
+aligned`` validation) of ``coco_retrieval_images`` / ``flickr30k_retrieval_images``, each with its
+``image_index``: ITC with the queue and momentum distillation whose hard target is uniform over every
+caption of the same image in the batch (queued features are always negatives: the official ``idx_queue``
+stays -100), ITM on the pairs and one in-batch hard negative per image and per caption, never of the same
+image; losses ``<split>/<dataset>/{itc,itm}``. Gallery pairs (``pair_image_index``, ``eval_pairs: all``):
+``scores`` ``(P, 1)``, the ITM head's "match" logit of each pair (the official re-ranking score), for the
+``retrieval_*`` metrics. Two-stage inference (ITC top-k re-ranked by ITM): ``python -m
+mmf_multilevel.methods.simla.retrieval``. Both head types build the same modules, so a pre-training
+checkpoint loads into a retrieval model as it is (the ViT position embeddings resampled to its grid).
+
 Training hooks: :meth:`SIMLA.on_update_start` (the EMA step, α from the pushed update, the learning rate of
 the model's AdamW), :meth:`SIMLA.configure_optimizer` / :meth:`SIMLA.get_optimizer_parameters` (the momentum
 copies never reach an optimizer), :meth:`SIMLA.log_message` (α, τ, the queue pointer).
@@ -41,6 +53,7 @@ from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.simla.config import SIMLAConfig
 from mmf_multilevel.methods.simla.losses import (
     IGNORE_INDEX,
+    ITM_MATCH,
     distilled_token_loss,
     itc_loss,
     itm_loss,
@@ -60,6 +73,9 @@ __all__ = ["SIMLA", "SIMLABackbone", "MOMENTUM_PAIRS"]
 #: the online modules with a momentum copy (the official ``model_pairs``): the ViT (with its mask token), the
 #: BERT with its MLM head, both projections, the MIM and concept heads; the ITM head and τ have none
 MOMENTUM_PAIRS = ("visual_encoder", "text_encoder", "mlm", "vision_proj", "text_proj", "mim_head", "concept_head")
+
+#: the image id of a queued feature in retrieval fine-tuning (the official ``idx_queue``, never written)
+UNTRACKED_ID = -100
 
 
 class SIMLABackbone(nn.Module):
@@ -93,7 +109,7 @@ class SIMLA(MethodModel):
 
     name = "simla"
     config_class = SIMLAConfig
-    head_types = ("pretraining",)
+    head_types = ("pretraining", "retrieval")
 
     # ------------------------------------------------------------------ build
     def build_backbone(self):
@@ -117,7 +133,9 @@ class SIMLA(MethodModel):
             from mmf_multilevel.modules.heads import bert_pretraining_head_state
 
             self.heads.mlm.load_bert_state_dict(bert_pretraining_head_state(str(s.bert_model_name)))
-        self.heads.tie_to(backbone.text_encoder.word_embeddings)
+        if head_type == "pretraining":
+            # retrieval never reads the MLM head: kept (a pre-training checkpoint loads as it is), not tied
+            self.heads.tie_to(backbone.text_encoder.word_embeddings)
 
     def after_build(self):
         s = self.settings
@@ -127,7 +145,7 @@ class SIMLA(MethodModel):
         self.momentum = MomentumCopies({name: online[name] for name in MOMENTUM_PAIRS}, momentum=s.momentum)
         self.queues = FeatureQueues(s.embed_dim, s.queue_size)
         # the frozen dVAE: a plain attribute (outside the state dict, the optimizer, the EMA and .train())
-        self.dvae = self._build_tokenizer() if s.mim else None
+        self.dvae = self._build_tokenizer() if s.mim and self.head_type == "pretraining" else None
         self.alpha = self.alpha_at(self.progress)
         self._optimizer = None
         self.skipped_enqueues = 0
@@ -143,6 +161,16 @@ class SIMLA(MethodModel):
             raise ValueError(f"model_config.simla.dvae_path: the tokenizer has {tokenizer.vocab_size} visual tokens, "
                              f"model_config.simla.image_vocab is {s.image_vocab}")
         return tokenizer
+
+    def adapt_pretrained_tensor(self, name: str, tensor: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """A ``pretrained_state_mapping`` load of a checkpoint at another resolution (pre-training at 256²,
+        fine-tuning at 384²): the ViT position embeddings, online and momentum, resampled to this model's grid
+        (the official ``interpolate_pos_embed``); every other tensor as it is."""
+        if name.endswith("vit.pos_embed") and tuple(tensor.shape) != tuple(own.shape):
+            from mmf_multilevel.methods.simla.vision import resize_position_embeddings
+
+            return resize_position_embeddings({"pos_embed": tensor}, self.backbone.image_encoder.grid_size)["pos_embed"]
+        return tensor
 
     # ------------------------------------------------------------------ optimisation
     def get_optimizer_parameters(self, config):
@@ -301,6 +329,59 @@ class SIMLA(MethodModel):
         if self.training:
             self._enqueue(image_feat_m, text_feat_m)
         return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits}
+
+    def task_forward(self, sample_list):
+        """Retrieval (``training_head_type: retrieval``): the fine-tuning losses on aligned pairs, the ITM match
+        logit of every gallery pair (see the module docstring)."""
+        if self.training or "pair_image_index" not in sample_list:
+            return self.retrieval_losses(sample_list)
+        text = text_inputs(sample_list, self.name)
+        image_embeds = self.backbone.image_encoder(pixel_inputs(sample_list, self.name).pixels)
+        fused = self.backbone.text_encoder.fuse(text.input_ids, text.mask, image_embeds)
+        return {"scores": self.heads.itm_logits(fused[:, 0])[:, ITM_MATCH:ITM_MATCH + 1]}
+
+    def retrieval_losses(self, sample_list):
+        """ITC + ITM on aligned (image, caption) pairs (paper §3.1; official ``models/simla/retrieval.py``):
+        the ITC hard target of a caption is uniform over the batch's captions of its image (``image_index``;
+        without it each pair is its own image), mixed with the momentum model's distribution by α; the
+        queue holds the momentum features of earlier batches, all negatives. ITM: the B pairs, a hard
+        negative image per caption and a hard negative caption per image drawn from the ITC similarities
+        with every pair of the same image excluded."""
+        heads, momentum = self.heads, self.momentum
+        image_encoder, text_encoder = self.backbone.image_encoder, self.backbone.text_encoder
+        text = text_inputs(sample_list, self.name)
+        pixels = pixel_inputs(sample_list, self.name).pixels
+        ids, mask = text.input_ids, text.mask
+        batch = ids.size(0)
+        if "image_index" in sample_list:
+            image_ids = sample_list["image_index"].to(ids.device).long().view(-1)
+        else:
+            image_ids = torch.arange(batch, device=ids.device)
+        temp = heads.clamp_temperature()
+        image_embeds = image_encoder(pixels)
+        image_feat = heads.image_feature(image_embeds[:, 0])
+        text_feat = heads.text_feature(text_encoder.encode_text(ids, mask)[:, 0])
+        with torch.no_grad():
+            image_feat_m = F.normalize(momentum["vision_proj"](momentum["visual_encoder"](pixels)[:, 0]), dim=-1)
+            text_feat_m = F.normalize(momentum["text_proj"](momentum["text_encoder"].encode_text(ids, mask)[:, 0]),
+                                      dim=-1)
+        # the official idx_queue is never written: every queued feature is a negative
+        queue_ids = torch.full((self.queues.queue_size,), UNTRACKED_ID, dtype=torch.long, device=ids.device)
+        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.queues.image_queue,
+                       self.queues.text_queue, temp, float(self.alpha), image_ids=image_ids, queue_ids=queue_ids)
+        losses = {"itc": itc.loss}
+        if bool((image_ids != image_ids[0]).any()):
+            neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids=image_ids)
+            text_index, image_index = itm_pair_indices(neg_text, neg_image)
+            fused = text_encoder.fuse(ids[text_index], mask[text_index], image_embeds[image_index])
+            itm_logits = heads.itm_logits(fused[:, 0])
+            losses["itm"] = itm_loss(itm_logits)
+        else:  # one image in the batch (a short last validation batch): no negative to draw
+            itm_logits = heads.itm_logits(text_encoder.fuse(ids, mask, image_embeds)[:, 0])
+            losses["itm"] = itm_logits.sum() * 0.0
+        if self.training:
+            self._enqueue(image_feat_m, text_feat_m)
+        return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits[:batch]}
 
     def _mim_loss(self, pixels, ids, mask, alpha):
         s, heads, momentum = self.settings, self.heads, self.momentum

@@ -23,7 +23,9 @@ def tiny_config(head_type):
 def tiny_batch(head_type, seed=0, batch=4, length=8, vocab_size=40, dataset_name="simla_contract"):
     """A caption batch on raw images as ``coco_captions_images`` gives it: ``[CLS] words [SEP]`` (every
     other caption shorter, zero-padded), two words of each replaced by [MASK] with ``lm_label_ids`` (-1
-    elsewhere), ``image`` ``(B, 3, 64, 64)`` with ``image_size``."""
+    elsewhere), ``image`` ``(B, 3, 64, 64)`` with ``image_size``. ``retrieval``: aligned pairs as
+    ``coco_retrieval_images`` gives them, unmasked, with ``image_index``: the first two captions describe one
+    image (the same pixels), the others one image each."""
     from mmf.common.sample import SampleList
 
     generator = torch.Generator().manual_seed(seed)
@@ -44,5 +46,11 @@ def tiny_batch(head_type, seed=0, batch=4, length=8, vocab_size=40, dataset_name
     sample_list.segment_ids = torch.zeros_like(ids)
     sample_list.image = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     sample_list.image_size = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * batch)
+    if head_type == "retrieval":
+        del sample_list["lm_label_ids"]
+        sample_list.input_ids = ids
+        image_index = torch.tensor([0] + list(range(batch - 1)))
+        sample_list.image = sample_list.image[image_index]
+        sample_list.image_index = image_index
     sample_list.dataset_name, sample_list.dataset_type = dataset_name, "train"
     return sample_list

@@ -1,0 +1,238 @@
+"""SIMLA's retrieval inference (paper §3.6: the unimodal encoders retrieve the top-k candidates of a query,
+the multimodal encoder re-ranks them), fine-tuned or zero-shot.
+
+The gallery's images go through the ViT once and its captions through the BERT in text mode once
+(:func:`encode_gallery`); the cosine of their projected [CLS] features (``f_v · f_t``, no temperature, as
+the official ``Retrieval.py``) ranks every caption for every image and every image for every caption.
+Two-stage (the default): each query's top ``k`` candidates (``model_config.simla.k_test``; the official
+256 for COCO, 128 for Flickr30K) are re-scored by the multimodal BERT reading the cached image tokens and
+the ITM head's "match" logit; the others are ranked last. ``--itc-only``: the ITC similarity alone (no
+multimodal pass). ``--all-pairs``: the ITM score of every pair, what ``mmf_run`` evaluation of a
+``retrieval`` model with ``eval_pairs: all`` computes through the stock loop.
+
+    python -m mmf_multilevel.methods.simla.retrieval --config projects/simla/retrieval_coco.yaml \\
+        --checkpoint save/simla_coco/simla_final.pth [--split test] [--itc-only | --all-pairs] [--k 256] \\
+        [overrides ...]
+
+Zero-shot: the same command on a pre-training checkpoint (``projects/simla/zero_shot_flickr.yaml``); a
+pre-training model has the ITM head too, and both head types hold the same modules. Prints R@1/5/10 of
+both directions and RSUM (``--out`` writes them as JSON).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from mmf_multilevel.evaluation.retrieval import all_pair_scores, query_ranks, retrieval_metrics, two_stage_scores
+
+__all__ = ["Gallery", "encode_gallery", "rank_gallery", "load_configuration", "load_model", "build_split", "main",
+           "DATASETS", "HEAD_TYPES"]
+
+#: the raw-image retrieval datasets this command ranks
+DATASETS = ("coco_retrieval_images", "flickr30k_retrieval_images")
+#: the SIMLA models it accepts: fine-tuned, or pre-trained (zero-shot)
+HEAD_TYPES = ("retrieval", "pretraining")
+
+
+@dataclass
+class Gallery:
+    """A retrieval split through the unimodal encoders: the caption ids ``(T, L)`` and masks, the image
+    tokens ``(I, 1 + N, H)`` (the cross-attention memory), the ITC similarity ``(I, T)`` and the ground
+    truth ``(I, T)``."""
+
+    input_ids: torch.Tensor
+    text_mask: torch.Tensor
+    image_embeds: torch.Tensor
+    similarity: torch.Tensor
+    gt: torch.Tensor
+
+
+def _collate(samples):
+    from mmf.common.sample import SampleList
+
+    return SampleList(samples)
+
+
+@torch.no_grad()
+def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
+    """Every image of ``dataset`` (a ``*_retrieval_images`` split) through the ViT and every caption through
+    the BERT in text mode, once each; their normalised projected [CLS] features give the similarity."""
+    from mmf.common.sample import Sample
+
+    from mmf_multilevel.methods.batch import pixel_inputs, text_inputs
+
+    device = next(model.parameters()).device
+    image_encoder, text_encoder = model.backbone.image_encoder, model.backbone.text_encoder
+    ids, masks, text_feats = [], [], []
+    for start in range(0, dataset.num_texts, batch_size):
+        stop = min(start + batch_size, dataset.num_texts)
+        batch = _collate([Sample(dict(dataset._text(t))) for t in range(start, stop)]).to(device)
+        text = text_inputs(batch, "simla")
+        text_feats.append(model.heads.text_feature(text_encoder.encode_text(text.input_ids, text.mask)[:, 0]))
+        ids.append(text.input_ids)
+        masks.append(text.mask)
+    images, image_feats = [], []
+    for start in range(0, dataset.num_images, batch_size):
+        samples = []
+        for index in range(start, min(start + batch_size, dataset.num_images)):
+            sample = Sample()
+            dataset.attach_visual(sample, dataset.records[index]["image_id"])
+            samples.append(sample)
+        pixels = pixel_inputs(_collate(samples).to(device), "simla").pixels
+        embeds = image_encoder(pixels)
+        images.append(embeds)
+        image_feats.append(model.heads.image_feature(embeds[:, 0]))
+    similarity = torch.cat(image_feats) @ torch.cat(text_feats).t()
+    gt = torch.zeros(dataset.num_images, dataset.num_texts, dtype=torch.bool)
+    gt[dataset.text_image, torch.arange(dataset.num_texts)] = True
+    return Gallery(torch.cat(ids), torch.cat(masks), torch.cat(images), similarity.float().cpu(), gt)
+
+
+def match_function(model, gallery: Gallery):
+    """``(image_idx, text_idx) -> ITM match logit`` of those pairs (the official re-ranking score
+    ``itm_head(...)[:, 1]``), the multimodal BERT reading the cached image tokens."""
+    from mmf_multilevel.methods.simla.losses import ITM_MATCH
+
+    text_encoder = model.backbone.text_encoder
+
+    @torch.no_grad()
+    def match(image_idx, text_idx):
+        device = gallery.input_ids.device
+        image_idx, text_idx = image_idx.to(device), text_idx.to(device)
+        fused = text_encoder.fuse(gallery.input_ids[text_idx], gallery.text_mask[text_idx],
+                                  gallery.image_embeds[image_idx])
+        return model.heads.itm_logits(fused[:, 0])[:, ITM_MATCH].float()
+
+    return match
+
+
+def rank_gallery(model, gallery: Gallery, mode: str = "two_stage", k: int = 256,
+                 chunk_size: int = 256) -> Dict[str, float]:
+    """R@1/5/10 both ways and RSUM of ``mode``: ``two_stage`` (ITC top-``k`` of each query re-ranked by ITM),
+    ``itc`` (the ITC similarity alone) or ``all_pairs`` (ITM on every pair); plus ``pairs_fused`` and
+    ``seconds``."""
+    started = time.perf_counter()
+    fused = [0]
+    match = match_function(model, gallery)
+
+    def counted(image_idx, text_idx):
+        fused[0] += image_idx.numel()
+        return match(image_idx, text_idx)
+
+    if mode == "itc":
+        i2t = t2i = gallery.similarity
+    elif mode == "two_stage":
+        i2t, t2i = two_stage_scores(None, None, counted, k=k, chunk_size=chunk_size, similarity=gallery.similarity)
+    elif mode == "all_pairs":
+        i2t = t2i = all_pair_scores(gallery.similarity.size(0), gallery.similarity.size(1), counted, chunk_size)
+    else:
+        raise ValueError(f"mode must be two_stage, itc or all_pairs, got {mode!r}")
+    metrics = retrieval_metrics(query_ranks(i2t, gallery.gt), query_ranks(t2i.t(), gallery.gt.t()))
+    metrics.update(pairs_fused=fused[0], seconds=time.perf_counter() - started)
+    return metrics
+
+
+def load_configuration(config_path: str, overrides: Sequence[str] = ()):
+    """The MMF config ``mmf_run config=<config_path> <overrides>`` would run with, registered globally."""
+    from mmf.common.registry import registry
+    from mmf.utils.env import setup_imports
+
+    from mmf_multilevel.compat.launcher import build_configuration, parse_args
+
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"--config {config_path}: no such file")
+    setup_imports()
+    config = build_configuration(parse_args([f"config={config_path}", *overrides])).get_config()
+    registry.register("config", config)
+    return config
+
+
+def load_model(config, checkpoint: Optional[str]):
+    """The config's ``simla`` model (head type ``retrieval`` or ``pretraining``) as MMF builds it, with
+    ``checkpoint``'s weights (strict; either head type's checkpoint fits either), in eval mode."""
+    from mmf.utils.build import build_model
+    from omegaconf import open_dict
+
+    from mmf_multilevel.zoo.zoo import read_state
+
+    if config.get("model") != "simla":
+        raise ValueError(f"the config's model is {config.get('model')!r}; this command evaluates 'simla'")
+    attributes = config.model_config.simla
+    head_type = attributes.get("training_head_type")
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"model_config.simla.training_head_type is {head_type!r}; this command ranks with "
+                         f"one of {list(HEAD_TYPES)}")
+    with open_dict(attributes):
+        attributes.model = "simla"
+    model = build_model(attributes)
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
+        model.load_state_dict(read_state(checkpoint), strict=True)
+    return model.eval()
+
+
+def build_split(config, split: str):
+    """The config's first dataset (``coco_retrieval_images`` or ``flickr30k_retrieval_images``), ``split``
+    of it as a gallery (``eval_pairs: all``), processors ready."""
+    from mmf.common.registry import registry
+    from omegaconf import open_dict
+
+    name = str(config.datasets).split(",")[0].strip()
+    if name not in DATASETS:
+        raise ValueError(f"datasets: {name!r} is not a raw-image retrieval dataset ({', '.join(DATASETS)})")
+    builder = registry.get_builder_class(name)
+    dataset_config = config.dataset_config[name]
+    with open_dict(dataset_config):
+        dataset_config.eval_pairs = "all"
+    dataset = builder.dataset_class(name, dataset_config, split)
+    dataset.init_processors()
+    return dataset
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmf_multilevel.methods.simla.retrieval",
+                                     description="SIMLA retrieval: ITC top-k re-ranked by ITM (paper §3.6).")
+    parser.add_argument("--config", required=True,
+                        help="a simla retrieval project (projects/simla/retrieval_*.yaml, zero_shot_flickr.yaml)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the model's weights (.pth / .ckpt), fine-tuned or pre-trained; none: as built")
+    parser.add_argument("--split", default="test", choices=("val", "test"))
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--itc-only", action="store_true", help="the ITC similarity alone, no multimodal pass")
+    group.add_argument("--all-pairs", action="store_true", help="the ITM score of every pair")
+    parser.add_argument("--k", type=int, default=None, help="candidates re-ranked per query (default "
+                        "model_config.simla.k_test)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="write the metrics here as JSON")
+    parser.add_argument("opts", nargs="*", help="config overrides, as for mmf_run (env.data_dir=...)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_configuration(args.config, args.opts)
+        model = load_model(config, args.checkpoint).to(args.device)
+        dataset = build_split(config, args.split)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    mode = "itc" if args.itc_only else "all_pairs" if args.all_pairs else "two_stage"
+    k = int(args.k or model.settings.k_test)
+    gallery = encode_gallery(model, dataset, args.batch_size)
+    metrics = rank_gallery(model, gallery, mode, k)
+    print(f"{mode}{f' (k {k})' if mode == 'two_stage' else ''} on {dataset.num_images} images x "
+          f"{dataset.num_texts} captions ({metrics['pairs_fused']} pairs fused, {metrics['seconds']:.1f} s)")
+    print("  ".join(f"{key} {metrics[key]:.2f}" for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10",
+                                                           "rsum")))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"mode": mode, "k": k, **metrics}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""SIMLA's retrieval head (``training_head_type: retrieval``) on the tiny configuration: the image-id-aware ITC
+target (every caption of an image a positive) against a computation written out here, the ITM hard negatives
+never of the query's image, the gallery scores (the ITM match logit), aligned validation without an enqueue,
+and a pre-training checkpoint loading into a retrieval model whole."""
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from mmf_multilevel.methods.progress import TrainingProgress
+from mmf_multilevel.methods.simla import model as simla_model
+from mmf_multilevel.methods.simla import testing
+from mmf_multilevel.methods.simla.losses import itc_loss
+
+pytestmark = pytest.mark.usefixtures("mmf_global_config")
+
+#: six captions of three images: 0 has three, 1 two, 2 one
+IMAGE_INDEX = [0, 0, 0, 1, 1, 2]
+
+
+def build(head_type="retrieval", seed=0, **overrides):
+    from mmf.common.registry import registry
+
+    cls = registry.get_model_class("simla")
+    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.simla, testing.tiny_config(head_type),
+                             overrides)
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.build()
+    model.init_losses()  # as MMF's build_model does
+    return model
+
+
+def aligned_batch(image_index=IMAGE_INDEX, seed=0):
+    """Aligned pairs as ``coco_retrieval_images`` gives them: the captions of one image each with their own
+    augmented view of it (the picture plus a little noise). With identical pixels the captions of an image would
+    have identical ITC logits, and a pair-only target would give the same loss as the image-aware one."""
+    batch = testing.tiny_batch("retrieval", seed=seed, batch=len(image_index))
+    index = torch.tensor(image_index)
+    generator = torch.Generator().manual_seed(seed + 100)
+    pictures = torch.randn(int(index.max()) + 1, 3, testing.IMAGE_SIZE, testing.IMAGE_SIZE, generator=generator)
+    views = pictures[index] + 0.3 * torch.randn(index.numel(), 3, testing.IMAGE_SIZE, testing.IMAGE_SIZE,
+                                                generator=generator)
+    batch.image, batch.image_index = views, index
+    return batch
+
+
+def test_the_itc_target_makes_every_caption_of_an_image_a_positive():
+    """``itc_loss`` with the batch's image ids and the untracked queue ids, α = 0: the cross-entropy against the
+    hard target alone, which for pair b is uniform over the batch's pairs of b's image (both directions) and zero
+    on every queued feature - written out row by row on random features."""
+    generator = torch.Generator().manual_seed(0)
+    n, dim, queue = len(IMAGE_INDEX), 8, 5
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+    image_feat, text_feat, image_feat_m, text_feat_m = (unit(n, dim) for _ in range(4))
+    image_queue, text_queue = unit(queue, dim).t(), unit(queue, dim).t()
+    temp = torch.tensor(0.1)
+    ids = torch.tensor(IMAGE_INDEX)
+    got = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, 0.0,
+                   image_ids=ids, queue_ids=torch.full((queue,), simla_model.UNTRACKED_ID)).loss
+    expected = 0.0
+    for b in range(n):
+        positives = [j for j in range(n) if IMAGE_INDEX[j] == IMAGE_INDEX[b]]
+        target = torch.zeros(n + queue)
+        target[positives] = 1.0 / len(positives)
+        i2t = torch.cat([image_feat[b] @ text_feat_m.t(), image_feat[b] @ text_queue]) / temp
+        t2i = torch.cat([text_feat[b] @ image_feat_m.t(), text_feat[b] @ image_queue]) / temp
+        expected += -(target * F.log_softmax(i2t, dim=0)).sum() / 2 - (target * F.log_softmax(t2i, dim=0)).sum() / 2
+    assert float(got) == pytest.approx(float(expected) / n, rel=1e-5)
+
+
+def test_the_model_hands_itc_the_batch_image_ids_and_a_queue_of_negatives(monkeypatch):
+    seen = []
+    original = simla_model.itc_loss
+
+    def record(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(simla_model, "itc_loss", record)
+    model = build(queue_size=12).train()
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    model(aligned_batch())
+    (kwargs,) = seen
+    assert kwargs["image_ids"].tolist() == IMAGE_INDEX
+    queue_ids = kwargs["queue_ids"]
+    assert queue_ids.shape == (12,) and not bool(torch.isin(queue_ids, kwargs["image_ids"]).any())
+
+
+def test_the_itm_negatives_are_never_of_the_same_image(monkeypatch):
+    drawn = []
+    original = simla_model.itm_pair_indices
+
+    def record(neg_text, neg_image):
+        drawn.append((neg_text.clone(), neg_image.clone()))
+        return original(neg_text, neg_image)
+
+    monkeypatch.setattr(simla_model, "itm_pair_indices", record)
+    model = build(queue_size=12).train()
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    index = torch.tensor(IMAGE_INDEX)
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = model(aligned_batch(seed=seed))
+        assert out["scores"].shape == (len(IMAGE_INDEX), 2)
+    assert len(drawn) == 12
+    for neg_text, neg_image in drawn:
+        assert (index[neg_text] != index).all(), (neg_text, index)
+        assert (index[neg_image] != index).all(), (neg_image, index)
+
+
+def test_a_batch_of_one_image_has_a_zero_itm_loss_and_aligned_validation_enqueues_nothing():
+    model = build(queue_size=12).eval()
+    batch = aligned_batch([0, 0, 0])
+    batch.dataset_type = "val"
+    with torch.no_grad():
+        losses = model(batch)["losses"]
+    assert float(losses["val/simla_contract/itm"]) == 0.0 and torch.isfinite(losses["val/simla_contract/itc"])
+    assert int(model.queues.queue_ptr) == 0
+
+
+def test_gallery_pairs_are_scored_by_the_itm_match_logit():
+    model = build().eval()
+    batch = aligned_batch([0, 1, 1, 2])
+    del batch["image_index"]
+    batch.pair_image_index, batch.pair_text_index = torch.tensor([0, 1, 1, 2]), torch.arange(4)
+    batch.dataset_type = "test"
+    with torch.no_grad():
+        scores = model(batch)["scores"]
+        net = model.backbone
+        fused = net.text_encoder.fuse(batch.input_ids, batch.input_mask, net.image_encoder(batch.image))
+        expected = model.heads.itm_head(fused[:, 0])[:, 1:]
+    assert scores.shape == (4, 1)
+    torch.testing.assert_close(scores, expected)
+
+
+def test_a_pre_training_checkpoint_loads_whole_into_a_retrieval_model():
+    state = build("pretraining", seed=3).state_dict()
+    target = build("retrieval", seed=4)
+    target.load_state_dict(state, strict=True)
+    assert torch.equal(target.state_dict()["heads.itm_head.weight"], state["heads.itm_head.weight"])
+    assert target.dvae is None
+
+
+def test_pretrained_state_mapping_resamples_the_position_embeddings_to_the_fine_tuning_grid():
+    """A 64² pre-training checkpoint (4x4 patches) into a 96² retrieval model (6x6) through the trainer's
+    ``pretrained_state_mapping`` load: the online and momentum position embeddings resampled, the rest copied."""
+    from types import SimpleNamespace
+
+    from mmf_multilevel.methods.simla.vision import resize_position_embeddings
+    from mmf_multilevel.trainers.checkpoint import MultilevelCheckpoint
+
+    source = build("pretraining", seed=3).state_dict()
+    target = build("retrieval", seed=4, image_size=96)
+    mapping = {"backbone": "backbone", "heads": "heads", "momentum": "momentum", "queues": "queues"}
+    config = OmegaConf.create({"checkpoint": {"pretrained_state_mapping": mapping}})
+    writer = SimpleNamespace(write=lambda *args, **kwargs: None)
+    MultilevelCheckpoint._load_pretrained(SimpleNamespace(trainer=SimpleNamespace(model=target, config=config,
+                                                                                  writer=writer)), source)
+    after = target.state_dict()
+    for key in ("backbone.image_encoder.vit.pos_embed", "momentum.copies.visual_encoder.vit.pos_embed"):
+        assert after[key].shape == (1, 37, 32)
+        torch.testing.assert_close(after[key], resize_position_embeddings({"pos_embed": source[key]}, (6, 6))["pos_embed"])
+    for key in ("heads.itm_head.weight", "backbone.text_encoder.text.bert.embeddings.word_embeddings.weight",
+                "momentum.copies.vision_proj.weight", "queues.text_queue"):
+        assert torch.equal(after[key], source[key]), key
+
+
+def test_sixty_steps_on_a_fixed_batch_lower_both_losses():
+    model = build(queue_size=12, optimization=dict(lr=1e-3, warmup_lr=1e-3, warmup_updates=0)).train()
+    optimizer = model.configure_optimizer(OmegaConf.create({}))
+    batch = aligned_batch()
+    history = []
+    for step in range(60):
+        model.on_update_start(TrainingProgress(update=step, epoch=1))
+        torch.manual_seed(step)
+        losses = model(batch)["losses"]
+        history.append({key.rsplit("/", 1)[-1]: float(value) for key, value in losses.items()})
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    for name in ("itc", "itm"):
+        assert history[-1][name] < 0.9 * history[0][name], (name, history[0], history[-1])

@@ -218,7 +218,7 @@ def test_draws_follow_the_given_generator_only():
     whatever the global RNG did), and a sampled negative is the multinomial draw of softmax(scale · sim)
     over the allowed entries (scale 1 when none is given)."""
     g = torch.Generator().manual_seed(4)
-    sim = torch.randn(5, 5, generator=g)
+    sim = torch.randn(30, 30, generator=g) * 2
     outs = []
     for noise in (1, 2):
         torch.manual_seed(noise)  # the global RNG differs between the two calls
@@ -236,7 +236,7 @@ def test_draws_follow_the_given_generator_only():
             assert torch.equal(a, b)
     image, text = outs[0][:2]
     assert image.dtype == torch.long and text.dtype == torch.long
-    probs = torch.softmax(sim.masked_fill(torch.eye(5, dtype=torch.bool), float("-inf")), dim=1)
+    probs = torch.softmax(sim.masked_fill(torch.eye(30, dtype=torch.bool), float("-inf")), dim=1)
     want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(7)).view(-1)
     assert torch.equal(image, want)
 

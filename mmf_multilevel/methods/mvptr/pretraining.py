@@ -1,12 +1,13 @@
-"""MVPTR's pre-training heads (paper §3.1-§3.2; spec §2.4). The losses come later.
+"""MVPTR's pre-training heads (paper §3.2-§3.3; the losses are in ``losses.py``, the wiring in ``model.py``).
 
 * ``mlm``: BERT's LM head (dense, GELU, LayerNorm, decoder + bias) on the multimodal outputs of the
-  text tokens (paper §3.2 "Masked Language Modeling");
-* ``mcr``: a second, separate LM head on the visual-encoder outputs of the masked tags (paper §3.1
-  "Masked Concept Recovering"; the targets are word-pieces, spec §8.2);
+  text tokens (paper §3.3, "Masked Language Modeling", Eq. 3);
+* ``mcr``: a second, separate LM head on the visual-encoder outputs of the masked tags (paper §3.2,
+  "Masked Concept Recovering"; the targets are word-pieces, as the official code's ``half_mlm`` predicts them);
 * both decoders are **tied** to the first ``vocab_size`` (30,522) rows of the network's shared word table,
-  so phrase-concept rows are never predicted (spec §2.4);
-* ``itm``: ``Linear(H, 2)`` on the multimodal pooler output (paper §3.2 "Image-Text Matching").
+  so phrase-concept rows are never predicted (the paper: the MLM vocabulary holds no phrase);
+* ``itm``: ``Linear(H, 2)`` on the multimodal pooler output (paper §3.3, "Image-Text Matching", Eq. 4;
+  index 1 = matched).
 
 The VSC projections and temperature are on the network (:class:`~.network.MVPTRNetwork`:
 ``txt_proj``, ``vis_proj``, ``logit_scale``) because uni-modal retrieval uses them as well.

@@ -107,6 +107,21 @@ def build_configuration(args):
     return configuration
 
 
+def load_run_config(config_path, overrides=()):
+    """The config ``mmf_run config=<config_path> <overrides>`` would run with (includes, the model's and the
+    datasets' defaults), registered as MMF's global config: what a command reading a project (a ranking, a
+    picture) starts from. A missing file is a ``FileNotFoundError``, a bad override a :class:`ConfigError`."""
+    from mmf.common.registry import registry
+    from mmf.utils.env import setup_imports
+
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"--config {config_path}: no such file")
+    setup_imports()
+    config = build_configuration(parse_args([f"config={config_path}", *overrides])).get_config()
+    registry.register("config", config)
+    return config
+
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

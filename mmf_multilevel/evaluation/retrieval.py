@@ -134,6 +134,33 @@ def two_stage_scores(image_embeds, text_embeds, match_fn, k=128, chunk_size=4096
     return i2t.view(n_img, n_txt), t2i.view(n_img, n_txt)
 
 
+def rank_gallery(similarity, gt, match_fn, mode="two_stage", k=128, k_t2i=None, chunk_size=4096):
+    """R@1/5/10 both ways and RSUM of a gallery (``similarity`` and ``gt``: images x texts) ranked by
+    ``mode``: ``similarity`` (the embedding similarity alone), ``two_stage`` (each query's top ``k`` /
+    ``k_t2i`` re-scored by ``match_fn``, :func:`two_stage_scores`) or ``all_pairs`` (``match_fn`` on every
+    pair); plus ``pairs_fused`` (pairs ``match_fn`` scored) and ``seconds``."""
+    import time
+
+    started = time.perf_counter()
+    fused = [0]
+
+    def counted(image_idx, text_idx):
+        fused[0] += image_idx.numel()
+        return match_fn(image_idx, text_idx)
+
+    if mode == "similarity":
+        i2t = t2i = similarity
+    elif mode == "two_stage":
+        i2t, t2i = two_stage_scores(None, None, counted, k=k, k_t2i=k_t2i, chunk_size=chunk_size, similarity=similarity)
+    elif mode == "all_pairs":
+        i2t = t2i = all_pair_scores(similarity.size(0), similarity.size(1), counted, chunk_size)
+    else:
+        raise ValueError(f"mode must be similarity, two_stage or all_pairs, got {mode!r}")
+    metrics = retrieval_metrics(query_ranks(i2t, gt), query_ranks(t2i.t(), gt.t()))
+    metrics.update(pairs_fused=fused[0], seconds=time.perf_counter() - started)
+    return metrics
+
+
 def distributed_ranks(shard_scores, shard_gt, ties="pessimistic", group=None):
     """Ranks when this process holds the score rows of a shard of the images.
 

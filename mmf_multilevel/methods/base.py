@@ -52,7 +52,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised only withou
 
     registry = None
 
-__all__ = ["TrainingProgress", "MethodModel", "register_method", "apply_key_map"]
+__all__ = ["TrainingProgress", "MethodModel", "register_method", "apply_key_map", "load_method_model"]
 
 
 def register_method(cls):
@@ -60,6 +60,28 @@ def register_method(cls):
     if registry is not None:
         registry.register_model(cls.name)(cls)
     return cls
+
+
+def load_method_model(config, name: str, checkpoint=None):
+    """The run config's model ``name`` built as MMF's trainer builds it, with ``checkpoint``'s weights (an
+    MMF ``.pth`` state dict or ``.ckpt``; strict) when given, in eval mode: what a command that evaluates
+    a trained model (a ranking, a picture) starts from."""
+    from mmf.utils.build import build_model
+    from omegaconf import open_dict
+
+    from mmf_multilevel.zoo.zoo import read_state
+
+    if config.get("model") != name:
+        raise ValueError(f"the config's model is {config.get('model')!r}; this command evaluates {name!r}")
+    attributes = config.model_config[name]
+    with open_dict(attributes):
+        attributes.model = name
+    model = build_model(attributes)
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
+        model.load_state_dict(read_state(checkpoint), strict=True)
+    return model.eval()
 
 
 def apply_key_map(key: str, key_map: Sequence[Tuple[str, Optional[str]]]) -> Optional[str]:

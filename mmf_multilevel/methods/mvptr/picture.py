@@ -159,7 +159,8 @@ def _parser():
 def main(argv=None) -> int:
     from mmf.common.sample import Sample, SampleList
 
-    from mmf_multilevel.methods.mvptr.retrieval import load_configuration, load_model
+    from mmf_multilevel.compat.launcher import load_run_config
+    from mmf_multilevel.methods.mvptr.retrieval import load_model
     from mmf_multilevel.methods.soho.picture import write_picture
 
     args = _parser().parse_args(argv)
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
         print("error: give either --index or --caption (with --image-id)", file=sys.stderr)
         return 2
     try:
-        config = load_configuration(args.config, args.opts)
+        config = load_run_config(args.config, args.opts)
         model = load_model(config, args.checkpoint)
         from mmf_multilevel.methods.mvptr.data import MVPTRCaptionsDataset
 

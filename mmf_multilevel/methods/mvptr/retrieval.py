@@ -16,17 +16,15 @@ prints R@1/5/10 of both directions and RSUM (``--out`` writes them as JSON).
 """
 import argparse
 import json
-import os
 import sys
-import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 
-from mmf_multilevel.evaluation.retrieval import all_pair_scores, query_ranks, retrieval_metrics, two_stage_scores
+from mmf_multilevel.evaluation.retrieval import rank_gallery as rank_scored_gallery
 
-__all__ = ["Gallery", "encode_gallery", "rank_gallery", "load_configuration", "load_model", "main"]
+__all__ = ["Gallery", "encode_gallery", "rank_gallery", "load_model", "main"]
 
 
 @dataclass
@@ -108,61 +106,17 @@ def rank_gallery(model, gallery: Gallery, mode: str = "two_stage", k_texts: int 
                  chunk_size: int = 256) -> Dict[str, float]:
     """R@1/5/10 both ways and RSUM of ``mode``: ``two_stage`` (VSC top-k re-ranked by ITM), ``uni``
     (MVPTR-Uni: VSC alone) or ``all_pairs`` (ITM on every pair); plus ``pairs_fused`` and ``seconds``."""
-    started = time.perf_counter()
-    fused = [0]
-    match = match_function(model, gallery)
-
-    def counted(image_idx, text_idx):
-        fused[0] += image_idx.numel()
-        return match(image_idx, text_idx)
-
-    if mode == "uni":
-        i2t = t2i = gallery.similarity
-    elif mode == "two_stage":
-        i2t, t2i = two_stage_scores(None, None, counted, k=k_texts, k_t2i=k_images, chunk_size=chunk_size,
-                                    similarity=gallery.similarity)
-    elif mode == "all_pairs":
-        i2t = t2i = all_pair_scores(gallery.similarity.size(0), gallery.similarity.size(1), counted, chunk_size)
-    else:
+    if mode not in ("two_stage", "uni", "all_pairs"):
         raise ValueError(f"mode must be two_stage, uni or all_pairs, got {mode!r}")
-    metrics = retrieval_metrics(query_ranks(i2t, gallery.gt), query_ranks(t2i.t(), gallery.gt.t()))
-    metrics.update(pairs_fused=fused[0], seconds=time.perf_counter() - started)
-    return metrics
-
-
-def load_configuration(config_path: str, overrides: Sequence[str] = ()):
-    """The MMF config ``mmf_run config=<config_path> <overrides>`` would run with, registered globally."""
-    from mmf.common.registry import registry
-    from mmf.utils.env import setup_imports
-
-    from mmf_multilevel.compat.launcher import build_configuration, parse_args
-
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"--config {config_path}: no such file")
-    setup_imports()
-    config = build_configuration(parse_args([f"config={config_path}", *overrides])).get_config()
-    registry.register("config", config)
-    return config
+    return rank_scored_gallery(gallery.similarity, gallery.gt, match_function(model, gallery),
+                               "similarity" if mode == "uni" else mode, k_texts, k_images, chunk_size)
 
 
 def load_model(config, checkpoint: Optional[str]):
     """The config's ``mvptr`` model as MMF builds it, with ``checkpoint``'s weights (strict), in eval mode."""
-    from mmf.utils.build import build_model
-    from omegaconf import open_dict
+    from mmf_multilevel.methods.base import load_method_model
 
-    from mmf_multilevel.zoo.zoo import read_state
-
-    if config.get("model") != "mvptr":
-        raise ValueError(f"the config's model is {config.get('model')!r}; this command evaluates 'mvptr'")
-    attributes = config.model_config.mvptr
-    with open_dict(attributes):
-        attributes.model = "mvptr"
-    model = build_model(attributes)
-    if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
-        model.load_state_dict(read_state(checkpoint), strict=True)
-    return model.eval()
+    return load_method_model(config, "mvptr", checkpoint)
 
 
 def build_split(config, split: str):
@@ -194,8 +148,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the metrics here as JSON")
     parser.add_argument("opts", nargs="*", help="config overrides, as for mmf_run (env.data_dir=...)")
     args = parser.parse_args(argv)
+    from mmf_multilevel.compat.launcher import load_run_config
+
     try:
-        config = load_configuration(args.config, args.opts)
+        config = load_run_config(args.config, args.opts)
         model = load_model(config, args.checkpoint)
         dataset = build_split(config, args.split)
     except (FileNotFoundError, ValueError, KeyError) as error:

@@ -21,11 +21,12 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from mmf_multilevel.modules.masking import IGNORE_INDEX
+
 __all__ = ["ITCOutput", "itc_loss", "sample_hard_negatives", "itm_pair_indices", "itm_labels", "itm_loss",
            "distilled_token_loss", "mlm_loss", "mim_loss", "psl_targets", "psl_loss",
            "PSL_K_PER_HEAD", "PSL_NUM_LABELS", "IGNORE_INDEX", "ITM_MATCH"]
 
-IGNORE_INDEX = -100
 #: the ITM class of a matched pair (official ``itm_labels = [1] * B + [0] * 2B``)
 ITM_MATCH = 1
 #: the official code takes the top 4 positions of every head's [CLS] row (paper appendix §3: "k = 4") ...

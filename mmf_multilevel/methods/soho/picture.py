@@ -163,21 +163,14 @@ def write_picture(figure, path: str) -> str:
 def load_configuration(config_path: str, overrides: Sequence[str] = ()):
     """The MMF config ``mmf_run config=<config_path> <overrides>`` would run with (includes, the model's and
     the datasets' defaults), registered as MMF's global config."""
-    from mmf.common.registry import registry
-    from mmf.utils.env import setup_imports
-
-    from mmf_multilevel.compat.launcher import ConfigError, build_configuration, parse_args
+    from mmf_multilevel.compat.launcher import ConfigError, load_run_config
 
     if not os.path.isfile(config_path):
         raise PictureError(f"config not found: {config_path}")
-    setup_imports()
     try:
-        configuration = build_configuration(parse_args([f"config={config_path}", *overrides]))
+        return load_run_config(config_path, overrides)
     except ConfigError as error:
         raise PictureError(str(error)) from None
-    config = configuration.get_config()
-    registry.register("config", config)
-    return config
 
 
 def load_model(config, checkpoint: str):

@@ -1,7 +1,7 @@
 """Small file helpers shared by the long-running tools (extractor, image packer, data generator)."""
 import os
 
-__all__ = ["write_lines_atomically", "save_torch_atomically", "write_atomically"]
+__all__ = ["write_lines_atomically", "save_torch_atomically", "write_atomically", "write_picture"]
 
 
 def write_lines_atomically(path, lines, header=None, remove_when_empty=False):
@@ -41,3 +41,13 @@ def write_atomically(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_picture(figure, path):
+    """Save a matplotlib ``figure`` to ``path`` (format from its extension, PNG by default) through a
+    temporary file and a rename; the parent folder is created. Returns the path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    extension = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format=extension, dpi=figure.dpi))
+    return path

@@ -160,8 +160,8 @@ def main(argv=None) -> int:
     from mmf.common.sample import Sample, SampleList
 
     from mmf_multilevel.compat.launcher import load_run_config
+    from mmf_multilevel.files import write_picture
     from mmf_multilevel.methods.mvptr.retrieval import load_model
-    from mmf_multilevel.methods.soho.picture import write_picture
 
     args = _parser().parse_args(argv)
     if (args.index is None) == (args.caption is None):

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from mmf_multilevel.files import write_picture
 from mmf_multilevel.methods.soho.network import GRID_STRIDE
 
 __all__ = ["PADDING", "PADDING_COLOUR", "DICTIONARY_KEY", "PictureError", "cell_ids", "id_colours", "draw",
@@ -145,18 +146,6 @@ def draw(pictures: Sequence[np.ndarray], grids: Sequence[np.ndarray], names: Seq
                         text.set_path_effects([patheffects.withStroke(linewidth=1.5, foreground="black")])
     figure.tight_layout()
     return figure
-
-
-def write_picture(figure, path: str) -> str:
-    """Save ``figure`` to ``path`` (format from its extension, PNG by default) through a temporary file and
-    a rename; the parent folder is created. Returns the path."""
-    from mmf_multilevel.files import write_atomically
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    extension = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format=extension, dpi=figure.dpi))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -314,7 +314,8 @@ class MVPTRRetrievalDataset(MVPTRInputs, RetrievalDataset):
             if record is None:
                 record = {"image_id": image_id, "text": caption}
             fields = self.mvptr_text(record, Sample())
-            self._tokens[index] = fields
+            if not self.training:  # the gallery's captions are laid out once, then reused (as coco_retrieval)
+                self._tokens[index] = fields
         return fields
 
     def __getitem__(self, idx):

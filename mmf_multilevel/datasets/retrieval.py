@@ -64,6 +64,12 @@ class RetrievalDataset(RegionTextDataset):
     def num_texts(self):
         return len(self.texts)
 
+    def ground_truth(self):
+        """``(num_images, num_texts)`` bool: caption ``t`` describes image ``i`` (each caption one image)."""
+        gt = torch.zeros(self.num_images, self.num_texts, dtype=torch.bool)
+        gt[self.text_image, torch.arange(self.num_texts)] = True
+        return gt
+
     def __len__(self):
         return self.num_texts if self.training else self.num_images * self.num_texts
 

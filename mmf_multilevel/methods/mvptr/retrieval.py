@@ -41,17 +41,11 @@ class Gallery:
     gt: torch.Tensor
 
 
-def _collate(samples):
-    from mmf.common.sample import SampleList
-
-    return SampleList(samples)
-
-
 @torch.no_grad()
 def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
     """Every image and every caption of ``dataset`` (an ``mvptr_*_retrieval`` split) through the
     uni-modal encoders of ``model`` (an ``mvptr`` model), once each."""
-    from mmf.common.sample import Sample
+    from mmf.common.sample import Sample, SampleList
 
     from mmf_multilevel.methods.batch import region_inputs, text_inputs
     from mmf_multilevel.methods.mvptr.losses import vsc_scale
@@ -60,7 +54,7 @@ def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
     device = next(net.parameters()).device
     texts, text_masks = [], []
     for start in range(0, dataset.num_texts, batch_size):
-        batch = _collate([Sample(dict(dataset._text(t))) for t in range(start, min(start + batch_size, dataset.num_texts))])
+        batch = SampleList([Sample(dict(dataset._text(t))) for t in range(start, min(start + batch_size, dataset.num_texts))])
         text = text_inputs(batch.to(device), "mvptr")
         texts.append(net.encode_text(text.input_ids, text.mask, text.segment_ids))
         text_masks.append(text.mask)
@@ -72,7 +66,7 @@ def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
             dataset.attach_visual(sample, dataset.records[index]["image_id"])
             dataset.add_tags(sample)
             samples.append(sample)
-        batch = _collate(samples).to(device)
+        batch = SampleList(samples).to(device)
         regions = region_inputs(batch, "mvptr", model.settings.feature_dim, "6d")
         visual, mask = net.encode_visual(batch.tag_ids, batch.tag_mask, regions.features, regions.boxes, regions.mask)
         visuals.append(visual)
@@ -81,8 +75,7 @@ def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
     g_t, g_v = net.global_embeddings(text, visual)
     scale = vsc_scale(net.logit_scale, model.settings.pretraining.vsc_max_logit_scale)
     similarity = (g_v @ g_t.t()) * scale
-    gt = torch.zeros(dataset.num_images, dataset.num_texts, dtype=torch.bool)
-    gt[dataset.text_image, torch.arange(dataset.num_texts)] = True
+    gt = dataset.ground_truth()
     return Gallery(text, torch.cat(text_masks), visual, torch.cat(visual_masks), similarity.cpu(), gt)
 
 

@@ -50,17 +50,11 @@ class Gallery:
     gt: torch.Tensor
 
 
-def _collate(samples):
-    from mmf.common.sample import SampleList
-
-    return SampleList(samples)
-
-
 @torch.no_grad()
 def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
     """Every image of ``dataset`` (a ``*_retrieval_images`` split) through the ViT and every caption through
     the BERT in text mode, once each; their normalised projected [CLS] features give the similarity."""
-    from mmf.common.sample import Sample
+    from mmf.common.sample import Sample, SampleList
 
     from mmf_multilevel.methods.batch import pixel_inputs, text_inputs
 
@@ -69,7 +63,7 @@ def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
     ids, masks, text_feats = [], [], []
     for start in range(0, dataset.num_texts, batch_size):
         stop = min(start + batch_size, dataset.num_texts)
-        batch = _collate([Sample(dict(dataset._text(t))) for t in range(start, stop)]).to(device)
+        batch = SampleList([Sample(dict(dataset._text(t))) for t in range(start, stop)]).to(device)
         text = text_inputs(batch, "simla")
         text_feats.append(model.heads.text_feature(text_encoder.encode_text(text.input_ids, text.mask)[:, 0]))
         ids.append(text.input_ids)
@@ -81,13 +75,12 @@ def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
             sample = Sample()
             dataset.attach_visual(sample, dataset.records[index]["image_id"])
             samples.append(sample)
-        pixels = pixel_inputs(_collate(samples).to(device), "simla").pixels
+        pixels = pixel_inputs(SampleList(samples).to(device), "simla").pixels
         embeds = image_encoder(pixels)
         images.append(embeds)
         image_feats.append(model.heads.image_feature(embeds[:, 0]))
     similarity = torch.cat(image_feats) @ torch.cat(text_feats).t()
-    gt = torch.zeros(dataset.num_images, dataset.num_texts, dtype=torch.bool)
-    gt[dataset.text_image, torch.arange(dataset.num_texts)] = True
+    gt = dataset.ground_truth()
     return Gallery(torch.cat(ids), torch.cat(masks), torch.cat(images), similarity.float().cpu(), gt)
 
 

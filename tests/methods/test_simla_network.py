@@ -172,3 +172,23 @@ def test_base_size_counts_relate_to_the_papers_223m():
     assert counts["12 cross-attention blocks"] == 12 * (4 * (768 * 768 + 768) + 2 * 768)
     assert counts["encoders total"] == 223_102_464
     assert counts["heads total"] == 15_161_719
+
+
+def test_cross_attention_maps_are_returned_in_the_graph_and_respect_the_image_mask():
+    # Grad-CAM (paper §3.5) differentiates the multimodal pass's cross-attention probabilities
+    enc = tiny_encoder().eval()
+    ids, mask, image = batch()
+    image_mask = torch.ones(image.shape[:2], dtype=torch.long)
+    image_mask[0, -2:] = 0
+    plain = enc.fuse(ids, mask, image, image_mask)
+    hidden, self_maps, cross_maps = enc.fuse(ids, mask, image, image_mask, output_attentions=True,
+                                             output_cross_attentions=True)
+    torch.testing.assert_close(hidden, plain)
+    assert len(cross_maps) == enc.num_layers and len(self_maps) == enc.num_layers
+    heads = enc.config.num_attention_heads
+    assert cross_maps[0].shape == (ids.size(0), heads, ids.size(1), image.size(1))
+    torch.testing.assert_close(cross_maps[1].sum(-1), torch.ones(ids.size(0), heads, ids.size(1)))
+    assert float(cross_maps[1][0, :, :, -2:].abs().max()) == 0.0
+    hidden2, cross_only = enc.fuse(ids, mask, image, image_mask, output_cross_attentions=True)
+    (grad,) = torch.autograd.grad(hidden2[:, 0].sum(), cross_only[0])
+    assert grad.abs().sum() > 0

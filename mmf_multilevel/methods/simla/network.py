@@ -146,25 +146,29 @@ class SIMLATextEncoder(nn.Module):
     # ------------------------------------------------------------------ the stack
     def run_block(self, index: int, hidden: torch.Tensor, extended_mask: torch.Tensor,
                   memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
-                  output_attentions: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  output_attentions: bool = False, output_cross_attentions: bool = False
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Layer ``index``: FFN(self-attention(x)), or FFN(cross-attention(self-attention(x), memory)) when
-        ``memory`` is given. Returns the output and, when asked, the self-attention probabilities."""
+        ``memory`` is given. Returns the output and, when asked, the self-attention probabilities and the
+        cross-attention probabilities ``(B, heads, S, M)`` (in the graph: Grad-CAM differentiates them)."""
         block = self.blocks[index]
         out = block.attention(hidden, attention_mask=extended_mask, output_attentions=output_attentions)
-        attended, probs = out[0], (out[1] if output_attentions else None)
+        attended, probs, cross = out[0], (out[1] if output_attentions else None), None
         if memory is not None:
-            attended = self.cross_attention[index](attended, attention_mask=memory_mask,
-                                                   encoder_hidden_states=memory)[0]
-        return block.output(block.intermediate(attended), attended), probs
+            out = self.cross_attention[index](attended, attention_mask=memory_mask, encoder_hidden_states=memory,
+                                              output_attentions=output_cross_attentions)
+            attended, cross = out[0], (out[1] if output_cross_attentions else None)
+        return block.output(block.intermediate(attended), attended), probs, cross
 
     def encode(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None,
                memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
-               output_attentions: bool = False
-               ) -> Union[torch.Tensor, Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+               output_attentions: bool = False, output_cross_attentions: bool = False
+               ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         """All layers over embedded inputs ``(B, S, H)`` with 0/1 ``mask`` ``(B, S)``; cross-attention to
         ``memory`` ``(B, M, H)`` (0/1 ``memory_mask`` ``(B, M)``) in every layer, or skipped when it is None.
         With ``output_attentions`` also returns each layer's self-attention probabilities ``(B, heads, S, S)``
-        (PSL reads the last layer's, paper appendix §3)."""
+        (PSL reads the last layer's, paper appendix §3); with ``output_cross_attentions`` (then) each layer's
+        cross-attention probabilities ``(B, heads, S, M)`` (Grad-CAM, paper §3.5)."""
         batch, length, _ = hidden.shape
         dtype = mask_compute_dtype(hidden)
         if mask is None:
@@ -183,13 +187,18 @@ class SIMLATextEncoder(nn.Module):
                 raise ValueError(f"memory mask shape {tuple(memory_mask.shape)} does not match the memory "
                                  f"{tuple(memory.shape[:2])}")
             memory_extended = extended_attention_mask(memory_mask, dtype)
-        attentions = []
+        attentions, cross_attentions = [], []
         for index in range(self.num_layers):
-            hidden, probs = self.run_block(index, hidden, extended, memory, memory_extended, output_attentions)
+            hidden, probs, cross = self.run_block(index, hidden, extended, memory, memory_extended, output_attentions,
+                                                  output_cross_attentions)
             attentions.append(probs)
+            cross_attentions.append(cross)
+        outputs = (hidden,)
         if output_attentions:
-            return hidden, tuple(attentions)
-        return hidden
+            outputs += (tuple(attentions),)
+        if output_cross_attentions:
+            outputs += (tuple(cross_attentions),)
+        return outputs if len(outputs) > 1 else hidden
 
     # ------------------------------------------------------------------ roles
     def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -198,12 +207,14 @@ class SIMLATextEncoder(nn.Module):
         return self.encode(self.embed(input_ids), attention_mask)
 
     def fuse(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], image: torch.Tensor,
-             image_mask: Optional[torch.Tensor] = None, output_attentions: bool = False):
+             image_mask: Optional[torch.Tensor] = None, output_attentions: bool = False,
+             output_cross_attentions: bool = False):
         """The multimodal encoder (official ``mode="multimodal"``; ITM, MLM, PSL): the caption (ids, possibly
         MLM-masked) through all layers from its embeddings, each layer cross-attending to ``image`` ``(B, 1 + N, H)``.
-        Returns ``(B, L, H)`` (and the self-attention maps with ``output_attentions``)."""
+        Returns ``(B, L, H)`` (then the self-attention maps with ``output_attentions``, then the cross-attention
+        maps with ``output_cross_attentions``)."""
         return self.encode(self.embed(input_ids), attention_mask, memory=image, memory_mask=image_mask,
-                           output_attentions=output_attentions)
+                           output_attentions=output_attentions, output_cross_attentions=output_cross_attentions)
 
     def reconstruct_image(self, image: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: Optional[torch.Tensor] = None,

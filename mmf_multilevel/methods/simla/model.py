@@ -331,6 +331,10 @@ class SIMLA(MethodModel):
         return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits}
 
     def task_forward(self, sample_list):
+        """The fine-tuning head types, each its own forward: ``retrieval`` (:meth:`retrieval_forward`)."""
+        return getattr(self, f"{self.head_type}_forward")(sample_list)
+
+    def retrieval_forward(self, sample_list):
         """Retrieval (``training_head_type: retrieval``): the fine-tuning losses on aligned pairs, the ITM match
         logit of every gallery pair (see the module docstring)."""
         if self.training or "pair_image_index" not in sample_list:

@@ -17,6 +17,18 @@ class SIMLAOptimizationConfig:
 
 
 @dataclass
+class SIMLAVQAConfig:
+    answer_list: Optional[str] = None
+    tokenizer: str = "bert-base-uncased"
+    max_answer_length: int = 10
+    decoder_layers: int = 6
+    decoder_from_layer: int = 6
+    k_test: int = 128
+    count_first_token_twice: bool = False
+    dataset_weights: Dict[str, float] = field(default_factory=lambda: {"vgqa_images": 0.5})
+
+
+@dataclass
 class SIMLAConfig(MethodConfig):
     vit: str = "deit_base_patch16_224"
     vit_pretrained: bool = True
@@ -51,3 +63,4 @@ class SIMLAConfig(MethodConfig):
     pad_token_id: int = 0
     k_test: int = 256
     optimization: SIMLAOptimizationConfig = field(default_factory=SIMLAOptimizationConfig)
+    vqa: SIMLAVQAConfig = field(default_factory=SIMLAVQAConfig)

@@ -51,6 +51,14 @@ from mmf_multilevel.methods.batch import pixel_inputs, text_inputs
 from mmf_multilevel.methods.config import bert_config_of
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.simla.config import SIMLAConfig
+from mmf_multilevel.methods.simla.downstream import (
+    AnswerDecoder,
+    ClassifierHead,
+    answer_sequence_loss,
+    answer_targets,
+    distilled_cross_entropy,
+    rank_answers,
+)
 from mmf_multilevel.methods.simla.losses import (
     IGNORE_INDEX,
     ITM_MATCH,
@@ -73,6 +81,12 @@ __all__ = ["SIMLA", "SIMLABackbone", "MOMENTUM_PAIRS"]
 #: the online modules with a momentum copy (the official ``model_pairs``): the ViT (with its mask token), the
 #: BERT with its MLM head, both projections, the MIM and concept heads; the ITM head and τ have none
 MOMENTUM_PAIRS = ("visual_encoder", "text_encoder", "mlm", "vision_proj", "text_proj", "mim_head", "concept_head")
+#: the fine-tuning heads on the multimodal encoder (paper §3.3-§3.4): their momentum model is the ViT, the BERT and
+#: the head (the official VQA / VE / NLVR ``model_pairs``); they build no ITC/ITM/MLM heads and no queues
+TASK_HEADS = ("vqa", "snli_ve")
+TASK_MOMENTUM_PAIRS = ("visual_encoder", "text_encoder", "classifier")
+#: SNLI-VE's classes: entailment, neutral, contradiction (the dataset's ``targets``)
+SNLI_VE_CLASSES = 3
 
 #: the image id of a queued feature in retrieval fine-tuning (the official ``idx_queue``, never written)
 UNTRACKED_ID = -100
@@ -109,13 +123,15 @@ class SIMLA(MethodModel):
 
     name = "simla"
     config_class = SIMLAConfig
-    head_types = ("pretraining", "retrieval")
+    head_types = ("pretraining", "retrieval") + TASK_HEADS
 
     # ------------------------------------------------------------------ build
     def build_backbone(self):
         s = self.settings
+        # the fine-tuning tasks build no MIM mask token (official vit_mask_token: false); retrieval keeps it, so
+        # a pre-training checkpoint loads into it as it is
         image = SIMLAImageEncoder(str(s.vit), image_size=int(s.image_size), pretrained=bool(s.vit_pretrained),
-                                  mask_token=True, mask_token_init=str(s.mask_token_init), **dict(s.vit_options))
+                                  mask_token=self.head_type not in TASK_HEADS, mask_token_init=str(s.mask_token_init), **dict(s.vit_options))
         if s.bert_model_name:
             text = SIMLATextEncoder.from_bert(str(s.bert_model_name), hidden_dropout_prob=s.hidden_dropout_prob,
                                               attention_probs_dropout_prob=s.attention_probs_dropout_prob)
@@ -126,6 +142,10 @@ class SIMLA(MethodModel):
     def build_head(self, head_type):
         s = self.settings
         backbone = self.backbone
+        if head_type in TASK_HEADS:
+            self.heads = None
+            self.build_task_head(head_type)
+            return
         self.heads = SIMLAPretrainingHeads(backbone.config, vision_width=backbone.image_encoder.hidden_size,
                                            embed_dim=s.embed_dim, image_vocab=s.image_vocab, temp=s.temp,
                                            temp_range=tuple(s.temp_range))
@@ -137,8 +157,56 @@ class SIMLA(MethodModel):
             # retrieval never reads the MLM head: kept (a pre-training checkpoint loads as it is), not tied
             self.heads.tie_to(backbone.text_encoder.word_embeddings)
 
+    def build_task_head(self, head_type):
+        """``classifier``: VQA's answer decoder (its layers from the encoder's ``decoder_from_layer``.. at build
+        time; a pre-trained model's by the projects' ``pretrained_state_mapping``) with the tokenised candidate
+        answers; SNLI-VE's MLP over three classes."""
+        s = self.settings
+        encoder = self.backbone.text_encoder
+        if head_type == "vqa":
+            v = s.vqa
+            self.classifier = AnswerDecoder(encoder.config, v.decoder_layers, v.decoder_from_layer)
+            self.classifier.init_from_encoder(encoder)
+            ids, mask = self._tokenised_answers()
+            # rebuilt from the answer list at every build: not in checkpoints
+            self.register_buffer("answer_ids", ids, persistent=False)
+            self.register_buffer("answer_mask", mask, persistent=False)
+        else:
+            self.classifier = ClassifierHead(encoder.hidden_size, SNLI_VE_CLASSES)
+
+    def _tokenised_answers(self):
+        from mmf_multilevel.processors.answers import AnswerVocabulary
+        from mmf_multilevel.modules.text import load_pretrained
+        from transformers import AutoTokenizer
+
+        v = self.settings.vqa
+        if not v.answer_list:
+            raise ValueError("model_config.simla.vqa.answer_list: the VQA head needs the candidate answers (the "
+                             "dataset's answer vocabulary file, one answer per line)")
+        answers = AnswerVocabulary(str(v.answer_list), unk_token=None).words
+        tokenizer = load_pretrained(AutoTokenizer, str(v.tokenizer))
+        tokens = tokenizer(answers, padding="longest", truncation=True, max_length=int(v.max_answer_length),
+                           return_tensors="pt")
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        if ids.size(1) < 3 or int(ids[:, 0].min()) != int(ids[:, 0].max()):
+            raise ValueError(f"model_config.simla.vqa.tokenizer {v.tokenizer!r} must wrap each answer as [CLS] "
+                             "answer [SEP]")
+        if int(ids.max()) >= self.backbone.text_encoder.config.vocab_size:
+            raise ValueError(f"model_config.simla.vqa.tokenizer {v.tokenizer!r} gives ids up to {int(ids.max())}; "
+                             f"the BERT has {self.backbone.text_encoder.config.vocab_size} words")
+        return ids, mask
+
     def after_build(self):
         s = self.settings
+        if self.head_type in TASK_HEADS:
+            online = {"visual_encoder": self.backbone.image_encoder, "text_encoder": self.backbone.text_encoder,
+                      "classifier": self.classifier}
+            self.momentum = MomentumCopies({name: online[name] for name in TASK_MOMENTUM_PAIRS}, momentum=s.momentum)
+            self.queues, self.dvae = None, None
+            self.alpha = self.alpha_at(self.progress)
+            self._optimizer = None
+            self.skipped_enqueues = 0
+            return
         online = {"visual_encoder": self.backbone.image_encoder, "text_encoder": self.backbone.text_encoder,
                   "mlm": self.heads.mlm, "vision_proj": self.heads.vision_proj, "text_proj": self.heads.text_proj,
                   "mim_head": self.heads.mim_head, "concept_head": self.heads.concept_head}
@@ -229,6 +297,8 @@ class SIMLA(MethodModel):
                 group["lr"] = lr
 
     def log_message(self, progress: TrainingProgress):
+        if self.heads is None:
+            return f"simla: alpha {self.alpha:.3f}"
         return (f"simla: alpha {self.alpha:.3f}, temp {float(self.heads.temp.detach()):.4f}, queue pointer "
                 f"{int(self.queues.queue_ptr)} of {self.queues.queue_size}"
                 + (f", {self.skipped_enqueues} batches not enqueued" if self.skipped_enqueues else ""))
@@ -386,6 +456,69 @@ class SIMLA(MethodModel):
         if self.training:
             self._enqueue(image_feat_m, text_feat_m)
         return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits[:batch]}
+
+    def _fused_question(self, sample_list, online=True):
+        """The image through the ViT and the text through the multimodal BERT reading it (online or momentum)."""
+        text = text_inputs(sample_list, self.name)
+        pixels = pixel_inputs(sample_list, self.name).pixels
+        if online:
+            image = self.backbone.image_encoder(pixels)
+            return self.backbone.text_encoder.fuse(text.input_ids, text.mask, image), text.mask
+        image = self.momentum["visual_encoder"](pixels)
+        return self.momentum["text_encoder"].fuse(text.input_ids, text.mask, image), text.mask
+
+    def vqa_forward(self, sample_list):
+        """VQA as answer generation (paper §3.3; official ``models/simla/vqa.py``): the question through the
+        multimodal BERT reading the image; each of its distinct in-list answers (``answers_indices``) decoded
+        from the question states, the summed token loss weighted by its share of the annotators (times the
+        dataset's ``vqa.dataset_weights``; VG-QA's single ``answer_index`` likewise), summed over the answers and divided by the batch, distilled from the
+        momentum ViT, BERT and decoder in training (loss ``vqa``). In evaluation ``scores`` ``(B, C)``: the
+        candidate answers ranked by :func:`rank_answers` (the top ``vqa.k_test`` by first-token probability,
+        re-scored by their log-likelihood; the rest :data:`~mmf_multilevel.methods.simla.downstream.NOT_RANKED`)."""
+        v = self.settings.vqa
+        states, mask = self._fused_question(sample_list)
+        output = {}
+        given = sample_list.get("answers_indices")
+        if given is None and sample_list.get("answer_index") is not None:  # VG-QA / GQA: one answer a question
+            given = sample_list["answer_index"].view(-1, 1)
+        if given is not None:
+            weight = float(v.dataset_weights.get(str(sample_list.get("dataset_name", "")), 1.0))
+            question, answer, weights = answer_targets(given.to(states.device).long(), weight)
+            if question.numel():
+                ids, answer_mask = self.answer_ids[answer], self.answer_mask[answer]
+                logits = self.classifier(ids, answer_mask, states[question], mask[question])
+                teacher, alpha = None, float(self.alpha) if self.training else 0.0
+                if alpha > 0:
+                    with torch.no_grad():
+                        states_m, _ = self._fused_question(sample_list, online=False)
+                        teacher = self.momentum["classifier"](ids, answer_mask, states_m[question], mask[question])
+                per_answer = answer_sequence_loss(logits, ids, answer_mask, teacher, alpha)
+                loss = (weights * per_answer).sum() / states.size(0)
+            else:  # no question of the batch has an answer in the candidate list
+                loss = states.sum() * 0.0
+            output["losses"] = self.named_losses(sample_list, {"vqa": loss})
+        if not self.training:
+            output["scores"] = rank_answers(self.classifier, states, mask, self.answer_ids, self.answer_mask,
+                                            v.k_test, v.count_first_token_twice)
+        return output
+
+    def snli_ve_forward(self, sample_list):
+        """SNLI-VE (paper §3.4: an MLP on the multimodal [CLS], three classes; official ``models/simla/ve.py``):
+        ``scores`` ``(B, 3)``; loss ``snli_ve`` = cross-entropy against ``targets``, distilled from the
+        momentum model's classes in training (``(1 - α)·CE + α·soft CE``)."""
+        states, _ = self._fused_question(sample_list)
+        logits = self.classifier(states[:, 0])
+        output = {"scores": logits}
+        if "targets" in sample_list:
+            targets = sample_list["targets"].to(logits.device).long().view(-1)
+            teacher, alpha = None, float(self.alpha) if self.training else 0.0
+            if alpha > 0:
+                with torch.no_grad():
+                    states_m, _ = self._fused_question(sample_list, online=False)
+                    teacher = self.momentum["classifier"](states_m[:, 0])
+            output["losses"] = self.named_losses(
+                sample_list, {"snli_ve": distilled_cross_entropy(logits, targets, teacher, alpha)})
+        return output
 
     def _mim_loss(self, pixels, ids, mask, alpha):
         s, heads, momentum = self.settings, self.heads, self.momentum

@@ -1,4 +1,12 @@
 """Tiny SIMLA models and batches for the method contract (see ``methods/testing.py``) and SIMLA's tests."""
+import atexit
+import functools
+import json
+import os
+import shutil
+import tempfile
+from typing import Tuple
+
 import torch
 
 from mmf_multilevel.methods.testing import TINY_BERT
@@ -13,11 +21,38 @@ TINY_VIT = dict(vit="vit_tiny_patch16_224", vit_pretrained=False, vit_options=di
 IMAGE_VOCAB, EMBED_DIM, QUEUE_SIZE = 24, 16, 16
 
 
+#: the tiny candidate answers of the VQA head (words of the tiny vocabulary; one or two word pieces each)
+TINY_ANSWERS = ("w5", "w6", "w7 w8", "w9", "w10 w11", "w12")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_answer_files() -> Tuple[str, str]:
+    """``(answer list, tokenizer folder)`` for the tiny VQA head, written once per process to a temporary
+    folder (removed at exit): the 40-word vocabulary ``[PAD] [UNK] [CLS] [SEP] [MASK] w5 .. w39`` (the ids of
+    ``methods/testing.py``) and :data:`TINY_ANSWERS`."""
+    folder = tempfile.mkdtemp(prefix="simla_tiny_vocab_")
+    atexit.register(shutil.rmtree, folder, True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, 40)]
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(words) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True}, handle)
+    answers = os.path.join(folder, "answers.txt")
+    with open(answers, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(TINY_ANSWERS) + "\n")
+    return answers, folder
+
+
 def tiny_config(head_type):
-    return dict(TINY_BERT, **TINY_VIT, training_head_type=head_type, embed_dim=EMBED_DIM, image_vocab=IMAGE_VOCAB,
-                queue_size=QUEUE_SIZE, mim_masked_patches=6, mim_min_block=2, dvae_random_hidden=8,
-                dvae_random_blocks=1, init_mlm_from_bert=False, cls_token_id=CLS, sep_token_id=SEP,
-                pad_token_id=PAD, optimization=dict(warmup_updates=0))
+    config = dict(TINY_BERT, **TINY_VIT, training_head_type=head_type, embed_dim=EMBED_DIM, image_vocab=IMAGE_VOCAB,
+                  queue_size=QUEUE_SIZE, mim_masked_patches=6, mim_min_block=2, dvae_random_hidden=8,
+                  dvae_random_blocks=1, init_mlm_from_bert=False, cls_token_id=CLS, sep_token_id=SEP,
+                  pad_token_id=PAD, optimization=dict(warmup_updates=0))
+    if head_type == "vqa":
+        answers, tokenizer = tiny_answer_files()
+        # a 1-layer decoder from the 2-layer encoder's upper layer
+        config["vqa"] = dict(answer_list=answers, tokenizer=tokenizer, decoder_layers=1, decoder_from_layer=1, k_test=3)
+    return config
 
 
 def tiny_batch(head_type, seed=0, batch=4, length=8, vocab_size=40, dataset_name="simla_contract"):
@@ -52,5 +87,19 @@ def tiny_batch(head_type, seed=0, batch=4, length=8, vocab_size=40, dataset_name
         image_index = torch.tensor([0] + list(range(batch - 1)))
         sample_list.image = sample_list.image[image_index]
         sample_list.image_index = image_index
+    if head_type in ("vqa", "snli_ve"):
+        # questions / hypotheses as vqa2_images / snli_ve_images give them: unmasked
+        del sample_list["lm_label_ids"]
+        sample_list.input_ids = ids
+    if head_type == "vqa":
+        # ten annotators' answers as candidate indices (-1: outside the list); one question has none in it
+        answers = torch.randint(0, len(TINY_ANSWERS), (batch, 10), generator=generator)
+        answers[0, 3:] = 1
+        answers[1, :] = -1
+        answers[1, 0] = 2
+        answers[batch - 1, :] = -1
+        sample_list.answers_indices = answers
+    if head_type == "snli_ve":
+        sample_list.targets = torch.arange(batch) % 3
     sample_list.dataset_name, sample_list.dataset_type = dataset_name, "train"
     return sample_list

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
-
 from transformers.models.bert.modeling_bert import BertAttention, BertEmbeddings, BertLayer
 
 from mmf_multilevel.methods.simla.network import SIMLATextEncoder

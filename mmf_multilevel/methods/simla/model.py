@@ -175,9 +175,10 @@ class SIMLA(MethodModel):
             self.classifier = ClassifierHead(encoder.hidden_size, SNLI_VE_CLASSES)
 
     def _tokenised_answers(self):
-        from mmf_multilevel.processors.answers import AnswerVocabulary
-        from mmf_multilevel.modules.text import load_pretrained
         from transformers import AutoTokenizer
+
+        from mmf_multilevel.modules.text import load_pretrained
+        from mmf_multilevel.processors.answers import AnswerVocabulary
 
         v = self.settings.vqa
         if not v.answer_list:

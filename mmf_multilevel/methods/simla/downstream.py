@@ -14,6 +14,7 @@ Plain PyTorch (no MMF); the adapter (``model.py``) composes them.
   -> classes) on the multimodal [CLS], trained by :func:`distilled_cross_entropy` (the official
   ``(1 - α)·CE + α·soft CE`` against the momentum head's softmax).
 """
+import copy
 from typing import Optional, Tuple
 
 import torch
@@ -51,6 +52,9 @@ class AnswerDecoder(nn.Module):
         if num_layers < 1 or first_layer < 0:
             raise ValueError(f"model_config.simla.vqa: decoder_layers ({num_layers}) must be positive and "
                              f"decoder_from_layer ({first_layer}) not negative")
+        if getattr(config, "_attn_implementation", None) is None:  # a config no BertModel has seen yet
+            config = copy.deepcopy(config)
+            config._attn_implementation = "eager"
         self.config = config
         self.numbers = [str(first_layer + i) for i in range(num_layers)]
         self.embeddings = BertEmbeddings(config)

@@ -1,0 +1,286 @@
+"""SIMLA's VQA (answer generation) and SNLI-VE heads: the losses and the ranking against independent
+computations, the decoder's causality and initialisation, the registered model's wiring, the project's
+``pretrained_state_mapping`` and a few steps on a fixed batch."""
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from transformers import BertConfig
+
+from mmf_multilevel.methods.progress import TrainingProgress
+from mmf_multilevel.methods.simla import testing
+from mmf_multilevel.methods.simla.downstream import (
+    NOT_RANKED,
+    AnswerDecoder,
+    answer_sequence_loss,
+    answer_targets,
+    distilled_cross_entropy,
+    rank_answers,
+)
+from mmf_multilevel.methods.simla.model import SIMLA
+from mmf_multilevel.methods.simla.network import SIMLATextEncoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = dict(vocab_size=40, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def build(head_type, seed=0, **overrides):
+    config = OmegaConf.merge(OmegaConf.load(SIMLA.config_path()).model_config.simla, testing.tiny_config(head_type),
+                             overrides)
+    torch.manual_seed(seed)
+    model = SIMLA(config)
+    model.build()
+    return model
+
+
+def decoder(seed=0, layers=2, first=1):
+    torch.manual_seed(seed)
+    return AnswerDecoder(BertConfig(**TINY), layers, first).eval()
+
+
+def answers_and_states(seed=1, questions=3, length=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[2, 5, 3, 0], [2, 6, 7, 3], [2, 8, 3, 0], [2, 9, 10, 3], [2, 11, 3, 0]])
+    mask = (ids > 0).long()
+    states = torch.randn(questions, length, 32, generator=g)
+    states_mask = torch.ones(questions, length, dtype=torch.long)
+    states_mask[1, 3:] = 0
+    return ids, mask, states, states_mask
+
+
+# ---------------------------------------------------------------------- the decoder and its losses
+def test_answer_sequence_loss_is_the_summed_next_token_nll_over_real_tokens():
+    g = torch.Generator().manual_seed(0)
+    ids, mask, _, _ = answers_and_states()
+    logits = torch.randn(ids.size(0), ids.size(1), 40, generator=g)
+    teacher = torch.randn(ids.size(0), ids.size(1), 40, generator=g)
+    got, got_soft = answer_sequence_loss(logits, ids, mask), answer_sequence_loss(logits, ids, mask, teacher, 0.4)
+    for row in range(ids.size(0)):
+        hard = soft = 0.0
+        for t in range(1, ids.size(1)):
+            if mask[row, t]:
+                log_p = logits[row, t - 1].log_softmax(-1)
+                hard -= float(log_p[ids[row, t]])
+                soft -= float((teacher[row, t - 1].softmax(-1) * log_p).sum())
+        assert math.isclose(float(got[row]), hard, rel_tol=1e-5)
+        assert math.isclose(float(got_soft[row]), 0.6 * hard + 0.4 * soft, rel_tol=1e-5)
+
+
+def test_answer_targets_weigh_each_distinct_in_list_answer_by_its_share():
+    given = torch.tensor([[3, 3, 1, -1], [-1, -1, -1, -1], [0, 0, 0, 0]])
+    question, answer, weights = answer_targets(given, weight=0.5)
+    assert question.tolist() == [0, 0, 2] and answer.tolist() == [1, 3, 0]
+    torch.testing.assert_close(weights, torch.tensor([0.5 / 3, 0.5 * 2 / 3, 0.5]))
+    with pytest.raises(ValueError, match="answers_indices"):
+        answer_targets(torch.tensor([1, 2]))
+
+
+def test_decoder_is_causal_and_ignores_padding_but_reads_the_question_states():
+    model = decoder()
+    ids, mask, states, states_mask = answers_and_states(questions=5)
+    out = model(ids, mask, states, states_mask)
+    changed = ids.clone()
+    changed[:, 2] = 12  # a later token cannot change earlier predictions
+    torch.testing.assert_close(model(changed, mask, states, states_mask)[:, :2], out[:, :2])
+    assert not torch.allclose(model(changed, mask, states, states_mask)[:, 2:], out[:, 2:])
+    other_states = states.clone()
+    other_states[1, 3:] = 100.0  # masked question positions are not read
+    torch.testing.assert_close(model(ids, mask, other_states, states_mask), out)
+    other_states[1, 0] += 1.0
+    assert not torch.allclose(model(ids, mask, other_states, states_mask)[1], out[1])
+
+
+def test_decoder_starts_from_the_encoders_upper_layers():
+    torch.manual_seed(3)
+    encoder = SIMLATextEncoder.from_config(BertConfig(**TINY))
+    model = decoder(seed=4, layers=2, first=1)
+    model.init_from_encoder(encoder)
+    assert sorted(model.layers) == ["1", "2"]
+    for n in ("1", "2"):
+        for key, value in encoder.blocks[int(n)].state_dict().items():
+            torch.testing.assert_close(model.layers[n].state_dict()[key], value)
+        for key, value in encoder.cross_attention[int(n)].state_dict().items():
+            torch.testing.assert_close(model.cross_attention[n].state_dict()[key], value)
+    torch.testing.assert_close(model.embeddings.word_embeddings.weight, encoder.word_embeddings.weight)
+    assert model.lm.decoder.weight is model.embeddings.word_embeddings.weight
+    with pytest.raises(ValueError, match="decoder_from_layer"):
+        decoder(layers=2, first=2).init_from_encoder(encoder)
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_ranking_is_first_token_top_k_then_full_likelihood(twice):
+    model = decoder()
+    ids, mask, states, states_mask = answers_and_states()
+    k = 3
+    scores = rank_answers(model, states, states_mask, ids, mask, k, count_first_token_twice=twice)
+    assert scores.shape == (3, ids.size(0))
+    with torch.no_grad():
+        for q in range(3):
+            full, first = [], []
+            for c in range(ids.size(0)):  # each candidate decoded on its own
+                n = int(mask[c].sum())
+                logits = model(ids[c:c + 1, :n], mask[c:c + 1, :n], states[q:q + 1], states_mask[q:q + 1])[0]
+                log_p = [float(logits[t - 1].log_softmax(-1)[ids[c, t]]) for t in range(1, n)]
+                first.append(log_p[0])
+                full.append(sum(log_p) + (log_p[0] if twice else 0.0))
+            top = sorted(range(len(first)), key=lambda c: -first[c])[:k]
+            for c in range(ids.size(0)):
+                want = full[c] if c in top else NOT_RANKED
+                assert math.isclose(float(scores[q, c]), want, rel_tol=1e-4, abs_tol=1e-4), (q, c)
+
+
+def test_distilled_cross_entropy_mixes_the_teachers_distribution():
+    g = torch.Generator().manual_seed(2)
+    logits, teacher = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    targets = torch.tensor([0, 2, 1, 1])
+    hard = F.cross_entropy(logits, targets)
+    soft = sum(-(teacher[b].softmax(-1) * logits[b].log_softmax(-1)).sum() for b in range(4)) / 4
+    torch.testing.assert_close(distilled_cross_entropy(logits, targets, teacher, 0.4), 0.6 * hard + 0.4 * soft)
+    torch.testing.assert_close(distilled_cross_entropy(logits, targets, teacher, 0.0), hard)
+
+
+# ---------------------------------------------------------------------- the registered model
+def test_task_models_build_no_pretraining_heads_and_keep_the_head_in_the_momentum_model():
+    for head in ("vqa", "snli_ve"):
+        model = build(head)
+        assert model.heads is None and model.queues is None
+        assert model.backbone.image_encoder.mask_token is None  # no MIM in fine-tuning
+        assert set(model.momentum.names) == {"visual_encoder", "text_encoder", "classifier"}
+        optimized = {id(p) for group in model.get_optimizer_parameters(None) for p in group["params"]}
+        assert not optimized & {id(p) for p in model.momentum.parameters()}
+        assert {id(p) for p in model.classifier.parameters()} <= optimized
+        assert not any(k.startswith(("answer_ids", "answer_mask")) for k in model.state_dict())
+
+
+def test_vqa_loss_and_scores_equal_a_recomputation_from_the_parts():
+    model = build("vqa").train()
+    model.on_update_start(TrainingProgress(update=5, epoch=0))
+    model.alpha = 0.4
+    with torch.no_grad():  # a momentum model that differs from the online one
+        for p in model.momentum.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = testing.tiny_batch("vqa")
+    torch.manual_seed(0)
+    loss = model(batch)["losses"]["train/simla_contract/vqa"]
+    image = model.backbone.image_encoder(batch.image)
+    states = model.backbone.text_encoder.fuse(batch.input_ids, batch.input_mask, image)
+    image_m = model.momentum["visual_encoder"](batch.image)
+    states_m = model.momentum["text_encoder"].fuse(batch.input_ids, batch.input_mask, image_m)
+    total = 0.0
+    for q, answers in enumerate(batch.answers_indices.tolist()):
+        given = [a for a in answers if a >= 0]
+        for a in set(given):
+            ids, mask = model.answer_ids[a:a + 1], model.answer_mask[a:a + 1]
+            logits = model.classifier(ids, mask, states[q:q + 1], batch.input_mask[q:q + 1])
+            teacher = model.momentum["classifier"](ids, mask, states_m[q:q + 1], batch.input_mask[q:q + 1])
+            total = total + given.count(a) / len(given) * answer_sequence_loss(logits, ids, mask, teacher, 0.4)[0]
+    torch.testing.assert_close(loss, total / batch.input_ids.size(0))
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch)["scores"]
+        states = model.backbone.text_encoder.fuse(batch.input_ids, batch.input_mask,
+                                                  model.backbone.image_encoder(batch.image))
+        want = rank_answers(model.classifier, states, batch.input_mask, model.answer_ids, model.answer_mask, 3)
+    torch.testing.assert_close(scores, want)
+    assert int((scores > NOT_RANKED).sum(1).max()) == 3
+
+
+def test_vqa_dataset_weight_and_single_answer_batches():
+    model = build("vqa").train()
+    model.alpha = 0.0
+    batch = testing.tiny_batch("vqa", dataset_name="vgqa_images")
+    batch.answers_indices = torch.tensor([[1] + [-1] * 9, [2] + [-1] * 9, [-1] * 10, [0] + [-1] * 9])
+    torch.manual_seed(0)
+    weighted = model(batch)["losses"]["train/vgqa_images/vqa"]
+    del batch["answers_indices"]
+    batch.answer_index = torch.tensor([1, 2, -1, 0])
+    torch.manual_seed(0)
+    single = model(batch)["losses"]["train/vgqa_images/vqa"]
+    torch.testing.assert_close(single, weighted)
+    batch.dataset_name = "vqa2_images"
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(batch)["losses"]["train/vqa2_images/vqa"], 2 * weighted)
+
+
+def test_snli_ve_loss_equals_the_distilled_cross_entropy_of_the_momentum_model():
+    model = build("snli_ve").train()
+    model.alpha = 0.4
+    with torch.no_grad():
+        for p in model.momentum.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = testing.tiny_batch("snli_ve")
+    out = model(batch)
+    fused = model.backbone.text_encoder.fuse(batch.input_ids, batch.input_mask, model.backbone.image_encoder(batch.image))
+    logits = model.classifier(fused[:, 0])
+    fused_m = model.momentum["text_encoder"].fuse(batch.input_ids, batch.input_mask,
+                                                  model.momentum["visual_encoder"](batch.image))
+    teacher = model.momentum["classifier"](fused_m[:, 0])
+    torch.testing.assert_close(out["scores"], logits)
+    torch.testing.assert_close(out["losses"]["train/simla_contract/snli_ve"],
+                               distilled_cross_entropy(logits, batch.targets, teacher, 0.4))
+
+
+@pytest.mark.parametrize("head,key", [("vqa", "vqa"), ("snli_ve", "snli_ve")])
+def test_a_few_steps_on_a_fixed_batch_lower_the_task_loss(head, key):
+    model = build(head, alpha=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    model.settings.optimization.lr = 1e-3
+    optimizer = model.configure_optimizer(None)
+    batch = testing.tiny_batch(head)
+    losses = []
+    for update in range(60):
+        model.on_update_start(TrainingProgress(update=update, epoch=0))
+        loss = model(batch)["losses"][f"train/simla_contract/{key}"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_vqa_needs_the_answer_list():
+    with pytest.raises(ValueError, match="model_config.simla.vqa.answer_list"):
+        build("vqa", vqa={"answer_list": None})
+
+
+class _Writer:
+    def write(self, *args, **kwargs):
+        pass
+
+
+def test_the_vqa_projects_mapping_starts_the_decoder_from_the_pre_trained_encoders_upper_layers():
+    """projects/simla/vqa.yaml's pretrained_state_mapping, on a 12-layer tiny model: decoder layers 6..11 (and the
+    momentum decoder's) equal the pre-training checkpoint's encoder layers 6..11, its LM head the MLM head."""
+    from mmf_multilevel.trainers.checkpoint import MultilevelCheckpoint
+
+    deep = dict(num_hidden_layers=12)
+    source = build("pretraining", seed=1, **deep)
+    with torch.no_grad():
+        for p in source.momentum.parameters():
+            p.add_(0.1)
+    checkpoint = source.state_dict()
+    target = build("vqa", seed=2, **deep, vqa={"decoder_layers": 6, "decoder_from_layer": 6})
+    mapping = OmegaConf.load(os.path.join(ROOT, "projects", "simla", "vqa.yaml")).checkpoint.pretrained_state_mapping
+    config = OmegaConf.create({"checkpoint": {"pretrained_state_mapping": mapping}})
+    stub = SimpleNamespace(trainer=SimpleNamespace(model=target, config=config, writer=_Writer()))
+    MultilevelCheckpoint._load_pretrained(stub, checkpoint)
+    state = target.state_dict()
+    for n in range(6, 12):
+        for online, copy in (("", ""), ("momentum.copies.", "momentum.copies.")):
+            enc = f"{'backbone.' if not online else online}text_encoder.text.bert.encoder.layer.{n}."
+            dec = f"{online}classifier.layers.{n}."
+            keys = [k for k in checkpoint if k.startswith(enc)]
+            assert keys
+            for key in keys:
+                torch.testing.assert_close(state[dec + key[len(enc):]], checkpoint[key])
+    torch.testing.assert_close(state["classifier.lm.transform.dense.weight"],
+                               checkpoint["heads.mlm.transform.dense.weight"])
+    torch.testing.assert_close(state["momentum.copies.classifier.lm.bias"], checkpoint["momentum.copies.mlm.bias"])
+    torch.testing.assert_close(state["classifier.embeddings.word_embeddings.weight"],
+                               checkpoint["backbone.text_encoder.text.bert.embeddings.word_embeddings.weight"])
+    torch.testing.assert_close(state["momentum.copies.classifier.cross_attention.9.self.query.weight"],
+                               checkpoint["momentum.copies.text_encoder.cross_attention.9.self.query.weight"])

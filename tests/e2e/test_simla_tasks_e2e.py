@@ -1,0 +1,90 @@
+"""SIMLA's VQA (answer generation) and SNLI-VE end to end through the stock mmf_run: the demo projects on generated
+raw images, fine-tuned from a tiny demo pre-training checkpoint - the decoder started from the pre-trained
+encoder's upper layer by the project's pretrained_state_mapping, the losses and the task metric in the log, the
+accuracy above the majority-answer baseline."""
+import collections
+import json
+import re
+
+import pytest
+import torch
+
+from helpers.mmf import ROOT, run_mmf
+from mmf_multilevel.datasets import generate as gen
+from mmf_multilevel.processors.answers import accuracy_from_matches, comparison_forms
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["training.log_interval=10", "training.progress_bar=False", "model_config.simla.queue_size=32"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simla_tasks_e2e")
+    gen.generate(root / "demo", num_images=60, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    """A tiny demo pre-training checkpoint (4 updates, queue of 32)."""
+    save = tmp_path_factory.mktemp("simla_tasks_pre") / "save"
+    run_mmf(save.parent, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.max_updates=4",
+            "training.evaluation_interval=4", "training.checkpoint_interval=4", "training.batch_size=4",
+            config=f"{ROOT}/projects/simla/demo/pretrain.yaml")
+    return save / "simla_final.pth"
+
+
+def majority_vqa_accuracy(path):
+    """The official accuracy of answering every question with the most frequent annotator answer of the split."""
+    records = [json.loads(line) for line in open(path)]
+    counts = collections.Counter(a for r in records for a in r["answers"])
+    best = counts.most_common(1)[0][0]
+    total = 0.0
+    for record in records:
+        forms, _ = comparison_forms(record["answers"])
+        total += accuracy_from_matches([form == comparison_forms([best])[0][0] for form in forms])
+    return 100.0 * total / len(records)
+
+
+def test_vqa_generation_fine_tuning_from_the_pre_training_checkpoint(data, pretrained, tmp_path):
+    save = tmp_path / "save"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.max_updates=60",
+                     "training.evaluation_interval=60", "training.checkpoint_interval=60", "training.batch_size=16",
+                     f"checkpoint.resume_file={pretrained}", "checkpoint.resume_pretrained=True",
+                     config=f"{ROOT}/projects/simla/demo/vqa.yaml")
+    assert "Finished run" in result.stdout + result.stderr
+    log = (save / "train.log").read_text()
+    # decoder layer 1 from the tiny encoder's layer 1, online and momentum; the LM head from the MLM head
+    for own, source in (("classifier.layers.1.attention.self.query.weight",
+                         "backbone.text_encoder.text.bert.encoder.layer.1.attention.self.query.weight"),
+                        ("classifier.cross_attention.1.self.key.weight", "backbone.text_encoder.cross_attention.1.self.key.weight"),
+                        ("momentum.copies.classifier.layers.1.output.dense.weight",
+                         "momentum.copies.text_encoder.text.bert.encoder.layer.1.output.dense.weight"),
+                        ("classifier.lm.transform.dense.weight", "heads.mlm.transform.dense.weight")):
+        assert f"Copying {own} from {source}" in log, own
+    losses = [float(v) for v in re.findall(r"train/vqa2_images/vqa: ([0-9.]+)", log)]
+    assert losses and all(0.0 < v < 100.0 for v in losses)
+    accuracy = re.findall(r"val/vqa2_images/vqa_official_accuracy: ([0-9.]+)", log)
+    assert accuracy, log[-3000:]
+    majority = majority_vqa_accuracy(data / "demo" / "annotations" / "vqa_val.jsonl")
+    assert 100.0 * float(accuracy[-1]) > majority + 5.0, (accuracy, majority)
+    state = torch.load(save / "simla_final.pth", weights_only=True)
+    assert "classifier.layers.1.attention.self.query.weight" in state and not any(k.startswith("heads.") for k in state)
+
+
+def test_snli_ve_fine_tuning_from_the_pre_training_checkpoint(data, pretrained, tmp_path):
+    save = tmp_path / "save"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.max_updates=40",
+                     "training.evaluation_interval=40", "training.checkpoint_interval=40", "training.batch_size=16",
+                     f"checkpoint.resume_file={pretrained}", "checkpoint.resume_pretrained=True",
+                     config=f"{ROOT}/projects/simla/demo/snli_ve.yaml")
+    assert "Finished run" in result.stdout + result.stderr
+    log = (save / "train.log").read_text()
+    assert "Copying momentum.copies.text_encoder.cross_attention.0.self.query.weight from" in log
+    assert re.findall(r"train/snli_ve_images/snli_ve: ([0-9.]+)", log)
+    accuracy = re.findall(r"val/snli_ve_images/accuracy: ([0-9.]+)", log)
+    labels = collections.Counter(json.loads(line)["label"]
+                                 for line in open(data / "demo" / "annotations" / "snli_ve_val.jsonl"))
+    majority = max(labels.values()) / sum(labels.values())
+    assert accuracy and float(accuracy[-1]) > majority + 0.1, (accuracy, majority)

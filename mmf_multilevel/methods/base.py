@@ -216,6 +216,12 @@ class MethodModel(BaseModel):
         written by a differently structured network whose weights would be silently dropped or left at
         their initialisation (SemVLP: a different cross-attention layout)."""
 
+    def prepare_pretrained_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A checkpoint's state (keys in this model's names) as this model reads it in a
+        ``pretrained_state_mapping`` load, before any prefix is matched: a model whose layout differs from the
+        checkpoint's by rule rewrites it here (SIMLA's NLVR2: the upper BERT layers duplicated)."""
+        return state
+
     def map_pretrained_prefix(self, prefix: str) -> str:
         """A ``pretrained_state_mapping`` prefix written before a rename, in today's names."""
         mapped = apply_key_map(prefix + ".", self.state_key_map)

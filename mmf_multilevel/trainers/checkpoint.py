@@ -141,6 +141,9 @@ class MultilevelCheckpoint(Checkpoint):
         mapping = self.trainer.config.checkpoint.pretrained_state_mapping
         if hasattr(inner, "check_pretrained_state"):  # e.g. SemVLP: the checkpoint's L_s layout must be the model's
             inner.check_pretrained_state({name: ckpt[attr] for attr, name in formatted.items()})
+        if hasattr(inner, "prepare_pretrained_state"):  # e.g. SIMLA's NLVR2: a 12-layer encoder read as 18 layers
+            ckpt = inner.prepare_pretrained_state({name: ckpt[attr] for attr, name in formatted.items()})
+            formatted = {name: name for name in ckpt}
         for own_prefix, ckpt_prefix in mapping.items():
             key, value = translate(str(own_prefix)) + ".", translate(str(ckpt_prefix)) + "."
             copied = 0

@@ -284,3 +284,169 @@ def test_the_vqa_projects_mapping_starts_the_decoder_from_the_pre_trained_encode
                                checkpoint["backbone.text_encoder.text.bert.embeddings.word_embeddings.weight"])
     torch.testing.assert_close(state["momentum.copies.classifier.cross_attention.9.self.query.weight"],
                                checkpoint["momentum.copies.text_encoder.cross_attention.9.self.query.weight"])
+
+
+# ---------------------------------------------------------------------- NLVR2
+def test_pair_layer_sources_follow_the_official_duplication():
+    from mmf_multilevel.methods.simla.downstream import pair_layer_sources
+
+    sources = pair_layer_sources(12, 6)
+    assert len(sources) == 18 and sources[:6] == list(range(6))
+    for layer in range(6, 12):  # official Pretrain_NLVR.py: layer l -> (l - 6) * 2 + 6 and the next
+        assert sources[(layer - 6) * 2 + 6] == layer and sources[(layer - 6) * 2 + 7] == layer
+    with pytest.raises(ValueError, match="nlvr2_shared_layers"):
+        pair_layer_sources(12, 12)
+
+
+def test_pair_encoder_copies_layers_and_ties_only_the_cross_attention_keys_and_values():
+    from mmf_multilevel.methods.simla.downstream import pair_encoder
+
+    torch.manual_seed(0)
+    encoder = SIMLATextEncoder.from_config(BertConfig(**TINY))
+    paired = pair_encoder(encoder, 1)  # layers 0, 1, 1, 2, 2
+    assert paired.num_layers == 5
+    for target, source in enumerate([0, 1, 1, 2, 2]):
+        for key, value in encoder.blocks[source].state_dict().items():
+            torch.testing.assert_close(paired.blocks[target].state_dict()[key], value)
+    for first in (1, 3):
+        one, two = paired.cross_attention[first].self, paired.cross_attention[first + 1].self
+        assert one.key.weight is two.key.weight and one.value.bias is two.value.bias
+        assert one.query.weight is not two.query.weight
+    assert paired.cross_attention[0].self.key.weight is not paired.cross_attention[1].self.key.weight
+
+
+def test_expand_pair_state_is_the_official_key_rewrite():
+    from mmf_multilevel.methods.simla.downstream import expand_pair_state
+
+    keys = [f"backbone.text_encoder.text.bert.encoder.layer.{n}.attention.self.query.weight" for n in range(4)]
+    keys += [f"momentum.copies.text_encoder.cross_attention.{n}.self.key.bias" for n in range(4)]
+    keys += ["backbone.text_encoder.text.bert.embeddings.word_embeddings.weight", "heads.itm_head.weight"]
+    state = {key: torch.tensor(float(i)) for i, key in enumerate(keys)}
+    want = {}
+    for key, value in state.items():  # the official loop, written out on our names
+        parts = key.split(".")
+        where = next((i + 1 for i, p in enumerate(parts) if p in ("layer", "cross_attention")), None)
+        if where is None:
+            want[key] = value
+            continue
+        n = int(parts[where])
+        if n >= 2:
+            for new in ((n - 2) * 2 + 2, (n - 2) * 2 + 3):
+                want[".".join(parts[:where] + [str(new)] + parts[where + 1:])] = value
+        else:
+            want[key] = value
+    got = expand_pair_state(state, ("backbone.text_encoder.", "momentum.copies.text_encoder."), 4, 2)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # a checkpoint already in the layout (6 layers here) is read as it is
+    assert expand_pair_state(got, ("backbone.text_encoder.", "momentum.copies.text_encoder."), 4, 2) == got
+
+
+def test_fuse_pair_reads_image_j_mod_2_in_layer_j():
+    from mmf_multilevel.methods.simla.downstream import fuse_pair, pair_encoder
+
+    torch.manual_seed(1)
+    paired = pair_encoder(SIMLATextEncoder.from_config(BertConfig(**TINY)), 1).eval()  # 5 layers
+    ids, mask, image, _ = answers_and_states(seed=2, questions=5, length=6)
+    ids, mask = ids[:, :4].clone(), mask[:, :4]
+    other = image.flip(0)
+    # one image in both places: the single-image multimodal pass over the same layers
+    torch.testing.assert_close(fuse_pair(paired, ids, mask, (image, image)), paired.fuse(ids, mask, image))
+    base = fuse_pair(paired, ids, mask, (image, other))
+    assert not torch.allclose(base, fuse_pair(paired, ids, mask, (other, image)))
+    assert not torch.allclose(base, fuse_pair(paired, ids, mask, (image, torch.randn_like(other))))  # image 1 is read
+    with torch.no_grad():  # odd layers' cross-attention made blind to its memory: image 1 no longer matters
+        for j in (1, 3):
+            attention = paired.cross_attention[j]
+            attention.output.dense.weight.zero_()
+            attention.output.dense.bias.zero_()
+    blind = fuse_pair(paired, ids, mask, (image, other))
+    torch.testing.assert_close(fuse_pair(paired, ids, mask, (image, torch.randn_like(other))), blind)
+    assert not torch.allclose(fuse_pair(paired, ids, mask, (torch.randn_like(image), other)), blind)
+
+
+def test_text_assignment_pairs_labels_slots_and_rates():
+    from mmf_multilevel.methods.simla.downstream import text_assignment_pairs
+
+    g = torch.Generator().manual_seed(0)
+    batch, rounds = 6, 500
+    similarity = torch.randn(batch, batch, generator=g)
+    similarity[0, 5] = 50.0  # image 5 is almost always image 0's drawn partner
+    counts = torch.zeros(3)
+    partner_of_0 = 0
+    for _ in range(rounds):
+        first, second, labels = text_assignment_pairs(similarity, generator=g)
+        own = torch.arange(batch)
+        assert torch.equal(first == own, labels == 0) and torch.equal(second == own, labels == 1)
+        assert bool((first != second).all())
+        counts += torch.bincount(labels, minlength=3).float()
+        partner_of_0 += int((first[0] == 5) | (second[0] == 5))
+    n = batch * rounds
+    se = math.sqrt((1 / 3) * (2 / 3) / n)
+    assert all(abs(float(c) / n - 1 / 3) < 4 * se for c in counts), counts  # 2/3 matched, split evenly
+    assert partner_of_0 > 0.95 * rounds
+
+
+def test_nlvr2_loss_equals_a_recomputation_with_the_momentum_model():
+    from mmf_multilevel.methods.simla.downstream import fuse_pair
+
+    model = build("nlvr2").train()
+    model.alpha = 0.4
+    with torch.no_grad():
+        for p in model.momentum.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = testing.tiny_batch("nlvr2")
+    out = model(batch)
+    images = (batch.img0.image, batch.img1.image)
+
+    def logits(vit, encoder, head):
+        return head(fuse_pair(encoder, batch.input_ids, batch.input_mask, [vit(i) for i in images])[:, 0])
+
+    student = logits(model.backbone.image_encoder, model.backbone.text_encoder, model.classifier)
+    m = model.momentum
+    teacher = logits(m["visual_encoder"], m["text_encoder"], m["classifier"])
+    torch.testing.assert_close(out["scores"], student)
+    torch.testing.assert_close(out["losses"]["train/simla_contract/nlvr2"],
+                               distilled_cross_entropy(student, batch.targets, teacher, 0.4))
+    assert model.backbone.text_encoder.num_layers == 3
+
+
+@pytest.mark.parametrize("head,key", [("nlvr2", "nlvr2"), ("nlvr2_assignment", "nlvr2_assignment")])
+def test_a_few_steps_on_a_fixed_batch_lower_the_nlvr2_losses(head, key):
+    model = build(head, alpha=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    model.settings.optimization.lr = 1e-3
+    optimizer = model.configure_optimizer(None)
+    batch = testing.tiny_batch(head, batch=6)
+    losses = []
+    for update in range(40):
+        model.on_update_start(TrainingProgress(update=update, epoch=0))
+        torch.manual_seed(0)  # the same text-assignment draw every step
+        loss = model(batch)["losses"][f"train/simla_contract/{key}"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_the_nlvr2_projects_mapping_reads_a_pre_training_checkpoint_in_the_two_image_layout():
+    """projects/simla/nlvr2.yaml's mapping on a 12-layer tiny model: layer j of the 18 equals the checkpoint's
+    layer pair_layer_sources[j], online; the momentum model starts from the loaded online weights."""
+    from mmf_multilevel.methods.simla.downstream import pair_layer_sources
+    from mmf_multilevel.trainers.checkpoint import MultilevelCheckpoint
+
+    source = build("pretraining", seed=1, num_hidden_layers=12)
+    checkpoint = source.state_dict()
+    target = build("nlvr2", seed=2, num_hidden_layers=12, nlvr2_shared_layers=6)
+    assert target.backbone.text_encoder.num_layers == 18
+    mapping = OmegaConf.load(os.path.join(ROOT, "projects", "simla", "nlvr2.yaml")).checkpoint.pretrained_state_mapping
+    config = OmegaConf.create({"checkpoint": {"pretrained_state_mapping": mapping}})
+    stub = SimpleNamespace(trainer=SimpleNamespace(model=target, config=config, writer=_Writer()))
+    MultilevelCheckpoint._load_pretrained(stub, checkpoint)
+    state = target.state_dict()
+    for j, l in enumerate(pair_layer_sources(12, 6)):
+        for part in (f"text.bert.encoder.layer.{{}}.output.dense.weight", "cross_attention.{}.self.value.weight"):
+            want = checkpoint["backbone.text_encoder." + part.format(l)]
+            torch.testing.assert_close(state["backbone.text_encoder." + part.format(j)], want)
+            torch.testing.assert_close(state["momentum.copies.text_encoder." + part.format(j)], want)
+    torch.testing.assert_close(state["momentum.copies.visual_encoder.vit.pos_embed"],
+                               checkpoint["backbone.image_encoder.vit.pos_embed"])

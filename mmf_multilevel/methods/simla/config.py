@@ -64,3 +64,4 @@ class SIMLAConfig(MethodConfig):
     k_test: int = 256
     optimization: SIMLAOptimizationConfig = field(default_factory=SIMLAOptimizationConfig)
     vqa: SIMLAVQAConfig = field(default_factory=SIMLAVQAConfig)
+    nlvr2_shared_layers: int = 6

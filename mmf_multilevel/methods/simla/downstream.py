@@ -13,9 +13,15 @@ Plain PyTorch (no MMF); the adapter (``model.py``) composes them.
 * **SNLI-VE and NLVR2 classification** (paper §3.4): :class:`ClassifierHead`, an MLP (hidden -> hidden, ReLU,
   -> classes) on the multimodal [CLS], trained by :func:`distilled_cross_entropy` (the official
   ``(1 - α)·CE + α·soft CE`` against the momentum head's softmax).
+* **NLVR2's two-image layout** (the paper gives no method for NLVR2; the official code follows ALBEF): the
+  12-layer BERT becomes 18 layers (:func:`pair_encoder`; checkpoints of the 12-layer encoder are read through
+  :func:`expand_pair_state`), the lower 6 kept once and each upper layer duplicated, layer j cross-attending to
+  image ``j % 2`` (:func:`fuse_pair`), the two copies of a layer sharing their cross-attention keys and values;
+  a text-assignment pre-step (:func:`text_assignment_pairs`) teaches it which image a caption describes.
 """
 import copy
-from typing import Optional, Tuple
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +35,8 @@ from mmf_multilevel.modules.heads import MLMHead, init_bert_weights
 from mmf_multilevel.modules.text import extended_attention_mask, mask_compute_dtype
 
 __all__ = ["AnswerDecoder", "ClassifierHead", "answer_sequence_loss", "answer_targets", "rank_answers",
-           "distilled_cross_entropy", "NOT_RANKED"]
+           "distilled_cross_entropy", "NOT_RANKED", "pair_layer_sources", "pair_encoder", "tie_pair_cross_attention",
+           "expand_pair_state", "fuse_pair", "text_assignment_pairs"]
 
 #: the score of a candidate answer outside a question's top k (ranked last by the accuracy metric's argmax)
 NOT_RANKED = -1.0e4
@@ -207,3 +214,124 @@ def distilled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
         return hard
     soft = -(F.softmax(teacher_logits.float(), dim=-1) * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
     return (1.0 - alpha) * hard + alpha * soft
+
+
+# ---------------------------------------------------------------------- NLVR2: the two-image layout
+def pair_layer_sources(num_layers: int, shared: int) -> List[int]:
+    """For each layer of the NLVR2 layout, the layer of the ``num_layers``-layer encoder it starts from (the
+    official ``Pretrain_NLVR.py``): layers ``0 .. shared - 1`` once, every layer ``l >= shared`` twice, as layers
+    ``shared + 2 (l - shared)`` and ``shared + 2 (l - shared) + 1``. 12 layers, ``shared`` 6: 18 layers."""
+    if not 0 <= int(shared) < int(num_layers):
+        raise ValueError(f"model_config.simla.nlvr2_shared_layers: {shared} must lie in [0, {num_layers}) (the "
+                         "encoder's layers below it are kept once, the others duplicated)")
+    return list(range(shared)) + [layer for layer in range(shared, num_layers) for _ in range(2)]
+
+
+def tie_pair_cross_attention(encoder: SIMLATextEncoder, shared: int) -> None:
+    """The official ``share_cross_attention``: the two copies of a duplicated layer (``shared + 2i`` and
+    ``shared + 2i + 1``) share their cross-attention key and value projections (the image keys/values), the
+    queries and outputs stay separate."""
+    for first in range(int(shared), encoder.num_layers, 2):
+        one, two = encoder.cross_attention[first].self, encoder.cross_attention[first + 1].self
+        one.key.weight, one.key.bias = two.key.weight, two.key.bias
+        one.value.weight, one.value.bias = two.value.weight, two.value.bias
+
+
+def pair_encoder(encoder: SIMLATextEncoder, shared: int) -> SIMLATextEncoder:
+    """The NLVR2 layout of ``encoder``: a new :class:`SIMLATextEncoder` whose layer j (self-attention,
+    cross-attention, FFN) is a copy of the encoder's layer ``pair_layer_sources(...)[j]``, the embeddings copied,
+    the cross-attention keys/values of each duplicated pair tied (:func:`tie_pair_cross_attention`)."""
+    sources = pair_layer_sources(encoder.num_layers, shared)
+    fields = encoder.config.to_dict()
+    fields["num_hidden_layers"] = len(sources)
+    config = BertConfig(**fields)
+    config._attn_implementation = encoder.config._attn_implementation
+    paired = SIMLATextEncoder.from_config(config)
+    with torch.no_grad():
+        paired.text.bert.embeddings.load_state_dict(encoder.text.bert.embeddings.state_dict())
+        for target, source in enumerate(sources):
+            paired.blocks[target].load_state_dict(encoder.blocks[source].state_dict())
+            paired.cross_attention[target].load_state_dict(encoder.cross_attention[source].state_dict())
+    tie_pair_cross_attention(paired, shared)
+    return paired
+
+
+def expand_pair_state(state: Dict[str, torch.Tensor], prefixes: Sequence[str], num_layers: int,
+                      shared: int) -> Dict[str, torch.Tensor]:
+    """A checkpoint of the ``num_layers``-layer encoder read in the NLVR2 layout: for each text encoder under
+    ``prefixes`` (``backbone.text_encoder.``, ``momentum.copies.text_encoder.``) that has ``num_layers`` layers,
+    every ``...layer.<l>.`` / ``cross_attention.<l>.`` entry of a layer ``l >= shared`` is written as its two
+    copies; other entries as they are. A checkpoint already in the NLVR2 layout is returned unchanged."""
+    sources = pair_layer_sources(num_layers, shared)
+    targets: Dict[int, List[int]] = {}
+    for target, source in enumerate(sources):
+        targets.setdefault(source, []).append(target)
+    out: Dict[str, torch.Tensor] = {}
+    pattern = re.compile(r"^(?P<head>(?:text\.bert\.encoder\.layer|cross_attention)\.)(?P<n>\d+)(?P<rest>\..*)$")
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        match = pattern.match(key[len(prefix):]) if prefix is not None else None
+        if match is None:
+            out[key] = value
+            continue
+        layers = {int(m.group("n")) for k in state if k.startswith(prefix)
+                  for m in [pattern.match(k[len(prefix):])] if m}
+        if max(layers) + 1 != num_layers:  # already expanded (a text-assignment checkpoint), or foreign
+            out[key] = value
+            continue
+        for target in targets[int(match.group("n"))]:
+            out[f"{prefix}{match.group('head')}{target}{match.group('rest')}"] = value
+    return out
+
+
+def fuse_pair(encoder: SIMLATextEncoder, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+              images: Sequence[torch.Tensor], image_masks: Optional[Sequence[Optional[torch.Tensor]]] = None
+              ) -> torch.Tensor:
+    """The statement through the NLVR2 layout from its embeddings, layer j cross-attending to ``images[j % 2]``
+    (the official xbert with a list of ``encoder_hidden_states`` and ``fusion_layer = 0``). Returns ``(B, L, H)``."""
+    if len(images) != 2:
+        raise ValueError(f"fuse_pair reads two images, got {len(images)}")
+    hidden = encoder.embed(input_ids)
+    batch, length, _ = hidden.shape
+    dtype = mask_compute_dtype(hidden)
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
+    extended = extended_attention_mask(attention_mask, dtype)
+    masks = []
+    for index, image in enumerate(images):
+        given = None if image_masks is None else image_masks[index]
+        if given is None:
+            given = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)
+        masks.append(extended_attention_mask(given, dtype))
+    for layer in range(encoder.num_layers):
+        hidden, _, _ = encoder.run_block(layer, hidden, extended, images[layer % 2], masks[layer % 2])
+    return hidden
+
+
+#: text-assignment labels (the official ``pretrain_nlvr.py``): the caption describes image 0, image 1, or neither
+ASSIGN_FIRST, ASSIGN_SECOND, ASSIGN_NEITHER = 0, 1, 2
+
+
+def text_assignment_pairs(similarity: torch.Tensor, generator: Optional[torch.Generator] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text-assignment pre-step's image pairs (official ``pretrain_nlvr.py``): for caption b, with probability
+    2/3 its own image and one drawn from ``softmax(similarity[b])`` without b, in a random order (label = the slot
+    of b's image); otherwise two images drawn from that distribution (label 2, neither). ``similarity`` ``(B, B)``:
+    the image-image similarities over the temperature. Returns the image indices of slot 0 and slot 1 and the
+    labels, each ``(B,)``."""
+    batch = similarity.size(0)
+    if batch < 3:
+        raise ValueError(f"text assignment needs at least 3 images in a batch (two others to draw), got {batch}")
+    eye = torch.eye(batch, dtype=torch.bool, device=similarity.device)
+    weights = similarity.float().masked_fill(eye, float("-inf")).softmax(dim=1)
+    drawn = torch.multinomial(weights, 2, generator=generator)
+    own = torch.arange(batch, device=similarity.device)
+    roll = torch.rand(batch, generator=generator, device=similarity.device if generator is None else None)
+    order = torch.rand(batch, generator=generator, device=similarity.device if generator is None else None)
+    roll, order = roll.to(similarity.device), order.to(similarity.device)
+    matched = roll > 1 / 3
+    first_slot = matched & (order > 0.5)
+    slot0 = torch.where(matched, torch.where(first_slot, own, drawn[:, 0]), drawn[:, 0])
+    slot1 = torch.where(matched, torch.where(first_slot, drawn[:, 0], own), drawn[:, 1])
+    labels = torch.where(matched, torch.where(first_slot, ASSIGN_FIRST, ASSIGN_SECOND), ASSIGN_NEITHER)
+    return slot0, slot1, labels.long()

@@ -57,7 +57,11 @@ from mmf_multilevel.methods.simla.downstream import (
     answer_sequence_loss,
     answer_targets,
     distilled_cross_entropy,
+    expand_pair_state,
+    fuse_pair,
+    pair_encoder,
     rank_answers,
+    text_assignment_pairs,
 )
 from mmf_multilevel.methods.simla.losses import (
     IGNORE_INDEX,
@@ -83,10 +87,16 @@ __all__ = ["SIMLA", "SIMLABackbone", "MOMENTUM_PAIRS"]
 MOMENTUM_PAIRS = ("visual_encoder", "text_encoder", "mlm", "vision_proj", "text_proj", "mim_head", "concept_head")
 #: the fine-tuning heads on the multimodal encoder (paper §3.3-§3.4): their momentum model is the ViT, the BERT and
 #: the head (the official VQA / VE / NLVR ``model_pairs``); they build no ITC/ITM/MLM heads and no queues
-TASK_HEADS = ("vqa", "snli_ve")
+TASK_HEADS = ("vqa", "snli_ve", "nlvr2", "nlvr2_assignment")
 TASK_MOMENTUM_PAIRS = ("visual_encoder", "text_encoder", "classifier")
-#: SNLI-VE's classes: entailment, neutral, contradiction (the dataset's ``targets``)
-SNLI_VE_CLASSES = 3
+#: the head types on NLVR2's two-image layout of the BERT (``downstream.pair_encoder``); the text-assignment
+#: pre-step has no momentum model (the official ``pretrain_nlvr.py`` distils nothing)
+PAIR_HEADS = ("nlvr2", "nlvr2_assignment")
+#: SNLI-VE's classes: entailment, neutral, contradiction (the dataset's ``targets``); NLVR2: false, true;
+#: text assignment: image 0, image 1, neither
+SNLI_VE_CLASSES, NLVR2_CLASSES, ASSIGNMENT_CLASSES = 3, 2, 3
+#: the fixed temperature of the text-assignment pre-step's image-image similarities (official: 0.07)
+ASSIGNMENT_TEMPERATURE = 0.07
 
 #: the image id of a queued feature in retrieval fine-tuning (the official ``idx_queue``, never written)
 UNTRACKED_ID = -100
@@ -137,6 +147,8 @@ class SIMLA(MethodModel):
                                               attention_probs_dropout_prob=s.attention_probs_dropout_prob)
         else:
             text = SIMLATextEncoder.from_config(bert_config_of(s))
+        if self.head_type in PAIR_HEADS:  # NLVR2: the upper layers duplicated, one copy per image
+            text = pair_encoder(text, int(s.nlvr2_shared_layers))
         return SIMLABackbone(image, text)
 
     def build_head(self, head_type):
@@ -171,8 +183,14 @@ class SIMLA(MethodModel):
             # rebuilt from the answer list at every build: not in checkpoints
             self.register_buffer("answer_ids", ids, persistent=False)
             self.register_buffer("answer_mask", mask, persistent=False)
+        elif head_type == "nlvr2_assignment":
+            # the official ta_head and the vision projection its image-image similarities read
+            self.classifier = nn.ModuleDict({
+                "ta_head": nn.Linear(encoder.hidden_size, ASSIGNMENT_CLASSES),
+                "vision_proj": nn.Linear(self.backbone.image_encoder.hidden_size, s.embed_dim)})
         else:
-            self.classifier = ClassifierHead(encoder.hidden_size, SNLI_VE_CLASSES)
+            classes = NLVR2_CLASSES if head_type == "nlvr2" else SNLI_VE_CLASSES
+            self.classifier = ClassifierHead(encoder.hidden_size, classes)
 
     def _tokenised_answers(self):
         from transformers import AutoTokenizer
@@ -202,7 +220,8 @@ class SIMLA(MethodModel):
         if self.head_type in TASK_HEADS:
             online = {"visual_encoder": self.backbone.image_encoder, "text_encoder": self.backbone.text_encoder,
                       "classifier": self.classifier}
-            self.momentum = MomentumCopies({name: online[name] for name in TASK_MOMENTUM_PAIRS}, momentum=s.momentum)
+            self.momentum = (None if self.head_type == "nlvr2_assignment" else
+                             MomentumCopies({name: online[name] for name in TASK_MOMENTUM_PAIRS}, momentum=s.momentum))
             self.queues, self.dvae = None, None
             self.alpha = self.alpha_at(self.progress)
             self._optimizer = None
@@ -253,7 +272,7 @@ class SIMLA(MethodModel):
 
     def trainable_parameters(self):
         """``(name, parameter)`` of every parameter an optimizer updates: not the momentum copies."""
-        copies = {id(p) for p in self.momentum.parameters()}
+        copies = {id(p) for p in self.momentum.parameters()} if self.momentum is not None else set()
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in copies]
 
     def configure_optimizer(self, config):
@@ -290,7 +309,8 @@ class SIMLA(MethodModel):
         ``_momentum_update`` at the start of the teacher block; with gradient accumulation once per update,
         not per forward), α and the learning rate from the pushed update."""
         super().on_update_start(progress)
-        self.momentum.update()
+        if self.momentum is not None:
+            self.momentum.update()
         self.alpha = self.alpha_at(progress)
         if self._optimizer is not None:
             lr = self.lr_at(progress)
@@ -520,6 +540,60 @@ class SIMLA(MethodModel):
             output["losses"] = self.named_losses(
                 sample_list, {"snli_ve": distilled_cross_entropy(logits, targets, teacher, alpha)})
         return output
+
+    def prepare_pretrained_state(self, state):
+        """A checkpoint for a ``pretrained_state_mapping`` load: for NLVR2's layouts a checkpoint of the 12-layer
+        encoder (pre-training, retrieval) is read with its upper layers duplicated (official ``Pretrain_NLVR.py``;
+        :func:`~mmf_multilevel.methods.simla.downstream.expand_pair_state`); a text-assignment checkpoint is
+        already in the layout."""
+        if self.head_type not in PAIR_HEADS:
+            return state
+        return expand_pair_state(state, ("backbone.text_encoder.", "momentum.copies.text_encoder."),
+                                 int(self.settings.num_hidden_layers), int(self.settings.nlvr2_shared_layers))
+
+    def paired_forward(self, sample_list):
+        """NLVR2 (``training_head_type: nlvr2``; the official ``models/simla/nlvr.py``): both images (``img0``,
+        ``img1``) through the ViT, the statement through the 18-layer two-image layout (layer j reading image
+        j % 2), the MLP on its [CLS]: ``scores`` ``(B, 2)``; loss ``nlvr2`` = cross-entropy against ``targets``,
+        distilled from the momentum model in training."""
+        text = text_inputs(sample_list, self.name)
+        pixels = [pixel_inputs(sample_list, self.name, side=side).pixels for side in ("img0", "img1")]
+
+        def logits_of(vit, encoder, head):
+            images = vit(torch.cat(pixels)).split(pixels[0].size(0))
+            return head(fuse_pair(encoder, text.input_ids, text.mask, images)[:, 0])
+
+        logits = logits_of(self.backbone.image_encoder, self.backbone.text_encoder, self.classifier)
+        output = {"scores": logits}
+        if "targets" in sample_list:
+            targets = sample_list["targets"].to(logits.device).long().view(-1)
+            teacher, alpha = None, float(self.alpha) if self.training else 0.0
+            if alpha > 0:
+                with torch.no_grad():
+                    m = self.momentum
+                    teacher = logits_of(m["visual_encoder"], m["text_encoder"], m["classifier"])
+            output["losses"] = self.named_losses(
+                sample_list, {"nlvr2": distilled_cross_entropy(logits, targets, teacher, alpha)})
+        return output
+
+    def nlvr2_assignment_forward(self, sample_list):
+        """NLVR2's text-assignment pre-step (``training_head_type: nlvr2_assignment``; the official
+        ``Pretrain_NLVR.py`` / ``models/simla/pretrain_nlvr.py``) on an image-caption corpus: each caption with
+        two images - its own and a similar one (by the vision projection's cosine over 0.07), in a random order,
+        or two similar ones - through the two-image layout; a 3-way head says which image it describes (0, 1,
+        neither). ``scores`` ``(B, 3)``, loss ``nlvr2_assignment`` (cross-entropy)."""
+        text = text_inputs(sample_list, self.name)
+        ids = text.input_ids
+        if "lm_label_ids" in sample_list:  # a corpus configured with MLM masking: the caption as written
+            ids = _original_ids(ids, sample_list["lm_label_ids"].to(ids.device).long())
+        image = self.backbone.image_encoder(pixel_inputs(sample_list, self.name).pixels)
+        with torch.no_grad():
+            feature = F.normalize(self.classifier["vision_proj"](image[:, 0]), dim=-1)
+            first, second, labels = text_assignment_pairs(feature @ feature.t() / ASSIGNMENT_TEMPERATURE)
+        hidden = fuse_pair(self.backbone.text_encoder, ids, text.mask, (image[first], image[second]))
+        logits = self.classifier["ta_head"](hidden[:, 0])
+        return {"scores": logits,
+                "losses": self.named_losses(sample_list, {"nlvr2_assignment": F.cross_entropy(logits, labels)})}
 
     def _mim_loss(self, pixels, ids, mask, alpha):
         s, heads, momentum = self.settings, self.heads, self.momentum

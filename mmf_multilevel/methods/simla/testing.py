@@ -48,6 +48,8 @@ def tiny_config(head_type):
                   queue_size=QUEUE_SIZE, mim_masked_patches=6, mim_min_block=2, dvae_random_hidden=8,
                   dvae_random_blocks=1, init_mlm_from_bert=False, cls_token_id=CLS, sep_token_id=SEP,
                   pad_token_id=PAD, optimization=dict(warmup_updates=0))
+    if head_type in ("nlvr2", "nlvr2_assignment"):
+        config["nlvr2_shared_layers"] = 1  # the 2-layer tiny BERT as 3 layers: layer 0, then layer 1 twice
     if head_type == "vqa":
         answers, tokenizer = tiny_answer_files()
         # a 1-layer decoder from the 2-layer encoder's upper layer
@@ -101,5 +103,15 @@ def tiny_batch(head_type, seed=0, batch=4, length=8, vocab_size=40, dataset_name
         sample_list.answers_indices = answers
     if head_type == "snli_ve":
         sample_list.targets = torch.arange(batch) % 3
+    if head_type == "nlvr2":
+        # nlvr2_images: the statement with two images (img0.image, img1.image) and true / false
+        from mmf.common.sample import SampleList as Side
+
+        del sample_list["lm_label_ids"]
+        sample_list.input_ids = ids
+        for side in ("img0", "img1"):
+            sample_list[side] = Side({"image": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)})
+        del sample_list["image"]
+        sample_list.targets = torch.arange(batch) % 2
     sample_list.dataset_name, sample_list.dataset_type = dataset_name, "train"
     return sample_list

@@ -444,7 +444,7 @@ def test_the_nlvr2_projects_mapping_reads_a_pre_training_checkpoint_in_the_two_i
     MultilevelCheckpoint._load_pretrained(stub, checkpoint)
     state = target.state_dict()
     for j, l in enumerate(pair_layer_sources(12, 6)):
-        for part in (f"text.bert.encoder.layer.{{}}.output.dense.weight", "cross_attention.{}.self.value.weight"):
+        for part in ("text.bert.encoder.layer.{}.output.dense.weight", "cross_attention.{}.self.value.weight"):
             want = checkpoint["backbone.text_encoder." + part.format(l)]
             torch.testing.assert_close(state["backbone.text_encoder." + part.format(j)], want)
             torch.testing.assert_close(state["momentum.copies.text_encoder." + part.format(j)], want)

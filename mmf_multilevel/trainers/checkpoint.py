@@ -141,9 +141,14 @@ class MultilevelCheckpoint(Checkpoint):
         mapping = self.trainer.config.checkpoint.pretrained_state_mapping
         if hasattr(inner, "check_pretrained_state"):  # e.g. SemVLP: the checkpoint's L_s layout must be the model's
             inner.check_pretrained_state({name: ckpt[attr] for attr, name in formatted.items()})
+        origin = {}
         if hasattr(inner, "prepare_pretrained_state"):  # e.g. SIMLA's NLVR2: a 12-layer encoder read as 18 layers
-            ckpt = inner.prepare_pretrained_state({name: ckpt[attr] for attr, name in formatted.items()})
+            named = {name: ckpt[attr] for attr, name in formatted.items()}
+            ckpt = inner.prepare_pretrained_state(named)
             formatted = {name: name for name in ckpt}
+            # an entry the model wrote (a duplicated layer) is logged with the checkpoint entry it came from
+            written = {id(value): name for name, value in named.items()}
+            origin = {name: written.get(id(value), name) for name, value in ckpt.items() if name not in named}
         for own_prefix, ckpt_prefix in mapping.items():
             key, value = translate(str(own_prefix)) + ".", translate(str(ckpt_prefix)) + "."
             copied = 0
@@ -153,7 +158,7 @@ class MultilevelCheckpoint(Checkpoint):
                 rest = name.replace(value, "")
                 for own_attr in own_state:
                     if key in own_attr and own_attr.replace(key, "") == rest:
-                        self.trainer.writer.write(f"Copying {own_attr} from {attr}")
+                        self.trainer.writer.write(f"Copying {own_attr} from {origin.get(attr, attr)}")
                         own_state[own_attr].copy_(adapt(own_attr, ckpt[attr], own_state[own_attr]))
                         copied += 1
             if copied == 0:

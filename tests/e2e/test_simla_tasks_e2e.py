@@ -88,3 +88,37 @@ def test_snli_ve_fine_tuning_from_the_pre_training_checkpoint(data, pretrained, 
                                  for line in open(data / "demo" / "annotations" / "snli_ve_val.jsonl"))
     majority = max(labels.values()) / sum(labels.values())
     assert accuracy and float(accuracy[-1]) > majority + 0.1, (accuracy, majority)
+
+
+def test_nlvr2_text_assignment_then_fine_tuning(data, pretrained, tmp_path):
+    """The text-assignment step reads the 12-layer (here 2-layer) pre-training checkpoint in the two-image layout
+    (layer 1 written as layers 1 and 2); NLVR2 fine-tuning starts from its checkpoint, the momentum model from
+    the loaded weights."""
+    ta = tmp_path / "ta"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={ta}", *SHORT, "training.max_updates=4",
+                     "training.evaluation_interval=4", "training.checkpoint_interval=4", "training.batch_size=8",
+                     f"checkpoint.resume_file={pretrained}", "checkpoint.resume_pretrained=True",
+                     config=f"{ROOT}/projects/simla/demo/nlvr2_text_assignment.yaml")
+    assert "Finished run" in result.stdout + result.stderr
+    log = (ta / "train.log").read_text()
+    for layer in (1, 2):
+        assert (f"Copying backbone.text_encoder.cross_attention.{layer}.self.query.weight from "
+                "backbone.text_encoder.cross_attention.1.self.query.weight") in log
+    assert "Copying classifier.vision_proj.weight from heads.vision_proj.weight" in log
+    assert re.findall(r"val/coco_captions_images/nlvr2_assignment: ([0-9.]+)", log)
+    state = torch.load(ta / "simla_final.pth", weights_only=True)
+    assert "backbone.text_encoder.text.bert.encoder.layer.2.output.dense.weight" in state
+    assert not any(k.startswith("momentum.") for k in state)
+
+    save = tmp_path / "nlvr2"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.max_updates=6",
+                     "training.evaluation_interval=6", "training.checkpoint_interval=6", "training.batch_size=8",
+                     f"checkpoint.resume_file={ta / 'simla_final.pth'}", "checkpoint.resume_pretrained=True",
+                     config=f"{ROOT}/projects/simla/demo/nlvr2.yaml")
+    assert "Finished run" in result.stdout + result.stderr
+    log = (save / "train.log").read_text()
+    assert ("Copying momentum.copies.text_encoder.cross_attention.2.self.key.weight from "
+            "backbone.text_encoder.cross_attention.2.self.key.weight") in log
+    assert re.findall(r"val/nlvr2_images/nlvr2: ([0-9.]+)", log)
+    accuracy = re.findall(r"val/nlvr2_images/accuracy: ([0-9.]+)", log)
+    assert accuracy and 0.0 <= float(accuracy[-1]) <= 1.0

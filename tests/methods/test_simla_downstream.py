@@ -384,6 +384,10 @@ def test_text_assignment_pairs_labels_slots_and_rates():
     se = math.sqrt((1 / 3) * (2 / 3) / n)
     assert all(abs(float(c) / n - 1 / 3) < 4 * se for c in counts), counts  # 2/3 matched, split evenly
     assert partner_of_0 > 0.95 * rounds
+    first, second, labels = text_assignment_pairs(torch.zeros(2, 2), generator=g)  # a short last batch
+    assert sorted(labels.tolist()) in ([0, 0], [0, 1], [1, 1]) and torch.equal(first + second, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        text_assignment_pairs(torch.zeros(1, 1))
 
 
 def test_nlvr2_loss_equals_a_recomputation_with_the_momentum_model():

@@ -318,18 +318,19 @@ def text_assignment_pairs(similarity: torch.Tensor, generator: Optional[torch.Ge
     2/3 its own image and one drawn from ``softmax(similarity[b])`` without b, in a random order (label = the slot
     of b's image); otherwise two images drawn from that distribution (label 2, neither). ``similarity`` ``(B, B)``:
     the image-image similarities over the temperature. Returns the image indices of slot 0 and slot 1 and the
-    labels, each ``(B,)``."""
+    labels, each ``(B,)``. A batch of two (a short last batch) has one other image: no "neither" pair."""
     batch = similarity.size(0)
-    if batch < 3:
-        raise ValueError(f"text assignment needs at least 3 images in a batch (two others to draw), got {batch}")
+    if batch < 2:
+        raise ValueError(f"text assignment needs at least 2 images in a batch (another to draw), got {batch}")
     eye = torch.eye(batch, dtype=torch.bool, device=similarity.device)
     weights = similarity.float().masked_fill(eye, float("-inf")).softmax(dim=1)
-    drawn = torch.multinomial(weights, 2, generator=generator)
+    drawn = torch.multinomial(weights, min(2, batch - 1), generator=generator)
+    drawn = torch.cat([drawn, drawn], dim=1) if drawn.size(1) == 1 else drawn
     own = torch.arange(batch, device=similarity.device)
     roll = torch.rand(batch, generator=generator, device=similarity.device if generator is None else None)
     order = torch.rand(batch, generator=generator, device=similarity.device if generator is None else None)
     roll, order = roll.to(similarity.device), order.to(similarity.device)
-    matched = roll > 1 / 3
+    matched = (roll > 1 / 3) | (batch < 3)
     first_slot = matched & (order > 0.5)
     slot0 = torch.where(matched, torch.where(first_slot, own, drawn[:, 0]), drawn[:, 0])
     slot1 = torch.where(matched, torch.where(first_slot, drawn[:, 0], own), drawn[:, 1])

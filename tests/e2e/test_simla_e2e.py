@@ -173,7 +173,7 @@ def _grounding_accuracy(config_path, checkpoint, split, opts):
 def test_weakly_supervised_grounding_reports_the_grad_cam_accuracy(data, pretrained, tmp_path):
     """A few updates of projects/simla/demo/refcoco_plus_weak.yaml from the pre-training checkpoint: ITC and ITM
     on (image, expression) pairs logged, no box in training; refcoco_accuracy on val and test (testA) from the
-    Grad-CAM of layer 1, equal to a recomputation from the checkpoint with grounding_scores."""
+    Grad-CAM of layer 0, equal to a recomputation from the checkpoint with grounding_scores."""
     save = tmp_path / "save"
     config = f"{ROOT}/projects/simla/demo/refcoco_plus_weak.yaml"
     result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.batch_size=8",

@@ -102,6 +102,20 @@ def test_gradcam_equals_the_official_computation(layer):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_in_the_last_layer_only_the_cls_row_has_a_gradient():
+    """Only the last layer's [CLS] output reaches the ITM head: there the words' rows of the map are zero, which is
+    why the maps are read from a layer before the last (the official 8 of 12; the demo's 0 of 2)."""
+    model = build()
+    batch = testing.tiny_batch("grounding", batch=4)
+    image = model.backbone.image_encoder(batch.image)
+    last = itm_gradcam(model.backbone.text_encoder, model.heads.itm_head, image, batch.input_ids, batch.input_mask,
+                       1, (4, 4))
+    assert last.token_maps[:, 0].sum() > 0 and not last.token_maps[:, 1:].any()
+    first = itm_gradcam(model.backbone.text_encoder, model.heads.itm_head, image, batch.input_ids, batch.input_mask,
+                        0, (4, 4))
+    assert first.token_maps[:, 1:].sum() > 0
+
+
 def test_gradcam_from_attention_drops_the_image_cls_column_and_refuses_mismatches():
     attention = torch.zeros(1, 2, 3, 5)
     gradient = torch.ones(1, 2, 3, 5)

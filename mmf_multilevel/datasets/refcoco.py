@@ -10,8 +10,10 @@ Sample fields: the expression's tokens, ``image_feature_0`` / ``image_info_0`` (
 (xyxy) and, with ``supervision: box`` (default), ``targets`` = the index of the proposal with the
 highest IoU with the gold box (softmax cross-entropy over proposals) and ``label_mask`` = the
 proposals with IoU > 0.5. ``supervision: none`` is the weakly supervised variant (SIMLA, ALBEF):
-no box enters training - samples carry ``is_correct = 1`` for (image, expression) matching
-losses - while evaluation still uses the gold box.
+no box enters training - samples carry ``is_correct = 1`` and ``image_index`` (the position of the
+expression's image among the split's sorted image ids: expressions of one image are positives of each
+other in an image-text contrastive loss, as the official ALBEF/SIMLA grounding data gives them) for
+(image, expression) matching losses - while evaluation still uses the gold box.
 """
 import torch
 from mmf.common.registry import registry
@@ -65,7 +67,16 @@ class RefCOCODataset(RegionTextDataset):
             sample.targets = torch.tensor(int(iou.argmax()) if count else -100, dtype=torch.long)
         else:
             sample.is_correct = torch.tensor(1, dtype=torch.long)
+            sample.image_index = torch.tensor(self.image_position(record["image_id"]), dtype=torch.long)
         return sample
+
+    def image_position(self, image_id) -> int:
+        """The index of ``image_id`` among the split's image ids, sorted (built once)."""
+        positions = getattr(self, "_image_positions", None)
+        if positions is None:
+            ids = sorted({str(r["image_id"]) for r in self.records})
+            positions = self._image_positions = {image_id: i for i, image_id in enumerate(ids)}
+        return positions[str(image_id)]
 
 
 @registry.register_builder("refcoco_plus")

@@ -337,6 +337,10 @@ def test_refcoco_samples_targets_and_metric(demo):
     assert float(metric.calculate(batch, {"scores": worst})) < 1.0
     weak = make("refcoco_plus", demo, supervision="none")
     assert "targets" not in weak[0] and int(weak[0].is_correct) == 1 and "gold_box" in weak[0]
+    # image_index: one per image of the split (the expressions of an image are ITC positives of each other)
+    image_of = {int(weak[i].image_index): weak.records[i]["image_id"] for i in range(len(weak))}
+    assert sorted(image_of) == list(range(len({r["image_id"] for r in weak.records})))
+    assert all(image_of[int(weak[i].image_index)] == weak.records[i]["image_id"] for i in range(len(weak)))
     assert len(make("refcoco_plus", demo, "test")) and len(make("refcoco_plus", demo, "test", annotation="annotations/refcoco+_testB.jsonl"))
 
 

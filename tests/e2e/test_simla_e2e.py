@@ -145,3 +145,49 @@ def test_zero_shot_ranking_of_the_pre_training_checkpoint(data, pretrained, tmp_
     for key in RECALLS:
         assert 0.0 <= outputs["retrieval"][key] <= (600.0 if key == "rsum" else 100.0)
         assert outputs["pretraining"][key] == pytest.approx(outputs["retrieval"][key])
+
+
+def _grounding_accuracy(config_path, checkpoint, split, opts):
+    """refcoco_accuracy of ``split`` recomputed from the functions: the checkpoint loaded strictly, the split's
+    expressions in one batch, their proposals scored by ``grounding_scores``, the best one's IoU with the gold box."""
+    from mmf.common.registry import registry
+
+    from mmf_multilevel.compat.launcher import load_run_config
+    from mmf_multilevel.evaluation.grounding import grounding_hits
+    from mmf_multilevel.methods.base import load_method_model
+    from mmf_multilevel.methods.simla.grounding import grounding_scores
+
+    config = load_run_config(config_path, opts)
+    model = load_method_model(config, "simla", str(checkpoint))
+    dataset = registry.get_builder_class("refcoco_plus_images").dataset_class(
+        "refcoco_plus_images", config.dataset_config.refcoco_plus_images, split)
+    dataset.init_processors()
+    batch = dataset.collate_fn([dataset[i] for i in range(len(dataset))])
+    batch.dataset_name, batch.dataset_type = "refcoco_plus_images", split
+    with torch.no_grad():
+        scores = grounding_scores(model, batch)
+    hits = grounding_hits(scores.cpu(), batch.proposal_boxes.float(), batch.num_proposals, batch.gold_box.float())
+    return float(hits.double().mean()), len(dataset)
+
+
+def test_weakly_supervised_grounding_reports_the_grad_cam_accuracy(data, pretrained, tmp_path):
+    """A few updates of projects/simla/demo/refcoco_plus_weak.yaml from the pre-training checkpoint: ITC and ITM
+    on (image, expression) pairs logged, no box in training; refcoco_accuracy on val and test (testA) from the
+    Grad-CAM of layer 0, equal to a recomputation from the checkpoint with grounding_scores."""
+    save = tmp_path / "save"
+    config = f"{ROOT}/projects/simla/demo/refcoco_plus_weak.yaml"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.batch_size=8",
+                     "run_type=train_val_test", f"checkpoint.resume_file={pretrained}",
+                     "checkpoint.resume_pretrained=True", config=config)
+    assert "Finished run" in result.stdout + result.stderr
+    log = (save / "train.log").read_text()
+    for loss in ("itc", "itm"):
+        values = re.findall(rf"train/refcoco_plus_images/{loss}: ([0-9.]+)", log)
+        assert len(values) == UPDATES and all(0.0 <= float(v) < 100.0 for v in values), (loss, log[-3000:])
+    assert "Copying heads.itm_head.weight from heads.itm_head.weight" in log
+    for split in ("val", "test"):
+        found = re.findall(rf"{split}/refcoco_plus_images/refcoco_accuracy: ([0-9.]+)", log)
+        assert found, (split, log[-3000:])
+        accuracy, count = _grounding_accuracy(config, save / "simla_final.pth", split,
+                                              [f"env.data_dir={data}", "model_config.simla.queue_size=32"])
+        assert count > 0 and float(found[-1]) == pytest.approx(accuracy, abs=1e-4), (split, found, accuracy)

@@ -62,6 +62,8 @@ class SIMLAConfig(MethodConfig):
     sep_token_id: int = 102
     pad_token_id: int = 0
     k_test: int = 256
+    gradcam_layer: int = 8
+    grounding_box_exponent: float = 0.5
     optimization: SIMLAOptimizationConfig = field(default_factory=SIMLAOptimizationConfig)
     vqa: SIMLAVQAConfig = field(default_factory=SIMLAVQAConfig)
     nlvr2_shared_layers: int = 6

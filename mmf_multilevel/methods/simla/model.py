@@ -36,6 +36,12 @@ image; losses ``<split>/<dataset>/{itc,itm}``. Gallery pairs (``pair_image_index
 mmf_multilevel.methods.simla.retrieval``. Both head types build the same modules, so a pre-training
 checkpoint loads into a retrieval model as it is (the ViT position embeddings resampled to its grid).
 
+``training_head_type: grounding`` (paper §3.1 "Visual Grounding", §3.5): weakly supervised RefCOCO+
+(``refcoco_plus_images`` with ``supervision: none``). Training is retrieval's on (image, expression) pairs,
+no box; in evaluation each proposal is also scored by the Grad-CAM of the ITM match logit on the
+cross-attention of layer ``gradcam_layer`` (``grounding.py``), ``scores`` ``(B, proposals)`` for
+``refcoco_accuracy``. It builds the same modules as retrieval.
+
 Training hooks: :meth:`SIMLA.on_update_start` (the EMA step, α from the pushed update, the learning rate of
 the model's AdamW), :meth:`SIMLA.configure_optimizer` / :meth:`SIMLA.get_optimizer_parameters` (the momentum
 copies never reach an optimizer), :meth:`SIMLA.log_message` (α, τ, the queue pointer).
@@ -63,6 +69,7 @@ from mmf_multilevel.methods.simla.downstream import (
     rank_answers,
     text_assignment_pairs,
 )
+from mmf_multilevel.methods.simla.grounding import check_gradcam_layer, grounding_scores
 from mmf_multilevel.methods.simla.losses import (
     IGNORE_INDEX,
     ITM_MATCH,
@@ -133,7 +140,7 @@ class SIMLA(MethodModel):
 
     name = "simla"
     config_class = SIMLAConfig
-    head_types = ("pretraining", "retrieval") + TASK_HEADS
+    head_types = ("pretraining", "retrieval", "grounding") + TASK_HEADS
 
     # ------------------------------------------------------------------ build
     def build_backbone(self):
@@ -168,6 +175,8 @@ class SIMLA(MethodModel):
         if head_type == "pretraining":
             # retrieval never reads the MLM head: kept (a pre-training checkpoint loads as it is), not tied
             self.heads.tie_to(backbone.text_encoder.word_embeddings)
+        if head_type == "grounding":
+            check_gradcam_layer(s.gradcam_layer, backbone.text_encoder.num_layers)
 
     def build_task_head(self, head_type):
         """``classifier``: VQA's answer decoder (its layers from the encoder's ``decoder_from_layer``.. at build
@@ -422,7 +431,9 @@ class SIMLA(MethodModel):
         return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits}
 
     def task_forward(self, sample_list):
-        """The fine-tuning head types, each its own forward: ``retrieval`` (:meth:`retrieval_forward`)."""
+        """The fine-tuning head types, each its own forward: :meth:`retrieval_forward`, :meth:`grounding_forward`,
+        :meth:`vqa_forward`, :meth:`snli_ve_forward`, :meth:`nlvr2_assignment_forward` (NLVR2 itself goes through
+        :meth:`paired_forward`)."""
         return getattr(self, f"{self.head_type}_forward")(sample_list)
 
     def retrieval_forward(self, sample_list):
@@ -434,6 +445,16 @@ class SIMLA(MethodModel):
         image_embeds = self.backbone.image_encoder(pixel_inputs(sample_list, self.name).pixels)
         fused = self.backbone.text_encoder.fuse(text.input_ids, text.mask, image_embeds)
         return {"scores": self.heads.itm_logits(fused[:, 0])[:, ITM_MATCH:ITM_MATCH + 1]}
+
+    def grounding_forward(self, sample_list):
+        """Weakly supervised grounding (``training_head_type: grounding``; paper §3.1 "Visual Grounding", §3.5):
+        trained as retrieval on (image, expression) pairs, no box (:meth:`retrieval_losses`; ``image_index``
+        makes the expressions of one image positives); in evaluation also ``scores`` ``(B, proposals)``, each
+        proposal's Grad-CAM mass (``grounding.py``), for ``refcoco_accuracy``."""
+        output = self.retrieval_losses(sample_list)
+        if not self.training:
+            output["scores"] = grounding_scores(self, sample_list)
+        return output
 
     def retrieval_losses(self, sample_list):
         """ITC + ITM on aligned (image, caption) pairs (paper §3.1; official ``models/simla/retrieval.py``):

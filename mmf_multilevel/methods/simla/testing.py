@@ -47,7 +47,7 @@ def tiny_config(head_type):
     config = dict(TINY_BERT, **TINY_VIT, training_head_type=head_type, embed_dim=EMBED_DIM, image_vocab=IMAGE_VOCAB,
                   queue_size=QUEUE_SIZE, mim_masked_patches=6, mim_min_block=2, dvae_random_hidden=8,
                   dvae_random_blocks=1, init_mlm_from_bert=False, cls_token_id=CLS, sep_token_id=SEP,
-                  pad_token_id=PAD, optimization=dict(warmup_updates=0))
+                  pad_token_id=PAD, gradcam_layer=1, optimization=dict(warmup_updates=0))
     if head_type in ("nlvr2", "nlvr2_assignment"):
         config["nlvr2_shared_layers"] = 1  # the 2-layer tiny BERT as 3 layers: layer 0, then layer 1 twice
     if head_type == "vqa":
@@ -62,7 +62,8 @@ def tiny_batch(head_type, seed=0, batch=4, length=8, vocab_size=40, dataset_name
     other caption shorter, zero-padded), two words of each replaced by [MASK] with ``lm_label_ids`` (-1
     elsewhere), ``image`` ``(B, 3, 64, 64)`` with ``image_size``. ``retrieval``: aligned pairs as
     ``coco_retrieval_images`` gives them, unmasked, with ``image_index``: the first two captions describe one
-    image (the same pixels), the others one image each."""
+    image (the same pixels), the others one image each. ``grounding``: the same pairs as the weakly supervised
+    ``refcoco_plus_images`` gives them (expressions), with :func:`attach_proposals`."""
     from mmf.common.sample import SampleList
 
     generator = torch.Generator().manual_seed(seed)
@@ -83,7 +84,7 @@ def tiny_batch(head_type, seed=0, batch=4, length=8, vocab_size=40, dataset_name
     sample_list.segment_ids = torch.zeros_like(ids)
     sample_list.image = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     sample_list.image_size = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * batch)
-    if head_type == "retrieval":
+    if head_type in ("retrieval", "grounding"):
         del sample_list["lm_label_ids"]
         sample_list.input_ids = ids
         image_index = torch.tensor([0] + list(range(batch - 1)))
@@ -113,5 +114,30 @@ def tiny_batch(head_type, seed=0, batch=4, length=8, vocab_size=40, dataset_name
             sample_list[side] = Side({"image": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)})
         del sample_list["image"]
         sample_list.targets = torch.arange(batch) % 2
+    if head_type == "grounding":
+        attach_proposals(sample_list, generator)
     sample_list.dataset_name, sample_list.dataset_type = dataset_name, "train"
+    return sample_list
+
+
+def attach_proposals(sample_list, generator, proposals=5, max_features=6, original=(90, 120)):
+    """RefCOCO+'s box fields on a batch (``refcoco_plus_images``): ``proposal_boxes`` ``(B, max_features, 4)``
+    random xyxy boxes in an original image of ``original`` = (height, width) pixels (zero-padded after
+    ``proposals``), ``num_proposals``, ``gold_box`` (the first proposal) and ``image_info_0`` with
+    ``image_height`` / ``image_width``."""
+    from mmf.common.sample import SampleList
+
+    batch = sample_list.input_ids.size(0)
+    height, width = original
+    corner = torch.rand(batch, proposals, 2, generator=generator) * torch.tensor([width * 0.6, height * 0.6])
+    size = (0.2 + 0.2 * torch.rand(batch, proposals, 2, generator=generator)) * torch.tensor([width, height])
+    boxes = torch.zeros(batch, max_features, 4)
+    boxes[:, :proposals] = torch.cat([corner, corner + size], dim=-1)
+    sample_list.proposal_boxes = boxes
+    sample_list.num_proposals = torch.full((batch,), proposals, dtype=torch.long)
+    sample_list.gold_box = boxes[:, 0].clone()
+    info = SampleList()
+    info.image_height = torch.full((batch,), height, dtype=torch.long)
+    info.image_width = torch.full((batch,), width, dtype=torch.long)
+    sample_list.image_info_0 = info
     return sample_list

@@ -104,7 +104,7 @@ def test_decoder_starts_from_the_encoders_upper_layers():
     for n in ("1", "2"):
         for key, value in encoder.blocks[int(n)].state_dict().items():
             torch.testing.assert_close(model.layers[n].state_dict()[key], value)
-        for key, value in encoder.cross_attention[int(n)].state_dict().items():
+        for key, value in encoder.cross_attention[n].state_dict().items():
             torch.testing.assert_close(model.cross_attention[n].state_dict()[key], value)
     torch.testing.assert_close(model.embeddings.word_embeddings.weight, encoder.word_embeddings.weight)
     assert model.lm.decoder.weight is model.embeddings.word_embeddings.weight
@@ -309,10 +309,10 @@ def test_pair_encoder_copies_layers_and_ties_only_the_cross_attention_keys_and_v
         for key, value in encoder.blocks[source].state_dict().items():
             torch.testing.assert_close(paired.blocks[target].state_dict()[key], value)
     for first in (1, 3):
-        one, two = paired.cross_attention[first].self, paired.cross_attention[first + 1].self
+        one, two = paired.cross_attention[str(first)].self, paired.cross_attention[str(first + 1)].self
         assert one.key.weight is two.key.weight and one.value.bias is two.value.bias
         assert one.query.weight is not two.query.weight
-    assert paired.cross_attention[0].self.key.weight is not paired.cross_attention[1].self.key.weight
+    assert paired.cross_attention["0"].self.key.weight is not paired.cross_attention["1"].self.key.weight
 
 
 def test_expand_pair_state_is_the_official_key_rewrite():
@@ -356,7 +356,7 @@ def test_fuse_pair_reads_image_j_mod_2_in_layer_j():
     assert not torch.allclose(base, fuse_pair(paired, ids, mask, (image, torch.randn_like(other))))  # image 1 is read
     with torch.no_grad():  # odd layers' cross-attention made blind to its memory: image 1 no longer matters
         for j in (1, 3):
-            attention = paired.cross_attention[j]
+            attention = paired.cross_attention[str(j)]
             attention.output.dense.weight.zero_()
             attention.output.dense.bias.zero_()
     blind = fuse_pair(paired, ids, mask, (image, other))

@@ -50,7 +50,7 @@ def official_gradcam(model, batch, layer):
         saved["attention"] = probs
         probs.register_hook(lambda grad: saved.__setitem__("gradient", grad))
 
-    handle = encoder.cross_attention[layer].register_forward_hook(keep)
+    handle = encoder.cross_attention[str(layer)].register_forward_hook(keep)
     try:
         image = model.backbone.image_encoder(batch.image.float()).detach()
         hidden = encoder.fuse(batch.input_ids, batch.input_mask, image, output_cross_attentions=True)[0]

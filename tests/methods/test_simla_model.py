@@ -120,7 +120,7 @@ def test_itc_and_itm_equal_a_recomputation_from_the_pieces():
     model.alpha = 0.4
     with torch.no_grad():
         model.heads.vision_proj.weight.add_(torch.randn_like(model.heads.vision_proj.weight))  # online and momentum features differ
-        model.backbone.text_encoder.cross_attention[0].self.query.weight.mul_(1.5)
+        model.backbone.text_encoder.cross_attention["0"].self.query.weight.mul_(1.5)
     batch = testing.tiny_batch("pretraining")
     queues = (model.queues.image_queue.clone(), model.queues.text_queue.clone())
     losses, scores = forward(model, batch, seed=7)

@@ -54,7 +54,7 @@ def test_multimodal_pass_reads_the_image_in_every_layer_and_text_pass_does_not()
     assert not torch.allclose(fused, enc.encode_text(ids, mask))
     # every layer's cross-attention runs in the multimodal pass and none in the text pass
     calls = []
-    hooks = [m.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(enc.cross_attention)]
+    hooks = [m.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in ((int(k), v) for k, v in enc.cross_attention.items())]
     enc.encode_text(ids, mask)
     assert calls == []
     enc.fuse(ids, mask, image)
@@ -105,7 +105,7 @@ def test_mim_pass_image_queries_attend_to_text_embeddings():
     assert out.shape == image.shape
     # the memory is the caption's embedding-layer output: cross-attention 0 receives exactly it
     seen = {}
-    hook = enc.cross_attention[0].register_forward_hook(
+    hook = enc.cross_attention["0"].register_forward_hook(
         lambda m, args, kwargs, res: seen.update(memory=kwargs["encoder_hidden_states"]), with_kwargs=True)
     enc.reconstruct_image(image, ids, mask)
     hook.remove()

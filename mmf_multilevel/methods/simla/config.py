@@ -30,6 +30,8 @@ class SIMLAVQAConfig:
 
 @dataclass
 class SIMLAConfig(MethodConfig):
+    layout: str = "simla"
+    fusion_layer: int = 6
     vit: str = "deit_base_patch16_224"
     vit_pretrained: bool = True
     vit_options: Dict[str, Any] = field(default_factory=dict)

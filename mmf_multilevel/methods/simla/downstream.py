@@ -111,7 +111,7 @@ class AnswerDecoder(nn.Module):
     def init_from_encoder(self, encoder: SIMLATextEncoder, lm: Optional[MLMHead] = None) -> None:
         """The official initialisation (``VQA.py``) from a model's own encoder: the embeddings, each decoder layer
         n (self-attention, cross-attention, FFN) from encoder layer n, the LM head from ``lm`` when given."""
-        missing = [n for n in self.numbers if int(n) >= encoder.num_layers]
+        missing = [n for n in self.numbers if int(n) >= encoder.num_layers or n not in encoder.cross_attention]
         if missing:
             raise ValueError(f"model_config.simla.vqa.decoder_from_layer: decoder layers {self.numbers} start from "
                              f"encoder layers that a {encoder.num_layers}-layer encoder does not have")
@@ -119,7 +119,7 @@ class AnswerDecoder(nn.Module):
         self.embeddings.load_state_dict({k: v for k, v in source.items() if "token_type" not in k}, strict=False)
         for n in self.numbers:
             self.layers[n].load_state_dict(encoder.blocks[int(n)].state_dict())
-            self.cross_attention[n].load_state_dict(encoder.cross_attention[int(n)].state_dict())
+            self.cross_attention[n].load_state_dict(encoder.cross_attention[n].state_dict())
         if lm is not None:
             self.lm.load_state_dict({k: v for k, v in lm.state_dict().items() if k != "decoder.weight"}, strict=False)
 
@@ -232,7 +232,7 @@ def tie_pair_cross_attention(encoder: SIMLATextEncoder, shared: int) -> None:
     ``shared + 2i + 1``) share their cross-attention key and value projections (the image keys/values), the
     queries and outputs stay separate."""
     for first in range(int(shared), encoder.num_layers, 2):
-        one, two = encoder.cross_attention[first].self, encoder.cross_attention[first + 1].self
+        one, two = encoder.cross_attention[str(first)].self, encoder.cross_attention[str(first + 1)].self
         one.key.weight, one.key.bias = two.key.weight, two.key.bias
         one.value.weight, one.value.bias = two.value.weight, two.value.bias
 
@@ -241,6 +241,8 @@ def pair_encoder(encoder: SIMLATextEncoder, shared: int) -> SIMLATextEncoder:
     """The NLVR2 layout of ``encoder``: a new :class:`SIMLATextEncoder` whose layer j (self-attention,
     cross-attention, FFN) is a copy of the encoder's layer ``pair_layer_sources(...)[j]``, the embeddings copied,
     the cross-attention keys/values of each duplicated pair tied (:func:`tie_pair_cross_attention`)."""
+    if len(encoder.cross_attention) != encoder.num_layers:
+        raise ValueError("the NLVR2 layout needs a cross-attention in every layer (model_config.simla.layout: simla)")
     sources = pair_layer_sources(encoder.num_layers, shared)
     fields = encoder.config.to_dict()
     fields["num_hidden_layers"] = len(sources)
@@ -251,7 +253,7 @@ def pair_encoder(encoder: SIMLATextEncoder, shared: int) -> SIMLATextEncoder:
         paired.text.bert.embeddings.load_state_dict(encoder.text.bert.embeddings.state_dict())
         for target, source in enumerate(sources):
             paired.blocks[target].load_state_dict(encoder.blocks[source].state_dict())
-            paired.cross_attention[target].load_state_dict(encoder.cross_attention[source].state_dict())
+            paired.cross_attention[str(target)].load_state_dict(encoder.cross_attention[str(source)].state_dict())
     tie_pair_cross_attention(paired, shared)
     return paired
 

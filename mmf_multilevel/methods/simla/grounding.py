@@ -89,6 +89,9 @@ def itm_gradcam(text_encoder, itm_head, image_embeds: torch.Tensor, input_ids: t
         hidden, cross = text_encoder.fuse(input_ids, attention_mask, image, output_cross_attentions=True)
         logits = itm_head(hidden[:, 0])[:, ITM_MATCH]
         attention = cross[layer]
+        if attention is None:
+            raise ValueError(f"model_config.simla.gradcam_layer: layer {layer} has no cross-attention (the ALBEF "
+                             "layout's text layers); choose a fusion layer")
         (gradient,) = torch.autograd.grad(logits.sum(), attention)
     maps, tokens = gradcam_from_attention(attention.detach().float(), gradient.float(), attention_mask, grid)
     return GradCAM(maps, tokens, logits.detach())

@@ -83,7 +83,7 @@ from mmf_multilevel.methods.simla.losses import (
     sample_hard_negatives,
 )
 from mmf_multilevel.methods.simla.momentum import FeatureQueues, MomentumCopies, ramped_alpha
-from mmf_multilevel.methods.simla.network import SIMLATextEncoder
+from mmf_multilevel.methods.simla.network import ALBEF_LAYOUT, SIMLATextEncoder
 from mmf_multilevel.methods.simla.pretraining import SIMLAPretrainingHeads
 from mmf_multilevel.methods.simla.vision import DVAETokenizer, SIMLAImageEncoder, block_mask
 
@@ -145,15 +145,25 @@ class SIMLA(MethodModel):
     # ------------------------------------------------------------------ build
     def build_backbone(self):
         s = self.settings
-        # the fine-tuning tasks build no MIM mask token (official vit_mask_token: false); retrieval keeps it, so
-        # a pre-training checkpoint loads into it as it is
+        layout = str(s.layout)
+        if layout == ALBEF_LAYOUT and s.mim:
+            raise ValueError("model_config.simla.mim: true needs model_config.simla.layout: simla; the ALBEF layout "
+                             "(layout: albef) has no MIM (its text layers have no cross-attention for image "
+                             "queries): set model_config.simla.mim: false")
+        if layout == ALBEF_LAYOUT and self.head_type in PAIR_HEADS:
+            raise ValueError(f"model_config.simla.training_head_type: {self.head_type} is built on the SIMLA layout "
+                             "(model_config.simla.layout: simla); the ALBEF layout's NLVR2 model is not built")
+        fusion = {"layout": layout, "fusion_layer": s.fusion_layer}
+        # no mask token in ALBEF's ViT (no MIM) nor in the fine-tuning tasks' (official vit_mask_token: false);
+        # retrieval keeps it, so a pre-training checkpoint loads into it as it is
         image = SIMLAImageEncoder(str(s.vit), image_size=int(s.image_size), pretrained=bool(s.vit_pretrained),
-                                  mask_token=self.head_type not in TASK_HEADS, mask_token_init=str(s.mask_token_init), **dict(s.vit_options))
+                                  mask_token=layout != ALBEF_LAYOUT and self.head_type not in TASK_HEADS,
+                                  mask_token_init=str(s.mask_token_init), **dict(s.vit_options))
         if s.bert_model_name:
             text = SIMLATextEncoder.from_bert(str(s.bert_model_name), hidden_dropout_prob=s.hidden_dropout_prob,
-                                              attention_probs_dropout_prob=s.attention_probs_dropout_prob)
+                                              attention_probs_dropout_prob=s.attention_probs_dropout_prob, **fusion)
         else:
-            text = SIMLATextEncoder.from_config(bert_config_of(s))
+            text = SIMLATextEncoder.from_config(bert_config_of(s), **fusion)
         if self.head_type in PAIR_HEADS:  # NLVR2: the upper layers duplicated, one copy per image
             text = pair_encoder(text, int(s.nlvr2_shared_layers))
         return SIMLABackbone(image, text)
@@ -167,7 +177,10 @@ class SIMLA(MethodModel):
             return
         self.heads = SIMLAPretrainingHeads(backbone.config, vision_width=backbone.image_encoder.hidden_size,
                                            embed_dim=s.embed_dim, image_vocab=s.image_vocab, temp=s.temp,
-                                           temp_range=tuple(s.temp_range))
+                                           temp_range=tuple(s.temp_range),
+                                           # the ALBEF layout: ALBEF's heads (+ the concept head for PSL)
+                                           mim_head=str(s.layout) != ALBEF_LAYOUT,
+                                           concept_head=str(s.layout) != ALBEF_LAYOUT or bool(s.psl))
         if s.bert_model_name and s.init_mlm_from_bert:
             from mmf_multilevel.modules.heads import bert_pretraining_head_state
 
@@ -239,7 +252,8 @@ class SIMLA(MethodModel):
         online = {"visual_encoder": self.backbone.image_encoder, "text_encoder": self.backbone.text_encoder,
                   "mlm": self.heads.mlm, "vision_proj": self.heads.vision_proj, "text_proj": self.heads.text_proj,
                   "mim_head": self.heads.mim_head, "concept_head": self.heads.concept_head}
-        self.momentum = MomentumCopies({name: online[name] for name in MOMENTUM_PAIRS}, momentum=s.momentum)
+        self.momentum = MomentumCopies({name: online[name] for name in MOMENTUM_PAIRS if online[name] is not None},
+                                       momentum=s.momentum)
         self.queues = FeatureQueues(s.embed_dim, s.queue_size)
         # the frozen dVAE: a plain attribute (outside the state dict, the optimizer, the EMA and .train())
         self.dvae = self._build_tokenizer() if s.mim and self.head_type == "pretraining" else None
@@ -374,7 +388,8 @@ class SIMLA(MethodModel):
         temp = heads.clamp_temperature()
         image_embeds = image_encoder(pixels)
         image_feat = heads.image_feature(image_embeds[:, 0])
-        text_feat = heads.text_feature(text_encoder.encode_text(ids, mask)[:, 0])
+        text_hidden = text_encoder.encode_text(ids, mask)
+        text_feat = heads.text_feature(text_hidden[:, 0])
         with torch.no_grad():
             image_embeds_m = momentum["visual_encoder"](pixels)
             image_feat_m = F.normalize(momentum["vision_proj"](image_embeds_m[:, 0]), dim=-1)
@@ -390,11 +405,13 @@ class SIMLA(MethodModel):
         if batch > 1:
             neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i)
             text_index, image_index = itm_pair_indices(neg_text, neg_image)
-            fused = text_encoder.fuse(ids[text_index], mask[text_index], image_embeds[image_index])
+            # text_states: the ALBEF layout fuses the text encoder's output (ALBEF's mode="fusion"); SIMLA ignores it
+            fused = text_encoder.fuse(ids[text_index], mask[text_index], image_embeds[image_index],
+                                      text_states=text_hidden[text_index])
             itm_logits = heads.itm_logits(fused[:, 0])
             losses["itm"] = itm_loss(itm_logits)
         else:  # a batch of one has no in-batch negative (the official loader drops such a last batch)
-            itm_logits = heads.itm_logits(text_encoder.fuse(ids, mask, image_embeds)[:, 0])
+            itm_logits = heads.itm_logits(text_encoder.fuse(ids, mask, image_embeds, text_states=text_hidden)[:, 0])
             losses["itm"] = itm_logits.sum() * 0.0
 
         # (5) MLM distilled (Eqs. 6-7): the masked caption reading the online / momentum image tokens
@@ -476,7 +493,8 @@ class SIMLA(MethodModel):
         temp = heads.clamp_temperature()
         image_embeds = image_encoder(pixels)
         image_feat = heads.image_feature(image_embeds[:, 0])
-        text_feat = heads.text_feature(text_encoder.encode_text(ids, mask)[:, 0])
+        text_hidden = text_encoder.encode_text(ids, mask)
+        text_feat = heads.text_feature(text_hidden[:, 0])
         with torch.no_grad():
             image_feat_m = F.normalize(momentum["vision_proj"](momentum["visual_encoder"](pixels)[:, 0]), dim=-1)
             text_feat_m = F.normalize(momentum["text_proj"](momentum["text_encoder"].encode_text(ids, mask)[:, 0]),
@@ -489,11 +507,12 @@ class SIMLA(MethodModel):
         if bool((image_ids != image_ids[0]).any()):
             neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids=image_ids)
             text_index, image_index = itm_pair_indices(neg_text, neg_image)
-            fused = text_encoder.fuse(ids[text_index], mask[text_index], image_embeds[image_index])
+            fused = text_encoder.fuse(ids[text_index], mask[text_index], image_embeds[image_index],
+                                      text_states=text_hidden[text_index])
             itm_logits = heads.itm_logits(fused[:, 0])
             losses["itm"] = itm_loss(itm_logits)
         else:  # one image in the batch (a short last validation batch): no negative to draw
-            itm_logits = heads.itm_logits(text_encoder.fuse(ids, mask, image_embeds)[:, 0])
+            itm_logits = heads.itm_logits(text_encoder.fuse(ids, mask, image_embeds, text_states=text_hidden)[:, 0])
             losses["itm"] = itm_logits.sum() * 0.0
         if self.training:
             self._enqueue(image_feat_m, text_feat_m)

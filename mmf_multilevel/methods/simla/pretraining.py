@@ -33,11 +33,12 @@ TEMP_RANGE = (0.001, 0.5)
 
 class SIMLAPretrainingHeads(nn.Module):
     """The heads above the two encoders. ``config``: the BERT config (hidden size, vocabulary, LM-head
-    settings); ``vision_width``: the ViT width."""
+    settings); ``vision_width``: the ViT width; ``mim_head`` / ``concept_head``: whether to build those two
+    (the ALBEF layout has no MIM head, and a concept head only with PSL)."""
 
     def __init__(self, config: BertConfig, vision_width: int = 768, embed_dim: int = EMBED_DIM,
                  image_vocab: int = IMAGE_VOCAB, temp: float = TEMP_INIT,
-                 temp_range: Tuple[float, float] = TEMP_RANGE):
+                 temp_range: Tuple[float, float] = TEMP_RANGE, mim_head: bool = True, concept_head: bool = True):
         super().__init__()
         low, high = (float(v) for v in temp_range)
         if not 0.0 < low <= float(temp) <= high:
@@ -52,8 +53,9 @@ class SIMLAPretrainingHeads(nn.Module):
         self.text_proj = nn.Linear(hidden, embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
         self.mlm = MLMHead.from_config(config)
-        self.mim_head = nn.Linear(hidden, image_vocab)
-        self.concept_head = nn.Linear(embed_dim, config.vocab_size)
+        # None where the model has no such head (the ALBEF layout: no MIM; no concept head without PSL)
+        self.mim_head = nn.Linear(hidden, image_vocab) if mim_head else None
+        self.concept_head = nn.Linear(embed_dim, config.vocab_size) if concept_head else None
         self.temp = nn.Parameter(torch.tensor(float(temp)))
 
     def tie_to(self, word_embeddings: nn.Embedding) -> "SIMLAPretrainingHeads":

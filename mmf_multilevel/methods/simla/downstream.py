@@ -1,8 +1,9 @@
-"""SIMLA's fine-tuning heads and their losses (paper §3.2-§3.4; the official ``models/simla/{vqa,ve,nlvr}.py``).
+"""SIMLA's fine-tuning heads and their losses (paper §3.1 "Visual Question Answering", "Visual Entailment";
+results §3.4; the official ``models/simla/{vqa,ve,nlvr}.py``).
 
 Plain PyTorch (no MMF); the adapter (``model.py``) composes them.
 
-* **VQA as answer generation** (paper §3.3, "following ALBEF ... an auto-regressive decoder ... restricted to a
+* **VQA as answer generation** (paper §3.1, "Following [ALBEF] ... an auto-regressive decoder ... restricted to a
   predefined set of candidate answers"): :class:`AnswerDecoder`, a 6-layer BERT decoder (causal self-attention,
   cross-attention to the multimodal encoder's question states, an LM head tied to its own word embeddings) with
   [CLS] as the start and [SEP] as the end of an answer. Training: :func:`answer_sequence_loss` per answer,
@@ -10,7 +11,7 @@ Plain PyTorch (no MMF); the adapter (``model.py``) composes them.
   (the official ``loss.sum() / image.size(0)``), distilled from the momentum decoder. Inference:
   :func:`rank_answers` ranks every candidate by the probability of its first token, keeps the top ``k`` and
   re-scores them by their full log-likelihood.
-* **SNLI-VE and NLVR2 classification** (paper §3.4): :class:`ClassifierHead`, an MLP (hidden -> hidden, ReLU,
+* **SNLI-VE and NLVR2 classification** (paper §3.1, "Visual Entailment"; NLVR2 as the official code): :class:`ClassifierHead`, an MLP (hidden -> hidden, ReLU,
   -> classes) on the multimodal [CLS], trained by :func:`distilled_cross_entropy` (the official
   ``(1 - α)·CE + α·soft CE`` against the momentum head's softmax).
 * **NLVR2's two-image layout** (the paper gives no method for NLVR2; the official code follows ALBEF): the

@@ -92,7 +92,7 @@ __all__ = ["SIMLA", "SIMLABackbone", "MOMENTUM_PAIRS"]
 #: the online modules with a momentum copy (the official ``model_pairs``): the ViT (with its mask token), the
 #: BERT with its MLM head, both projections, the MIM and concept heads; the ITM head and τ have none
 MOMENTUM_PAIRS = ("visual_encoder", "text_encoder", "mlm", "vision_proj", "text_proj", "mim_head", "concept_head")
-#: the fine-tuning heads on the multimodal encoder (paper §3.3-§3.4): their momentum model is the ViT, the BERT and
+#: the fine-tuning heads on the multimodal encoder (paper §3.1; results §3.4): their momentum model is the ViT, the BERT and
 #: the head (the official VQA / VE / NLVR ``model_pairs``); they build no ITC/ITM/MLM heads and no queues
 TASK_HEADS = ("vqa", "snli_ve", "nlvr2", "nlvr2_assignment")
 TASK_MOMENTUM_PAIRS = ("visual_encoder", "text_encoder", "classifier")
@@ -529,7 +529,7 @@ class SIMLA(MethodModel):
         return self.momentum["text_encoder"].fuse(text.input_ids, text.mask, image), text.mask
 
     def vqa_forward(self, sample_list):
-        """VQA as answer generation (paper §3.3; official ``models/simla/vqa.py``): the question through the
+        """VQA as answer generation (paper §3.1, "Visual Question Answering"; official ``models/simla/vqa.py``): the question through the
         multimodal BERT reading the image; each of its distinct in-list answers (``answers_indices``) decoded
         from the question states, the summed token loss weighted by its share of the annotators (times the
         dataset's ``vqa.dataset_weights``; VG-QA's single ``answer_index`` likewise), summed over the answers and divided by the batch, distilled from the
@@ -564,7 +564,7 @@ class SIMLA(MethodModel):
         return output
 
     def snli_ve_forward(self, sample_list):
-        """SNLI-VE (paper §3.4: an MLP on the multimodal [CLS], three classes; official ``models/simla/ve.py``):
+        """SNLI-VE (paper §3.1, "Visual Entailment": an MLP on the multimodal [CLS], three classes; official ``models/simla/ve.py``):
         ``scores`` ``(B, 3)``; loss ``snli_ve`` = cross-entropy against ``targets``, distilled from the
         momentum model's classes in training (``(1 - α)·CE + α·soft CE``)."""
         states, _ = self._fused_question(sample_list)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers.mmf import ROOT, run_mmf
+from helpers.mmf import ROOT, TEST_PLUGIN, kill_when, run_mmf
 from mmf_multilevel.datasets import generate as gen
 
 pytestmark = pytest.mark.slow
@@ -53,19 +53,24 @@ def test_demo_pretraining_logs_every_loss_and_checkpoints_the_momentum_model(dat
     assert not torch.equal(online, copy)
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(data, tmp_path):
-    """Stopped after 2 updates and resumed with ``checkpoint.resume=True``: the momentum model, the queues, the
-    online weights and the optimizer after update 4 equal those of one uninterrupted run (the EMA, α and the
-    learning rate follow the pushed update; the checkpoint carries the copies and the queues)."""
-    common = [f"env.data_dir={data}", *SHORT, "training.evaluation_interval=100", "training.checkpoint_interval=2",
-              f"config={ROOT}/projects/simla/demo/pretrain.yaml"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_mmf(tmp_path, f"env.save_dir={full}", *common, config=None)
-    run_mmf(tmp_path, f"env.save_dir={resumed}", *common, "training.max_updates=2", config=None)
-    run_mmf(tmp_path, f"env.save_dir={resumed}", *common, "checkpoint.resume=True", config=None)
-    ours = torch.load(full / "models" / f"model_{UPDATES}.ckpt", weights_only=False)
-    theirs = torch.load(resumed / "models" / f"model_{UPDATES}.ckpt", weights_only=False)
-    assert int(theirs["model"]["queues.queue_ptr"]) == UPDATES * BATCH
+def test_a_run_killed_with_sigkill_resumes_where_an_uninterrupted_one_ends(data, tmp_path):
+    """Killed with SIGKILL once its update-2 checkpoint exists and resumed with ``checkpoint.resume=True``: the
+    momentum model, the queues, the online weights and the optimizer after update 6 equal those of one
+    uninterrupted run (the EMA, α and the learning rate follow the pushed update; the checkpoint carries the copies
+    and the queues)."""
+    updates = 6
+    common = [f"env.data_dir={data}", *SHORT, f"training.max_updates={updates}", "training.evaluation_interval=100",
+              "training.checkpoint_interval=2", "training.trainer=test_rank_dump", f"env.user_dir={TEST_PLUGIN}"]
+    config = f"{ROOT}/projects/simla/demo/pretrain.yaml"
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_mmf(tmp_path, f"env.save_dir={full}", *common, config=config)
+    kill_when(tmp_path, killed / "models" / "model_2.ckpt", f"env.save_dir={killed}", *common, config=config,
+              batch_sleep=0.5)
+    assert not (killed / "models" / f"model_{updates}.ckpt").exists()
+    run_mmf(tmp_path, f"env.save_dir={killed}", *common, "checkpoint.resume=True", config=config)
+    ours = torch.load(full / "models" / f"model_{updates}.ckpt", weights_only=False)
+    theirs = torch.load(killed / "models" / f"model_{updates}.ckpt", weights_only=False)
+    assert int(theirs["model"]["queues.queue_ptr"]) == (updates * BATCH) % 32
     for key, value in ours["model"].items():
         assert torch.equal(theirs["model"][key], value), key
     first = ours["optimizer"]["state"]

@@ -196,3 +196,30 @@ def test_weakly_supervised_grounding_reports_the_grad_cam_accuracy(data, pretrai
         accuracy, count = _grounding_accuracy(config, save / "simla_final.pth", split,
                                               [f"env.data_dir={data}", "model_config.simla.queue_size=32"])
         assert count > 0 and float(found[-1]) == pytest.approx(accuracy, abs=1e-4), (split, found, accuracy)
+
+
+def test_albef_layout_pre_training_and_flickr_retrieval_fine_tuning(data, tmp_path):
+    """ALBEF on the same code (projects/simla/demo/pretrain_albef.yaml: 1 text + 1 fusion layer, ITC + ITM + MLM)
+    through the stock mmf_run, then projects/simla/demo/retrieval_flickr.yaml from its checkpoint with the ALBEF
+    layout: the text layer holds no cross-attention in either checkpoint."""
+    pre = tmp_path / "albef"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={pre}", *SHORT,
+                     config=f"{ROOT}/projects/simla/demo/pretrain_albef.yaml")
+    assert "Finished run" in result.stdout + result.stderr
+    log = (pre / "train.log").read_text()
+    for loss in ("itc", "itm", "mlm"):
+        assert re.findall(rf"val/coco_captions_images/{loss}: ([0-9.]+)", log), loss
+    assert not re.search(r"coco_captions_images/(mim|psl)", log)
+    state = torch.load(pre / "simla_final.pth", weights_only=True)
+    assert any(".cross_attention.1." in k for k in state) and not any(".cross_attention.0." in k for k in state)
+
+    save = tmp_path / "flickr"
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT,
+                     f"checkpoint.resume_file={pre / 'simla_final.pth'}", "checkpoint.resume_pretrained=True",
+                     "model_config.simla.layout=albef", "model_config.simla.fusion_layer=1",
+                     config=f"{ROOT}/projects/simla/demo/retrieval_flickr.yaml")
+    assert "Finished run" in result.stdout + result.stderr
+    log = (save / "train.log").read_text()
+    for loss in ("itc", "itm"):
+        assert re.findall(rf"val/flickr30k_retrieval_images/{loss}: ([0-9.]+)", log), loss
+    assert "Copying backbone.text_encoder.cross_attention.1.self.query.weight" in log

@@ -90,6 +90,29 @@ def test_the_model_hands_itc_the_batch_image_ids_and_a_queue_of_negatives(monkey
     assert queue_ids.shape == (12,) and not bool(torch.isin(queue_ids, kwargs["image_ids"]).any())
 
 
+def test_tracked_queue_ids_make_queued_features_of_a_batch_image_positives(monkeypatch):
+    """track_queue_ids (ALBEF's idx_queue): the enqueue writes the batch's image ids, and the next step hands ITC
+    the queue's ids, so a queued feature of the same image counts as a positive; untracked (SIMLA) never does."""
+    seen = []
+    original = simla_model.itc_loss
+
+    def record(*args, **kwargs):  # a copy: the queue's ids are the live buffer, written after the loss
+        seen.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(simla_model, "itc_loss", record)
+    model = build(queue_size=12, track_queue_ids=True).train()
+    assert "queues.idx_queue" in model.state_dict()
+    for update in range(2):
+        model.on_update_start(TrainingProgress(update=update, epoch=1))
+        model(aligned_batch())
+    first, second = seen
+    assert (first["queue_ids"] == -100).all()
+    assert second["queue_ids"][:6].tolist() == IMAGE_INDEX and (second["queue_ids"][6:] == -100).all()
+    assert model.queues.idx_queue[0, 6:].tolist() == IMAGE_INDEX and int(model.queues.queue_ptr) == 0
+    assert "queues.idx_queue" not in build(queue_size=12).state_dict()
+
+
 def test_the_itm_negatives_are_never_of_the_same_image(monkeypatch):
     drawn = []
     original = simla_model.itm_pair_indices

@@ -69,3 +69,4 @@ class SIMLAConfig(MethodConfig):
     optimization: SIMLAOptimizationConfig = field(default_factory=SIMLAOptimizationConfig)
     vqa: SIMLAVQAConfig = field(default_factory=SIMLAVQAConfig)
     nlvr2_shared_layers: int = 6
+    track_queue_ids: bool = False

@@ -254,7 +254,9 @@ class SIMLA(MethodModel):
                   "mim_head": self.heads.mim_head, "concept_head": self.heads.concept_head}
         self.momentum = MomentumCopies({name: online[name] for name in MOMENTUM_PAIRS if online[name] is not None},
                                        momentum=s.momentum)
-        self.queues = FeatureQueues(s.embed_dim, s.queue_size)
+        # retrieval fine-tuning may remember each queued feature's image (ALBEF's idx_queue; SIMLA never does)
+        track = bool(s.track_queue_ids) and self.head_type in ("retrieval", "grounding")
+        self.queues = FeatureQueues(s.embed_dim, s.queue_size, track_ids=track)
         # the frozen dVAE: a plain attribute (outside the state dict, the optimizer, the EMA and .train())
         self.dvae = self._build_tokenizer() if s.mim and self.head_type == "pretraining" else None
         self.alpha = self.alpha_at(self.progress)
@@ -499,8 +501,11 @@ class SIMLA(MethodModel):
             image_feat_m = F.normalize(momentum["vision_proj"](momentum["visual_encoder"](pixels)[:, 0]), dim=-1)
             text_feat_m = F.normalize(momentum["text_proj"](momentum["text_encoder"].encode_text(ids, mask)[:, 0]),
                                       dim=-1)
-        # the official idx_queue is never written: every queued feature is a negative
-        queue_ids = torch.full((self.queues.queue_size,), UNTRACKED_ID, dtype=torch.long, device=ids.device)
+        # SIMLA's official idx_queue is never written: every queued feature is a negative (track_queue_ids: ALBEF's)
+        if self.queues.track_ids:  # ALBEF: a queued caption or image of a batch image is a positive too
+            queue_ids = self.queues.idx_queue[0]
+        else:
+            queue_ids = torch.full((self.queues.queue_size,), UNTRACKED_ID, dtype=torch.long, device=ids.device)
         itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.queues.image_queue,
                        self.queues.text_queue, temp, float(self.alpha), image_ids=image_ids, queue_ids=queue_ids)
         losses = {"itc": itc.loss}
@@ -515,7 +520,7 @@ class SIMLA(MethodModel):
             itm_logits = heads.itm_logits(text_encoder.fuse(ids, mask, image_embeds, text_states=text_hidden)[:, 0])
             losses["itm"] = itm_logits.sum() * 0.0
         if self.training:
-            self._enqueue(image_feat_m, text_feat_m)
+            self._enqueue(image_feat_m, text_feat_m, image_ids if self.queues.track_ids else None)
         return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits[:batch]}
 
     def _fused_question(self, sample_list, online=True):
@@ -667,7 +672,7 @@ class SIMLA(MethodModel):
         return distilled_token_loss(logits, labels, teacher, alpha)
 
     @torch.no_grad()
-    def _enqueue(self, image_feat_m, text_feat_m):
+    def _enqueue(self, image_feat_m, text_feat_m, ids=None):
         queues = self.queues
         world = 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -676,5 +681,5 @@ class SIMLA(MethodModel):
             # a short last batch (the official loader drops it): trained on, not enqueued
             self.skipped_enqueues += 1
             return
-        queues.enqueue(image_feat_m, text_feat_m)
+        queues.enqueue(image_feat_m, text_feat_m, ids)
 

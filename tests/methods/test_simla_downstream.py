@@ -225,16 +225,17 @@ def test_snli_ve_loss_equals_the_distilled_cross_entropy_of_the_momentum_model()
                                distilled_cross_entropy(logits, batch.targets, teacher, 0.4))
 
 
-@pytest.mark.parametrize("head,key", [("vqa", "vqa"), ("snli_ve", "snli_ve")])
-def test_a_few_steps_on_a_fixed_batch_lower_the_task_loss(head, key):
+@pytest.mark.parametrize("head", ["vqa", "snli_ve", "nlvr2", "nlvr2_assignment"])
+def test_a_few_steps_on_a_fixed_batch_halve_the_task_loss(head):
     model = build(head, alpha=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
     model.settings.optimization.lr = 1e-3
     optimizer = model.configure_optimizer(None)
-    batch = testing.tiny_batch(head)
+    batch = testing.tiny_batch(head, batch=6)
     losses = []
     for update in range(60):
         model.on_update_start(TrainingProgress(update=update, epoch=0))
-        loss = model(batch)["losses"][f"train/simla_contract/{key}"]
+        torch.manual_seed(0)  # the same text-assignment draw every step
+        loss = model(batch)["losses"][f"train/simla_contract/{head}"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -412,24 +413,6 @@ def test_nlvr2_loss_equals_a_recomputation_with_the_momentum_model():
     torch.testing.assert_close(out["losses"]["train/simla_contract/nlvr2"],
                                distilled_cross_entropy(student, batch.targets, teacher, 0.4))
     assert model.backbone.text_encoder.num_layers == 3
-
-
-@pytest.mark.parametrize("head,key", [("nlvr2", "nlvr2"), ("nlvr2_assignment", "nlvr2_assignment")])
-def test_a_few_steps_on_a_fixed_batch_lower_the_nlvr2_losses(head, key):
-    model = build(head, alpha=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
-    model.settings.optimization.lr = 1e-3
-    optimizer = model.configure_optimizer(None)
-    batch = testing.tiny_batch(head, batch=6)
-    losses = []
-    for update in range(40):
-        model.on_update_start(TrainingProgress(update=update, epoch=0))
-        torch.manual_seed(0)  # the same text-assignment draw every step
-        loss = model(batch)["losses"][f"train/simla_contract/{key}"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_the_nlvr2_projects_mapping_reads_a_pre_training_checkpoint_in_the_two_image_layout():

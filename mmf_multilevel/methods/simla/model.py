@@ -573,17 +573,25 @@ class SIMLA(MethodModel):
         ``scores`` ``(B, 3)``; loss ``snli_ve`` = cross-entropy against ``targets``, distilled from the
         momentum model's classes in training (``(1 - α)·CE + α·soft CE``)."""
         states, _ = self._fused_question(sample_list)
-        logits = self.classifier(states[:, 0])
+
+        def teacher():
+            return self.momentum["classifier"](self._fused_question(sample_list, online=False)[0][:, 0])
+
+        return self._distilled_classification(sample_list, self.classifier(states[:, 0]), teacher, "snli_ve")
+
+    def _distilled_classification(self, sample_list, logits, teacher, name):
+        """``scores`` = ``logits``; with ``targets`` the loss ``name``: cross-entropy, distilled in training from
+        ``teacher()`` (the momentum model's logits, computed without gradient) by α."""
         output = {"scores": logits}
         if "targets" in sample_list:
             targets = sample_list["targets"].to(logits.device).long().view(-1)
-            teacher, alpha = None, float(self.alpha) if self.training else 0.0
+            alpha = float(self.alpha) if self.training else 0.0
+            teacher_logits = None
             if alpha > 0:
                 with torch.no_grad():
-                    states_m, _ = self._fused_question(sample_list, online=False)
-                    teacher = self.momentum["classifier"](states_m[:, 0])
+                    teacher_logits = teacher()
             output["losses"] = self.named_losses(
-                sample_list, {"snli_ve": distilled_cross_entropy(logits, targets, teacher, alpha)})
+                sample_list, {name: distilled_cross_entropy(logits, targets, teacher_logits, alpha)})
         return output
 
     def prepare_pretrained_state(self, state):
@@ -608,18 +616,11 @@ class SIMLA(MethodModel):
             images = vit(torch.cat(pixels)).split(pixels[0].size(0))
             return head(fuse_pair(encoder, text.input_ids, text.mask, images)[:, 0])
 
+        def teacher():
+            return logits_of(self.momentum["visual_encoder"], self.momentum["text_encoder"], self.momentum["classifier"])
+
         logits = logits_of(self.backbone.image_encoder, self.backbone.text_encoder, self.classifier)
-        output = {"scores": logits}
-        if "targets" in sample_list:
-            targets = sample_list["targets"].to(logits.device).long().view(-1)
-            teacher, alpha = None, float(self.alpha) if self.training else 0.0
-            if alpha > 0:
-                with torch.no_grad():
-                    m = self.momentum
-                    teacher = logits_of(m["visual_encoder"], m["text_encoder"], m["classifier"])
-            output["losses"] = self.named_losses(
-                sample_list, {"nlvr2": distilled_cross_entropy(logits, targets, teacher, alpha)})
-        return output
+        return self._distilled_classification(sample_list, logits, teacher, "nlvr2")
 
     def nlvr2_assignment_forward(self, sample_list):
         """NLVR2's text-assignment pre-step (``training_head_type: nlvr2_assignment``; the official

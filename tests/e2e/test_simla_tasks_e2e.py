@@ -47,14 +47,21 @@ def majority_vqa_accuracy(path):
     return 100.0 * total / len(records)
 
 
-def test_vqa_generation_fine_tuning_from_the_pre_training_checkpoint(data, pretrained, tmp_path):
-    save = tmp_path / "save"
-    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.max_updates=60",
-                     "training.evaluation_interval=60", "training.checkpoint_interval=60", "training.batch_size=16",
-                     f"checkpoint.resume_file={pretrained}", "checkpoint.resume_pretrained=True",
-                     config=f"{ROOT}/projects/simla/demo/vqa.yaml")
+def fine_tune(data, checkpoint, tmp_path, project, updates, batch=16, name="save"):
+    """``updates`` updates of ``projects/simla/demo/<project>.yaml`` from ``checkpoint`` through the stock mmf_run,
+    evaluated at the end; returns the run's log."""
+    save = tmp_path / name
+    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT,
+                     f"training.max_updates={updates}", f"training.evaluation_interval={updates}",
+                     f"training.checkpoint_interval={updates}", f"training.batch_size={batch}",
+                     f"checkpoint.resume_file={checkpoint}", "checkpoint.resume_pretrained=True",
+                     config=f"{ROOT}/projects/simla/demo/{project}.yaml")
     assert "Finished run" in result.stdout + result.stderr
-    log = (save / "train.log").read_text()
+    return (save / "train.log").read_text()
+
+
+def test_vqa_generation_fine_tuning_from_the_pre_training_checkpoint(data, pretrained, tmp_path):
+    log = fine_tune(data, pretrained, tmp_path, "vqa", 60)
     # decoder layer 1 from the tiny encoder's layer 1, online and momentum; the LM head from the MLM head
     for own, source in (("classifier.layers.1.attention.self.query.weight",
                          "backbone.text_encoder.text.bert.encoder.layer.1.attention.self.query.weight"),
@@ -69,18 +76,12 @@ def test_vqa_generation_fine_tuning_from_the_pre_training_checkpoint(data, pretr
     assert accuracy, log[-3000:]
     majority = majority_vqa_accuracy(data / "demo" / "annotations" / "vqa_val.jsonl")
     assert 100.0 * float(accuracy[-1]) > majority + 5.0, (accuracy, majority)
-    state = torch.load(save / "simla_final.pth", weights_only=True)
+    state = torch.load(tmp_path / "save" / "simla_final.pth", weights_only=True)
     assert "classifier.layers.1.attention.self.query.weight" in state and not any(k.startswith("heads.") for k in state)
 
 
 def test_snli_ve_fine_tuning_from_the_pre_training_checkpoint(data, pretrained, tmp_path):
-    save = tmp_path / "save"
-    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.max_updates=40",
-                     "training.evaluation_interval=40", "training.checkpoint_interval=40", "training.batch_size=16",
-                     f"checkpoint.resume_file={pretrained}", "checkpoint.resume_pretrained=True",
-                     config=f"{ROOT}/projects/simla/demo/snli_ve.yaml")
-    assert "Finished run" in result.stdout + result.stderr
-    log = (save / "train.log").read_text()
+    log = fine_tune(data, pretrained, tmp_path, "snli_ve", 40)
     assert "Copying momentum.copies.text_encoder.cross_attention.0.self.query.weight from" in log
     assert re.findall(r"train/snli_ve_images/snli_ve: ([0-9.]+)", log)
     accuracy = re.findall(r"val/snli_ve_images/accuracy: ([0-9.]+)", log)
@@ -95,12 +96,7 @@ def test_nlvr2_text_assignment_then_fine_tuning(data, pretrained, tmp_path):
     (layer 1 written as layers 1 and 2); NLVR2 fine-tuning starts from its checkpoint, the momentum model from
     the loaded weights."""
     ta = tmp_path / "ta"
-    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={ta}", *SHORT, "training.max_updates=4",
-                     "training.evaluation_interval=4", "training.checkpoint_interval=4", "training.batch_size=8",
-                     f"checkpoint.resume_file={pretrained}", "checkpoint.resume_pretrained=True",
-                     config=f"{ROOT}/projects/simla/demo/nlvr2_text_assignment.yaml")
-    assert "Finished run" in result.stdout + result.stderr
-    log = (ta / "train.log").read_text()
+    log = fine_tune(data, pretrained, tmp_path, "nlvr2_text_assignment", 4, batch=8, name="ta")
     for layer in (1, 2):
         assert (f"Copying backbone.text_encoder.cross_attention.{layer}.self.query.weight from "
                 "backbone.text_encoder.cross_attention.1.self.query.weight") in log
@@ -110,13 +106,7 @@ def test_nlvr2_text_assignment_then_fine_tuning(data, pretrained, tmp_path):
     assert "backbone.text_encoder.text.bert.encoder.layer.2.output.dense.weight" in state
     assert not any(k.startswith("momentum.") for k in state)
 
-    save = tmp_path / "nlvr2"
-    result = run_mmf(tmp_path, f"env.data_dir={data}", f"env.save_dir={save}", *SHORT, "training.max_updates=6",
-                     "training.evaluation_interval=6", "training.checkpoint_interval=6", "training.batch_size=8",
-                     f"checkpoint.resume_file={ta / 'simla_final.pth'}", "checkpoint.resume_pretrained=True",
-                     config=f"{ROOT}/projects/simla/demo/nlvr2.yaml")
-    assert "Finished run" in result.stdout + result.stderr
-    log = (save / "train.log").read_text()
+    log = fine_tune(data, ta / "simla_final.pth", tmp_path, "nlvr2", 6, batch=8, name="nlvr2")
     assert ("Copying momentum.copies.text_encoder.cross_attention.2.self.key.weight from "
             "backbone.text_encoder.cross_attention.2.self.key.weight") in log
     assert re.findall(r"val/nlvr2_images/nlvr2: ([0-9.]+)", log)

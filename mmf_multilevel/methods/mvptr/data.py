@@ -126,8 +126,8 @@ class MVPTRInputs:
         """The phrases of a downstream dataset's texts from ``dataset_config.<name>.phrases`` (a path, or one per
         split; null: none): the concept tool's ``captions.jsonl`` over the same annotation file, run with the
         pre-training ``--concepts``. ``texts()``: ``[(key, text)]``, every text of this split with the key its tool
-        line has (called only when a file is read); ``key_of(line)``: that key of a tool line (raising ``KeyError`` / ``ValueError`` when the line has
-        none). A tool line whose text differs from the dataset's is an error (the file was made from other
+        line has (called only when a file is read); ``key_of(line)``: that key of a tool line (raising ``KeyError``
+        / ``ValueError`` when the line has none). A tool line whose text differs from the dataset's is an error (the file was made from other
         annotations, or keyed by another ``--id-field``); a text without a tool line gets no phrases, and how many
         there are is counted (``texts_without_phrases``) and warned about once, when the dataset opens.
         Sets ``phrase_records``: key -> tool line, for :meth:`phrase_record`."""

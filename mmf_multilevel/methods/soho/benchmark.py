@@ -152,3 +152,8 @@ def flops(size, mode):
     # per pair: 2 images x 4 texts -> 8 pairs
     inference = soho_inference_flops()
     return {"train": soho_training_flops() / 8, "inference": inference["cnn"] + inference["transformer"]}
+
+
+def inference_image(size):
+    """``(height, width)`` of the pixels SOHO reads (the picture at its own size)."""
+    return DIMS[size]["image"]

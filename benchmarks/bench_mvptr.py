@@ -38,45 +38,11 @@ TOKENS, PHRASES, TAGS, REGIONS, FEATURES = 35, 5, 20, 50, 2048
 CONCEPT_ROWS = 86051
 
 
-def synthetic_batch(batch, vocab=30522, rows=CONCEPT_ROWS, seed=0, dataset_type="train"):
-    """An ``mvptr_captions``-like batch at base size: masked captions with 5 phrase slots, tags with MCR labels,
-    regions with boxes, distinct images."""
-    import torch
-    from mmf.common.sample import SampleList
+def synthetic_batch(batch, seed=0, dataset_type="train"):
+    """The base-size ``mvptr_captions``-like batch of MVPTR's benchmark adapter (``methods/mvptr/benchmark.py``)."""
+    from mmf_multilevel.methods.mvptr.benchmark import synthetic_batch as build
 
-    g = torch.Generator().manual_seed(seed)
-    slots = TOKENS + PHRASES
-    ids = torch.randint(1000, vocab, (batch, slots), generator=g)
-    ids[:, 0], ids[:, slots - 1] = 101, 102
-    phrases = torch.zeros(batch, slots, dtype=torch.long)
-    phrases[:, TOKENS - 1:slots - 1] = 1
-    ids[phrases.bool()] = torch.randint(vocab, rows, (int(phrases.sum()),), generator=g)
-    labels = torch.full((batch, slots), -100)
-    chosen = (torch.rand(batch, slots, generator=g) < 0.15) & ~phrases.bool()
-    chosen[:, 0] = chosen[:, slots - 1] = False
-    labels[chosen] = ids[chosen]
-    ids[chosen] = 103
-    tags = torch.randint(1000, vocab, (batch, TAGS), generator=g)
-    tags[:, 0], tags[:, TAGS - 1] = 101, 102
-    mcr = torch.full((batch, TAGS), -100)
-    picked = torch.rand(batch, TAGS, generator=g) < 0.25
-    picked[:, 0] = picked[:, TAGS - 1] = False
-    mcr[picked] = tags[picked]
-    tags[picked] = 103
-    out = SampleList()
-    out.input_ids, out.input_mask, out.segment_ids = ids, torch.ones_like(ids), torch.zeros_like(ids)
-    out.lm_label_ids, out.phrase_slots = labels, phrases
-    out.tag_ids, out.tag_mask, out.mcr_label_ids = tags, torch.ones_like(tags), mcr
-    info = SampleList()
-    corner = torch.rand(batch, REGIONS, 2, generator=g) * 300
-    info.bbox = torch.cat([corner, corner + 20 + torch.rand(batch, REGIONS, 2, generator=g) * 300], -1)
-    info.image_width = torch.full((batch,), 640)
-    info.image_height = torch.full((batch,), 640)
-    info.max_features = torch.full((batch,), REGIONS)
-    out.image_feature_0, out.image_info_0 = torch.rand(batch, REGIONS, FEATURES, generator=g), info
-    out.image_index = torch.arange(batch)
-    out.dataset_name, out.dataset_type = "mvptr_bench", dataset_type
-    return out
+    return build(batch, seed, dataset_type)
 
 
 def build_mvptr(head_type="pretraining", layers=12, hidden=768):

@@ -47,63 +47,21 @@ from training_bench import add_run_options, child_options, peak_rss_mib, run_rou
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mmf_multilevel.methods.soho.benchmark import (  # noqa: E402  (the analytic cost lives beside the method)
+    encoder_flops,
+    resnet_flops,  # noqa: F401  (tests read it here)
+    soho_inference_flops,
+    soho_training_flops,
+    vqa_head_flops,
+)
+
 H, I, LAYERS, ANSWERS = 768, 3072, 12, 3129
 IMAGE = (600, 1000)
 QUESTION, REGIONS, PROPOSALS = 16, 100, 300
-BOTTLENECK_BLOCKS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+
 
 
 # --------------------------------------------------------------------------- analytic cost
-def _ceil(a, b):
-    return -(-a // b)
-
-
-def resnet_flops(depth, height, width):
-    """FLOPs of a torchvision/timm bottleneck ResNet's convolutions up to C5 (stride in the 3x3 conv,
-    7x7/2 stem, 3x3/2 max-pool): ``(flops, (h, w) of C5)``."""
-    def conv(h, w, cin, cout, k, stride=1):
-        ho, wo = _ceil(h, stride), _ceil(w, stride)
-        return ho * wo * cout * cin * k * k, ho, wo
-
-    macs, h, w = conv(height, width, 3, 64, 7, 2)
-    h, w = _ceil(h, 2), _ceil(w, 2)
-    cin = 64
-    for stage, blocks in enumerate(BOTTLENECK_BLOCKS[depth]):
-        width_ = 64 * 2 ** stage
-        for block in range(blocks):
-            stride = 2 if stage > 0 and block == 0 else 1
-            a, _, _ = conv(h, w, cin, width_, 1)
-            b, ho, wo = conv(h, w, width_, width_, 3, stride)
-            c, _, _ = conv(ho, wo, width_, 4 * width_, 1)
-            macs += a + b + c
-            if block == 0:
-                macs += conv(h, w, cin, 4 * width_, 1, stride)[0]
-            h, w, cin = ho, wo, 4 * width_
-    return 2 * macs, (h, w)
-
-
-def encoder_flops(length, layers=LAYERS, hidden=H, intermediate=I):
-    """Forward FLOPs of ``layers`` BERT blocks over ``length`` tokens: Q, K, V and output projections,
-    the two attention products and the feed-forward network."""
-    per_layer = 4 * length * hidden * hidden + 2 * length * length * hidden + 2 * length * hidden * intermediate
-    return 2 * layers * per_layer
-
-
-def vqa_head_flops(hidden=H, answers=ANSWERS):
-    """MMF/LXMERT's VQA head on the pooled [CLS] (the pooler included): H->H, H->2H, 2H->answers."""
-    return 2 * (hidden * hidden + hidden * 2 * hidden + 2 * hidden * answers)
-
-
-def soho_inference_flops(height=IMAGE[0], width=IMAGE[1], words=QUESTION, depth=101):
-    cnn, (h, w) = resnet_flops(depth, height, width)
-    cells = _ceil(h, 2) * _ceil(w, 2)
-    return {
-        "cnn": cnn + 2 * h * w * 2048 * H,  # ResNet to C5 + the 1x1 conv to the hidden size (then the 2x2 pool)
-        "transformer": encoder_flops(words + cells) + vqa_head_flops(),
-        "cells": cells,
-    }
-
-
 def region_inference_flops(height=IMAGE[0], width=IMAGE[1], words=QUESTION, regions=REGIONS, proposals=PROPOSALS):
     detector = c4_flops(**ANALYTIC["butd_r101"], height=height, width_px=width, proposals=proposals)
     return {
@@ -113,19 +71,6 @@ def region_inference_flops(height=IMAGE[0], width=IMAGE[1], words=QUESTION, regi
         "selection": 0,  # NMS: comparisons, no multiply-adds
         "transformer": encoder_flops(words + regions) + 2 * regions * (2048 + 5) * H + vqa_head_flops(),
     }
-
-
-def soho_training_flops(images=2, texts_per_image=4, matched_per_image=2, words=40, cells=160, vd_size=2048,
-                        masked_words=6, masked_cells=24, cnn_per_text=False, height=IMAGE[0], width=IMAGE[1]):
-    """One pre-training update, 3 x the forward: the CNN once per image (``cnn_per_text``: once per
-    text), the matching pass over every pair, the masked pass over the matched pairs, the dictionary's
-    distances, the MLM and MVM decoders on the masked positions and the ITM head."""
-    cnn = soho_inference_flops(height, width)["cnn"] * (images * texts_per_image if cnn_per_text else images)
-    pairs, matched = images * texts_per_image, images * matched_per_image
-    transformer = (pairs + matched) * encoder_flops(words + cells)
-    distances = 2 * (images * texts_per_image if cnn_per_text else images) * cells * vd_size * H
-    heads = 2 * matched * (masked_words * (H * H + H * 30522) + masked_cells * (H * H + H * vd_size)) + 2 * pairs * H * 2
-    return 3 * (cnn + transformer + heads) + distances  # the dictionary's nearest entry has no backward
 
 
 # --------------------------------------------------------------------------- inference

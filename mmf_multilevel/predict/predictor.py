@@ -206,8 +206,9 @@ class Predictor:
                                     "needs a question-answering project")
         if not isinstance(top_k, int) or top_k < 1:
             raise PredictInputError(f"top_k: expected a positive integer, got {top_k!r}")
+        text = self.text_fields(question, "question")
         sample = self.visual_sample(image, image_id)
-        sample.update(self.text_fields(question, "question"))
+        sample.update(text)
         sample.question_id = torch.tensor(0, dtype=torch.long)
         scores = self.forward([sample])["scores"][0].float().cpu()
         vocabulary = int(self.answer_processor.get_vocab_size())
@@ -227,8 +228,9 @@ class Predictor:
         from mmf_multilevel.metrics import pair_match_scores
 
         self._require("match", MATCH_HEAD_TYPES)
+        fields = self.text_fields(text, "text")
         sample = self.visual_sample(image, image_id)
-        sample.update(self.text_fields(text, "text"))
+        sample.update(fields)
         # a gallery pair, as the retrieval datasets' evaluation samples are
         sample.pair_image_index = torch.tensor(0, dtype=torch.long)
         sample.pair_text_index = torch.tensor(0, dtype=torch.long)

@@ -168,6 +168,7 @@ setup(
             "mmf_ml_run = mmf_multilevel.cli:run",
             "mmf_ml_doctor = mmf_multilevel.compat.doctor:main",
             "mmf_ml_extract = mmf_multilevel.extraction.cli:run",
+            "mmf_ml_predict = mmf_multilevel.predict.cli:main",
         ]
     },
 )

@@ -90,6 +90,33 @@ def pad_rows(array, rows):
     return torch.from_numpy(out)
 
 
+def region_record_fields(record, image_id, max_features, expected_dim=None, source="the region cache"):
+    """``(image_feature_0, image_info_0)`` of one region record (a cache's ``reader.get`` dict, or the
+    extractor's output for one image: ``features``, ``boxes``, ``image_w``, ``image_h`` and optionally
+    ``num_boxes``, ``cls_prob``, ``objects``), padded to ``max_features`` rows: what every region dataset
+    puts in a sample, and what :mod:`mmf_multilevel.predict` builds from a query image's regions."""
+    features = np.asarray(record["features"])
+    if expected_dim is not None and features.shape[1] != int(expected_dim):
+        raise FeatureDimensionError(
+            f"{source}: image '{image_id}' has {features.shape[1]}-d features, expected {expected_dim}"
+        )
+    count = min(int(record.get("num_boxes", features.shape[0])), max_features)
+    info = Sample()
+    info.max_features = torch.tensor(count, dtype=torch.long)
+    info.num_boxes = torch.tensor(count, dtype=torch.long)
+    info.image_width = torch.tensor(int(record["image_w"]), dtype=torch.long)
+    info.image_height = torch.tensor(int(record["image_h"]), dtype=torch.long)
+    info.bbox = pad_rows(record["boxes"], max_features)
+    if record.get("cls_prob") is not None:
+        info.cls_prob = pad_rows(record["cls_prob"], max_features)
+    if record.get("objects") is not None:
+        objects = np.full(max_features, -1, dtype=np.int64)
+        given = np.asarray(record["objects"], dtype=np.int64)[:max_features]
+        objects[: len(given)] = given
+        info.objects = torch.from_numpy(objects)
+    return pad_rows(features, max_features), info
+
+
 class RegionTextDataset(BaseDataset):
     """Base class: subclasses implement ``build_sample(record, sample)``."""
 
@@ -184,26 +211,7 @@ class RegionTextDataset(BaseDataset):
 
     def record_fields(self, record, image_id):
         """``(image_feature_0, image_info_0)`` of one cache record (``reader.get``'s dict)."""
-        features = np.asarray(record["features"])
-        if self.expected_dim is not None and features.shape[1] != int(self.expected_dim):
-            raise FeatureDimensionError(
-                f"{self.features_path}: image '{image_id}' has {features.shape[1]}-d features, expected {self.expected_dim}"
-            )
-        count = min(int(record.get("num_boxes", features.shape[0])), self.max_features)
-        info = Sample()
-        info.max_features = torch.tensor(count, dtype=torch.long)
-        info.num_boxes = torch.tensor(count, dtype=torch.long)
-        info.image_width = torch.tensor(int(record["image_w"]), dtype=torch.long)
-        info.image_height = torch.tensor(int(record["image_h"]), dtype=torch.long)
-        info.bbox = pad_rows(record["boxes"], self.max_features)
-        if record.get("cls_prob") is not None:
-            info.cls_prob = pad_rows(record["cls_prob"], self.max_features)
-        if record.get("objects") is not None:
-            objects = np.full(self.max_features, -1, dtype=np.int64)
-            given = np.asarray(record["objects"], dtype=np.int64)[: self.max_features]
-            objects[: len(given)] = given
-            info.objects = torch.from_numpy(objects)
-        return pad_rows(features, self.max_features), info
+        return region_record_fields(record, image_id, self.max_features, self.expected_dim, self.features_path)
 
     # ------------------------------------------------------------------ samples
     def image_ids_of(self, record):

@@ -89,6 +89,17 @@ IMAGE_DEFAULTS = {
 }
 
 
+def processed_image_fields(image_processor, image, sample, field="image", train=False, image_id=None):
+    """One decoded image through ``image_processor`` into ``sample[field]``, ``<field>_size`` and
+    ``<field>_flipped`` (every raw-image dataset's sample, and :mod:`mmf_multilevel.predict`'s query
+    image); returns whether it was flipped."""
+    out = image_processor({"image": image, "train": bool(train), "image_id": str(image_id)})
+    sample[field] = out["image"]
+    sample[f"{field}_size"] = out["image_size"]
+    sample[f"{field}_flipped"] = torch.tensor(bool(out.get("flipped", False)))
+    return bool(out.get("flipped", False))
+
+
 class RawImageMixin:
     """Raw images for an MMF dataset (see the module docstring for the interface)."""
 
@@ -170,12 +181,8 @@ class RawImageMixin:
 
     def image_fields(self, image_id, sample, field="image"):
         """Decode + transform one image into ``sample[field]``; returns whether it was flipped."""
-        image = self.load_image(image_id)
-        out = self.image_processor({"image": image, "train": self.augment, "image_id": str(image_id)})
-        sample[field] = out["image"]
-        sample[f"{field}_size"] = out["image_size"]
-        sample[f"{field}_flipped"] = torch.tensor(bool(out.get("flipped", False)))
-        return bool(out.get("flipped", False))
+        return processed_image_fields(self.image_processor, self.load_image(image_id), sample, field, self.augment,
+                                      image_id)
 
     def text_for_image(self, text, flipped):
         if flipped and self.swap_left_right:

@@ -1,0 +1,5 @@
+import sys
+
+from mmf_multilevel.predict.cli import main
+
+sys.exit(main())

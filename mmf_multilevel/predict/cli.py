@@ -1,0 +1,176 @@
+"""``mmf_ml_predict``: one prediction as JSON on stdout, or a batch over a jsonl file.
+
+    mmf_ml_predict --config projects/simla/demo/vqa.yaml --checkpoint save/simla_vqa/simla_final.pth \\
+        --image data/demo/images/demo_000000.jpg --question "what color is the circle?" env.data_dir=$PWD/data
+    mmf_ml_predict --model <zoo name or folder> --image photo.jpg --text "a red circle"
+    mmf_ml_predict --config ... --checkpoint ... --batch queries.jsonl --out results.jsonl env.data_dir=...
+
+``--question`` asks the VQA head (``answer``, ``score`` and the ``top_k`` answers); ``--text`` asks the matching
+head how well the text matches the image (``score``, ``probability``). Region methods read the image's regions
+from ``--regions`` (a region cache; default: the config's dataset's cache), by ``--image-id`` or by the image's
+SHA-256.
+
+Batch mode: each line of the jsonl is an object with ``image`` (a path, relative to the jsonl's folder when not
+absolute) and/or ``image_id``, and ``question`` or ``text``; ``id`` (default: the line number) names it in the
+output. Each result is appended to ``--out`` as one JSON line as soon as it is computed; a rerun skips the ids
+already there (resumable). A bad line (not JSON, a missing field, an unreadable image) is reported on stderr
+with its line number and skipped; the command then exits with status 1. Configuration mistakes exit with 2.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+__all__ = ["main", "read_done", "run_batch"]
+
+
+class BatchLineError(ValueError):
+    pass
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="mmf_ml_predict", description=(
+        "A registered method's prediction on raw inputs (VQA answer or image-text match), as JSON."))
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model zoo name, or a folder with a run config (.yaml) and a checkpoint")
+    source.add_argument("--config", help="a run config (.yaml), as mmf_run reads")
+    parser.add_argument("--checkpoint", default=None, help="the model's weights (.pth / .ckpt); none: as built")
+    parser.add_argument("--image", default=None, help="an image file")
+    parser.add_argument("--image-id", default=None, help="region methods: the image's key in the region cache")
+    task = parser.add_mutually_exclusive_group()
+    task.add_argument("--question", default=None, help="a question about the image (VQA)")
+    task.add_argument("--text", default=None, help="a text to match with the image (image-text matching)")
+    parser.add_argument("--top-k", type=int, default=5, help="answers listed with their scores (VQA)")
+    parser.add_argument("--regions", default=None, help="region methods: a region cache (default: the dataset's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--batch", default=None, help="a jsonl of queries (see the module docstring)")
+    parser.add_argument("--out", default=None, help="with --batch: the results jsonl (appended; resumable)")
+    parser.add_argument("opts", nargs="*", help="config overrides, as for mmf_run (env.data_dir=...)")
+    return parser
+
+
+def _public(result: dict) -> dict:
+    return {key: value for key, value in result.items() if key != "scores"}
+
+
+def predict_one(predictor, image, image_id, question, text, top_k):
+    if question is not None:
+        return {"task": "vqa", **_public(predictor.vqa(image, question, top_k=top_k, image_id=image_id))}
+    return {"task": "match", **_public(predictor.match(image, text, image_id=image_id))}
+
+
+def read_done(path: str) -> set:
+    """The ids already in the results file ``path``; a last line cut short by a killed run is removed."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as handle:
+            handle.truncate(keep)
+        data = data[:keep]
+    done = set()
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                done.add(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                raise BatchLineError(f"--out {path} line {number}: not a result line of mmf_ml_predict (a JSON object "
+                                     "with 'id'); give another --out") from None
+    return done
+
+
+def _query(line: str, number: int, folder: str):
+    try:
+        query = json.loads(line)
+    except ValueError as error:
+        raise BatchLineError(f"not JSON ({error})") from None
+    if not isinstance(query, dict):
+        raise BatchLineError(f"expected a JSON object, got {type(query).__name__}")
+    unknown = sorted(set(query) - {"id", "image", "image_id", "question", "text", "top_k"})
+    if unknown:
+        raise BatchLineError(f"unknown field(s) {unknown}; expected id, image, image_id, question or text, top_k")
+    if ("question" in query) == ("text" in query):
+        raise BatchLineError("give exactly one of 'question' (VQA) and 'text' (image-text matching)")
+    if "image" not in query and "image_id" not in query:
+        raise BatchLineError("give 'image' (a path) or 'image_id' (region methods: the image's key in the cache)")
+    image = query.get("image")
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise BatchLineError(f"field 'image' must be a path string, got {image!r}")
+        image = image if os.path.isabs(image) else os.path.join(folder, image)
+    return str(query.get("id", number)), image, query
+
+
+def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=sys.stderr) -> dict:
+    """Every query of ``batch`` not already in ``out`` predicted and appended to ``out``; returns the counts."""
+    from mmf_multilevel.predict.inputs import PredictInputError
+
+    if not os.path.isfile(batch):
+        raise FileNotFoundError(f"--batch {batch}: no such file")
+    done = read_done(out)
+    folder = os.path.dirname(os.path.abspath(batch))
+    counts = {"predicted": 0, "skipped": 0, "bad": 0}
+    seen = set()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(batch, encoding="utf-8") as lines, open(out, "a", encoding="utf-8") as results:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                key, image, query = _query(line, number, folder)
+                if key in seen:
+                    raise BatchLineError(f"id {key!r} repeats an earlier line's")
+                seen.add(key)
+                if key in done:
+                    counts["skipped"] += 1
+                    continue
+                result = predict_one(predictor, image, query.get("image_id"), query.get("question"),
+                                     query.get("text"), int(query.get("top_k", default_top_k)))
+            except (BatchLineError, PredictInputError, FileNotFoundError, KeyError, ValueError, TypeError) as error:
+                counts["bad"] += 1
+                print(f"mmf_ml_predict: {batch} line {number}: {error}", file=stream, flush=True)
+                continue
+            results.write(json.dumps({"id": key, **result}) + "\n")
+            results.flush()
+            counts["predicted"] += 1
+    return counts
+
+
+def main(argv=None) -> int:
+    from mmf_multilevel.compat.launcher import ConfigError
+    from mmf_multilevel.predict.inputs import PredictInputError
+    from mmf_multilevel.predict.predictor import load_predictor
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.batch is None:
+        if args.question is None and args.text is None:
+            parser.error("give --question (VQA) or --text (image-text matching), or --batch")
+        if args.image is None and args.image_id is None:
+            parser.error("give --image (or, for a region method, --image-id)")
+    elif args.out is None:
+        parser.error("--batch needs --out (the results jsonl)")
+    elif args.question is not None or args.text is not None or args.image is not None:
+        parser.error("--batch reads the queries from the jsonl: drop --image / --question / --text")
+    start = time.perf_counter()
+    try:
+        predictor = load_predictor(args.model or args.config, args.checkpoint, args.opts, regions=args.regions,
+                                   device=args.device)
+        if args.batch is not None:
+            counts = run_batch(predictor, args.batch, args.out, args.top_k)
+            print(json.dumps({"out": args.out, **counts, "seconds": round(time.perf_counter() - start, 3)}))
+            return 1 if counts["bad"] else 0
+        result = predict_one(predictor, args.image, args.image_id, args.question, args.text, args.top_k)
+    except (ConfigError, PredictInputError, BatchLineError, FileNotFoundError, KeyError, ValueError) as error:
+        print(f"mmf_ml_predict: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"method": predictor.method, "image": args.image, "image_id": args.image_id, **result},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

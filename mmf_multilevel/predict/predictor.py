@@ -1,0 +1,248 @@
+"""``load_predictor`` and :class:`Predictor`: a registered method's model on raw inputs, through the processors its
+run config gives the dataset it was trained on.
+
+The model is built as ``mmf_run`` builds it (:func:`mmf_multilevel.compat.launcher.load_run_config` and
+:func:`mmf_multilevel.methods.base.load_method_model`); the query goes through the config's first dataset's own
+processors (MMF's ``build_processors`` on ``dataset_config.<dataset>.processors``, as the dataset's
+``init_processors`` builds them) and into the sample fields that dataset builds:
+
+* pixel methods (SOHO, SIMLA; a ``*_images`` dataset with an ``image_processor``): the image decoded with the
+  dataset's decode options, then :func:`mmf_multilevel.datasets.images.processed_image_fields` in its
+  evaluation pipeline;
+* region methods (SemVLP, μ-VLA, MVPTR): the image's regions from the ``image -> regions`` stage
+  (:mod:`.regions`; by default the dataset's own region cache), then
+  :func:`mmf_multilevel.datasets.base.region_record_fields`;
+* the text: :func:`mmf_multilevel.datasets.base.tokenize` with the dataset's text processor.
+
+So a prediction equals the model's output on the dataset's own sample of the same image and text, which is what
+``mmf_run ... run_type=test`` scores.
+"""
+import glob
+import os
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+
+from mmf_multilevel.predict.inputs import PredictInputError, QueryImage, checked_text, optional_id, read_image
+from mmf_multilevel.predict.regions import RegionCache, RegionSource
+
+__all__ = ["Predictor", "load_predictor", "resolve_model", "PredictInputError"]
+
+#: head types that answer questions from a classifier or a ranking over the dataset's answer vocabulary
+VQA_HEAD_TYPES = ("classification", "vqa")
+#: head types whose evaluation scores (image, text) pairs with a matching head
+MATCH_HEAD_TYPES = ("retrieval",)
+CONFIG_PATTERN = "*.yaml"
+
+
+def resolve_model(name_or_config: str, checkpoint: Optional[str] = None, data_dir: Optional[str] = None):
+    """``(config path, checkpoint path or None)`` of a run config file (with ``checkpoint`` as given), a folder
+    holding one ``*.yaml`` run config and one checkpoint, or a model zoo name (downloaded into such a folder)."""
+    from mmf_multilevel.zoo.zoo import CHECKPOINT_PATTERNS, ZooEntryError, download_model
+
+    name_or_config = os.fspath(name_or_config)
+    if os.path.isfile(name_or_config):
+        if not name_or_config.endswith((".yaml", ".yml")):
+            raise PredictInputError(f"--config {name_or_config}: expected a run config (.yaml), as mmf_run reads; "
+                                    "pass the weights with --checkpoint")
+        return name_or_config, checkpoint
+    if os.path.isdir(name_or_config):
+        folder = name_or_config
+    elif os.sep in name_or_config or name_or_config.endswith((".yaml", ".yml")):
+        raise FileNotFoundError(f"--model {name_or_config}: no such file or folder")
+    else:
+        try:
+            folder = download_model(name_or_config, data_dir)
+        except ZooEntryError as error:
+            raise PredictInputError(f"--model {name_or_config}: not a file, a folder or a model zoo name ({error})"
+                                    ) from None
+    configs = sorted(glob.glob(os.path.join(folder, CONFIG_PATTERN)))
+    if len(configs) != 1:
+        raise PredictInputError(f"{folder}: expected exactly one run config ({CONFIG_PATTERN}) beside the checkpoint, "
+                                f"found {[os.path.basename(p) for p in configs]}")
+    if checkpoint is None:
+        found = sorted(p for pattern in CHECKPOINT_PATTERNS for p in glob.glob(os.path.join(folder, pattern)))
+        if len(found) != 1:
+            raise PredictInputError(f"{folder}: expected exactly one checkpoint ({', '.join(CHECKPOINT_PATTERNS)}), "
+                                    f"found {[os.path.basename(p) for p in found]}; pass --checkpoint")
+        checkpoint = found[0]
+    return configs[0], checkpoint
+
+
+def load_predictor(name_or_config, checkpoint: Optional[str] = None, overrides: Sequence[str] = (),
+                   regions: Union[None, str, RegionSource] = None, device: Optional[str] = None,
+                   data_dir: Optional[str] = None) -> "Predictor":
+    """A :class:`Predictor` for a run config (``checkpoint``: its weights; none: as built), a folder with a run
+    config and a checkpoint, or a model zoo name. ``overrides``: as for ``mmf_run`` (``env.data_dir=...``).
+    ``regions`` (region methods): a region cache path or a :class:`~.regions.RegionSource`; default: the
+    dataset's own region cache."""
+    from mmf_multilevel.compat.launcher import load_run_config
+    from mmf_multilevel.methods.base import load_method_model
+
+    config_path, checkpoint = resolve_model(name_or_config, checkpoint, data_dir)
+    config = load_run_config(config_path, list(overrides))
+    model = load_method_model(config, config.get("model"), checkpoint)
+    return Predictor(model, config, regions=regions, device=device)
+
+
+class Predictor:
+    """One model and its dataset's processors: :meth:`vqa` and :meth:`match` on raw inputs."""
+
+    def __init__(self, model, config, regions: Union[None, str, RegionSource] = None, device: Optional[str] = None):
+        from mmf.utils.build import build_processors
+
+        names = [n.strip() for n in str(config.get("datasets") or "").split(",") if n.strip()]
+        if not names or names[0] not in (config.get("dataset_config") or {}):
+            raise PredictInputError(f"the config's datasets ({config.get('datasets')!r}) name no dataset_config "
+                                    "section: the predictor takes its processors from the first dataset's")
+        self.config = config
+        self.method = str(config.model)
+        self.dataset_name = names[0]
+        self.dataset_config = config.dataset_config[self.dataset_name]
+        where = f"dataset_config.{self.dataset_name}.processors"
+        if "processors" not in self.dataset_config:
+            raise PredictInputError(f"{where} is not set: the predictor reads the dataset's processors")
+        # built afresh (no registry key): the dataset's init_processors call, without reusing another run's
+        processors = build_processors(self.dataset_config.processors, None, data_dir=self.dataset_config.data_dir)
+        if "text_processor" not in processors:
+            raise PredictInputError(f"{where} has no text_processor")
+        self.text_processor = processors["text_processor"]
+        self.answer_processor = processors.get("answer_processor")
+        self.image_processor = processors.get("image_processor")
+        self.visual = "pixels" if self.image_processor is not None else "regions"
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.head_type = getattr(model, "head_type", None)
+        self._regions = regions
+        self._region_source = None
+        if self.visual == "regions":
+            from mmf_multilevel.datasets.base import REGION_DEFAULTS, setting_or_default
+
+            self.max_features = int(setting_or_default(self.dataset_config, "max_features", REGION_DEFAULTS))
+            self.feature_dim = self.dataset_config.get("feature_dim")
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def region_source(self) -> RegionSource:
+        if self._region_source is None:
+            source = self._regions
+            if source is None:
+                from mmf_multilevel.datasets.base import data_path, split_entry
+
+                paths = split_entry(self.dataset_config, "features", "test", self.dataset_name)
+                paths = [paths] if isinstance(paths, str) else list(paths)
+                source = data_path(paths[0], self.dataset_config.get("data_dir"))
+            self._region_source = RegionCache(source) if isinstance(source, (str, os.PathLike)) else source
+        return self._region_source
+
+    def _decode(self, image, where) -> QueryImage:
+        from mmf_multilevel.datasets.images import IMAGE_DEFAULTS
+
+        def get(key):
+            return self.dataset_config.get(key, IMAGE_DEFAULTS[key])
+
+        background = get("alpha_background")
+        return read_image(image, where, exif_transpose=bool(get("exif_transpose")),
+                          alpha_background=None if background is None else tuple(background),
+                          min_side=int(get("min_image_side")))
+
+    def visual_sample(self, image=None, image_id=None, where: str = "image"):
+        """A ``Sample`` with the query image's visual fields, as the dataset's ``attach_visual`` fills them."""
+        from mmf.common.sample import Sample
+
+        sample = Sample()
+        image_id = optional_id(image_id)
+        if self.visual == "pixels":
+            from mmf_multilevel.datasets.images import processed_image_fields
+
+            if image is None:
+                raise PredictInputError(f"{where}: {self.method} reads pixels; give an image (a path, encoded bytes or "
+                                        "a PIL.Image)")
+            processed_image_fields(self.image_processor, self._decode(image, where).picture, sample, "image",
+                                   train=False, image_id=image_id)
+        else:
+            from mmf_multilevel.datasets.base import region_record_fields
+
+            query = self._decode(image, where) if image is not None else None
+            record = self.region_source(query, image_id)
+            source = getattr(self.region_source, "path", type(self.region_source).__name__)
+            sample.image_feature_0, sample.image_info_0 = region_record_fields(
+                record, image_id or (query.sha256 if query else "?"), self.max_features, self.feature_dim, source)
+        sample.id = torch.tensor(0, dtype=torch.long)
+        return sample
+
+    def text_fields(self, text: str, where: str = "text") -> dict:
+        from mmf_multilevel.datasets.base import tokenize
+
+        return tokenize(self.text_processor, checked_text(text, where))
+
+    @torch.no_grad()
+    def forward(self, samples):
+        """The model's output on ``samples`` collated as MMF collates a test batch."""
+        from mmf.common.sample import SampleList
+
+        batch = SampleList(list(samples))
+        batch.dataset_name = self.dataset_name
+        batch.dataset_type = "test"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*has not field 'targets'.*")
+            return self.model(batch.to(self.device))
+
+    def _require(self, task: str, head_types) -> None:
+        if self.head_type not in head_types:
+            raise PredictInputError(f"{task} needs a {self.method} model with training_head_type in {list(head_types)}; "
+                                    f"this one is {self.head_type!r} (model_config.{self.method}.training_head_type "
+                                    f"of the run config)")
+
+    # ------------------------------------------------------------------ tasks
+    def vqa(self, image=None, question: str = "", top_k: int = 5, image_id=None) -> dict:
+        """The answer to ``question`` about ``image`` (a path, encoded bytes or a ``PIL.Image``; region methods may
+        name the image by ``image_id`` in the region cache instead), with the ``top_k`` answers and their scores
+        (the model's ``scores`` as ``mmf_run`` evaluates them: logits, or SIMLA's answer log-likelihoods)."""
+        self._require("vqa", VQA_HEAD_TYPES)
+        if self.answer_processor is None:
+            raise PredictInputError(f"dataset_config.{self.dataset_name}.processors has no answer_processor: vqa "
+                                    "needs a question-answering project")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise PredictInputError(f"top_k: expected a positive integer, got {top_k!r}")
+        text = self.text_fields(question, "question")
+        sample = self.visual_sample(image, image_id)
+        sample.update(text)
+        sample.question_id = torch.tensor(0, dtype=torch.long)
+        scores = self.forward([sample])["scores"][0].float().cpu()
+        vocabulary = int(self.answer_processor.get_vocab_size())
+        if scores.numel() != vocabulary:
+            raise PredictInputError(f"the model scores {scores.numel()} answers but the answer vocabulary of "
+                                    f"dataset_config.{self.dataset_name} has {vocabulary}: not the config it was "
+                                    "trained with")
+        ranked = ranked_answers(scores, min(top_k, vocabulary))
+        answers = [{"answer": self.answer_processor.idx2word(index), "score": score} for index, score in ranked]
+        return {"question": question, "answer": answers[0]["answer"], "score": answers[0]["score"],
+                "top_k": answers, "scores": scores}
+
+    def match(self, image=None, text: str = "", image_id=None) -> dict:
+        """How well ``text`` matches ``image``: the matching head's score as ``mmf_run``'s retrieval evaluation
+        ranks pairs by it (:func:`mmf_multilevel.metrics.pair_match_scores`: a 2-way head's log-odds, or a single
+        logit); ``probability`` is its sigmoid."""
+        from mmf_multilevel.metrics import pair_match_scores
+
+        self._require("match", MATCH_HEAD_TYPES)
+        fields = self.text_fields(text, "text")
+        sample = self.visual_sample(image, image_id)
+        sample.update(fields)
+        # a gallery pair, as the retrieval datasets' evaluation samples are
+        sample.pair_image_index = torch.tensor(0, dtype=torch.long)
+        sample.pair_text_index = torch.tensor(0, dtype=torch.long)
+        score = float(pair_match_scores(self.forward([sample])["scores"].float().cpu())[0])
+        return {"text": text, "score": score, "probability": float(torch.sigmoid(torch.tensor(score)))}
+
+
+def ranked_answers(scores: torch.Tensor, top_k: int):
+    """``[(index, score)]`` of the ``top_k`` highest ``scores``, best first; answers a ranking left out
+    (SIMLA's :data:`~mmf_multilevel.methods.simla.downstream.NOT_RANKED`) are not listed."""
+    from mmf_multilevel.methods.simla.downstream import NOT_RANKED
+
+    values, indices = scores.topk(top_k)
+    ranked = [(int(i), float(v)) for v, i in zip(values, indices) if float(v) > NOT_RANKED]
+    return ranked or [(int(indices[0]), float(values[0]))]

@@ -1,0 +1,198 @@
+"""The predictor on raw inputs equals the model on the dataset's own sample: the demo set's val questions and
+retrieval pairs, each method's demo project, a model as built (random weights: any difference in the inputs shows
+in the scores)."""
+import io
+import json
+
+import pytest
+import torch
+
+from helpers.mmf import ROOT
+from mmf_multilevel.datasets import generate as gen
+
+VQA_PROJECTS = ["semvlp", "muvla", "simla", "soho"]
+MATCH_PROJECTS = {"semvlp": "retrieval_coco", "soho": "retrieval_coco", "simla": "retrieval_coco"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict_data")
+    gen.generate(root / "demo", num_images=24, progress=False)
+    return root
+
+
+def predictor_for(data, method, project, **kwargs):
+    from mmf_multilevel.predict import load_predictor
+
+    torch.manual_seed(0)
+    return load_predictor(f"{ROOT}/projects/{method}/demo/{project}.yaml", overrides=[f"env.data_dir={data}"],
+                          device="cpu", **kwargs)
+
+
+def dataset_of(predictor, split="val", **settings):
+    """The config's dataset as mmf_run builds it (the builder's class, processors initialised), with ``settings``
+    overriding its dataset_config."""
+    from mmf.common.registry import registry
+    from omegaconf import OmegaConf, open_dict
+
+    name = predictor.dataset_name
+    # MMF's build_processors reuses a processor registered under the dataset's key: another test's project
+    # (SIMLA's 64-pixel vqa2_images pipeline for SOHO's) must not leak into this one
+    for key in predictor.dataset_config.processors:
+        registry.unregister(f"{name}_{key}")
+    config = OmegaConf.create(OmegaConf.to_container(predictor.dataset_config, resolve=True))
+    with open_dict(config):
+        config.update(settings)
+    dataset = registry.get_builder_class(name).dataset_class(name, config, split)
+    dataset.init_processors()
+    return dataset
+
+
+def model_scores(predictor, sample, dataset):
+    """The model on the dataset's sample, collated as MMF's test loader collates one."""
+    from mmf.common.sample import SampleList
+
+    batch = SampleList([sample])
+    batch.dataset_name, batch.dataset_type = dataset.dataset_name, "test"
+    with torch.no_grad():
+        return predictor.model(batch)["scores"].float()
+
+
+def image_input(dataset, image_id, kind):
+    """The dataset's image as a query gives it: the file's path, its bytes or a PIL image."""
+    from PIL import Image
+
+    source = dataset.image_source
+    if kind == "path":
+        return source.resolve(str(image_id))
+    data = source.get_bytes(str(image_id))
+    return data if kind == "bytes" else Image.open(io.BytesIO(data))
+
+
+@pytest.mark.parametrize("method", VQA_PROJECTS)
+def test_vqa_scores_equal_the_model_on_the_datasets_own_sample(method, data):
+    predictor = predictor_for(data, method, "vqa")
+    dataset = dataset_of(predictor)
+    assert predictor.visual == ("pixels" if method in ("simla", "soho") else "regions")
+    for index, kind in zip(range(6), ["path", "bytes", "pil"] * 2):
+        record = dataset.records[index]
+        expected = model_scores(predictor, dataset[index], dataset)[0]
+        if predictor.visual == "pixels":
+            result = predictor.vqa(image_input(dataset, record["image_id"], kind), record["question"], top_k=3)
+        else:
+            result = predictor.vqa(None, record["question"], top_k=3, image_id=record["image_id"])
+        assert torch.equal(result["scores"], expected), (method, index)
+        best = int(expected.argmax())
+        assert result["answer"] == dataset.answer_processor.idx2word(best)
+        assert result["score"] == pytest.approx(float(expected[best]))
+        assert [a["score"] for a in result["top_k"]] == sorted((a["score"] for a in result["top_k"]), reverse=True)
+        assert len(result["top_k"]) == 3
+    # the answer depends on the question and on the image: another question/image gives other scores
+    other = dataset.records[1]
+    if predictor.visual == "pixels":
+        first = predictor.vqa(image_input(dataset, dataset.records[0]["image_id"], "path"), "what shape is it?")
+        second = predictor.vqa(image_input(dataset, other["image_id"], "path"), "what shape is it?")
+    else:
+        first = predictor.vqa(None, "what shape is it?", image_id=dataset.records[0]["image_id"])
+        second = predictor.vqa(None, "what shape is it?", image_id=other["image_id"])
+    if dataset.records[0]["image_id"] != other["image_id"]:
+        assert not torch.equal(first["scores"], second["scores"])
+
+
+@pytest.mark.parametrize("method", sorted(MATCH_PROJECTS))
+def test_match_score_equals_the_retrieval_evaluations_pair_score(method, data):
+    from mmf_multilevel.metrics import pair_match_scores
+
+    predictor = predictor_for(data, method, MATCH_PROJECTS[method])
+    # every (image, caption) pair of the gallery scored, as mmf_run evaluates with eval_pairs: all (SIMLA's
+    # project validates on aligned pairs' losses and ranks with its own command, which scores pairs the same way)
+    dataset = dataset_of(predictor, eval_pairs="all")
+    for index in (0, dataset.num_texts + 1, 2 * dataset.num_texts + 2):  # pairs of three images
+        sample = dataset[index]
+        image, text = divmod(index, dataset.num_texts)
+        expected = float(pair_match_scores(model_scores(predictor, sample, dataset))[0])
+        image_id = dataset.records[image]["image_id"]
+        caption = dataset.texts[text][1]
+        if predictor.visual == "pixels":
+            result = predictor.match(image_input(dataset, image_id, "path"), caption)
+        else:
+            result = predictor.match(None, caption, image_id=image_id)
+        assert result["score"] == pytest.approx(expected, abs=1e-6), (method, index)
+        assert 0.0 < result["probability"] < 1.0
+
+
+def test_tasks_the_head_cannot_answer_are_refused_by_name(data):
+    from mmf_multilevel.predict import PredictInputError
+
+    predictor = predictor_for(data, "semvlp", "vqa")
+    with pytest.raises(PredictInputError, match=r"match needs a semvlp model with training_head_type in \['retrieval'\]"
+                                                r".*this one is 'classification'"):
+        predictor.match(None, "a circle", image_id="x")
+    with pytest.raises(PredictInputError, match="question: expected a non-empty string"):
+        predictor.vqa(None, "  ", image_id="x")
+    with pytest.raises(PredictInputError, match="top_k: expected a positive integer"):
+        predictor.vqa(None, "what?", top_k=0, image_id="x")
+
+
+def test_region_inputs_errors_name_the_cache_and_the_image(data, tmp_path):
+    from mmf_multilevel.predict import MissingRegionsError, PredictInputError
+
+    predictor = predictor_for(data, "semvlp", "vqa")
+    with pytest.raises(MissingRegionsError, match=r"regions\.lmdb has no regions for image_id 'nope'.*mmf_ml_extract"):
+        predictor.vqa(None, "what?", image_id="nope")
+    with pytest.raises(PredictInputError, match="read by image id: give image_id"):
+        predictor.vqa(None, "what?")
+    # a picture of another size than the cache's image of that id
+    from PIL import Image
+
+    image_id = dataset_of(predictor).records[0]["image_id"]
+    with pytest.raises(PredictInputError, match=rf"is 7x5 px but image '{image_id}' of the region cache .* is \d+x\d+"):
+        predictor.vqa(Image.new("RGB", (7, 5)), "what?", image_id=image_id)
+    with pytest.raises(FileNotFoundError, match="region cache .*missing.lmdb: no such file"):
+        predictor_for(data, "semvlp", "vqa", regions=str(tmp_path / "missing.lmdb")).vqa(None, "what?", image_id="x")
+
+
+def test_image_inputs_errors_name_the_input(data, tmp_path):
+    from mmf_multilevel.predict import PredictInputError
+
+    predictor = predictor_for(data, "soho", "vqa")
+    with pytest.raises(PredictInputError, match=r"image '.*absent\.jpg': no such file"):
+        predictor.vqa(str(tmp_path / "absent.jpg"), "what?")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(PredictInputError, match=r"bad\.jpg: not an image file"):
+        predictor.vqa(str(tmp_path / "bad.jpg"), "what?")
+    with pytest.raises(PredictInputError, match="expected an image path, encoded image bytes or a PIL.Image, got int"):
+        predictor.vqa(3, "what?")
+    with pytest.raises(PredictInputError, match="soho reads pixels; give an image"):
+        predictor.vqa(None, "what?", image_id="x")
+
+
+def test_a_folder_with_a_run_config_and_a_checkpoint_loads_its_weights(data, tmp_path):
+    """A zoo entry's folder (a run config and one checkpoint): the checkpoint's weights are the ones used."""
+    from mmf_multilevel.predict import PredictInputError, load_predictor
+
+    built = predictor_for(data, "semvlp", "vqa")
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in built.model.state_dict().items()}
+    folder = tmp_path / "model"
+    folder.mkdir()
+    torch.save(state, folder / "semvlp_final.pth")
+    (folder / "vqa.yaml").write_text(f"includes:\n- {ROOT}/projects/semvlp/demo/vqa.yaml\n")
+    loaded = load_predictor(str(folder), overrides=[f"env.data_dir={data}"], device="cpu")
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())
+    image_id = dataset_of(built).records[0]["image_id"]
+    assert not torch.equal(loaded.vqa(None, "what?", image_id=image_id)["scores"],
+                           built.vqa(None, "what?", image_id=image_id)["scores"])
+    (folder / "other.yaml").write_text("{}\n")
+    with pytest.raises(PredictInputError, match=r"expected exactly one run config \(\*\.yaml\).*other\.yaml"):
+        load_predictor(str(folder), overrides=[f"env.data_dir={data}"], device="cpu")
+    with pytest.raises(PredictInputError, match="not a file, a folder or a model zoo name"):
+        load_predictor("no_such.model.name", device="cpu")
+
+
+def test_results_have_no_tensors_once_made_public(data):
+    from mmf_multilevel.predict.cli import predict_one
+
+    predictor = predictor_for(data, "semvlp", "vqa")
+    image_id = dataset_of(predictor).records[0]["image_id"]
+    result = predict_one(predictor, None, image_id, "what shape is it?", None, 2)
+    assert json.loads(json.dumps(result))["task"] == "vqa" and len(result["top_k"]) == 2

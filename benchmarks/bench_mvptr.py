@@ -28,11 +28,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
-from training_bench import add_run_options, child_options, peak_rss_mib, run_rounds, step_seconds
+from training_bench import (
+    add_run_options,
+    child_options,
+    items_per_second,
+    peak_rss_mib,
+    run_rounds,
+    step_seconds,
+    two_stage_pair_count,
+)
 
 TOKENS, PHRASES, TAGS, REGIONS, FEATURES = 35, 5, 20, 50, 2048
 CONCEPT_ROWS = 86051
@@ -127,22 +134,11 @@ def retrieval_main(args):
     print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
           f"MVPTR base, gallery {args.images} images x {args.captions} captions, k_c {args.k_texts}, k_i {args.k_images}")
 
-    def rate(fn, count, repeats=3):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return count / statistics.median(times)
+    def rate(fn, count):
+        return items_per_second(fn, count, 3)
 
     # the distinct pairs two-stage ranking fuses (top-k of a similarity matrix of the gallery's size)
-    sim = torch.randn(args.images, args.captions)
-    top_t = sim.topk(min(args.k_texts, args.captions), dim=1).indices
-    top_i = sim.t().topk(min(args.k_images, args.images), dim=1).indices
-    flat = torch.cat([(torch.arange(args.images)[:, None] * args.captions + top_t).reshape(-1),
-                      (top_i * args.captions + torch.arange(args.captions)[:, None]).reshape(-1)])
-    two_stage_pairs = int(torch.unique(flat).numel())
+    two_stage_pairs = two_stage_pair_count(args.images, args.captions, args.k_texts, args.k_images)
     all_pairs = args.images * args.captions
     print(f"{'precision':>9} {'captions/s':>11} {'images/s':>9} {'pairs/s':>8} {'encode s':>9} "
           f"{'two-stage pairs':>16} {'two-stage s':>12} {'all pairs':>10} {'all-pairs s':>12} {'speed-up':>9}")

@@ -29,11 +29,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
-from training_bench import add_run_options, child_options, peak_rss_mib, run_rounds, step_seconds
+from training_bench import (
+    add_run_options,
+    child_options,
+    items_per_second,
+    peak_rss_mib,
+    run_rounds,
+    step_seconds,
+    two_stage_pair_count,
+)
 
 TOKENS, IMAGE, RETRIEVAL_IMAGE, CAPTION = 25, 256, 384, 40
 KINDS = ("albef", "simla_no_xmm_psl", "simla")
@@ -141,21 +148,10 @@ def retrieval_main(args):
           f"SIMLA base at {RETRIEVAL_IMAGE}x{RETRIEVAL_IMAGE} ({vit.grid_size[0] * vit.grid_size[1] + 1} image "
           f"tokens), captions of {CAPTION} tokens, gallery {args.images} images x {args.captions} captions, k {args.k}")
 
-    def rate(fn, count, repeats=args.repeats):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return count / statistics.median(times)
+    def rate(fn, count):
+        return items_per_second(fn, count, args.repeats)
 
-    sim = torch.randn(args.images, args.captions, generator=g)
-    top_t = sim.topk(min(args.k, args.captions), dim=1).indices
-    top_i = sim.t().topk(min(args.k, args.images), dim=1).indices
-    flat = torch.cat([(torch.arange(args.images)[:, None] * args.captions + top_t).reshape(-1),
-                      (top_i * args.captions + torch.arange(args.captions)[:, None]).reshape(-1)])
-    two_stage_pairs = int(torch.unique(flat).numel())
+    two_stage_pairs = two_stage_pair_count(args.images, args.captions, args.k, args.k, generator=g)
     all_pairs = args.images * args.captions
     print(f"{'precision':>9} {'images/s':>9} {'captions/s':>11} {'pairs/s':>8} {'encode s':>9} {'two-stage pairs':>16} "
           f"{'two-stage h':>12} {'pairs/s':>8} {'all-pairs h':>12} {'pairs/s':>8} {'speed-up':>9}")

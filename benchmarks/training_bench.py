@@ -102,3 +102,28 @@ def run_rounds(script, options, kinds, precision, rounds, batch):
         r["step_s"] = statistics.median(r["step_times"])
         r["samples_per_s"] = batch / r["step_s"]
     return pooled
+
+
+def items_per_second(fn, count, repeats=3):
+    """``count`` / the median time of ``repeats`` calls of ``fn`` after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return count / statistics.median(times)
+
+
+def two_stage_pair_count(images, captions, k_texts, k_images, generator=None):
+    """The distinct (image, caption) pairs two-stage ranking fuses on an ``images`` x ``captions`` gallery: the
+    union of every image's top ``k_texts`` captions and every caption's top ``k_images`` images, counted on a
+    random similarity matrix (each pair fused once)."""
+    import torch
+
+    sim = torch.randn(images, captions, generator=generator)
+    top_t = sim.topk(min(k_texts, captions), dim=1).indices
+    top_i = sim.t().topk(min(k_images, images), dim=1).indices
+    flat = torch.cat([(torch.arange(images)[:, None] * captions + top_t).reshape(-1),
+                      (top_i * captions + torch.arange(captions)[:, None]).reshape(-1)])
+    return int(torch.unique(flat).numel())

@@ -117,6 +117,18 @@ def region_record_fields(record, image_id, max_features, expected_dim=None, sour
     return pad_rows(features, max_features), info
 
 
+def init_fresh_processors(dataset):
+    """``dataset.init_processors()`` with processors built from ``dataset.config``, never reused.
+
+    MMF's ``build_processors`` returns the processor already registered under ``<dataset>_<key>`` when there is
+    one, so in a process that built the same dataset before (another config, another image size) the new config's
+    processors would be silently ignored. Tools that build a dataset for one config in-process call this instead."""
+    for key in getattr(dataset.config, "processors", None) or {}:
+        registry.unregister(f"{dataset.dataset_name}_{key}")
+    dataset.init_processors()
+    return dataset
+
+
 class RegionTextDataset(BaseDataset):
     """Base class: subclasses implement ``build_sample(record, sample)``."""
 

@@ -134,3 +134,24 @@ def test_rc10_unimodal_image_patches():
     base.encoder = lambda x: x * 2
     out = UnimodalBase.forward(base, torch.ones(2, 3, 1, 1))
     assert out.shape == (2, 3) and torch.equal(out, torch.full((2, 3), 2.0))
+
+
+def test_tools_build_the_processors_of_their_own_config_not_the_registered_ones(demo):
+    """MMF's build_processors reuses ``<dataset>_<key>`` from the registry: a dataset built for a second config in
+    the same process keeps the first one's image size. init_fresh_processors (what the ranking, grounding and
+    picture tools call) builds the new config's processors."""
+    from mmf_multilevel.datasets.base import init_fresh_processors
+
+    make("refcoco_plus", demo)  # registers refcoco_plus_images_image_processor at the default 224
+    name = "refcoco_plus_images"
+    config = OmegaConf.load(os.path.join(CONFIGS, "image_tasks", f"{name}.yaml")).dataset_config[name]
+    config.data_dir = str(demo)
+    config.annotations.val = "annotations/refcoco+_val.jsonl"
+    config.processors.text_processor.params.tokenizer_config.type = os.path.join(str(demo), "vocab")
+    config.processors.image_processor.params = OmegaConf.create({"eval": {"size": [64, 64]}})
+    stale = registry.get_builder_class(name)().load(config, "val")
+    stale.init_processors()
+    assert stale[0].image.shape == (3, 224, 224)  # MMF's reuse: the failure mode this guards against
+    fresh = init_fresh_processors(registry.get_builder_class(name)().load(config, "val"))
+    assert fresh[0].image.shape == (3, 64, 64)
+    assert registry.get(f"{name}_image_processor") is fresh.image_processor

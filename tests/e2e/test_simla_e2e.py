@@ -158,6 +158,7 @@ def _grounding_accuracy(config_path, checkpoint, split, opts):
     from mmf.common.registry import registry
 
     from mmf_multilevel.compat.launcher import load_run_config
+    from mmf_multilevel.datasets.base import init_fresh_processors
     from mmf_multilevel.evaluation.grounding import grounding_hits
     from mmf_multilevel.methods.base import load_method_model
     from mmf_multilevel.methods.simla.grounding import grounding_scores
@@ -166,7 +167,7 @@ def _grounding_accuracy(config_path, checkpoint, split, opts):
     model = load_method_model(config, "simla", str(checkpoint))
     dataset = registry.get_builder_class("refcoco_plus_images").dataset_class(
         "refcoco_plus_images", config.dataset_config.refcoco_plus_images, split)
-    dataset.init_processors()
+    init_fresh_processors(dataset)
     batch = dataset.collate_fn([dataset[i] for i in range(len(dataset))])
     batch.dataset_name, batch.dataset_type = "refcoco_plus_images", split
     with torch.no_grad():

@@ -170,11 +170,12 @@ def main(argv=None) -> int:
     try:
         config = load_run_config(args.config, args.opts)
         model = load_model(config, args.checkpoint)
+        from mmf_multilevel.datasets.base import init_fresh_processors
         from mmf_multilevel.methods.mvptr.data import MVPTRCaptionsDataset
 
         settings = config.dataset_config.mvptr_captions
         dataset = MVPTRCaptionsDataset("mvptr_captions", settings, args.split)
-        dataset.init_processors()
+        init_fresh_processors(dataset)
         dataset.mlm_probability = dataset.phrase_mask_probability = dataset.mcr_mask_probability = 0.0
         if args.caption is not None:
             if not args.image_id or not args.vocab:

@@ -116,14 +116,15 @@ def build_split(config, split: str):
     """The config's first dataset (an ``mvptr_*_retrieval``), ``split`` of it, processors ready."""
     from mmf.common.registry import registry
 
+    from mmf_multilevel.datasets.base import init_fresh_processors
+
     name = str(config.datasets).split(",")[0].strip()
     builder = registry.get_builder_class(name)
     if builder is None or not name.startswith("mvptr_") or not name.endswith("_retrieval"):
         raise ValueError(f"datasets: {name!r} is not an MVPTR retrieval dataset (mvptr_coco_retrieval, "
                          "mvptr_flickr30k_retrieval)")
     dataset = builder.dataset_class(name, config.dataset_config[name], split)
-    dataset.init_processors()
-    return dataset
+    return init_fresh_processors(dataset)
 
 
 def main(argv=None) -> int:

@@ -132,6 +132,8 @@ def build_split(config, split: str):
     from mmf.common.registry import registry
     from omegaconf import open_dict
 
+    from mmf_multilevel.datasets.base import init_fresh_processors
+
     name = str(config.datasets).split(",")[0].strip()
     if name not in DATASETS:
         raise ValueError(f"datasets: {name!r} is not a raw-image retrieval dataset ({', '.join(DATASETS)})")
@@ -140,8 +142,7 @@ def build_split(config, split: str):
     with open_dict(dataset_config):
         dataset_config.eval_pairs = "all"
     dataset = builder.dataset_class(name, dataset_config, split)
-    dataset.init_processors()
-    return dataset
+    return init_fresh_processors(dataset)
 
 
 def main(argv=None) -> int:

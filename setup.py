@@ -139,7 +139,8 @@ def read_requirements(name):
 
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff==0.8.6"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff==0.8.6",
+             "attrs>=22"],  # dall_e.encoder (installed --no-deps by install.sh): the dVAE equivalence test
     # mu-VLA weak-corpus builder (mmf_multilevel.weak_corpus): SBERT, spaCy, faiss
     "weak_corpus": read_requirements("weak_corpus"),
     # region feature extractor (detectron2 runtime dependencies)

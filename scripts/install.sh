@@ -52,6 +52,11 @@ fi
 if ! "$VENV/bin/python" -m pip show -q mmf >/dev/null 2>&1; then
   pip_install --no-deps "mmf==1.0.0rc10"
 fi
+# The DALL·E package: the reference SIMLA's dVAE tokenizer is tested against (tests/methods/test_simla_vision.py).
+# --no-deps: it declares mypy, pytest and blobfile, none of which dall_e.encoder imports (attrs comes with [test]).
+if ! "$VENV/bin/python" -m pip show -q dall-e >/dev/null 2>&1; then
+  pip_install --no-deps "dall-e==0.1"
+fi
 # MMF imports through the compatibility layer, with the import hook installed
 "$VENV/bin/mmf_ml_doctor" >/dev/null
 echo "mmf-multilevel installed in $VENV"

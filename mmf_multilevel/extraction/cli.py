@@ -143,27 +143,12 @@ def _select_images(args, shard):
 
 def _load_detector(args, device):
     """The detector's config and model (evaluation mode, on ``device``), its weights layout and weights hash."""
-    from mmf_multilevel.extraction import converters, detectors
+    from mmf_multilevel.extraction import detectors
 
     try:
-        cfg = detectors.load_config(args.model, args.opts)
-    except Exception as exc:
-        raise _SetupError(f"config of {args.model}: {exc}") from None
-    layout = None
-    if args.random_init is not None:
-        model = detectors.build_random_detector(cfg, seed=args.random_init, device="cpu")
-        weights_sha = converters.state_sha256(model)
-        layout = f"random-init seed {args.random_init}"
-    else:
-        model = detectors.build_detector(cfg, "cpu")
-        try:
-            path = converters.resolve_weights(args.weights)
-            layout, weights_sha = converters.load_weights(model, path, converters.anchor_shape(cfg))
-        except converters.CheckpointError as exc:
-            raise _SetupError(str(exc)) from None
-    model.to(device)
-    model.eval()
-    return cfg, model, layout, weights_sha
+        return detectors.load_detector(args.model, args.weights, args.random_init, args.opts, device)
+    except detectors.DetectorSetupError as exc:
+        raise _SetupError(str(exc)) from None
 
 
 def _box_limits(args, ex_cfg):

@@ -252,3 +252,32 @@ def build_random_detector(cfg, seed=0, device="cpu"):
     finally:
         torch.random.set_rng_state(state)
     return model.to(device)
+
+
+class DetectorSetupError(ValueError):
+    """A detector that cannot be built or loaded (the message names the model, config key or weights file)."""
+
+
+def load_detector(model_name, weights=None, random_init=None, opts=(), device="cpu"):
+    """``(cfg, model, weights_layout, weights_sha256)``: ``model_name``'s detector (a key of :data:`MODELS`, config
+    ``opts`` applied) in eval mode on ``device``, with ``weights`` (a path or URL, converted by
+    :mod:`.converters`) or, with ``random_init`` (a seed), random calibrated weights. What ``extract.py`` runs."""
+    from mmf_multilevel.extraction import converters
+
+    if (weights is None) == (random_init is None):
+        raise DetectorSetupError(f"{model_name}: give the detector's weights (a path or URL) or a random_init seed, "
+                                 "exactly one")
+    try:
+        cfg = load_config(model_name, list(opts))
+    except Exception as exc:
+        raise DetectorSetupError(f"config of {model_name}: {exc}") from None
+    if random_init is not None:
+        model = build_random_detector(cfg, seed=int(random_init), device="cpu")
+        return cfg, model.to(device).eval(), f"random-init seed {random_init}", converters.state_sha256(model)
+    model = build_detector(cfg, "cpu")
+    try:
+        path = converters.resolve_weights(weights)
+        layout, weights_sha = converters.load_weights(model, path, converters.anchor_shape(cfg))
+    except converters.CheckpointError as exc:
+        raise DetectorSetupError(str(exc)) from None
+    return cfg, model.to(device).eval(), layout, weights_sha

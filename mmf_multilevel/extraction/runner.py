@@ -111,7 +111,8 @@ def read_vocab(path, what):
     return names
 
 
-def _record(out, width, height, mmf_compat):
+def region_record(out, width, height, mmf_compat=False):
+    """The cache record of one image: the extractor's output ``out`` (tensors) as numpy arrays, with its original size."""
     record = {
         "features": out["features"].numpy(),
         "boxes": out["boxes"].numpy(),
@@ -172,7 +173,7 @@ def run_extraction(
                 if "error" in b:
                     summary.failed.append((b["image_id"], b["path"], b["error"]))
             for item, out in _run_batch(extractor, good, summary):
-                writer.write(item["image_id"], _record(out, item["width"], item["height"], mmf_compat))
+                writer.write(item["image_id"], region_record(out, item["width"], item["height"], mmf_compat))
                 summary.written += 1
             if bar is not None:
                 bar.update(len(batch))

@@ -7,9 +7,10 @@
 
 ``mmf_ml_predict`` is the command (:mod:`.cli`).
 """
+from mmf_multilevel.predict.detect import DetectorRegions
 from mmf_multilevel.predict.inputs import PredictInputError, QueryImage, read_image
 from mmf_multilevel.predict.predictor import Predictor, load_predictor, resolve_model
 from mmf_multilevel.predict.regions import MissingRegionsError, RegionCache, RegionSource
 
 __all__ = ["load_predictor", "Predictor", "resolve_model", "PredictInputError", "QueryImage", "read_image",
-           "RegionSource", "RegionCache", "MissingRegionsError"]
+           "RegionSource", "RegionCache", "MissingRegionsError", "DetectorRegions"]

@@ -8,7 +8,10 @@
 ``--question`` asks the VQA head (``answer``, ``score`` and the ``top_k`` answers); ``--text`` asks the matching
 head how well the text matches the image (``score``, ``probability``). Region methods read the image's regions
 from ``--regions`` (a region cache; default: the config's dataset's cache), by ``--image-id`` or by the image's
-SHA-256.
+SHA-256, or run the region detector on the image in-process with ``--detector`` (``butd_r101`` or
+``vinvl_x152c4``; ``--detector-weights`` a path or URL, or ``--detector-random-init SEED``; ``--detector-cache``:
+a region cache keyed by the image's SHA-256, so an image is detected once). ``--profile`` adds the seconds of
+each stage (decode, regions or pixels, text, model) to the JSON.
 
 Batch mode: each line of the jsonl is an object with ``image`` (a path, relative to the jsonl's folder when not
 absolute) and/or ``image_id``, and ``question`` or ``text``; ``id`` (default: the line number) names it in the
@@ -17,6 +20,7 @@ already there (resumable). A bad line (not JSON, a missing field, an unreadable 
 with its line number and skipped; the command then exits with status 1. Configuration mistakes exit with 2.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,7 +47,21 @@ def _parser():
     task.add_argument("--text", default=None, help="a text to match with the image (image-text matching)")
     parser.add_argument("--top-k", type=int, default=5, help="answers listed with their scores (VQA)")
     parser.add_argument("--regions", default=None, help="region methods: a region cache (default: the dataset's)")
+    detector = parser.add_argument_group("in-process region extraction (region methods)")
+    detector.add_argument("--detector", default=None, choices=("butd_r101", "vinvl_x152c4"),
+                          help="run this detector on the image instead of reading a region cache")
+    detector.add_argument("--detector-weights", default=None, help="the detector's checkpoint (a path or URL)")
+    detector.add_argument("--detector-random-init", type=int, default=None, metavar="SEED",
+                          help="random calibrated detector weights (tests and demos)")
+    detector.add_argument("--detector-cache", default=None,
+                          help="a region cache folder the detected regions are kept in, keyed by SHA-256")
+    detector.add_argument("--detector-opts", default="", metavar="'KEY VALUE ...'",
+                          help="detectron2 config overrides, in one quoted string")
+    detector.add_argument("--min-boxes", type=int, default=None, help="regions per image, at least (default: config)")
+    detector.add_argument("--max-boxes", type=int, default=None, help="regions per image, at most (default: config)")
+    detector.add_argument("--object-vocab", default=None, help="the detector's object class names, one per line")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--profile", action="store_true", help="add each stage's seconds ('profile') to the JSON")
     parser.add_argument("--batch", default=None, help="a jsonl of queries (see the module docstring)")
     parser.add_argument("--out", default=None, help="with --batch: the results jsonl (appended; resumable)")
     parser.add_argument("opts", nargs="*", help="config overrides, as for mmf_run (env.data_dir=...)")
@@ -54,10 +72,37 @@ def _public(result: dict) -> dict:
     return {key: value for key, value in result.items() if key != "scores"}
 
 
-def predict_one(predictor, image, image_id, question, text, top_k):
+def predict_one(predictor, image, image_id, question, text, top_k, profile=False):
     if question is not None:
-        return {"task": "vqa", **_public(predictor.vqa(image, question, top_k=top_k, image_id=image_id))}
-    return {"task": "match", **_public(predictor.match(image, text, image_id=image_id))}
+        result = {"task": "vqa", **_public(predictor.vqa(image, question, top_k=top_k, image_id=image_id))}
+    else:
+        result = {"task": "match", **_public(predictor.match(image, text, image_id=image_id))}
+    if profile:
+        result["profile"] = {stage: round(seconds, 6) for stage, seconds in predictor.profile.items()}
+    return result
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def region_source(args):
+    """``--regions`` (a cache path), or a :class:`~mmf_multilevel.predict.detect.DetectorRegions` for ``--detector``."""
+    detector_flags = (args.detector_weights, args.detector_random_init, args.detector_cache, args.min_boxes,
+                      args.max_boxes, args.object_vocab)
+    if args.detector is None:
+        if any(flag is not None for flag in detector_flags) or args.detector_opts:
+            raise BatchLineError("--detector-* / --min-boxes / --max-boxes / --object-vocab need --detector")
+        return args.regions
+    if args.regions is not None:
+        raise BatchLineError("give --regions (read a region cache) or --detector (run the detector), not both")
+    from mmf_multilevel.predict.detect import DetectorRegions
+
+    return DetectorRegions(args.detector, weights=args.detector_weights, random_init=args.detector_random_init,
+                           opts=args.detector_opts.split(), cache=args.detector_cache, device=args.device or default_device(),
+                           min_boxes=args.min_boxes, max_boxes=args.max_boxes, object_vocab=args.object_vocab)
 
 
 def read_done(path: str) -> set:
@@ -104,7 +149,7 @@ def _query(line: str, number: int, folder: str):
     return str(query.get("id", number)), image, query
 
 
-def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=sys.stderr) -> dict:
+def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=sys.stderr, profile=False) -> dict:
     """Every query of ``batch`` not already in ``out`` predicted and appended to ``out``; returns the counts."""
     from mmf_multilevel.predict.inputs import PredictInputError
 
@@ -128,7 +173,7 @@ def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=sy
                     counts["skipped"] += 1
                     continue
                 result = predict_one(predictor, image, query.get("image_id"), query.get("question"),
-                                     query.get("text"), int(query.get("top_k", default_top_k)))
+                                     query.get("text"), int(query.get("top_k", default_top_k)), profile)
             except (BatchLineError, PredictInputError, FileNotFoundError, KeyError, ValueError, TypeError) as error:
                 counts["bad"] += 1
                 print(f"mmf_ml_predict: {batch} line {number}: {error}", file=stream, flush=True)
@@ -157,13 +202,14 @@ def main(argv=None) -> int:
         parser.error("--batch reads the queries from the jsonl: drop --image / --question / --text")
     start = time.perf_counter()
     try:
-        predictor = load_predictor(args.model or args.config, args.checkpoint, args.opts, regions=args.regions,
-                                   device=args.device)
+        with contextlib.redirect_stdout(sys.stderr):  # MMF's config messages: stdout carries the JSON alone
+            predictor = load_predictor(args.model or args.config, args.checkpoint, args.opts,
+                                       regions=region_source(args), device=args.device)
         if args.batch is not None:
-            counts = run_batch(predictor, args.batch, args.out, args.top_k)
+            counts = run_batch(predictor, args.batch, args.out, args.top_k, profile=args.profile)
             print(json.dumps({"out": args.out, **counts, "seconds": round(time.perf_counter() - start, 3)}))
             return 1 if counts["bad"] else 0
-        result = predict_one(predictor, args.image, args.image_id, args.question, args.text, args.top_k)
+        result = predict_one(predictor, args.image, args.image_id, args.question, args.text, args.top_k, args.profile)
     except (ConfigError, PredictInputError, BatchLineError, FileNotFoundError, KeyError, ValueError) as error:
         print(f"mmf_ml_predict: error: {error}", file=sys.stderr)
         return 2

@@ -17,8 +17,10 @@ processors (MMF's ``build_processors`` on ``dataset_config.<dataset>.processors`
 So a prediction equals the model's output on the dataset's own sample of the same image and text, which is what
 ``mmf_run ... run_type=test`` scores.
 """
+import contextlib
 import glob
 import os
+import time
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -116,6 +118,8 @@ class Predictor:
         self.head_type = getattr(model, "head_type", None)
         self._regions = regions
         self._region_source = None
+        #: seconds per stage of the last call (``decode``, ``regions`` or ``pixels``, ``text``, ``model``)
+        self.profile = {}
         if self.visual == "regions":
             from mmf_multilevel.datasets.base import REGION_DEFAULTS, setting_or_default
 
@@ -136,7 +140,24 @@ class Predictor:
             self._region_source = RegionCache(source) if isinstance(source, (str, os.PathLike)) else source
         return self._region_source
 
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        """Adds the wall time of the block to ``self.profile[name]`` (CUDA work synchronised first)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.profile[name] = self.profile.get(name, 0.0) + time.perf_counter() - start
+
     def _decode(self, image, where) -> QueryImage:
+        with self._stage("decode"):
+            return self._decode_image(image, where)
+
+    def _decode_image(self, image, where) -> QueryImage:
         from mmf_multilevel.datasets.images import IMAGE_DEFAULTS
 
         def get(key):
@@ -159,23 +180,27 @@ class Predictor:
             if image is None:
                 raise PredictInputError(f"{where}: {self.method} reads pixels; give an image (a path, encoded bytes or "
                                         "a PIL.Image)")
-            processed_image_fields(self.image_processor, self._decode(image, where).picture, sample, "image",
-                                   train=False, image_id=image_id)
+            picture = self._decode(image, where).picture
+            with self._stage("pixels"):
+                processed_image_fields(self.image_processor, picture, sample, "image", train=False,
+                                       image_id=image_id)
         else:
             from mmf_multilevel.datasets.base import region_record_fields
 
             query = self._decode(image, where) if image is not None else None
-            record = self.region_source(query, image_id)
-            source = getattr(self.region_source, "path", type(self.region_source).__name__)
-            sample.image_feature_0, sample.image_info_0 = region_record_fields(
-                record, image_id or (query.sha256 if query else "?"), self.max_features, self.feature_dim, source)
+            with self._stage("regions"):
+                record = self.region_source(query, image_id)
+                source = getattr(self.region_source, "path", type(self.region_source).__name__)
+                sample.image_feature_0, sample.image_info_0 = region_record_fields(
+                    record, image_id or (query.sha256 if query else "?"), self.max_features, self.feature_dim, source)
         sample.id = torch.tensor(0, dtype=torch.long)
         return sample
 
     def text_fields(self, text: str, where: str = "text") -> dict:
         from mmf_multilevel.datasets.base import tokenize
 
-        return tokenize(self.text_processor, checked_text(text, where))
+        with self._stage("text"):
+            return tokenize(self.text_processor, checked_text(text, where))
 
     @torch.no_grad()
     def forward(self, samples):
@@ -185,7 +210,7 @@ class Predictor:
         batch = SampleList(list(samples))
         batch.dataset_name = self.dataset_name
         batch.dataset_type = "test"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), self._stage("model"):
             warnings.filterwarnings("ignore", message=".*has not field 'targets'.*")
             return self.model(batch.to(self.device))
 
@@ -200,6 +225,7 @@ class Predictor:
         """The answer to ``question`` about ``image`` (a path, encoded bytes or a ``PIL.Image``; region methods may
         name the image by ``image_id`` in the region cache instead), with the ``top_k`` answers and their scores
         (the model's ``scores`` as ``mmf_run`` evaluates them: logits, or SIMLA's answer log-likelihoods)."""
+        self.profile = {}
         self._require("vqa", VQA_HEAD_TYPES)
         if self.answer_processor is None:
             raise PredictInputError(f"dataset_config.{self.dataset_name}.processors has no answer_processor: vqa "
@@ -227,6 +253,7 @@ class Predictor:
         logit); ``probability`` is its sigmoid."""
         from mmf_multilevel.metrics import pair_match_scores
 
+        self.profile = {}
         self._require("match", MATCH_HEAD_TYPES)
         fields = self.text_fields(text, "text")
         sample = self.visual_sample(image, image_id)

@@ -26,26 +26,24 @@ import os
 import sys
 import time
 
-__all__ = ["main", "read_done", "run_batch"]
+__all__ = ["main", "read_done", "run_batch", "add_model_arguments", "add_region_arguments", "region_source"]
 
 
 class BatchLineError(ValueError):
     pass
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="mmf_ml_predict", description=(
-        "A registered method's prediction on raw inputs (VQA answer or image-text match), as JSON."))
+def add_model_arguments(parser) -> None:
+    """``--model`` / ``--config``, ``--checkpoint`` and ``--device`` (``mmf_ml_predict``, ``mmf_ml_serve``)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model zoo name, or a folder with a run config (.yaml) and a checkpoint")
     source.add_argument("--config", help="a run config (.yaml), as mmf_run reads")
     parser.add_argument("--checkpoint", default=None, help="the model's weights (.pth / .ckpt); none: as built")
-    parser.add_argument("--image", default=None, help="an image file")
-    parser.add_argument("--image-id", default=None, help="region methods: the image's key in the region cache")
-    task = parser.add_mutually_exclusive_group()
-    task.add_argument("--question", default=None, help="a question about the image (VQA)")
-    task.add_argument("--text", default=None, help="a text to match with the image (image-text matching)")
-    parser.add_argument("--top-k", type=int, default=5, help="answers listed with their scores (VQA)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def add_region_arguments(parser) -> None:
+    """``--regions`` and the in-process detector's options (region methods); :func:`region_source` reads them."""
     parser.add_argument("--regions", default=None, help="region methods: a region cache (default: the dataset's)")
     detector = parser.add_argument_group("in-process region extraction (region methods)")
     detector.add_argument("--detector", default=None, choices=("butd_r101", "vinvl_x152c4"),
@@ -60,7 +58,19 @@ def _parser():
     detector.add_argument("--min-boxes", type=int, default=None, help="regions per image, at least (default: config)")
     detector.add_argument("--max-boxes", type=int, default=None, help="regions per image, at most (default: config)")
     detector.add_argument("--object-vocab", default=None, help="the detector's object class names, one per line")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="mmf_ml_predict", description=(
+        "A registered method's prediction on raw inputs (VQA answer or image-text match), as JSON."))
+    add_model_arguments(parser)
+    parser.add_argument("--image", default=None, help="an image file")
+    parser.add_argument("--image-id", default=None, help="region methods: the image's key in the region cache")
+    task = parser.add_mutually_exclusive_group()
+    task.add_argument("--question", default=None, help="a question about the image (VQA)")
+    task.add_argument("--text", default=None, help="a text to match with the image (image-text matching)")
+    parser.add_argument("--top-k", type=int, default=5, help="answers listed with their scores (VQA)")
+    add_region_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="add each stage's seconds ('profile') to the JSON")
     parser.add_argument("--batch", default=None, help="a jsonl of queries (see the module docstring)")
     parser.add_argument("--out", default=None, help="with --batch: the results jsonl (appended; resumable)")

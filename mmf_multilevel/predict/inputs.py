@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 
 from mmf_multilevel.images.sources import ImageDecodeError, decode_image
 
-__all__ = ["PredictInputError", "QueryImage", "read_image"]
+__all__ = ["PredictInputError", "QueryImage", "read_image", "MAX_TEXT_CHARS"]
 
 
 class PredictInputError(ValueError):
@@ -54,9 +54,18 @@ def read_image(image, where: str = "image", exif_transpose: bool = True, alpha_b
     return QueryImage(picture, hashlib.sha256(data).hexdigest(), where)
 
 
+#: the longest query text taken, in characters: the text processors cut a text to ``max_seq_length`` word pieces
+#: (16 to 40 in the projects), so a longer text is a mistake (a pasted file), not a question
+MAX_TEXT_CHARS = 1000
+
+
 def checked_text(text, where: str) -> str:
     if not isinstance(text, str) or not text.strip():
-        raise PredictInputError(f"{where}: expected a non-empty string, got {text!r}")
+        shown = text if not isinstance(text, str) or len(text) < 40 else text[:40] + "..."
+        raise PredictInputError(f"{where}: expected a non-empty string, got {shown!r}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise PredictInputError(f"{where}: {len(text):,} characters; at most {MAX_TEXT_CHARS:,} are taken (the model "
+                                "reads the first max_seq_length word pieces of a text)")
     return text
 
 

@@ -6,7 +6,7 @@ gives its model.
 :class:`RegionCache` reads the record from a region feature cache (``mmf_multilevel.features``: what
 ``mmf_ml_extract`` writes and the datasets read), by the image's id in that cache, or by the SHA-256 of its
 encoded bytes for a cache keyed that way. Running the BUTD / VinVL detector in-process on an image the cache
-does not hold is not built yet: a stage for it implements the same ``__call__``.
+does not hold is :class:`~mmf_multilevel.predict.detect.DetectorRegions`, a stage with the same ``__call__``.
 """
 import os
 from typing import Optional

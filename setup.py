@@ -145,6 +145,8 @@ EXTRAS = {
     "weak_corpus": read_requirements("weak_corpus"),
     # region feature extractor (detectron2 runtime dependencies)
     "extract": read_requirements("extract"),
+    # the local web page (mmf_ml_serve) and its browser test
+    "serve": read_requirements("serve"),
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 
@@ -160,7 +162,8 @@ setup(
     include_package_data=True,
     # yaml and READMEs inside the package; configs/ and feature_extraction/configs/ are copied in by build_py
     package_data={"mmf_multilevel": ["zoo/*.yaml", "methods/*/defaults.yaml", "methods/*/configs/*.yaml",
-                                     "methods/*/README.md", "weak_corpus/README.md"]},
+                                     "methods/*/README.md", "weak_corpus/README.md",
+                                     "predict/page.html"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     cmdclass=CMDCLASS,
@@ -170,6 +173,7 @@ setup(
             "mmf_ml_doctor = mmf_multilevel.compat.doctor:main",
             "mmf_ml_extract = mmf_multilevel.extraction.cli:run",
             "mmf_ml_predict = mmf_multilevel.predict.cli:main",
+            "mmf_ml_serve = mmf_multilevel.predict.serve:main",
         ]
     },
 )

@@ -57,6 +57,19 @@ fi
 if ! "$VENV/bin/python" -m pip show -q dall-e >/dev/null 2>&1; then
   pip_install --no-deps "dall-e==0.1"
 fi
+# Debian's chromium and its chromedriver: the headless browser the web page's end-to-end test drives
+# (tests/predict/test_serve.py, through selenium). Installed with apt when missing and apt can run here
+# (root, or sudo without a password); otherwise that one test is skipped and says why.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then APT=(apt-get); elif sudo -n true 2>/dev/null; then APT=(sudo -n apt-get); else APT=(); fi
+  if [ ${#APT[@]} -gt 0 ]; then
+    "${APT[@]}" update -q >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive "${APT[@]}" install -y -q --no-install-recommends chromium chromium-driver >/dev/null \
+      || echo "install.sh: apt could not install chromium; the browser test will be skipped" >&2
+  else
+    echo "install.sh: chromium is missing and apt needs root; the browser test will be skipped" >&2
+  fi
+fi
 # MMF imports through the compatibility layer, with the import hook installed
 "$VENV/bin/mmf_ml_doctor" >/dev/null
 echo "mmf-multilevel installed in $VENV"

@@ -1,0 +1,396 @@
+"""``mmf_ml_serve``: a local web page to try a model. Upload an image or pick a demo image, type a question (a
+VQA model) or captions (an image-text matching model), and see the answer with its scores, the alignment picture
+(the image's boxes and, per word, the visual units it attends to) and the seconds of each stage.
+
+    mmf_ml_serve --config projects/semvlp/demo/vqa.yaml --checkpoint save/semvlp_demo/vqa/semvlp_final.pth \\
+        --demo-images data/demo/images env.data_dir=$PWD/data
+    # then open http://127.0.0.1:8000
+
+The model is loaded once, as ``mmf_ml_predict`` loads it (:func:`~mmf_multilevel.predict.load_predictor`, the same
+``--model`` / ``--config`` / ``--checkpoint`` / ``--regions`` / ``--detector`` options), and every request goes
+through the same :class:`~mmf_multilevel.predict.Predictor`, so the page answers what the command answers.
+
+Built on FastAPI (an ASGI app served by uvicorn) with one plain HTML page (``page.html``: no front-end build, no
+script or style from another site): the page needs one form, one JSON endpoint and an image, which is all
+FastAPI has to give; gradio would bring a front-end framework and a few hundred MB of dependencies for the same.
+
+What the server guards:
+
+* it binds 127.0.0.1 unless ``--host`` says otherwise;
+* an upload is read into memory (Starlette spools a large one to an unnamed temporary file, deleted when the
+  request ends), at most ``--max-upload-mb``; an image of more than ``--max-pixels`` pixels is refused from its
+  header, before decoding; a file that is not an image, an empty or over-long question, too many captions and
+  an unknown model or demo image name are answered with a message (HTTP 400) the page shows;
+* the pictures are drawn into a per-request folder inside the server's own temporary folder, sent inline (a
+  ``data:`` URL) and deleted with the folder before the answer leaves;
+* no path on the server is readable through the page: demo images are served by name from the list the server
+  was started with, and error messages name the upload by its client-side name, never a server path;
+* one request runs the model at a time (a lock); a request that waits longer than ``--busy-seconds`` is answered
+  503 ("busy, try again"), and a failure inside the model is answered 500 with its message while the server
+  keeps serving.
+"""
+import argparse
+import base64
+import contextlib
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+from mmf_multilevel.predict.inputs import MAX_TEXT_CHARS, PredictInputError
+
+__all__ = ["ModelServer", "ServeError", "create_app", "main", "DEFAULT_HOST", "DEFAULT_PORT"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+MAX_UPLOAD_MB = 20
+MAX_PIXELS = 40_000_000
+MAX_CAPTIONS = 16
+BUSY_SECONDS = 60.0
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
+LOG = logging.getLogger("mmf_ml_serve")
+
+
+class ServeError(ValueError):
+    """A request the server answers with ``status`` and this message (shown on the page)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def demo_image_table(folder: Optional[str], limit: int = 200) -> Dict[str, str]:
+    """``{file name: path}`` of the images directly in ``folder`` (sorted, at most ``limit``): the only files the
+    page can name."""
+    if folder is None:
+        return {}
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--demo-images {folder}: no such folder (a folder of images the page offers)")
+    names = sorted(name for name in os.listdir(folder)
+                   if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(folder, name)))
+    if not names:
+        raise FileNotFoundError(f"--demo-images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return {name: os.path.join(folder, name) for name in names[:limit]}
+
+
+def image_pixels(data: bytes, where: str, max_pixels: int) -> None:
+    """Refuses an image of more than ``max_pixels`` pixels from its header, before anything is decoded. Pillow's
+    own decompression-bomb check is lifted for the header read only (the caller holds the model's lock, the only
+    place the server decodes images), so the message can give the image's size."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # not an image: read_image says so with the decoder's words
+        return
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if width * height > max_pixels:
+        raise ServeError(f"{where}: the image is {width:,} x {height:,} pixels ({width * height:,}); this server "
+                         f"takes at most {max_pixels:,} pixels (--max-pixels)")
+
+
+class ModelServer:
+    """The work behind the page, without the web framework: one :class:`~mmf_multilevel.predict.Predictor`,
+    the demo images it may name, the limits, the lock and the temporary folder."""
+
+    def __init__(self, predictor, name: str, demo_images: Optional[Dict[str, str]] = None, pictures: bool = True,
+                 max_upload_bytes: int = MAX_UPLOAD_MB * 2 ** 20, max_pixels: int = MAX_PIXELS,
+                 max_captions: int = MAX_CAPTIONS, busy_seconds: float = BUSY_SECONDS, top_k: int = 5,
+                 detects: Optional[bool] = None):
+        from mmf_multilevel.predict.predictor import MATCH_HEAD_TYPES, VQA_HEAD_TYPES
+
+        self.predictor = predictor
+        self.name = name
+        self.demo_images = dict(demo_images or {})
+        self.pictures = bool(pictures) and hasattr(predictor, "picture")
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.max_pixels = int(max_pixels)
+        self.max_captions = int(max_captions)
+        self.busy_seconds = float(busy_seconds)
+        self.top_k = int(top_k)
+        if predictor.head_type in VQA_HEAD_TYPES:
+            self.task = "vqa"
+        elif predictor.head_type in MATCH_HEAD_TYPES:
+            self.task = "match"
+        else:
+            raise PredictInputError(f"{name}: the page asks VQA models (training_head_type in {list(VQA_HEAD_TYPES)}) "
+                                    f"and matching models ({list(MATCH_HEAD_TYPES)}); this {predictor.method} model "
+                                    f"is {predictor.head_type!r}")
+        # region methods without a detector read the regions of the images the region cache holds, by image id
+        from mmf_multilevel.predict.regions import RegionCache
+
+        if detects is None:
+            detects = predictor.visual == "pixels" or not isinstance(predictor.region_source, RegionCache)
+        self.detects = bool(detects)
+        self._lock = threading.Lock()
+        self._temp = tempfile.TemporaryDirectory(prefix="mmf_ml_serve-")
+        self.temp_root = self._temp.name
+
+    def close(self) -> None:
+        self._temp.cleanup()
+
+    def info(self) -> dict:
+        return {"model": self.name, "method": self.predictor.method, "task": self.task,
+                "visual": self.predictor.visual, "uploads": self.detects, "pictures": self.pictures,
+                "demo_images": sorted(self.demo_images),
+                "limits": {"upload_mb": round(self.max_upload_bytes / 2 ** 20, 1), "pixels": self.max_pixels,
+                           "text_chars": MAX_TEXT_CHARS, "captions": self.max_captions}}
+
+    def demo_image(self, name: str) -> str:
+        """The path of the demo image ``name`` (a key of the table the server was started with)."""
+        path = self.demo_images.get(name)
+        if path is None:
+            raise ServeError(f"no demo image named {name[:80]!r} (the page offers {len(self.demo_images)})", 404)
+        return path
+
+    @contextlib.contextmanager
+    def _turn(self):
+        if not self._lock.acquire(timeout=self.busy_seconds):
+            raise ServeError(f"the model is busy with other requests (waited {self.busy_seconds:g} s); try again", 503)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # ------------------------------------------------------------------ a request
+    def _texts(self, question: Optional[str], captions: Optional[str]) -> List[str]:
+        if self.task == "vqa":
+            if captions and captions.strip():
+                raise ServeError("this is a VQA model: ask a question (the captions box is for matching models)")
+            if question is None or not question.strip():
+                raise ServeError("question: type a question about the image")
+            return [question]
+        if question and question.strip():
+            raise ServeError("this is an image-text matching model: give captions, one per line, instead of a "
+                             "question")
+        texts = [line.strip() for line in (captions or "").splitlines() if line.strip()]
+        if not texts:
+            raise ServeError("captions: give at least one caption (one per line)")
+        if len(texts) > self.max_captions:
+            raise ServeError(f"captions: {len(texts)} lines; at most {self.max_captions} per request")
+        return texts
+
+    def _image(self, upload: Optional[bytes], upload_name: Optional[str], demo: Optional[str]):
+        """``(encoded bytes, how messages name it, image id or None)`` of the request's image."""
+        if upload and demo:
+            raise ServeError("give an uploaded image or a demo image, not both")
+        if upload:
+            shown = os.path.basename(upload_name or "")[:80] or "upload"
+            if not self.detects:
+                raise ServeError(f"uploaded image {shown!r}: this {self.predictor.method} model reads regions from "
+                                 "its region cache, which holds the demo images only; pick a demo image, or start "
+                                 "the server with --detector to detect regions on uploads")
+            return upload, f"uploaded image {shown!r}", None
+        if demo:
+            path = self.demo_image(demo)
+            with open(path, "rb") as handle:
+                data = handle.read()
+            return data, f"demo image {demo!r}", None if self.detects else os.path.splitext(demo)[0]
+        raise ServeError("image: upload an image or pick a demo image")
+
+    def answer(self, question: Optional[str] = None, captions: Optional[str] = None, upload: Optional[bytes] = None,
+               upload_name: Optional[str] = None, demo: Optional[str] = None, model: Optional[str] = None) -> dict:
+        """The page's answer to one request, as a JSON-able dict; :class:`ServeError` for a bad request."""
+        start = time.perf_counter()
+        if model and model != self.name:
+            raise ServeError(f"model {model[:80]!r}: this server serves {self.name!r} only")
+        texts = self._texts(question, captions)
+        if upload is not None and len(upload) > self.max_upload_bytes:
+            raise ServeError(f"the upload is {len(upload) / 2 ** 20:.1f} MB; at most "
+                             f"{self.max_upload_bytes / 2 ** 20:.1f} MB", 413)
+        data, where, image_id = self._image(upload, upload_name, demo)
+        predictor = self.predictor
+        with self._turn(), tempfile.TemporaryDirectory(dir=self.temp_root, prefix="request-") as folder:
+            image_pixels(data, where, self.max_pixels)
+            decode_start = time.perf_counter()
+            query = predictor._decode_image(data, where)
+            profile = {"decode": time.perf_counter() - decode_start}
+
+            def add(stages, rename=None):
+                for stage, seconds in stages.items():
+                    if stage != "decode":
+                        key = (rename or {}).get(stage, stage)
+                        profile[key] = profile.get(key, 0.0) + seconds
+
+            result = {"model": self.name, "method": predictor.method, "task": self.task,
+                      "image": {"name": where, "width": query.picture.size[0], "height": query.picture.size[1]}}
+            if self.task == "vqa":
+                answer = predictor.vqa(query, texts[0], top_k=self.top_k, image_id=image_id)
+                add(predictor.profile)
+                result.update(question=texts[0], answer=answer["answer"], score=answer["score"],
+                              top_k=answer["top_k"])
+                pictured = texts[0]
+            else:
+                scored = []
+                for text in texts:
+                    match = predictor.match(query, text, image_id=image_id)
+                    add(predictor.profile)
+                    scored.append({"text": text, "score": match["score"], "probability": match["probability"]})
+                scored.sort(key=lambda item: -item["score"])
+                result["captions"] = scored
+                pictured = scored[0]["text"]
+            if self.pictures:
+                png = os.path.join(folder, "alignment.png")
+                summary = predictor.picture(query, pictured, png, image_id=image_id)
+                add(predictor.profile, {"model": "alignment", "text": "alignment", "regions": "alignment",
+                                        "pixels": "alignment"})
+                with open(png, "rb") as handle:
+                    result["picture"] = "data:image/png;base64," + base64.b64encode(handle.read()).decode("ascii")
+                result["alignment"] = {key: value for key, value in summary.items()
+                                       if key not in ("png", "html", "picture", "path")}
+                result["picture_text"] = pictured
+        profile["total"] = time.perf_counter() - start
+        result["profile"] = {stage: round(seconds, 4) for stage, seconds in profile.items()}
+        return result
+
+
+def create_app(server: ModelServer):
+    """The FastAPI app of the page: ``GET /`` (the page), ``GET /api/info``, ``GET /api/demo/{name}`` (a demo
+    image, by name) and ``POST /api/predict`` (a multipart form: ``image`` or ``demo``, ``question`` or
+    ``captions``, optional ``model``)."""
+    from fastapi import FastAPI, File, Form, Request, UploadFile
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+
+    app = FastAPI(title="mmf_ml_serve", docs_url=None, redoc_url=None, openapi_url=None)
+    with open(PAGE, encoding="utf-8") as handle:
+        page = handle.read()
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, error: ServeError):
+        return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    @app.exception_handler(PredictInputError)
+    async def input_error(request: Request, error: PredictInputError):
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > server.max_upload_bytes + 2 ** 20:
+            return JSONResponse({"error": f"the request is {int(length) / 2 ** 20:.1f} MB; uploads of at most "
+                                          f"{server.max_upload_bytes / 2 ** 20:.1f} MB are taken"}, status_code=413)
+        try:
+            return await call_next(request)
+        except Exception as error:  # the model failed on this input: say so, keep serving
+            LOG.exception("request %s failed", request.url.path)
+            return JSONResponse({"error": f"the model failed on this input ({type(error).__name__}: {error})"},
+                                status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return HTMLResponse(page)
+
+    @app.get("/api/info")
+    def info():
+        return server.info()
+
+    @app.get("/api/demo/{name}")
+    def demo_image(name: str):
+        return FileResponse(server.demo_image(name))
+
+    @app.post("/api/predict")
+    def predict(image: Optional[UploadFile] = File(None), demo: Optional[str] = Form(None),
+                question: Optional[str] = Form(None), captions: Optional[str] = Form(None),
+                model: Optional[str] = Form(None)):
+        upload, upload_name = None, None
+        if image is not None and image.filename:
+            upload = image.file.read(server.max_upload_bytes + 1)
+            upload_name = image.filename
+            if len(upload) > server.max_upload_bytes:
+                raise ServeError(f"the upload is larger than {server.max_upload_bytes / 2 ** 20:.1f} MB", 413)
+            if not upload:
+                raise ServeError(f"uploaded image {os.path.basename(upload_name)[:80]!r}: empty file (0 bytes)")
+        return server.answer(question=question, captions=captions, upload=upload, upload_name=upload_name,
+                             demo=demo or None, model=model or None)
+
+    return app
+
+
+def start_in_thread(server: ModelServer, host: str = DEFAULT_HOST, port: int = 0):
+    """``(uvicorn server, thread, url)``: the page served from a daemon thread (``port`` 0: a free port), for tests
+    and notebooks; stop it with ``uvicorn_server.should_exit = True; thread.join()``."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning", lifespan="off")
+    uvicorn_server = uvicorn.Server(config)
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uvicorn_server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"mmf_ml_serve did not start on {host}:{port}")
+        time.sleep(0.05)
+    bound = uvicorn_server.servers[0].sockets[0].getsockname()[1]
+    return uvicorn_server, thread, f"http://{host}:{bound}"
+
+
+def _parser():
+    from mmf_multilevel.predict.cli import add_model_arguments, add_region_arguments
+
+    parser = argparse.ArgumentParser(prog="mmf_ml_serve", description=(
+        "A local web page to try a model on an uploaded or demo image: the answer with its scores, the alignment "
+        "picture and each stage's seconds."))
+    add_model_arguments(parser)
+    add_region_arguments(parser)
+    parser.add_argument("--demo-images", default=None, help="a folder of images the page offers to pick")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"the address to bind (default {DEFAULT_HOST}: "
+                                                             "this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    parser.add_argument("--top-k", type=int, default=5, help="answers listed with their scores (VQA)")
+    parser.add_argument("--no-pictures", action="store_true", help="answer without the alignment picture")
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="the largest upload taken")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="the largest image taken, in pixels")
+    parser.add_argument("--busy-seconds", type=float, default=BUSY_SECONDS,
+                        help="how long a request waits for the model before it is answered 'busy'")
+    parser.add_argument("opts", nargs="*", help="config overrides, as for mmf_run (env.data_dir=...)")
+    return parser
+
+
+def build_server(args) -> ModelServer:
+    from mmf_multilevel.predict.cli import region_source
+    from mmf_multilevel.predict.predictor import load_predictor
+
+    demo_images = demo_image_table(args.demo_images)
+    with contextlib.redirect_stdout(sys.stderr):
+        predictor = load_predictor(args.model or args.config, args.checkpoint, args.opts,
+                                   regions=region_source(args), device=args.device)
+    name = args.model or os.path.splitext(os.path.basename(args.config))[0]
+    return ModelServer(predictor, name, demo_images, pictures=not args.no_pictures,
+                       max_upload_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=args.max_pixels,
+                       busy_seconds=args.busy_seconds, top_k=args.top_k)
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    from mmf_multilevel.compat.launcher import ConfigError
+    from mmf_multilevel.predict.cli import BatchLineError
+
+    args = _parser().parse_args(argv)
+    try:
+        server = build_server(args)
+    except (ConfigError, PredictInputError, BatchLineError, FileNotFoundError, KeyError, ValueError) as error:
+        print(f"mmf_ml_serve: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        print(f"mmf_ml_serve: {server.name} ({server.predictor.method}, {server.task}) on "
+              f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
+    finally:
+        server.close()
+        shutil.rmtree(server.temp_root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The local web page (``mmf_ml_serve``): its answers equal the predictor's on the same image and text, bad input is
+answered with a message and the server keeps serving, nothing of a request stays on disk, no server path is
+readable through it; and, as a person uses it, a headless chromium uploads a demo image, asks a question and reads
+the answer and the picture from the page."""
+import io
+import os
+import shutil
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from helpers.mmf import ROOT
+from mmf_multilevel.datasets import generate as gen
+
+pytest.importorskip("fastapi", reason="the web page's packages are not installed (pip install -e '.[serve]')")
+
+QUESTION = "what color is the circle?"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_data")
+    gen.generate(root / "demo", num_images=6, progress=False)
+    return root
+
+
+def make_server(data, project="vqa", method="semvlp", overrides=(), regions=None, **kwargs):
+    from mmf_multilevel.predict import load_predictor
+    from mmf_multilevel.predict.serve import ModelServer, demo_image_table
+
+    torch.manual_seed(0)
+    predictor = load_predictor(f"{ROOT}/projects/{method}/demo/{project}.yaml", device="cpu", regions=regions,
+                               overrides=[f"env.data_dir={data}", *overrides])
+    return ModelServer(predictor, f"{method}-{project}", demo_image_table(str(data / "demo" / "images")), **kwargs)
+
+
+def client_of(server):
+    from fastapi.testclient import TestClient
+
+    return TestClient(create_app_of(server), raise_server_exceptions=False)
+
+
+def create_app_of(server):
+    from mmf_multilevel.predict.serve import create_app
+
+    return create_app(server)
+
+
+def png_header(width, height) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` (its pixel data is cut short): what a decompression bomb
+    looks like to a server that reads the header first."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def demo_file(data, index=0):
+    return data / "demo" / "images" / f"demo_{index:06d}.jpg"
+
+
+def test_answers_equal_the_predictors_and_bad_input_gets_a_message(data):
+    server = make_server(data)
+    client = client_of(server)
+    try:
+        info = client.get("/api/info").json()
+        assert info["task"] == "vqa" and info["visual"] == "regions" and not info["uploads"]
+        assert "demo_000003.jpg" in info["demo_images"]
+        for index in range(3):
+            reply = client.post("/api/predict", data={"demo": f"demo_{index:06d}.jpg", "question": QUESTION})
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            expected = server.predictor.vqa(None, QUESTION, top_k=5, image_id=f"demo_{index:06d}")
+            assert body["answer"] == expected["answer"]
+            assert [a["answer"] for a in body["top_k"]] == [a["answer"] for a in expected["top_k"]]
+            assert body["score"] == pytest.approx(expected["score"], abs=1e-6)
+            assert {"decode", "regions", "text", "model", "total"} <= set(body["profile"])
+        bad = {
+            "type a question": {"demo": "demo_000000.jpg", "question": "  "},
+            "10,000 characters": {"demo": "demo_000000.jpg", "question": "x" * 10_000},
+            "serves 'semvlp-vqa' only": {"demo": "demo_000000.jpg", "question": QUESTION, "model": "soho.base"},
+            "no demo image named '../../README.md'": {"demo": "../../README.md", "question": QUESTION},
+            "upload an image or pick a demo image": {"question": QUESTION},
+        }
+        for message, form in bad.items():
+            reply = client.post("/api/predict", data=form)
+            assert reply.status_code in (400, 404), (message, reply.text)
+            assert message in reply.json()["error"], reply.json()
+        # a region model without a detector reads its cache: an upload is refused with what to do instead
+        reply = client.post("/api/predict", data={"question": QUESTION},
+                            files={"image": ("mine.jpg", demo_file(data).read_bytes(), "image/jpeg")})
+        assert reply.status_code == 400 and "--detector" in reply.json()["error"]
+        # no path on the server is readable through the page
+        for path in ("/api/demo/..%2F..%2FREADME.md", "/api/demo/%2Fetc%2Fpasswd", "/etc/passwd", "/api/demo/.."):
+            reply = client.get(path)
+            assert reply.status_code == 404 and b"root:" not in reply.content, path
+        assert client.get("/api/demo/demo_000001.jpg").content == demo_file(data, 1).read_bytes()
+        # and it still answers
+        assert client.post("/api/predict", data={"demo": "demo_000001.jpg", "question": QUESTION}).status_code == 200
+        assert os.listdir(server.temp_root) == []
+    finally:
+        server.close()
+    assert not os.path.exists(server.temp_root)
+
+
+def test_a_pixel_model_takes_uploads_and_refuses_what_is_not_a_usable_image(data):
+    server = make_server(data, method="soho", max_upload_bytes=200_000)
+    client = client_of(server)
+    try:
+        assert client.get("/api/info").json()["uploads"]
+        image = demo_file(data, 2).read_bytes()
+        reply = client.post("/api/predict", data={"question": QUESTION}, files={"image": ("shapes.jpg", image, "image/jpeg")})
+        assert reply.status_code == 200, reply.text
+        expected = server.predictor.vqa(image, QUESTION, top_k=5)
+        assert reply.json()["answer"] == expected["answer"]
+        assert reply.json()["image"]["name"] == "uploaded image 'shapes.jpg'"
+        cases = {
+            "not an image file": ("notes.jpg", b"this is text, not a picture"),
+            "20,000 x 20,000 pixels": ("huge.png", png_header(20_000, 20_000)),
+            "empty file": ("empty.png", b""),
+        }
+        for message, (name, payload) in cases.items():
+            reply = client.post("/api/predict", data={"question": QUESTION}, files={"image": (name, payload, "image/png")})
+            assert reply.status_code == 400 and message in reply.json()["error"], (message, reply.text)
+            assert str(data) not in reply.json()["error"] and server.temp_root not in reply.json()["error"]
+        reply = client.post("/api/predict", data={"question": QUESTION},
+                            files={"image": ("big.bmp", b"\0" * 300_000, "image/bmp")})
+        assert reply.status_code == 413 and "MB" in reply.json()["error"]
+        assert client.post("/api/predict", data={"question": QUESTION},
+                           files={"image": ("shapes.jpg", image, "image/jpeg")}).json()["answer"] == expected["answer"]
+        assert os.listdir(server.temp_root) == []
+    finally:
+        server.close()
+
+
+def test_a_matching_model_ranks_the_captions_by_the_predictors_scores(data):
+    server = make_server(data, project="retrieval_coco")
+    client = client_of(server)
+    try:
+        captions = ["a red circle", "two blue squares and a triangle", "a green diamond"]
+        reply = client.post("/api/predict", data={"demo": "demo_000004.jpg", "captions": "\n".join(captions) + "\n\n"})
+        assert reply.status_code == 200, reply.text
+        ranked = reply.json()["captions"]
+        expected = {c: server.predictor.match(None, c, image_id="demo_000004")["score"] for c in captions}
+        assert [item["text"] for item in ranked] == sorted(captions, key=lambda c: -expected[c])
+        for item in ranked:
+            assert item["score"] == pytest.approx(expected[item["text"]], abs=1e-6)
+        reply = client.post("/api/predict", data={"demo": "demo_000004.jpg", "question": QUESTION})
+        assert reply.status_code == 400 and "captions" in reply.json()["error"]
+        reply = client.post("/api/predict", data={"demo": "demo_000004.jpg", "captions": "\n".join(["a"] * 17)})
+        assert reply.status_code == 400 and "at most 16" in reply.json()["error"]
+    finally:
+        server.close()
+
+
+def test_concurrent_requests_are_answered_one_model_call_at_a_time_and_a_failure_does_not_stop_the_server(data):
+    import httpx
+
+    from mmf_multilevel.predict.serve import start_in_thread
+
+    server = make_server(data)
+    uvicorn_server, thread, url = start_in_thread(server)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        expected = {i: server.predictor.vqa(None, QUESTION, image_id=f"demo_{i:06d}")["answer"] for i in range(4)}
+        inside, most = [0], [0]
+        original = server.predictor.vqa
+
+        def counted(*args, **kwargs):  # how many model calls run at once
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+
+        server.predictor.vqa = counted
+
+        def ask(index):
+            return httpx.post(f"{url}/api/predict", data={"demo": f"demo_{index:06d}.jpg", "question": QUESTION},
+                              timeout=120)
+
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(ask, [0, 1, 2, 3] * 2))
+        assert [r.status_code for r in replies] == [200] * 8
+        assert [r.json()["answer"] for r in replies] == [expected[i] for i in [0, 1, 2, 3] * 2]
+        assert most[0] == 1
+        # a request that waits longer than busy_seconds is told so
+        server.busy_seconds = 0.01
+
+        def slow(*args, **kwargs):
+            time.sleep(0.5)
+            return original(*args, **kwargs)
+
+        server.predictor.vqa = slow
+        with ThreadPoolExecutor(3) as pool:
+            codes = sorted(r.status_code for r in pool.map(ask, [0, 1, 2]))
+        assert codes[0] == 200 and 503 in codes
+        server.busy_seconds = 60
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a kernel failed")
+
+        server.predictor.vqa = broken
+        reply = ask(0)
+        assert reply.status_code == 500 and "a kernel failed" in reply.json()["error"]
+        server.predictor.vqa = original
+        assert ask(1).json()["answer"] == expected[1]
+        assert os.listdir(server.temp_root) == []
+    finally:
+        server.predictor.vqa = original
+        uvicorn_server.should_exit = True
+        thread.join(30)
+        server.close()
+
+
+def test_the_command_refuses_a_wrong_model_name_with_a_message(data, capsys):
+    from mmf_multilevel.predict.serve import main
+
+    assert main(["--model", "no_such_model.base", f"env.data_dir={data}"]) == 2
+    assert "not a file, a folder or a model zoo name" in capsys.readouterr().err
+    assert main(["--config", str(data / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert main(["--config", f"{ROOT}/projects/semvlp/demo/vqa.yaml", "--demo-images", str(data / "nowhere"),
+                 f"env.data_dir={data}"]) == 2
+    assert "--demo-images" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the browser
+def chromium():
+    """A headless Debian chromium driven by selenium through Debian's chromedriver (no browser download)."""
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[serve]')")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("Debian's chromium / chromium-driver are not installed (scripts/install.sh installs them as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1200,1400"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def ask_in_browser(browser, url, image=None, demo=None, question=QUESTION, wait=120):
+    """Fills the page's form as a person would and returns the text of the answer or of the error box."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(url)
+    WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#demo-image option")) > 1)
+    if image is not None:
+        browser.find_element(By.ID, "image-file").send_keys(str(image))
+    if demo is not None:
+        Select(browser.find_element(By.ID, "demo-image")).select_by_value(demo)
+    box = browser.find_element(By.ID, "question")
+    box.clear()
+    box.send_keys(question)
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, wait).until(ec.any_of(ec.visibility_of_element_located((By.ID, "result")),
+                                                 ec.visibility_of_element_located((By.ID, "error"))))
+    error = browser.find_element(By.ID, "error")
+    if error.is_displayed():
+        return None, error.text
+    return browser.find_element(By.ID, "answer").text, None
+
+
+def test_a_person_uploads_an_image_asks_and_reads_the_answer_and_the_picture(data, tmp_path):
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (run scripts/install.sh)")
+    from selenium.webdriver.common.by import By
+
+    from helpers.extract import TINY_FEATURE_DIM, tiny_opts
+    from mmf_multilevel.predict import DetectorRegions
+    from mmf_multilevel.predict.serve import start_in_thread
+
+    browser = chromium()
+    torch.set_num_threads(1)
+    detector = DetectorRegions("butd_r101", random_init=0, opts=tiny_opts("butd_r101"), min_boxes=2, max_boxes=6)
+    server = make_server(data, regions=detector, overrides=[f"model_config.semvlp.feature_dim={TINY_FEATURE_DIM}",
+                                                            f"dataset_config.vqa2.feature_dim={TINY_FEATURE_DIM}"])
+    uvicorn_server, thread, url = start_in_thread(server)
+    try:
+        image = demo_file(data, 3)
+        answer, error = ask_in_browser(browser, url, image=image)
+        assert error is None, error
+        expected = server.predictor.vqa(str(image), QUESTION, top_k=5)
+        assert answer == expected["answer"]
+        scores = browser.find_elements(By.CSS_SELECTOR, "#scores tbody tr")
+        assert [row.find_elements(By.TAG_NAME, "td")[0].text for row in scores] == [a["answer"] for a in expected["top_k"]]
+        stages = [row.find_elements(By.TAG_NAME, "td")[0].text for row in
+                  browser.find_elements(By.CSS_SELECTOR, "#profile tbody tr")]
+        assert {"decode", "regions", "model", "total"} <= set(stages)
+        if server.pictures:
+            picture = browser.find_element(By.ID, "picture")
+            assert picture.is_displayed() and picture.get_attribute("src").startswith("data:image/png;base64,")
+            assert browser.execute_script("return arguments[0].naturalWidth", picture) > 100
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        from PIL import Image
+
+        assert Image.open(tmp_path / "page.png").size[0] >= 1000
+        # bad input shows on the page and the page keeps working
+        answer, error = ask_in_browser(browser, url, demo="demo_000001.jpg", question=" ")
+        assert answer is None and "type a question" in error
+        answer, error = ask_in_browser(browser, url, image=tmp_path / "page.png", demo="demo_000001.jpg")
+        assert answer is None and "not both" in error
+        answer, error = ask_in_browser(browser, url, demo="demo_000001.jpg")
+        assert error is None and answer == server.predictor.vqa(str(demo_file(data, 1)), QUESTION)["answer"]
+        assert os.listdir(server.temp_root) == []
+    finally:
+        browser.quit()
+        uvicorn_server.should_exit = True
+        thread.join(30)
+        server.close()
+
+
+def test_png_header_helper_describes_the_size_it_claims():
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png_header(300, 200))) as image:
+        assert image.size == (300, 200)

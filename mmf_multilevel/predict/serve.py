@@ -364,7 +364,8 @@ def build_server(args) -> ModelServer:
     with contextlib.redirect_stdout(sys.stderr):
         predictor = load_predictor(args.model or args.config, args.checkpoint, args.opts,
                                    regions=region_source(args), device=args.device)
-    name = args.model or os.path.splitext(os.path.basename(args.config))[0]
+    # a zoo name as given; a config by its last folders (projects/semvlp/demo/vqa.yaml -> semvlp/demo/vqa)
+    name = args.model or "/".join(os.path.splitext(os.path.abspath(args.config))[0].split(os.sep)[-3:])
     return ModelServer(predictor, name, demo_images, pictures=not args.no_pictures,
                        max_upload_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=args.max_pixels,
                        busy_seconds=args.busy_seconds, top_k=args.top_k)

@@ -4,7 +4,6 @@ readable through it; and, as a person uses it, a headless chromium uploads a dem
 the answer and the picture from the page."""
 import io
 import os
-import shutil
 import struct
 import time
 import zlib
@@ -234,44 +233,12 @@ def test_the_command_refuses_a_wrong_model_name_with_a_message(data, capsys):
 
 # ---------------------------------------------------------------------------------------------- the browser
 def chromium():
-    """A headless Debian chromium driven by selenium through Debian's chromedriver (no browser download)."""
-    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[serve]')")
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not binary or not driver:
-        pytest.skip("Debian's chromium / chromium-driver are not installed (scripts/install.sh installs them as root)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from mmf_multilevel.predict.browser import BrowserMissing, chromium
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1200,1400"):
-        options.add_argument(argument)
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
-def ask_in_browser(browser, url, image=None, demo=None, question=QUESTION, wait=120):
-    """Fills the page's form as a person would and returns the text of the answer or of the error box."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
-    browser.get(url)
-    WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#demo-image option")) > 1)
-    if image is not None:
-        browser.find_element(By.ID, "image-file").send_keys(str(image))
-    if demo is not None:
-        Select(browser.find_element(By.ID, "demo-image")).select_by_value(demo)
-    box = browser.find_element(By.ID, "question")
-    box.clear()
-    box.send_keys(question)
-    browser.find_element(By.ID, "submit").click()
-    WebDriverWait(browser, wait).until(ec.any_of(ec.visibility_of_element_located((By.ID, "result")),
-                                                 ec.visibility_of_element_located((By.ID, "error"))))
-    error = browser.find_element(By.ID, "error")
-    if error.is_displayed():
-        return None, error.text
-    return browser.find_element(By.ID, "answer").text, None
+    try:
+        return chromium()
+    except BrowserMissing as missing:
+        pytest.skip(str(missing))
 
 
 def test_a_person_uploads_an_image_asks_and_reads_the_answer_and_the_picture(data, tmp_path):
@@ -280,6 +247,7 @@ def test_a_person_uploads_an_image_asks_and_reads_the_answer_and_the_picture(dat
 
     from helpers.extract import TINY_FEATURE_DIM, tiny_opts
     from mmf_multilevel.predict import DetectorRegions
+    from mmf_multilevel.predict.browser import ask
     from mmf_multilevel.predict.serve import start_in_thread
 
     browser = chromium()
@@ -290,7 +258,7 @@ def test_a_person_uploads_an_image_asks_and_reads_the_answer_and_the_picture(dat
     uvicorn_server, thread, url = start_in_thread(server)
     try:
         image = demo_file(data, 3)
-        answer, error = ask_in_browser(browser, url, image=image)
+        answer, error = ask(browser, url, image=image, question=QUESTION)
         assert error is None, error
         expected = server.predictor.vqa(str(image), QUESTION, top_k=5)
         assert answer == expected["answer"]
@@ -308,11 +276,11 @@ def test_a_person_uploads_an_image_asks_and_reads_the_answer_and_the_picture(dat
 
         assert Image.open(tmp_path / "page.png").size[0] >= 1000
         # bad input shows on the page and the page keeps working
-        answer, error = ask_in_browser(browser, url, demo="demo_000001.jpg", question=" ")
+        answer, error = ask(browser, url, demo="demo_000001.jpg", question=" ")
         assert answer is None and "type a question" in error
-        answer, error = ask_in_browser(browser, url, image=tmp_path / "page.png", demo="demo_000001.jpg")
+        answer, error = ask(browser, url, image=tmp_path / "page.png", demo="demo_000001.jpg", question=QUESTION)
         assert answer is None and "not both" in error
-        answer, error = ask_in_browser(browser, url, demo="demo_000001.jpg")
+        answer, error = ask(browser, url, demo="demo_000001.jpg", question=QUESTION)
         assert error is None and answer == server.predictor.vqa(str(demo_file(data, 1)), QUESTION)["answer"]
         assert os.listdir(server.temp_root) == []
     finally:

@@ -34,3 +34,20 @@ if not found:
     sys.exit(f"no VQA accuracy in {sys.argv[2]}")
 print(f"SemVLP VQA accuracy (official metric, demo val split, best checkpoint): {100 * float(found[-1]):.2f} %")
 PY
+echo "== one prediction on a demo val image (mmf_ml_predict), with its alignment picture"
+read -r IMAGE_ID QUESTION < <("$VENV/bin/python" - "$DATA/demo/annotations/vqa_val.jsonl" <<'PY'
+import json, sys
+first = json.loads(open(sys.argv[1]).readline())
+print(first["image_id"], first["question"])
+PY
+)
+"$VENV/bin/mmf_ml_predict" --config projects/semvlp/demo/vqa.yaml --checkpoint "$SAVE/vqa/semvlp_final.pth" \
+  --image "$DATA/demo/images/$IMAGE_ID.jpg" --image-id "$IMAGE_ID" --question "$QUESTION" \
+  --picture "$SAVE/alignment.png" --html "$SAVE/alignment.html" env.data_dir="$DATA" > "$SAVE/prediction.json"
+"$VENV/bin/python" - "$SAVE/prediction.json" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+print(f"question: {result['question']}")
+print(f"answer: {result['answer']} (score {result['score']:.3f})")
+print(f"alignment picture: {result['picture']}")
+PY

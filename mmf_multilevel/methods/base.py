@@ -25,6 +25,9 @@ calls so a method owns its optimisation policy without editing the trainer:
 * :meth:`configure_optimizer` - the method's own optimizer (parameter groups, several optimizers
   behind one ``step``), or None for MMF's ``optimizer:`` config;
 * :meth:`log_message` - a line for MMF's log every ``training.log_interval`` updates.
+
+:meth:`alignment` - the first sample's text-to-visual attention from the layer the method names (the
+pictures of :mod:`mmf_multilevel.predict`); each method implements it for its own network.
 """
 import inspect
 import os
@@ -161,6 +164,15 @@ class MethodModel(BaseModel):
 
     def task_forward(self, sample_list):
         raise NotImplementedError
+
+    def alignment(self, sample_list) -> Dict:
+        """The first sample's text-to-visual alignment, read from the method's own attention: ``weights`` ``(T, K)``
+        (text positions x visual units, averaged over heads), ``text_positions`` ``(T,)`` (the rows' positions in
+        ``input_ids``), ``visual_valid`` ``(K,)`` bool, ``source`` (the layer and signal in words), ``layer`` (the
+        attention module's name); pixel methods add ``grid`` and ``cell``. See
+        :mod:`mmf_multilevel.methods.alignment`."""
+        raise NotImplementedError(f"the {self.name} model has no alignment(): it does not name the layer where its "
+                                  "text attends to its visual units")
 
     def paired_forward(self, sample_list):
         """NLVR2: the statement with each image of the pair, the two pooled states to the paired head."""

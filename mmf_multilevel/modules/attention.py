@@ -12,8 +12,17 @@ where SDPA's fused kernels handle dropout themselves, it always calls SDPA.
 :func:`use_fast_attention` swaps it (and :class:`FastDropout` for BERT's other dropouts) into a
 model in place (state dict unchanged); :class:`~mmf_multilevel.modules.text.BertTextEncoder` does so
 for every encoder it builds.
+
+:func:`record_attention` is a context manager under which every :class:`FastBertSelfAttention` inside a
+model also keeps its attention probabilities ``(batch, heads, queries, keys)`` - the softmax of the scaled
+``q k^T`` plus the layer's additive or boolean mask, before dropout - keyed by the module's qualified
+name, with whether it was cross-attention (``encoder_hidden_states`` given). The layer's output is
+computed as without it; outside the context a forward pass does one thread-local lookup more.
 """
+import contextlib
 import math
+import threading
+from typing import Dict, Iterable, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +30,9 @@ from torch import nn
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
 _RANGE = 2 ** 31
+
+__all__ = ["FastBertSelfAttention", "FastDropout", "dropout", "use_fast_attention", "AttentionRecord",
+           "AttentionRecorder", "record_attention", "attention_scores"]
 
 
 class _Dropout(torch.autograd.Function):
@@ -51,10 +63,23 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return _Dropout.apply(x, p)
 
 
+def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``q k^T / sqrt(d)`` of ``(B, heads, S, d)`` queries and ``(B, heads, K, d)`` keys plus ``attention_mask``:
+    additive (BERT's: 0 or a large negative number, broadcast to ``(B, heads, S, K)``) or boolean (SDPA's
+    convention: True = attend). Its softmax over the keys is the attention of the layer."""
+    scores = torch.matmul(query * (1.0 / math.sqrt(query.size(-1))), key.transpose(-1, -2))
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    if attention_mask is not None:
+        return scores + attention_mask
+    return scores
+
+
 class FastBertSelfAttention(BertSelfAttention):
     """HF's ``BertSelfAttention`` with the training-time CPU path described in the module docstring."""
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None, *args, **kwargs):
+        recorders = _active_recorders()
         plain = (
             not args
             and head_mask is None
@@ -65,7 +90,10 @@ class FastBertSelfAttention(BertSelfAttention):
             and not getattr(self, "is_decoder", False)
         )
         if not plain:  # relative positions, caches, returned attention maps, head masks: HF's code
-            return super().forward(hidden_states, attention_mask, head_mask, encoder_hidden_states, *args, **kwargs)
+            out = super().forward(hidden_states, attention_mask, head_mask, encoder_hidden_states, *args, **kwargs)
+            for recorder in recorders:
+                recorder.observe(self, lambda: out[1], encoder_hidden_states is not None)
+            return out
         batch, length, _ = hidden_states.shape
         source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         heads, size = self.num_attention_heads, self.attention_head_size
@@ -74,15 +102,14 @@ class FastBertSelfAttention(BertSelfAttention):
             return x.view(batch, -1, heads, size).transpose(1, 2)
 
         query, key, value = split(self.query(hidden_states)), split(self.key(source)), split(self.value(source))
+        for recorder in recorders:
+            recorder.observe(self, lambda: attention_scores(query, key, attention_mask).softmax(dim=-1),
+                             encoder_hidden_states is not None)
         p = self.dropout.p if self.training else 0.0
         if p == 0.0 or hidden_states.device.type != "cpu":
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=p)
         else:
-            scores = torch.matmul(query * (1.0 / math.sqrt(size)), key.transpose(-1, -2))
-            if attention_mask is not None and attention_mask.dtype == torch.bool:  # SDPA's convention: True = attend
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            elif attention_mask is not None:
-                scores = scores + attention_mask
+            scores = attention_scores(query, key, attention_mask)
             context = torch.matmul(dropout(scores.softmax(dim=-1), p).to(value.dtype), value)
         return context.transpose(1, 2).reshape(batch, length, self.all_head_size), None
 
@@ -108,3 +135,66 @@ def use_fast_attention(module: nn.Module) -> int:
             child.__class__ = FastDropout
             changed += 1
     return changed
+
+
+# ---------------------------------------------------------------------------------------------- recording
+class AttentionRecord(NamedTuple):
+    """One call of a recorded attention module."""
+
+    name: str  # the module's qualified name under the recorder's root
+    probs: torch.Tensor  # (batch, heads, queries, keys), detached
+    cross: bool  # cross-attention: the keys were encoder_hidden_states
+
+
+class AttentionRecorder:
+    """What :func:`record_attention` yields: ``records[name]`` lists the calls of that module in order (a
+    module run twice in one pass, as SemVLP's shared blocks in two-stream mode, has two)."""
+
+    def __init__(self, root: nn.Module, names: Optional[Iterable[str]] = None):
+        modules = {name: module for name, module in root.named_modules() if isinstance(module, FastBertSelfAttention)}
+        if names is not None:
+            names = list(names)
+            missing = [name for name in names if name not in modules]
+            if missing:
+                raise KeyError(f"no FastBertSelfAttention named {missing} in {type(root).__name__} (its attention "
+                               f"modules: {sorted(modules)[:8]}{' ...' if len(modules) > 8 else ''})")
+            modules = {name: modules[name] for name in names}
+        self._names = {id(module): name for name, module in modules.items()}
+        self.records: Dict[str, List[AttentionRecord]] = {}
+
+    def observe(self, module: nn.Module, probabilities, cross: bool) -> None:
+        name = self._names.get(id(module))
+        if name is None:
+            return
+        probs = probabilities()
+        if not isinstance(probs, torch.Tensor):
+            raise RuntimeError(f"{name}: the attention code returned no probabilities to record")
+        self.records.setdefault(name, []).append(AttentionRecord(name, probs.detach(), bool(cross)))
+
+    def last(self, name: str) -> AttentionRecord:
+        """The last call of module ``name``; a clear error when it did not run."""
+        calls = self.records.get(name)
+        if not calls:
+            raise KeyError(f"attention module {name} did not run while recording (recorded: {sorted(self.records)})")
+        return calls[-1]
+
+
+_LOCAL = threading.local()
+
+
+def _active_recorders() -> tuple:
+    return getattr(_LOCAL, "recorders", ())
+
+
+@contextlib.contextmanager
+def record_attention(root: nn.Module, names: Optional[Iterable[str]] = None):
+    """While active (in this thread), every :class:`FastBertSelfAttention` under ``root`` (only those named
+    ``names``, qualified names under ``root``, when given) records its attention probabilities on each call;
+    yields the :class:`AttentionRecorder`. Outputs are unchanged; nothing is recorded once the block ends."""
+    recorder = AttentionRecorder(root, names)
+    previous = _active_recorders()
+    _LOCAL.recorders = previous + (recorder,)
+    try:
+        yield recorder
+    finally:
+        _LOCAL.recorders = previous

@@ -11,7 +11,9 @@ from ``--regions`` (a region cache; default: the config's dataset's cache), by `
 SHA-256, or run the region detector on the image in-process with ``--detector`` (``butd_r101`` or
 ``vinvl_x152c4``; ``--detector-weights`` a path or URL, or ``--detector-random-init SEED``; ``--detector-cache``:
 a region cache keyed by the image's SHA-256, so an image is detected once). ``--profile`` adds the seconds of
-each stage (decode, regions or pixels, text, model) to the JSON.
+each stage (decode, regions or pixels, text, model) to the JSON. ``--picture PNG`` (and ``--html HTML``) also draws the
+text's attention to the image (:meth:`~mmf_multilevel.predict.predictor.Predictor.picture`) and names the files in
+the JSON (``picture``, ``html``); ``--profile`` then adds the stage times of that pass too, ``drawing`` included.
 
 Batch mode: each line of the jsonl is an object with ``image`` (a path, relative to the jsonl's folder when not
 absolute) and/or ``image_id``, and ``question`` or ``text``; ``id`` (default: the line number) names it in the
@@ -72,6 +74,9 @@ def _parser():
     parser.add_argument("--top-k", type=int, default=5, help="answers listed with their scores (VQA)")
     add_region_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="add each stage's seconds ('profile') to the JSON")
+    parser.add_argument("--picture", default=None, metavar="PNG",
+                        help="also draw the text's attention to the image into this .png (one query)")
+    parser.add_argument("--html", default=None, metavar="HTML", help="with --picture: also a self-contained .html page")
     parser.add_argument("--batch", default=None, help="a jsonl of queries (see the module docstring)")
     parser.add_argument("--out", default=None, help="with --batch: the results jsonl (appended; resumable)")
     parser.add_argument("opts", nargs="*", help="config overrides, as for mmf_run (env.data_dir=...)")
@@ -90,6 +95,18 @@ def predict_one(predictor, image, image_id, question, text, top_k, profile=False
     if profile:
         result["profile"] = {stage: round(seconds, 6) for stage, seconds in predictor.profile.items()}
     return result
+
+
+def draw_picture(predictor, args, profile=None) -> dict:
+    """``--picture`` / ``--html``: the alignment picture of the query's image and text; the paths for the JSON, and
+    ``profile`` (the prediction's stage times) with this pass's stages added."""
+    text = args.question if args.question is not None else args.text
+    drawn = predictor.picture(args.image, text, args.picture, args.html, image_id=args.image_id)
+    out = {"picture": drawn["picture"]} if args.html is None else {"picture": drawn["picture"], "html": drawn["html"]}
+    if profile is not None:
+        stages = {**profile, **predictor.profile}
+        out["profile"] = {stage: round(profile.get(stage, 0.0) + predictor.profile.get(stage, 0.0), 6) for stage in stages}
+    return out
 
 
 def default_device() -> str:
@@ -210,8 +227,16 @@ def main(argv=None) -> int:
         parser.error("--batch needs --out (the results jsonl)")
     elif args.question is not None or args.text is not None or args.image is not None:
         parser.error("--batch reads the queries from the jsonl: drop --image / --question / --text")
+    if args.picture is None and args.html is not None:
+        parser.error("--html needs --picture (the .png the page shows)")
+    if args.picture is not None and args.batch is not None:
+        parser.error("--picture draws one query's alignment: not with --batch")
     start = time.perf_counter()
     try:
+        if args.picture is not None:  # a bad path fails before the model loads
+            from mmf_multilevel.predict.pictures import check_paths
+
+            check_paths(args.picture, args.html)
         with contextlib.redirect_stdout(sys.stderr):  # MMF's config messages: stdout carries the JSON alone
             predictor = load_predictor(args.model or args.config, args.checkpoint, args.opts,
                                        regions=region_source(args), device=args.device)
@@ -220,7 +245,10 @@ def main(argv=None) -> int:
             print(json.dumps({"out": args.out, **counts, "seconds": round(time.perf_counter() - start, 3)}))
             return 1 if counts["bad"] else 0
         result = predict_one(predictor, args.image, args.image_id, args.question, args.text, args.top_k, args.profile)
-    except (ConfigError, PredictInputError, BatchLineError, FileNotFoundError, KeyError, ValueError) as error:
+        if args.picture is not None:
+            result.update(draw_picture(predictor, args, predictor.profile if args.profile else None))
+    except (ConfigError, PredictInputError, BatchLineError, FileNotFoundError, KeyError, ValueError,
+            NotImplementedError) as error:
         print(f"mmf_ml_predict: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps({"method": predictor.method, "image": args.image, "image_id": args.image_id, **result},

@@ -86,6 +86,11 @@ class DetectorRegions(RegionSource):
         self._remember(key, record)
         return dict(record, image_id=image_id or key)
 
+    def object_names(self) -> Optional[list]:
+        """The class names of ``object_vocab`` (stored in the cache header as ``info.object_names``), or None."""
+        names = self.info.get("object_names")
+        return list(names) if names else None
+
     def extract(self, image: QueryImage) -> dict:
         """The detector's record of ``image`` (no cache), as ``extract.py`` writes it."""
         from mmf_multilevel.extraction.data import prepare_image

@@ -14,8 +14,15 @@ processors (MMF's ``build_processors`` on ``dataset_config.<dataset>.processors`
   :func:`mmf_multilevel.datasets.base.region_record_fields`;
 * the text: :func:`mmf_multilevel.datasets.base.tokenize` with the dataset's text processor.
 
+MVPTR's datasets lay the text out as ``[CLS] words phrases [SEP]`` and add the image's tags; the predictor lays a
+query out with the same code (:class:`~mmf_multilevel.methods.mvptr.data.MVPTRQueryInputs`): a raw text has no
+concept-tool line, so it is read without phrases, as the datasets read a text their phrase file lacks.
+
 So a prediction equals the model's output on the dataset's own sample of the same image and text, which is what
 ``mmf_run ... run_type=test`` scores.
+
+:meth:`Predictor.align` gives the text's attention to the model's visual units from the model's own attention
+(:class:`~.align.Alignment`); :meth:`Predictor.picture` draws it (:mod:`.pictures`).
 """
 import contextlib
 import glob
@@ -24,12 +31,14 @@ import time
 import warnings
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
+from mmf_multilevel.predict.align import Alignment, alignment_summary, cell_boxes, region_boxes
 from mmf_multilevel.predict.inputs import PredictInputError, QueryImage, checked_text, optional_id, read_image
 from mmf_multilevel.predict.regions import RegionCache, RegionSource
 
-__all__ = ["Predictor", "load_predictor", "resolve_model", "PredictInputError"]
+__all__ = ["Predictor", "load_predictor", "resolve_model", "PredictInputError", "Alignment"]
 
 #: head types that answer questions from a classifier or a ranking over the dataset's answer vocabulary
 VQA_HEAD_TYPES = ("classification", "vqa")
@@ -89,7 +98,8 @@ def load_predictor(name_or_config, checkpoint: Optional[str] = None, overrides: 
 
 
 class Predictor:
-    """One model and its dataset's processors: :meth:`vqa` and :meth:`match` on raw inputs."""
+    """One model and its dataset's processors: :meth:`vqa` and :meth:`match` on raw inputs, :meth:`align` and
+    :meth:`picture` for the text's attention to the image."""
 
     def __init__(self, model, config, regions: Union[None, str, RegionSource] = None, device: Optional[str] = None):
         from mmf.utils.build import build_processors
@@ -118,7 +128,10 @@ class Predictor:
         self.head_type = getattr(model, "head_type", None)
         self._regions = regions
         self._region_source = None
-        #: seconds per stage of the last call (``decode``, ``regions`` or ``pixels``, ``text``, ``model``)
+        self._mvptr_inputs = None
+        self._mvptr_layout = _lays_out_mvptr(self.dataset_name)
+        #: seconds per stage of the last call (``decode``, ``regions`` or ``pixels``, ``text``, ``model``; and
+        #: ``drawing`` for :meth:`picture`)
         self.profile = {}
         if self.visual == "regions":
             from mmf_multilevel.datasets.base import REGION_DEFAULTS, setting_or_default
@@ -139,6 +152,18 @@ class Predictor:
                 source = data_path(paths[0], self.dataset_config.get("data_dir"))
             self._region_source = RegionCache(source) if isinstance(source, (str, os.PathLike)) else source
         return self._region_source
+
+    @property
+    def mvptr_inputs(self):
+        """MVPTR's query layout (text and tags) with this dataset's settings, for an ``mvptr_*`` dataset."""
+        if self._mvptr_inputs is None:
+            from mmf_multilevel.methods.mvptr.data import MVPTRQueryInputs
+
+            self._mvptr_inputs = MVPTRQueryInputs(
+                self.dataset_name, self.dataset_config, self.text_processor,
+                object_names=lambda: self.region_source.object_names(),
+                source=f"the region source {getattr(self.region_source, 'path', type(self.region_source).__name__)}")
+        return self._mvptr_inputs
 
     @contextlib.contextmanager
     def _stage(self, name: str):
@@ -170,19 +195,24 @@ class Predictor:
 
     def visual_sample(self, image=None, image_id=None, where: str = "image"):
         """A ``Sample`` with the query image's visual fields, as the dataset's ``attach_visual`` fills them."""
+        return self._visual(image, image_id, where)[0]
+
+    def _visual(self, image, image_id, where):
+        """``(sample, the decoded QueryImage or None, the region record or None)`` of the query image."""
         from mmf.common.sample import Sample
 
         sample = Sample()
         image_id = optional_id(image_id)
+        record = None
         if self.visual == "pixels":
             from mmf_multilevel.datasets.images import processed_image_fields
 
             if image is None:
                 raise PredictInputError(f"{where}: {self.method} reads pixels; give an image (a path, encoded bytes or "
                                         "a PIL.Image)")
-            picture = self._decode(image, where).picture
+            query = self._decode(image, where)
             with self._stage("pixels"):
-                processed_image_fields(self.image_processor, picture, sample, "image", train=False,
+                processed_image_fields(self.image_processor, query.picture, sample, "image", train=False,
                                        image_id=image_id)
         else:
             from mmf_multilevel.datasets.base import region_record_fields
@@ -193,26 +223,36 @@ class Predictor:
                 source = getattr(self.region_source, "path", type(self.region_source).__name__)
                 sample.image_feature_0, sample.image_info_0 = region_record_fields(
                     record, image_id or (query.sha256 if query else "?"), self.max_features, self.feature_dim, source)
+                if self._mvptr_layout:  # the image's tags in MVPTR's visual encoder
+                    self.mvptr_inputs.add_query_tags(record, sample)
         sample.id = torch.tensor(0, dtype=torch.long)
-        return sample
+        return sample, query, record
 
     def text_fields(self, text: str, where: str = "text") -> dict:
         from mmf_multilevel.datasets.base import tokenize
 
         with self._stage("text"):
-            return tokenize(self.text_processor, checked_text(text, where))
+            text = checked_text(text, where)
+            if self._mvptr_layout:
+                return dict(self.mvptr_inputs.text_sample(text))
+            return tokenize(self.text_processor, text)
 
-    @torch.no_grad()
-    def forward(self, samples):
-        """The model's output on ``samples`` collated as MMF collates a test batch."""
+    def _batch(self, samples):
+        """``samples`` collated as MMF collates a test batch, on the model's device."""
         from mmf.common.sample import SampleList
 
         batch = SampleList(list(samples))
         batch.dataset_name = self.dataset_name
         batch.dataset_type = "test"
+        return batch.to(self.device)
+
+    @torch.no_grad()
+    def forward(self, samples):
+        """The model's output on ``samples`` collated as MMF collates a test batch."""
+        batch = self._batch(samples)
         with warnings.catch_warnings(), self._stage("model"):
             warnings.filterwarnings("ignore", message=".*has not field 'targets'.*")
-            return self.model(batch.to(self.device))
+            return self.model(batch)
 
     def _require(self, task: str, head_types) -> None:
         if self.head_type not in head_types:
@@ -263,6 +303,99 @@ class Predictor:
         sample.pair_text_index = torch.tensor(0, dtype=torch.long)
         score = float(pair_match_scores(self.forward([sample])["scores"].float().cpu())[0])
         return {"text": text, "score": score, "probability": float(torch.sigmoid(torch.tensor(score)))}
+
+    def align(self, image=None, text: str = "", image_id=None) -> Alignment:
+        """The attention of ``text``'s word pieces to the model's visual units of ``image`` (a path, encoded bytes or
+        a ``PIL.Image``; region methods may name it by ``image_id`` instead), read from the layer the method names
+        (:meth:`MethodModel.alignment <mmf_multilevel.methods.base.MethodModel.alignment>`): an
+        :class:`~.align.Alignment` with each unit's box in the image's pixels. Any head type; no head runs."""
+        self.profile = {}
+        fields = self.text_fields(text, "text")
+        sample, query, _ = self._visual(image, image_id, "image")
+        sample.update(fields)
+        batch = self._batch([sample])
+        with warnings.catch_warnings(), self._stage("model"):
+            warnings.filterwarnings("ignore", message=".*has not field 'targets'.*")
+            out = self.model.alignment(batch)
+        picture = np.asarray(query.picture.convert("RGB"), dtype=np.uint8) if query is not None else None
+        columns = np.flatnonzero(out["visual_valid"].bool().cpu().numpy())  # the real units; padding dropped
+        if self.visual == "pixels":
+            size = tuple(query.picture.size)
+            grid, cell = out["grid"], out["cell"]
+            boxes = cell_boxes(grid, cell, [int(n) for n in sample["image_size"]], size)
+            name = "patch" if self.method == "simla" else "cell"
+            units = [f"{name} {r},{c}" for r, c in (divmod(k, int(grid[1])) for k in range(len(boxes)))]
+            labels = None
+        else:
+            info = sample["image_info_0"]
+            count = int(info["max_features"])
+            if columns.tolist() != list(range(count)):
+                raise RuntimeError(f"{self.method}.alignment marks units {columns.tolist()} real but the region record "
+                                   f"has {count} regions")
+            width, height = int(info["image_width"]), int(info["image_height"])
+            size = tuple(query.picture.size) if query is not None else (width, height)
+            boxes = region_boxes(info["bbox"][:count].numpy(), width, height, size)
+            units = [f"region {k}" for k in range(count)]
+            labels = self._region_labels(info, count)
+        ids = sample["input_ids"]
+        structural = self._structural_ids()
+        rows = [row for row, position in enumerate(out["text_positions"].tolist()) if int(ids[position]) not in structural]
+        positions = [int(out["text_positions"][row]) for row in rows]
+        weights = out["weights"].float().cpu().numpy()[rows][:, columns]
+        return Alignment(method=self.method, text=text, tokens=self._tokens([int(ids[p]) for p in positions]),
+                         weights=weights.astype(np.float32), boxes=np.asarray(boxes)[columns],
+                         units=[units[k] for k in columns], labels=[labels[k] for k in columns] if labels else None,
+                         picture=picture, size=(int(size[0]), int(size[1])), source=str(out["source"]))
+
+    def picture(self, image=None, text: str = "", png_path: str = "", html_path: Optional[str] = None,
+                image_id=None, top: int = 3) -> dict:
+        """:meth:`align`, then its picture written to ``png_path`` (and a self-contained HTML page to ``html_path``)
+        by :func:`~.pictures.write_alignment`; ``profile`` times the stages, the drawing as ``drawing``. Returns
+        ``{"picture", "html", "alignment"}``: the paths and :func:`~.align.alignment_summary` (per word, its
+        ``top`` units with weights and boxes)."""
+        from mmf_multilevel.predict.pictures import check_paths, write_alignment
+
+        check_paths(png_path, html_path)
+        alignment = self.align(image, text, image_id)
+        with self._stage("drawing"):
+            paths = write_alignment(alignment, png_path, html_path, top=top)
+        return {**paths, "alignment": alignment_summary(alignment, top)}
+
+    # ------------------------------------------------------------------ tokens and labels
+    @property
+    def tokenizer(self):
+        tokenizer = getattr(self.text_processor, "_tokenizer", None)
+        if tokenizer is None:
+            raise PredictInputError(f"dataset_config.{self.dataset_name}.processors.text_processor has no word-piece "
+                                    "tokenizer (a bert_tokenizer processor): the alignment names its rows with it")
+        return tokenizer
+
+    def _structural_ids(self) -> set:
+        tokenizer = self.tokenizer
+        return {i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id) if i is not None}
+
+    def _tokens(self, ids) -> list:
+        """Word pieces of ``ids``; an id past the tokenizer's vocabulary (an MVPTR phrase concept) is named by id."""
+        size = len(self.tokenizer)
+        return [self.tokenizer.convert_ids_to_tokens(i) if i < size else f"[concept {i}]" for i in ids]
+
+    def _region_labels(self, info, count: int) -> Optional[list]:
+        """The class names of the record's regions (``objects``), or None when it has none."""
+        if "objects" not in info:
+            return None
+        names = self.region_source.object_names() or []
+        return [names[i] if 0 <= i < len(names) else f"class {i}" for i in info["objects"][:count].tolist()]
+
+
+def _lays_out_mvptr(dataset_name: str) -> bool:
+    """Whether the registered dataset builds MVPTR's inputs (``mvptr_*``: phrases in the text, the image's tags)."""
+    from mmf.common.registry import registry
+
+    from mmf_multilevel.methods.mvptr.data import MVPTRInputs
+
+    builder = registry.get_builder_class(dataset_name)
+    dataset_class = getattr(builder, "dataset_class", None)
+    return isinstance(dataset_class, type) and issubclass(dataset_class, MVPTRInputs)
 
 
 def ranked_answers(scores: torch.Tensor, top_k: int):

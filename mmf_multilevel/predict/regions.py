@@ -29,6 +29,10 @@ class RegionSource:
     def __call__(self, image: Optional[QueryImage], image_id: Optional[str]) -> dict:
         raise NotImplementedError
 
+    def object_names(self) -> Optional[list]:
+        """The class names of the records' ``objects`` (``objects`` id k = name k), or None when unknown."""
+        return None
+
 
 class RegionCache(RegionSource):
     """Regions read from a region feature cache (an LMDB written by ``mmf_ml_extract`` or the demo generator),
@@ -58,6 +62,13 @@ class RegionCache(RegionSource):
         raise MissingRegionsError(f"the region cache {self.path} has no regions for "
                                   + (f"image_id {image_id!r}" if image_id else f"{image.where} (SHA-256 {image.sha256})")
                                   + "; extract them first (mmf_ml_extract) or give the id the cache keys it by")
+
+    def object_names(self) -> Optional[list]:
+        """The cache header's ``info.object_names`` (what the extractor and the demo generator write), or None."""
+        header = self.reader.header or {}
+        info = header.get("info") if isinstance(header.get("info"), dict) else {}
+        names = info.get("object_names")
+        return list(names) if names else None
 
     def close(self):
         self.reader.close()

@@ -5,8 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertAttention, BertSelfAttention
 
-from mmf_multilevel.modules.attention import FastBertSelfAttention, FastDropout, dropout, use_fast_attention
+from mmf_multilevel.modules.attention import (
+    FastBertSelfAttention,
+    FastDropout,
+    dropout,
+    record_attention,
+    use_fast_attention,
+)
 from mmf_multilevel.modules.text import BertTextEncoder
 
 CONFIG = dict(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -92,3 +99,60 @@ def test_cases_it_does_not_cover_fall_back_to_hf():
     hidden = torch.randn(2, 5, 32)
     out = attention(hidden, output_attentions=True)
     assert out[1] is not None and out[1].shape == (2, 4, 5, 5)  # HF's eager code returned the maps
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_recorded_probabilities_are_hfs_output_attentions_and_the_output_is_unchanged(cross):
+    torch.manual_seed(4)
+    config = BertConfig(**CONFIG, attention_probs_dropout_prob=0.25, attn_implementation="eager")
+    container = torch.nn.ModuleDict({"block": BertAttention(config)})
+    assert use_fast_attention(container) > 0
+    attention = container["block"].self
+    B, S, K = 2, 5, 7 if cross else 5
+    hidden = torch.randn(B, S, 32)
+    memory = torch.randn(B, K, 32) if cross else None
+    keep = torch.ones(B, K)
+    keep[1, 3:] = 0
+    additive = (1.0 - keep)[:, None, None, :] * torch.finfo(torch.float32).min
+    container.eval()
+    with torch.no_grad():
+        plain = attention(hidden, attention_mask=additive, encoder_hidden_states=memory)[0]
+        with record_attention(container) as recorder:
+            recorded = attention(hidden, attention_mask=additive, encoder_hidden_states=memory)[0]
+            attention(hidden, attention_mask=keep.bool()[:, None, None, :], encoder_hidden_states=memory)
+        _, hf_probs = BertSelfAttention.forward(attention, hidden, attention_mask=additive,
+                                                encoder_hidden_states=memory, output_attentions=True)
+        attention(hidden, attention_mask=additive, encoder_hidden_states=memory)  # outside: not recorded
+    assert torch.equal(recorded, plain)
+    calls = recorder.records["block.self"]
+    assert len(calls) == 2 and all(call.cross == cross and call.name == "block.self" for call in calls)
+    assert calls[0].probs.shape == (B, 4, S, K)
+    torch.testing.assert_close(calls[0].probs, hf_probs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(calls[1].probs, hf_probs, atol=1e-6, rtol=0)  # the boolean mask means the same
+    assert float(calls[0].probs[1, :, :, 3:].abs().max()) == 0.0  # masked keys get nothing
+    # in training: the probabilities before dropout; the recording draws nothing, so the output is the same
+    container.train()
+    torch.manual_seed(9)
+    unrecorded = attention(hidden, attention_mask=additive, encoder_hidden_states=memory)[0]
+    torch.manual_seed(9)
+    with record_attention(container, names=["block.self"]) as recorder:
+        trained = attention(hidden, attention_mask=additive, encoder_hidden_states=memory)[0]
+    assert torch.equal(trained, unrecorded)
+    torch.testing.assert_close(recorder.last("block.self").probs, hf_probs, atol=1e-6, rtol=0)
+    # HF's own path (returned maps asked for) is recorded too
+    container.eval()
+    with torch.no_grad(), record_attention(container) as recorder:
+        attention(hidden, attention_mask=additive, encoder_hidden_states=memory, output_attentions=True)
+    torch.testing.assert_close(recorder.last("block.self").probs, hf_probs, atol=1e-6, rtol=0)
+
+
+def test_recording_names_must_exist_and_a_module_that_did_not_run_is_named():
+    container = torch.nn.ModuleDict({"block": BertAttention(BertConfig(**CONFIG, attn_implementation="eager"))})
+    use_fast_attention(container)
+    with pytest.raises(KeyError, match=r"no FastBertSelfAttention named \['nope'\].*block\.self"):
+        with record_attention(container, names=["nope"]):
+            pass
+    with record_attention(container) as recorder:
+        pass
+    with pytest.raises(KeyError, match="attention module block.self did not run while recording"):
+        recorder.last("block.self")

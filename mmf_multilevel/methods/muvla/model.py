@@ -5,7 +5,8 @@ datasets set: R-T, R-P, I-S, §3.2-§3.3; the ITM re-weighting of §3.4 starts a
 ``itm_weight_start_epoch`` epochs or ``itm_weight_start_update`` updates, read from the progress the
 trainer pushes), ``classification`` (VQA, SNLI-VE), ``nlvr2`` and ``refcoco``. The backbone is
 ``backbone.*`` so that fine-tuning loads only it from a pre-training checkpoint
-(``pretrained_state_mapping: backbone: backbone``).
+(``pretrained_state_mapping: backbone: backbone``). :meth:`MuVLA.alignment`: the text's attention to the regions
+in the last layer of the single stream (the predictor's alignment pictures).
 """
 import torch
 
@@ -124,6 +125,19 @@ class MuVLA(MethodModel):
         out = self.backbone(text.input_ids, text.mask, regions.features, regions.boxes, regions.mask, text.segment_ids)
         out["text_mask"], out["region_mask"] = text.mask, regions.mask
         return out
+
+    def alignment(self, sample_list):
+        """The first sample's text-to-region attention (see :mod:`mmf_multilevel.methods.alignment` for the dict):
+        the single stream ``[text (T) ; regions (N)]`` (paper §3.1), the last layer's self-attention, rows the text
+        positions, columns the regions (at ``T + k``)."""
+        from mmf_multilevel.methods.alignment import attention_alignment, first_mask, recorded_attention
+
+        layers = self.backbone.text.layers
+        record, out = recorded_attention(self, layers[-1].attention.self, lambda: self.encode(sample_list))
+        return attention_alignment(record, first_mask(out["text_mask"]), 0, first_mask(out["region_mask"]),
+                                   out["text"].size(1),
+                                   f"single-stream self-attention, text to regions, layer {len(layers)} of "
+                                   f"{len(layers)}")
 
     def task_forward(self, sample_list):
         out = self.encode(sample_list)

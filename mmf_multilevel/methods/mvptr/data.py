@@ -47,7 +47,7 @@ from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_tokens
 from mmf_multilevel.registration import register_variants
 from mmf_multilevel.weak_corpus.inputs import _clean
 
-__all__ = ["MVPTRInputs", "MVPTRTaskMixin", "MVPTRCaptionsDataset", "MVPTRRetrievalDataset", "CONFIG_DIR",
+__all__ = ["MVPTRInputs", "MVPTRQueryInputs", "MVPTRTaskMixin", "MVPTRCaptionsDataset", "MVPTRRetrievalDataset", "CONFIG_DIR",
            "chain_mask_phrases", "tag_names"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -312,6 +312,43 @@ class MVPTRInputs:
         sample.tag_ids, sample.mcr_label_ids = mask_tokens(ids, attention_mask=maskable, vocab_size=len(tok),
                                                            mask_token_id=tok.mask_token_id, prob=self.mcr_mask_probability)
         sample.tag_mask = mask
+
+
+class MVPTRQueryInputs(MVPTRInputs):
+    """MVPTR's inputs for one query outside a dataset (:mod:`mmf_multilevel.predict`), laid out by the datasets'
+    own code with the dataset's settings (``dataset_config.<name>``), unmasked: the text as ``[CLS] words [SEP]``
+    (a raw text has no line in a concept tool's file; the datasets read a text their phrase file lacks the same
+    way) and the ``[CLS] tags [SEP]`` of the query image's detections. ``object_names``: a callable giving the
+    region source's class names (its cache header's ``info.object_names``), read when ``tag_vocab`` is not set."""
+
+    def __init__(self, dataset_name, config, text_processor, object_names=None, source="the region source"):
+        self.dataset_name = dataset_name
+        self.text_processor = text_processor
+        self.annotation_path = f"the query of {dataset_name}"
+        self._object_names, self._source = object_names, source
+        self.init_mvptr_inputs(config, masking=False)
+
+    def _read_object_names(self, path):
+        if path is not None:
+            return super()._read_object_names(path)
+        names = self._object_names() if self._object_names is not None else None
+        if not names:
+            raise KeyError(f"{self._source} names no object classes (info.object_names of a region cache header, or "
+                           f"a detector's --object-vocab): set dataset_config.{self.dataset_name}.tag_vocab to a file "
+                           "of class names (one a line, line k = class id k), or use_tags: false")
+        return list(names)
+
+    def _count_untagged(self):
+        return None
+
+    def text_sample(self, text: str) -> Sample:
+        """``input_ids``, ``input_mask``, ``segment_ids``, ``lm_label_ids`` (all ignored), ``phrase_slots``."""
+        return self.mvptr_text({"image_id": "query", "text": text}, Sample())
+
+    def add_query_tags(self, record: dict, sample) -> None:
+        """``tag_ids``, ``tag_mask``, ``mcr_label_ids`` of a region record (its ``objects``, every detection)."""
+        self._objects = record.get("objects")
+        self.add_tags(sample)
 
 
 class MVPTRCaptionsDataset(MVPTRInputs, RegionTextDataset):

@@ -31,6 +31,9 @@ tags ``[CLS] tags [SEP]`` with MCR masking (``tag_ids``, ``tag_mask``, ``mcr_lab
    on the matched pairs' word-pieces; **WPG** (Eq. 2) from the phrase and region outputs: the caption's
    score with its image against its score with the negative image, hinge with margin 0.2.
 
+:meth:`MVPTR.alignment` (the predictor's alignment pictures): the text's attention to the regions in the last
+multimodal layer the model runs (the phrase-region cosine of ``picture.py``, §3.3, stays the grounding picture).
+
 Losses ``<split>/<dataset>/{mcr,vsc,itm,mlm,wpg}`` (``pretraining.mcr`` / ``pretraining.wpg`` false:
 the paper's Table 4 ablations drop them); ``scores``: the ITM logits (index 1 = matched).
 """
@@ -261,6 +264,29 @@ class MVPTR(MethodModel):
             return {"scores": torch.stack([-similarity / 2, similarity / 2], dim=-1)}
         _, pooled, _ = net.fuse(text, text_mask, visual, visual_mask)
         return {"scores": self.itm_head(pooled)}
+
+    def alignment(self, sample_list):
+        """The first sample's text-to-region attention (see :mod:`mmf_multilevel.methods.alignment` for the dict):
+        stage 2, the multimodal encoder over ``[text (T) ; regions (K)]`` (paper §3.3; the visual [CLS] and the
+        tags stay in stage 1), the self-attention of its last layer - of layer ``refcoco.layer`` for a RefCOCO+
+        model, whose scores read that layer's outputs - rows the text positions (words, and phrases when the
+        text has them), columns the regions (at ``T + k``)."""
+        from mmf_multilevel.methods.alignment import attention_alignment, first_mask, recorded_attention
+
+        net = self.backbone
+        layers = self.settings.refcoco.layer if self.head_type == "refcoco" else net.stage_layers
+
+        def run():
+            out = self.encode(sample_list)
+            net.fuse(out["text"], out["text_mask"], out["visual"], out["visual_mask"], num_layers=layers)
+            return out
+
+        record, out = recorded_attention(self, net.multimodal_layers[layers - 1].attention.self, run)
+        width = out["text"].size(1)
+        return attention_alignment(record, first_mask(out["text_mask"]), 0,
+                                   first_mask(out["visual_mask"][:, net.num_tag_slots:]), width,
+                                   f"multimodal self-attention, text to regions, layer {layers} of "
+                                   f"{net.stage_layers}")
 
     def refcoco_forward(self, sample_list, out):
         """RefCOCO+ (paper §4.2; the official BiImageBertForRE): every proposal scored by the cosine of the text

@@ -8,6 +8,10 @@
 * ``classification`` (VQA, GQA, SNLI-VE), ``nlvr2`` (paired head) and ``retrieval`` (the ITM head's
   2-way scores): the fine-tuning mode is ``mode: single | two`` (paper §3.3.3, Table 5).
 
+:meth:`SemVLP.alignment` (the predictor's alignment pictures): single-stream mode, the text's attention to the
+objects in the last shared block; two-stream mode, the last block's object -> text cross-attention read backwards
+(the text never attends to the objects there, paper §3.1).
+
 Checkpoints written before the one-folder layout (backbone ``semvlp.*``, heads ``object_feature`` /
 ``object_label``, the ``schedule_step`` counter) load through :attr:`SemVLP.state_key_map`.
 """
@@ -133,6 +137,41 @@ class SemVLP(MethodModel):
         regions = region_inputs(sample_list, self.name, self.backbone.feature_dim, "4d", side)
         return self.backbone(text.input_ids, text.mask, regions.features, regions.boxes, regions.mask, text.segment_ids,
                              mode=mode or self.mode)
+
+    def alignment(self, sample_list):
+        """The first sample's text-to-object attention in the fine-tuning ``mode`` (see
+        :mod:`mmf_multilevel.methods.alignment` for the dict).
+
+        Single-stream (paper §3.1: ``[IMG] o_1..o_N [CLS] w .. [SEP]`` with full attention): the last shared
+        block's self-attention, rows the text positions (at ``1 + N + t``), columns the objects (at ``1 + k``;
+        [IMG], no region, is left out). Two-stream (paper §3.1-§3.2): the text stream never reads the objects;
+        the objects cross-attend to the text's last-layer states in the blocks above ``L_s``. So the signal is
+        the last block's object -> text cross-attention of the model's own pass, transposed (rows the text
+        positions, columns the objects) and each row divided by its sum over the real objects: the share of
+        the objects' attention to that token each object gives. The single-stream pass through the shared
+        weights is not used for a two-stream model, as it is not the pass its predictions come from."""
+        from mmf_multilevel.methods.alignment import attention_alignment, first_mask, recorded_attention
+
+        net, mode, last = self.backbone, self.mode, self.backbone.num_layers - 1
+        if mode == SINGLE:
+            module = net.blocks[last].attention.self
+        else:
+            cross = net.cross_module(last)
+            if cross is None:
+                raise ValueError(f"semvlp two-stream mode with L_s = {net.cross_layer_start} "
+                                 "(model_config.semvlp.cross_layer_start) has no cross-attention: its text and "
+                                 "objects never attend to each other, so there is no alignment to read")
+            module = cross.self
+        text = text_inputs(sample_list, self.name)
+        record, out = recorded_attention(self, module, lambda: self.encode(sample_list, mode=mode))
+        objects = first_mask(out["object_mask"])[1:]
+        if mode == SINGLE:
+            return attention_alignment(record, first_mask(text.mask), 1 + objects.numel(), objects, 1,
+                                       f"single-stream self-attention, text to objects, block {last + 1} of "
+                                       f"{net.num_layers}")
+        return attention_alignment(record, first_mask(text.mask), 0, objects, 1,
+                                   f"two-stream object-to-text cross-attention, block {last + 1} of {net.num_layers}, "
+                                   "transposed and normalised over the objects", transpose=True, normalise=True)
 
     def task_forward(self, sample_list):
         out = self.encode(sample_list)

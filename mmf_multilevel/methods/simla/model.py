@@ -42,6 +42,9 @@ no box; in evaluation each proposal is also scored by the Grad-CAM of the ITM ma
 cross-attention of layer ``gradcam_layer`` (``grounding.py``), ``scores`` ``(B, proposals)`` for
 ``refcoco_accuracy``. It builds the same modules as retrieval.
 
+:meth:`SIMLA.alignment` (the predictor's alignment pictures): the text's cross-attention to the image patches in the
+last multimodal layer (Grad-CAM, the grounding signal above, stays in ``grounding.py`` and ``picture.py``).
+
 Training hooks: :meth:`SIMLA.on_update_start` (the EMA step, α from the pushed update, the learning rate of
 the model's AdamW), :meth:`SIMLA.configure_optimizer` / :meth:`SIMLA.get_optimizer_parameters` (the momentum
 copies never reach an optimizer), :meth:`SIMLA.log_message` (α, τ, the queue pointer).
@@ -448,6 +451,30 @@ class SIMLA(MethodModel):
         if self.training:
             self._enqueue(image_feat_m, text_feat_m)
         return {"losses": self.named_losses(sample_list, losses), "scores": itm_logits}
+
+    def alignment(self, sample_list):
+        """The first sample's text-to-patch attention (see :mod:`mmf_multilevel.methods.alignment` for the dict):
+        the multimodal encoder (paper §2.1: every layer self-attention, then cross-attention with the text as
+        queries and the image tokens ``[CLS] p_1..p_N`` as keys; ALBEF's layout: the fusion layers), the
+        cross-attention of the last layer, rows the text positions, columns the patches (at ``1 + k``, row-major
+        over the ViT's grid; the image [CLS], no place in the picture, is left out)."""
+        from mmf_multilevel.methods.alignment import attention_alignment, first_mask, recorded_attention
+
+        if self.head_type in PAIR_HEADS:
+            raise ValueError(f"simla alignment reads one image per text; a {self.head_type} model's encoder reads "
+                             "two (its upper layers duplicated per image)")
+        vit, encoder = self.backbone.image_encoder, self.backbone.text_encoder
+        text = text_inputs(sample_list, self.name)
+        pixels = pixel_inputs(sample_list, self.name).pixels
+        last = encoder.num_layers - 1
+        record, _ = recorded_attention(self, encoder.cross_attention[str(last)].self,
+                                       lambda: encoder.fuse(text.input_ids, text.mask, vit(pixels)))
+        grid = tuple(int(n) for n in vit.grid_size)
+        patch = tuple(int(n) for n in vit.vit.patch_embed.patch_size)
+        patches = torch.ones(grid[0] * grid[1], dtype=torch.bool)
+        return attention_alignment(record, first_mask(text.mask), 0, patches, 1,
+                                   f"cross-attention, text to image patches, layer {last + 1} of {encoder.num_layers}",
+                                   extra={"grid": grid, "cell": patch})
 
     def task_forward(self, sample_list):
         """The fine-tuning head types, each its own forward: :meth:`retrieval_forward`, :meth:`grounding_forward`,

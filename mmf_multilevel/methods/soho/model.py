@@ -31,6 +31,9 @@ Training hooks (the ``mmf_multilevel`` trainer calls them; ``methods/base.py``):
   parameters);
 * :meth:`SOHO.log_message` - the dictionary's usage (distinct entries, perplexity, never used).
 
+:meth:`SOHO.alignment` (the predictor's alignment pictures): the text's attention to the grid cells in the last
+layer of the single-stream transformer.
+
 Under DDP a frozen ResNet has no gradients: set ``training.find_unused_parameters: true``.
 """
 import bisect
@@ -193,6 +196,23 @@ class SOHO(MethodModel):
         pixels = pixel_inputs(sample_list, self.name, side=side)
         return self.backbone(text.input_ids, text.mask, pixels.pixels, pixels.mask, source=self._visual_source(),
                              segment_ids=text.segment_ids)
+
+    def alignment(self, sample_list):
+        """The first sample's text-to-cell attention (see :mod:`mmf_multilevel.methods.alignment` for the dict): the
+        single stream ``[CLS] text [SEP] cells`` (paper §3.3), the last layer's self-attention, rows the text
+        positions, columns the grid cells (at ``T + k``, row-major; ``grid`` and ``cell``: 64 x 64 pixels of the
+        model's input image each, §3.1). SOHO has no global visual token, so every cell is a column."""
+        from mmf_multilevel.methods.alignment import attention_alignment, first_mask, recorded_attention
+        from mmf_multilevel.methods.soho.network import GRID_STRIDE
+
+        layers = self.backbone.text.layers
+        text = text_inputs(sample_list, self.name)
+        record, out = recorded_attention(self, layers[-1].attention.self, lambda: self.encode(sample_list))
+        length = text.input_ids.size(1)
+        return attention_alignment(record, first_mask(text.mask), 0, first_mask(out["image"]["mask"]), length,
+                                   f"single-stream self-attention, text to grid cells, layer {len(layers)} of "
+                                   f"{len(layers)}",
+                                   extra={"grid": tuple(out["image"]["grid"]), "cell": (GRID_STRIDE, GRID_STRIDE)})
 
     def task_forward(self, sample_list):
         if self.head_type == "retrieval" and self.training and self.settings.retrieval_in_batch:

@@ -1,0 +1,205 @@
+"""Pictures of an :class:`~mmf_multilevel.predict.align.Alignment` (what :meth:`Predictor.align
+<mmf_multilevel.predict.predictor.Predictor.align>` returns).
+
+:func:`draw_alignment` makes a matplotlib figure (the ``Figure`` API on an Agg canvas, no pyplot state, DejaVu
+Sans): a first panel with the whole image and every visual unit's box (region methods: the detected boxes with
+their tags), then one panel per word (word pieces merged, a word's weights the mean of its pieces' rows) with the
+``top`` units it attends to most, their boxes coloured by weight on the figure's colour bar (spanning the
+weights shown, lowest to highest) and labelled with it.
+
+:func:`write_alignment` writes the PNG and, when asked, a self-contained HTML page (the PNG inlined as base64, a
+table of each word's top units and weights, every text HTML-escaped, no external reference), each through a
+temporary file in the same folder and a rename, so an error never leaves a half-written file.
+"""
+import base64
+import html
+import io
+import math
+import os
+from typing import Dict, Optional
+
+import numpy as np
+
+from mmf_multilevel.files import write_atomically
+from mmf_multilevel.predict.align import Alignment
+from mmf_multilevel.predict.inputs import PredictInputError
+
+__all__ = ["FONT", "COLORMAP", "draw_alignment", "alignment_html", "write_alignment", "check_paths"]
+
+#: the font of every text in the figure (shipped with matplotlib)
+FONT = "DejaVu Sans"
+#: the colour map of the weights
+COLORMAP = "plasma"
+#: the colour of the image-less canvas (region methods given only an image_id)
+CANVAS = 232
+
+
+def _positive(value, what):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PredictInputError(f"{what}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _text(axes, *args, **kwargs):
+    return axes.text(*args, fontfamily=FONT, parse_math=False, **kwargs)
+
+
+def draw_alignment(alignment: Alignment, top: int = 3, columns: int = 4, panel_inches: float = 3.2, dpi: int = 100):
+    """The figure of ``alignment`` (see the module docstring): panel 0 every unit, then one panel per word with its
+    ``top`` units; ``columns`` panels a row. Panel ``i`` is ``figure.axes[i]`` (the colour bar's axes come last);
+    its data coordinates are the image's pixels (x right, y down)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    _positive(top, "top")
+    _positive(columns, "columns")
+    words = alignment.words()
+    width, height = (int(n) for n in alignment.size)
+    count = 1 + len(words)
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    # each panel fits a panel_inches square; the layout is placed by hand (inches), the colour bar on the right
+    aspect = height / max(width, 1)
+    panel_w, panel_h = (panel_inches, panel_inches * aspect) if aspect <= 1 else (panel_inches / aspect, panel_inches)
+    gap, title, top_band, bar_band = 0.15, 0.3, 0.7, 0.9
+    figure_w = gap + columns * (panel_w + gap) + bar_band
+    figure_h = top_band + rows * (title + panel_h + gap)
+    figure = Figure(figsize=(figure_w, figure_h), dpi=dpi)
+    FigureCanvasAgg(figure)
+
+    def place(index):
+        row, column = divmod(index, columns)
+        left = gap + column * (panel_w + gap)
+        bottom = figure_h - top_band - (row + 1) * (title + panel_h + gap) + gap
+        return [left / figure_w, bottom / figure_h, panel_w / figure_w, panel_h / figure_h]
+
+    picture = alignment.picture
+    if picture is None:
+        picture = np.full((height, width, 3), CANVAS, dtype=np.uint8)
+    boxes = np.asarray(alignment.boxes, dtype=np.float64).reshape(-1, 4)
+    tops = [np.argsort(-row, kind="stable")[:top] for _, _, row in words]
+    shown = [float(row[k]) for (_, _, row), order in zip(words, tops) for k in order]
+    low, high = (min(shown), max(shown)) if shown else (0.0, 1.0)
+    norm = Normalize(low, high if high > low else low + 1e-6)
+    cmap = colormaps[COLORMAP]
+
+    def panel(index, title):
+        axes = figure.add_axes(place(index))
+        axes.imshow(picture, extent=(0, width, height, 0), interpolation="antialiased")
+        axes.set_xlim(0, width)
+        axes.set_ylim(height, 0)
+        axes.set_axis_off()
+        axes.set_title(title, fontsize=9, fontfamily=FONT, parse_math=False)
+        return axes
+
+    kind = alignment.units[0].split(" ")[0] if alignment.units else "unit"
+    everything = panel(0, f"{len(boxes)} {kind}{'es' if kind.endswith('ch') else 's'}, every box")
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        everything.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linewidth=0.8))
+        if alignment.labels is not None:
+            _text(everything, x1 + 1, y1 + 1, f"{k}: {alignment.labels[k]}", color="white", fontsize=7, va="top",
+                  bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+    word_axes = []
+    for index, ((word, pieces, row), order) in enumerate(zip(words, tops), 1):
+        axes = panel(index, word if len(pieces) == 1 else f"{word} ({' '.join(pieces)})")
+        for k in order[::-1]:  # the strongest drawn last, on top
+            x1, y1, x2, y2 = boxes[k]
+            colour = cmap(norm(float(row[k])))
+            axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2.5))
+            tag = f"{row[k]:.3f}" + (f" {alignment.labels[k]}" if alignment.labels else "")
+            _text(axes, x1 + 1, y1 + 1, tag, color="black", fontsize=7, va="top",
+                  bbox={"facecolor": "white", "alpha": 0.75, "pad": 1, "edgecolor": colour, "linewidth": 1})
+        word_axes.append(axes)
+    if word_axes:
+        bar_axes = figure.add_axes([(figure_w - bar_band + 0.1) / figure_w, gap / figure_h, 0.15 / figure_w,
+                                    (figure_h - top_band - gap) / figure_h])
+        bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=bar_axes)
+        bar.set_label("attention weight", fontfamily=FONT)
+        bar.ax.tick_params(labelsize=7, labelfontfamily=FONT)
+    figure.suptitle(f"{alignment.method}: {alignment.text}\n{alignment.source}", fontsize=10, fontfamily=FONT,
+                    parse_math=False, y=1 - 0.12 / figure_h, va="top")
+    return figure
+
+
+def alignment_html(alignment: Alignment, png: bytes, top: int = 3) -> str:
+    """A self-contained HTML page: the picture (``png`` bytes, inlined as base64) and a table of each word's
+    ``top`` units with their weights and boxes; every text escaped, no external reference."""
+    from mmf_multilevel.predict.align import alignment_summary
+
+    summary = alignment_summary(alignment, top)
+    escape = html.escape
+    rows = []
+    for entry in summary["words"]:
+        for rank, unit in enumerate(entry["top"], 1):
+            word = escape(entry["word"]) if rank == 1 else ""
+            label = escape(unit["label"]) if unit["label"] is not None else ""
+            box = ", ".join(f"{v:.0f}" for v in unit["box"])
+            rows.append(f"<tr><td>{word}</td><td>{rank}</td><td>{escape(unit['unit'])}</td><td>{label}</td>"
+                        f"<td>{unit['weight']:.4f}</td><td>{box}</td></tr>")
+    image = base64.b64encode(png).decode("ascii")
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{escape(alignment.method)}: {escape(alignment.text)}</title>",
+        "<style>body { font-family: 'DejaVu Sans', sans-serif; margin: 1em; } img { max-width: 100%; } "
+        "table { border-collapse: collapse; } td, th { border: 1px solid #bbb; padding: 2px 8px; } "
+        "td:nth-child(5) { text-align: right; }</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{escape(alignment.method)}</h1>",
+        f"<p>Text: <b>{escape(alignment.text)}</b><br>Weights: {escape(alignment.source)}; {escape(summary['merge'])}."
+        f"<br>Image: {int(alignment.size[0])} x {int(alignment.size[1])} pixels.</p>",
+        f'<img alt="alignment of the text with the image" src="data:image/png;base64,{image}">',
+        "<table>",
+        "<tr><th>word</th><th>rank</th><th>unit</th><th>label</th><th>weight</th><th>box (x1, y1, x2, y2)</th></tr>",
+        *rows,
+        "</table>",
+        "</body>",
+        "</html>",
+        "",
+    ])
+
+
+def check_paths(png_path, html_path=None) -> None:
+    """``png_path``: a ``.png`` path; ``html_path``: None or an ``.html`` path, not the same file."""
+    if not isinstance(png_path, (str, os.PathLike)) or not os.fspath(png_path) \
+            or not os.fspath(png_path).lower().endswith(".png"):
+        raise PredictInputError(f"picture path: expected a path ending in .png, got {png_path!r}")
+    if html_path is not None:
+        if not isinstance(html_path, (str, os.PathLike)) or not os.fspath(html_path).lower().endswith((".html", ".htm")):
+            raise PredictInputError(f"html path: expected a path ending in .html, got {html_path!r}")
+        if os.path.abspath(os.fspath(html_path)) == os.path.abspath(os.fspath(png_path)):
+            raise PredictInputError("the html path and the picture path are the same file")
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+    write_atomically(path, write)
+
+
+def write_alignment(alignment: Alignment, png_path, html_path=None, top: int = 3, columns: int = 4,
+                    dpi: int = 100) -> Dict[str, Optional[str]]:
+    """The picture of :func:`draw_alignment` written to ``png_path`` and, when given, the page of
+    :func:`alignment_html` to ``html_path`` (parent folders created; each file written to a temporary file
+    beside it, then renamed). Returns ``{"picture": png_path, "html": html_path or None}``."""
+    check_paths(png_path, html_path)
+    figure = draw_alignment(alignment, top=top, columns=columns, dpi=dpi)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})  # no link in the file
+    png = buffer.getvalue()
+    page = alignment_html(alignment, png, top) if html_path is not None else None
+    _write_bytes(os.fspath(png_path), png)
+    if page is not None:
+        _write_bytes(os.fspath(html_path), page.encode("utf-8"))
+    return {"picture": os.fspath(png_path), "html": os.fspath(html_path) if html_path is not None else None}

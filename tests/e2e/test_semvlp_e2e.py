@@ -1,6 +1,7 @@
 """SemVLP's projects end to end through the stock mmf_run: tiny configs (projects/semvlp/demo/),
 generated data, CPU, a few updates, checkpoint written, metric reported."""
 import concurrent.futures
+import json
 import os
 import re
 import subprocess
@@ -136,6 +137,12 @@ def test_demo_script_pretrains_finetunes_and_prints_the_vqa_accuracy(tmp_path):
     match = re.search(r"SemVLP VQA accuracy \(official metric, demo val split, best checkpoint\): ([0-9.]+) %", result.stdout)
     assert match, result.stdout[-3000:]
     assert 0.0 <= float(match.group(1)) <= 100.0
+    # the main job ends with one prediction on a demo val question and its alignment picture
+    first = json.loads((tmp_path / "data" / "demo" / "annotations" / "vqa_val.jsonl").read_text().splitlines()[0])
+    assert f"question: {first['question']}" in result.stdout
+    assert re.search(r"^answer: \S.* \(score -?[0-9.]+\)$", result.stdout, re.M)
+    picture = re.search(r"^alignment picture: (.+)$", result.stdout, re.M).group(1)
+    assert os.path.getsize(picture) > 1000 and picture.endswith("alignment.png")
     assert "Copying backbone.text.bert.encoder.layer.0" in (tmp_path / "save" / "vqa" / "train.log").read_text()
 
 

@@ -167,6 +167,15 @@ class FeatureCacheReader:
         return None if header is None else dict(header)
 
     @property
+    def object_names(self):
+        """The header's ``info.object_names`` (the detector's class names, ``objects`` id k = name k, as the
+        extractor and the demo generator write them) as a list, or None when the header has none."""
+        header = self.header or {}
+        info = header.get("info") if isinstance(header.get("info"), dict) else {}
+        names = info.get("object_names")
+        return list(names) if names else None
+
+    @property
     def layout(self):
         """``"safetensors"`` or ``"mmf"``."""
         return self._state().layout

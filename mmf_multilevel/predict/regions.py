@@ -65,10 +65,7 @@ class RegionCache(RegionSource):
 
     def object_names(self) -> Optional[list]:
         """The cache header's ``info.object_names`` (what the extractor and the demo generator write), or None."""
-        header = self.reader.header or {}
-        info = header.get("info") if isinstance(header.get("info"), dict) else {}
-        names = info.get("object_names")
-        return list(names) if names else None
+        return self.reader.object_names
 
     def close(self):
         self.reader.close()

@@ -338,10 +338,8 @@ def _iter_feature_cache(path, names, report):
 
     reader = FeatureCacheReader(path)
     try:
-        header = reader.header or {}
         if names is None:
-            info = header.get("info") if isinstance(header.get("info"), dict) else {}
-            names = info.get("object_names") or header.get("object_names")
+            names = reader.object_names or (reader.header or {}).get("object_names")
             if not names:
                 raise RetrievalError(
                     f"--features {path}: the records hold class ids but no class names: pass --object-vocab FILE "

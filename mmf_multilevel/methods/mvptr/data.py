@@ -201,14 +201,12 @@ class MVPTRInputs:
             if not names:
                 raise ValueError(f"dataset_config.{self.dataset_name}.tag_vocab: {path} holds no class name")
             return names
-        header = self.reader.header or {}
-        info = header.get("info") if isinstance(header.get("info"), dict) else {}
-        names = info.get("object_names")
+        names = self.reader.object_names
         if not names:
             raise KeyError(f"{self.features_path}: the cache header has no info.object_names (the detector's class "
                            f"names); set dataset_config.{self.dataset_name}.tag_vocab to a file of class names (one a "
                            "line, line k = class id k), or use_tags: false")
-        return list(names)
+        return names
 
     def _count_untagged(self):
         ids = sorted({str(record["image_id"]) for record in self.records})

@@ -246,13 +246,17 @@ class Predictor:
         batch.dataset_type = "test"
         return batch.to(self.device)
 
-    @torch.no_grad()
-    def forward(self, samples):
-        """The model's output on ``samples`` collated as MMF collates a test batch."""
+    def _run_model(self, call, samples):
+        """``call(batch)`` on ``samples`` collated as a test batch, timed as the ``model`` stage."""
         batch = self._batch(samples)
         with warnings.catch_warnings(), self._stage("model"):
             warnings.filterwarnings("ignore", message=".*has not field 'targets'.*")
-            return self.model(batch)
+            return call(batch)
+
+    @torch.no_grad()
+    def forward(self, samples):
+        """The model's output on ``samples`` collated as MMF collates a test batch."""
+        return self._run_model(self.model, samples)
 
     def _require(self, task: str, head_types) -> None:
         if self.head_type not in head_types:
@@ -313,10 +317,7 @@ class Predictor:
         fields = self.text_fields(text, "text")
         sample, query, _ = self._visual(image, image_id, "image")
         sample.update(fields)
-        batch = self._batch([sample])
-        with warnings.catch_warnings(), self._stage("model"):
-            warnings.filterwarnings("ignore", message=".*has not field 'targets'.*")
-            out = self.model.alignment(batch)
+        out = self._run_model(self.model.alignment, [sample])
         picture = np.asarray(query.picture.convert("RGB"), dtype=np.uint8) if query is not None else None
         columns = np.flatnonzero(out["visual_valid"].bool().cpu().numpy())  # the real units; padding dropped
         if self.visual == "pixels":

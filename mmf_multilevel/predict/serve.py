@@ -35,7 +35,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -182,9 +181,9 @@ class ModelServer:
 
     def _image(self, upload: Optional[bytes], upload_name: Optional[str], demo: Optional[str]):
         """``(encoded bytes, how messages name it, image id or None)`` of the request's image."""
-        if upload and demo:
+        if upload is not None and demo:
             raise ServeError("give an uploaded image or a demo image, not both")
-        if upload:
+        if upload is not None:  # an empty one is refused by the decoder ("empty file (0 bytes)")
             shown = os.path.basename(upload_name or "")[:80] or "upload"
             if not self.detects:
                 raise ServeError(f"uploaded image {shown!r}: this {self.predictor.method} model reads regions from "
@@ -206,7 +205,7 @@ class ModelServer:
             raise ServeError(f"model {model[:80]!r}: this server serves {self.name!r} only")
         texts = self._texts(question, captions)
         if upload is not None and len(upload) > self.max_upload_bytes:
-            raise ServeError(f"the upload is {len(upload) / 2 ** 20:.1f} MB; at most "
+            raise ServeError(f"the upload is {len(upload) / 2 ** 20:.1f} MB or more; at most "
                              f"{self.max_upload_bytes / 2 ** 20:.1f} MB", 413)
         data, where, image_id = self._image(upload, upload_name, demo)
         predictor = self.predictor
@@ -304,12 +303,9 @@ def create_app(server: ModelServer):
                 model: Optional[str] = Form(None)):
         upload, upload_name = None, None
         if image is not None and image.filename:
+            # one byte past the limit is enough for answer() to refuse it
             upload = image.file.read(server.max_upload_bytes + 1)
             upload_name = image.filename
-            if len(upload) > server.max_upload_bytes:
-                raise ServeError(f"the upload is larger than {server.max_upload_bytes / 2 ** 20:.1f} MB", 413)
-            if not upload:
-                raise ServeError(f"uploaded image {os.path.basename(upload_name)[:80]!r}: empty file (0 bytes)")
         return server.answer(question=question, captions=captions, upload=upload, upload_name=upload_name,
                              demo=demo or None, model=model or None)
 
@@ -389,7 +385,6 @@ def main(argv=None) -> int:
         uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
     finally:
         server.close()
-        shutil.rmtree(server.temp_root, ignore_errors=True)
     return 0
 
 

@@ -40,13 +40,9 @@ def make_server(data, project="vqa", method="semvlp", overrides=(), regions=None
 def client_of(server):
     from fastapi.testclient import TestClient
 
-    return TestClient(create_app_of(server), raise_server_exceptions=False)
-
-
-def create_app_of(server):
     from mmf_multilevel.predict.serve import create_app
 
-    return create_app(server)
+    return TestClient(create_app(server), raise_server_exceptions=False)
 
 
 def png_header(width, height) -> bytes:

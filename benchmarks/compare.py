@@ -426,12 +426,14 @@ def plot(rows, path, args):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(names)), 8))
     width = 0.8 / len(STAGES)
     for i, stage in enumerate(STAGES):
-        values = [max(r[f"{stage}_ms"], 1e-3) for r in rows]
+        # a stage a row does not have (extraction of a pixel method) is left out, not drawn at the axis floor
+        values = [r[f"{stage}_ms"] if r[f"{stage}_ms"] > 0 else np.nan for r in rows]
         top.bar(x + (i - (len(STAGES) - 1) / 2) * width, values, width, label=stage)
+    top.scatter(x, [r["total_ms"] for r in rows], marker="_", s=900, color="black", zorder=3, label="total")
     top.set_yscale("log")
     top.set_ylabel("inference latency per stage (ms, log)")
     top.set_xticks(x, names, rotation=30, ha="right")
-    top.legend(fontsize=8)
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     bottom.bar(x, [r["samples_per_s"] for r in rows], 0.6, color="tab:gray")
     bottom.set_yscale("log")
     bottom.set_ylabel("training samples/s (log)")

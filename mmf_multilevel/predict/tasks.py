@@ -11,7 +11,7 @@ variant), ``concatenated`` one region sequence of both, left first, with ``image
 fields are the predictor's (the dataset's processors, the region source). The answer is the dataset's
 :func:`~mmf_multilevel.datasets.nlvr2.statement_labels` on the head's two-way ``scores`` (what ``accuracy``
 scores and the submission file writes): ``label`` True when the "true" class wins; ``probability`` is the
-softmax of the two scores, ``score`` their log-odds.
+softmax of the two scores, ``score`` their log-odds (:func:`~mmf_multilevel.metrics.pair_match_scores`).
 
 **Grounding** (``refcoco_plus`` / ``mvptr_refcoco_plus`` with a ``refcoco`` head: μ-VLA, MVPTR; the weakly
 supervised ``refcoco_plus_images`` of SIMLA, ``training_head_type: grounding``; ``visual_bert_grounding``): the
@@ -85,6 +85,7 @@ def nlvr2(predictor, left_image=None, right_image=None, statement: str = "", lef
 
     from mmf_multilevel.datasets.base import setting
     from mmf_multilevel.datasets.nlvr2 import LAYOUTS, NLVR2Dataset, pair_visual_fields, statement_labels
+    from mmf_multilevel.metrics import pair_match_scores
 
     predictor.profile = {}
     predictor._require("nlvr2", NLVR2_HEAD_TYPES)
@@ -118,7 +119,7 @@ def nlvr2(predictor, left_image=None, right_image=None, statement: str = "", lef
                            "(1, 2): false, true")
     probability = float(torch.softmax(scores[0], dim=0)[1])
     return {"statement": statement, "label": bool(statement_labels(scores)[0]), "probability": probability,
-            "score": float(scores[0, 1] - scores[0, 0]), "scores": scores[0]}
+            "score": float(pair_match_scores(scores)[0]), "scores": scores[0]}
 
 
 # ---------------------------------------------------------------------- grounding
@@ -132,12 +133,10 @@ def _require_grounding(predictor) -> None:
                      "refcoco_plus_images)")
 
 
-def _proposal_record(predictor, sample, query, record, image_id):
-    """The proposals of the query image in ``sample.image_info_0``: region methods have them from the visual
-    sample; a pixel method (SIMLA) reads them from the region source, as ``refcoco_plus_images`` reads its
-    proposals' boxes from the region cache beside the pixels."""
-    if predictor.visual == "regions":
-        return record
+def _pixel_method_proposals(predictor, sample, query, image_id) -> None:
+    """A pixel method's (SIMLA's) proposals in ``sample.image_info_0``, from the region source, as
+    ``refcoco_plus_images`` reads its proposals' boxes from the region cache beside the pixels (a region method's
+    visual sample holds them already)."""
     from mmf_multilevel.datasets.base import REGION_DEFAULTS, region_record_fields, setting_or_default
 
     with predictor._stage("regions"):
@@ -147,7 +146,6 @@ def _proposal_record(predictor, sample, query, record, image_id):
         _, sample.image_info_0 = region_record_fields(
             record, image_id or query.sha256, rows, predictor.dataset_config.get("feature_dim"),
             getattr(source, "path", type(source).__name__))
-    return record
 
 
 def ground(predictor, image=None, expression: str = "", image_id=None, top_k: int = 3) -> dict:
@@ -168,8 +166,9 @@ def _ground(predictor, image, expression, image_id, top_k):
     _require_grounding(predictor)
     top_k = _checked_top_k(top_k)
     text = predictor.text_fields(expression, "expression")
-    sample, query, record = predictor._visual(image, image_id, "image")
-    _proposal_record(predictor, sample, query, record, image_id)
+    sample, query, _ = predictor._visual(image, image_id, "image")
+    if predictor.visual == "pixels":
+        _pixel_method_proposals(predictor, sample, query, image_id)
     sample.update(text)
     count = proposal_fields(sample)
     if count == 0:
@@ -201,8 +200,9 @@ def _ground(predictor, image, expression, image_id, top_k):
 # ---------------------------------------------------------------------- the grounding picture
 def draw_grounding(result: dict, picture=None, title: Optional[str] = None, inches: float = 5.0, dpi: int = 100):
     """A matplotlib figure of :func:`ground`'s ``result``: ``picture`` (the query's ``PIL.Image``; None, when the
-    query named the image by id only: a grey canvas of its size) with the chosen box thick and the other ``top_k`` proposals thin, each labelled with its
-    rank and score. Its axes' data coordinates are the image's pixels (x right, y down)."""
+    query named the image by id only: a grey canvas of its size) with the chosen box thick and the other ``top_k``
+    proposals thin, each labelled with its rank, score and class. Its axes' data coordinates are the image's pixels
+    (x right, y down)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

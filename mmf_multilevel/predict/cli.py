@@ -193,8 +193,9 @@ def _query(line: str, number: int, folder: str):
     return str(query.get("id", number)), image, query
 
 
-def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=sys.stderr, profile=False) -> dict:
-    """Every query of ``batch`` not already in ``out`` predicted and appended to ``out``; returns the counts."""
+def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=None, profile=False) -> dict:
+    """Every query of ``batch`` not already in ``out`` predicted and appended to ``out``; returns the counts. Bad
+    lines are reported on ``stream`` (default: ``sys.stderr`` at the call, not at import)."""
     from mmf_multilevel.predict.inputs import PredictInputError
     from mmf_multilevel.predict.tasks import task_fields
 
@@ -222,7 +223,7 @@ def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=sy
                                      **task_fields(query))
             except (BatchLineError, PredictInputError, FileNotFoundError, KeyError, ValueError, TypeError) as error:
                 counts["bad"] += 1
-                print(f"mmf_ml_predict: {batch} line {number}: {error}", file=stream, flush=True)
+                print(f"mmf_ml_predict: {batch} line {number}: {error}", file=stream or sys.stderr, flush=True)
                 continue
             results.write(json.dumps({"id": key, **result}) + "\n")
             results.flush()

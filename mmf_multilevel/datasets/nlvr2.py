@@ -39,6 +39,39 @@ def parse_label(value):
     return None
 
 
+def statement_labels(scores):
+    """Per row of the two-way ``scores`` (B x 2: false, true), whether the statement is judged true: the argmax is
+    1, as ``accuracy`` scores it against ``targets`` and the submission file writes it."""
+    return scores.argmax(dim=1) == 1
+
+
+def pair_visual_fields(sample, layout, left, right, attach, region_fields):
+    """The two images of an NLVR2 sample in ``sample``, laid out as ``layout`` says (see the module docstring):
+    ``paired`` - ``attach(side_sample, image)`` fills ``img0`` with ``left`` and ``img1`` with ``right``;
+    ``concatenated`` - ``region_fields(image)`` -> ``(image_feature_0, image_info_0)`` of each (padded to
+    ``max_features`` rows), the left's rows first. ``left`` / ``right`` are whatever the two callables take:
+    the dataset's image ids, the predictor's query images."""
+    if layout == "paired":
+        sample.img0, sample.img1 = Sample(), Sample()
+        attach(sample.img0, left)
+        attach(sample.img1, right)
+        return sample
+    (f0, i0), (f1, i1) = region_fields(left), region_fields(right)
+    rows = int(f0.shape[0])  # max_features: both are padded to it
+    sample.image_feature_0 = torch.cat([f0, f1])
+    info = Sample()
+    info.max_features = torch.tensor(2 * rows, dtype=torch.long)
+    info.num_boxes = torch.stack([i0.num_boxes, i1.num_boxes])
+    info.bbox = torch.cat([i0.bbox, i1.bbox])
+    info.image_width = torch.stack([i0.image_width, i1.image_width])
+    info.image_height = torch.stack([i0.image_height, i1.image_height])
+    positions = torch.arange(rows)
+    sample.image_mask = torch.cat([positions < i0.max_features, positions < i1.max_features]).long()
+    sample.image_segment_ids = torch.cat([torch.zeros(rows, dtype=torch.long), torch.ones(rows, dtype=torch.long)])
+    sample.image_info_0 = info
+    return sample
+
+
 class NLVR2Dataset(RegionTextDataset):
     required_fields = ("identifier", "sentence")
 
@@ -73,33 +106,16 @@ class NLVR2Dataset(RegionTextDataset):
         sample = Sample()
         sample.id = torch.tensor(idx, dtype=torch.long)
         sample.update(tokenize(self.text_processor, record["sentence"]))
-        if self.layout == "paired":
-            sample.img0, sample.img1 = Sample(), Sample()
-            self.attach_visual(sample.img0, left)
-            self.attach_visual(sample.img1, right)
-        else:
-            (f0, i0), (f1, i1) = self.region_fields(left), self.region_fields(right)
-            rows = self.max_features
-            sample.image_feature_0 = torch.cat([f0, f1])
-            info = Sample()
-            info.max_features = torch.tensor(2 * rows, dtype=torch.long)
-            info.num_boxes = torch.stack([i0.num_boxes, i1.num_boxes])
-            info.bbox = torch.cat([i0.bbox, i1.bbox])
-            info.image_width = torch.stack([i0.image_width, i1.image_width])
-            info.image_height = torch.stack([i0.image_height, i1.image_height])
-            positions = torch.arange(rows)
-            sample.image_mask = torch.cat([positions < i0.max_features, positions < i1.max_features]).long()
-            sample.image_segment_ids = torch.cat([torch.zeros(rows, dtype=torch.long), torch.ones(rows, dtype=torch.long)])
-            sample.image_info_0 = info
+        pair_visual_fields(sample, self.layout, left, right, self.attach_visual, self.region_fields)
         if "label" in record:
             sample.targets = torch.tensor(int(parse_label(record["label"])), dtype=torch.long)
         return sample
 
     def format_for_prediction(self, report):
         """The official submission: ``identifier,prediction`` rows with True/False."""
-        predictions = report.scores.argmax(dim=1).tolist()
+        predictions = statement_labels(report.scores).tolist()
         return [
-            {"identifier": str(self.records[i]["identifier"]), "prediction": "True" if p == 1 else "False"}
+            {"identifier": str(self.records[i]["identifier"]), "prediction": "True" if p else "False"}
             for i, p in zip(report.id.tolist(), predictions)
         ]
 

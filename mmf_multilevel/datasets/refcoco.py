@@ -24,6 +24,17 @@ from mmf_multilevel.evaluation.grounding import pairwise_iou, xywh_to_xyxy
 SUPERVISION = ("box", "none")
 
 
+def proposal_fields(sample):
+    """``proposal_boxes`` (the ``max_features x 4`` xyxy boxes of ``image_info_0``, zero-padded) and
+    ``num_proposals`` of a sample whose ``image_info_0`` holds its image's proposals: what the model scores and
+    ``refcoco_accuracy`` picks from. Returns the number of real proposals."""
+    info = sample.image_info_0
+    count = int(info.max_features)
+    sample.proposal_boxes = info.bbox
+    sample.num_proposals = torch.tensor(count, dtype=torch.long)
+    return count
+
+
 class RefCOCODataset(RegionTextDataset):
     required_fields = ("ref_id", "image_id", "expression", "bbox")
 
@@ -56,8 +67,7 @@ class RefCOCODataset(RegionTextDataset):
                 f"the {width}x{height} image {record['image_id']!r}"
             )
         sample.ref_id = torch.tensor(int(record["ref_id"]), dtype=torch.long)
-        sample.proposal_boxes = info.bbox
-        sample.num_proposals = torch.tensor(count, dtype=torch.long)
+        proposal_fields(sample)
         sample.gold_box = gold
         iou = pairwise_iou(info.bbox[:count], gold.unsqueeze(0)).squeeze(1) if count else torch.zeros(0)
         mask = torch.zeros(self.max_features, dtype=torch.bool)

@@ -27,6 +27,17 @@ def pairwise_iou(a, b):
     return box_iou(a.unsqueeze(1), b.unsqueeze(0))
 
 
+def chosen_proposals(scores, num_proposals):
+    """``(choice, valid)``: per expression the index of its highest-scoring *real* proposal (the first of equal
+    scores; padding, index >= num_proposals, is never chosen) and the B x R mask of the real ones. ``scores``
+    B x R, ``num_proposals`` B. The prediction of ``refcoco_accuracy`` (:func:`grounding_hits`) and of
+    ``mmf_multilevel.predict``'s ``Predictor.ground``."""
+    scores = torch.as_tensor(scores, dtype=torch.float)
+    valid = torch.arange(scores.shape[1]).unsqueeze(0) < torch.as_tensor(num_proposals).view(-1, 1)
+    masked = scores.masked_fill(~valid, float("-inf"))
+    return masked.argmax(dim=1), valid
+
+
 def grounding_hits(scores, proposals, num_proposals, gold, threshold=0.5):
     """Per expression: does the highest-scoring *real* proposal overlap the gold box with IoU > threshold?
 
@@ -34,10 +45,7 @@ def grounding_hits(scores, proposals, num_proposals, gold, threshold=0.5):
     Padding proposals (index >= num_proposals) are never chosen; an expression with no proposal
     is a miss.
     """
-    scores = torch.as_tensor(scores, dtype=torch.float)
-    valid = torch.arange(scores.shape[1]).unsqueeze(0) < torch.as_tensor(num_proposals).view(-1, 1)
-    masked = scores.masked_fill(~valid, float("-inf"))
-    choice = masked.argmax(dim=1)
+    choice, valid = chosen_proposals(scores, num_proposals)
     chosen = proposals[torch.arange(len(choice)), choice]
     iou = box_iou(chosen, gold)
     return (iou > threshold) & valid.any(dim=1)

@@ -71,6 +71,9 @@ def _parser():
     task = parser.add_mutually_exclusive_group()
     task.add_argument("--question", default=None, help="a question about the image (VQA)")
     task.add_argument("--text", default=None, help="a text to match with the image (image-text matching)")
+    from mmf_multilevel.predict.tasks import add_task_arguments
+
+    add_task_arguments(parser, task)  # --statement (NLVR2, with --image2), --expression (grounding)
     parser.add_argument("--top-k", type=int, default=5, help="answers listed with their scores (VQA)")
     add_region_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="add each stage's seconds ('profile') to the JSON")
@@ -87,8 +90,13 @@ def _public(result: dict) -> dict:
     return {key: value for key, value in result.items() if key != "scores"}
 
 
-def predict_one(predictor, image, image_id, question, text, top_k, profile=False):
-    if question is not None:
+def predict_one(predictor, image, image_id, question, text, top_k, profile=False, **task):
+    """One query's JSON result; ``task``: NLVR2 / grounding fields (:func:`.tasks.task_fields`)."""
+    if task:
+        from mmf_multilevel.predict.tasks import predict_task
+
+        result = predict_task(predictor, image, image_id, top_k, **task)
+    elif question is not None:
         result = {"task": "vqa", **_public(predictor.vqa(image, question, top_k=top_k, image_id=image_id))}
     else:
         result = {"task": "match", **_public(predictor.match(image, text, image_id=image_id))}
@@ -101,7 +109,12 @@ def draw_picture(predictor, args, profile=None) -> dict:
     """``--picture`` / ``--html``: the alignment picture of the query's image and text; the paths for the JSON, and
     ``profile`` (the prediction's stage times) with this pass's stages added."""
     text = args.question if args.question is not None else args.text
-    drawn = predictor.picture(args.image, text, args.picture, args.html, image_id=args.image_id)
+    if args.expression is not None:  # grounding: the chosen box thick, the other top-k proposals thin
+        from mmf_multilevel.predict.tasks import ground_picture
+
+        drawn = ground_picture(predictor, args.image, args.expression, args.picture, args.image_id, args.top_k)
+    else:
+        drawn = predictor.picture(args.image, text, args.picture, args.html, image_id=args.image_id)
     out = {"picture": drawn["picture"]} if args.html is None else {"picture": drawn["picture"], "html": drawn["html"]}
     if profile is not None:
         stages = {**profile, **predictor.profile}
@@ -161,6 +174,10 @@ def _query(line: str, number: int, folder: str):
         raise BatchLineError(f"not JSON ({error})") from None
     if not isinstance(query, dict):
         raise BatchLineError(f"expected a JSON object, got {type(query).__name__}")
+    from mmf_multilevel.predict.tasks import BATCH_FIELDS, batch_query
+
+    if any(key in query for key in BATCH_FIELDS):  # an NLVR2 or grounding line
+        return batch_query(query, number, folder)
     unknown = sorted(set(query) - {"id", "image", "image_id", "question", "text", "top_k"})
     if unknown:
         raise BatchLineError(f"unknown field(s) {unknown}; expected id, image, image_id, question or text, top_k")
@@ -176,9 +193,11 @@ def _query(line: str, number: int, folder: str):
     return str(query.get("id", number)), image, query
 
 
-def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=sys.stderr, profile=False) -> dict:
-    """Every query of ``batch`` not already in ``out`` predicted and appended to ``out``; returns the counts."""
+def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=None, profile=False) -> dict:
+    """Every query of ``batch`` not already in ``out`` predicted and appended to ``out``; returns the counts. Bad
+    lines are reported on ``stream`` (default: ``sys.stderr`` at the call, not at import)."""
     from mmf_multilevel.predict.inputs import PredictInputError
+    from mmf_multilevel.predict.tasks import task_fields
 
     if not os.path.isfile(batch):
         raise FileNotFoundError(f"--batch {batch}: no such file")
@@ -200,10 +219,11 @@ def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=sy
                     counts["skipped"] += 1
                     continue
                 result = predict_one(predictor, image, query.get("image_id"), query.get("question"),
-                                     query.get("text"), int(query.get("top_k", default_top_k)), profile)
+                                     query.get("text"), int(query.get("top_k", default_top_k)), profile,
+                                     **task_fields(query))
             except (BatchLineError, PredictInputError, FileNotFoundError, KeyError, ValueError, TypeError) as error:
                 counts["bad"] += 1
-                print(f"mmf_ml_predict: {batch} line {number}: {error}", file=stream, flush=True)
+                print(f"mmf_ml_predict: {batch} line {number}: {error}", file=stream or sys.stderr, flush=True)
                 continue
             results.write(json.dumps({"id": key, **result}) + "\n")
             results.flush()
@@ -215,12 +235,15 @@ def main(argv=None) -> int:
     from mmf_multilevel.compat.launcher import ConfigError
     from mmf_multilevel.predict.inputs import PredictInputError
     from mmf_multilevel.predict.predictor import load_predictor
+    from mmf_multilevel.predict.tasks import check_task_arguments, task_fields
 
     parser = _parser()
     args = parser.parse_args(argv)
+    check_task_arguments(parser, args)
     if args.batch is None:
-        if args.question is None and args.text is None:
-            parser.error("give --question (VQA) or --text (image-text matching), or --batch")
+        if args.question is None and args.text is None and not task_fields(args):
+            parser.error("give --question (VQA), --text (image-text matching), --statement (NLVR2) or --expression "
+                         "(grounding), or --batch")
         if args.image is None and args.image_id is None:
             parser.error("give --image (or, for a region method, --image-id)")
     elif args.out is None:
@@ -244,7 +267,8 @@ def main(argv=None) -> int:
             counts = run_batch(predictor, args.batch, args.out, args.top_k, profile=args.profile)
             print(json.dumps({"out": args.out, **counts, "seconds": round(time.perf_counter() - start, 3)}))
             return 1 if counts["bad"] else 0
-        result = predict_one(predictor, args.image, args.image_id, args.question, args.text, args.top_k, args.profile)
+        result = predict_one(predictor, args.image, args.image_id, args.question, args.text, args.top_k, args.profile,
+                             **task_fields(args))
         if args.picture is not None:
             result.update(draw_picture(predictor, args, predictor.profile if args.profile else None))
     except (ConfigError, PredictInputError, BatchLineError, FileNotFoundError, KeyError, ValueError,

@@ -362,6 +362,23 @@ class Predictor:
             paths = write_alignment(alignment, png_path, html_path, top=top)
         return {**paths, "alignment": alignment_summary(alignment, top)}
 
+    def nlvr2(self, left_image=None, right_image=None, statement: str = "", left_image_id=None,
+              right_image_id=None) -> dict:
+        """Whether ``statement`` is true of the image pair, by an ``nlvr2`` head, the pair laid out as the config's
+        NLVR2 dataset lays it out (:func:`.tasks.nlvr2`): ``{"statement", "label", "probability", "score",
+        "scores"}``."""
+        from mmf_multilevel.predict.tasks import nlvr2
+
+        return nlvr2(self, left_image, right_image, statement, left_image_id, right_image_id)
+
+    def ground(self, image=None, expression: str = "", image_id=None, top_k: int = 3) -> dict:
+        """The proposal of ``image`` that ``expression`` refers to, chosen as ``refcoco_accuracy`` chooses it
+        (:func:`.tasks.ground`): ``box`` ``[x0, y0, x1, y1]`` in the image's pixels, its ``score`` and the
+        ``top_k`` proposals."""
+        from mmf_multilevel.predict.tasks import ground
+
+        return ground(self, image, expression, image_id, top_k)
+
     # ------------------------------------------------------------------ tokens and labels
     @property
     def tokenizer(self):

@@ -1,13 +1,13 @@
 """The predictor on raw inputs equals the model on the dataset's own sample: the demo set's val questions and
 retrieval pairs, each method's demo project, a model as built (random weights: any difference in the inputs shows
 in the scores)."""
-import io
 import json
 
 import pytest
 import torch
 
 from helpers.mmf import ROOT
+from helpers.predict import dataset_of, image_input, model_scores, predictor_for
 from mmf_multilevel.datasets import generate as gen
 
 VQA_PROJECTS = ["semvlp", "muvla", "mvptr", "simla", "soho"]
@@ -23,54 +23,6 @@ def data(tmp_path_factory):
     (root / "demo" / "concepts" / "id2phrase.json").write_text(json.dumps({"74": ["red", "circle"],
                                                                           "75": ["blue", "square"]}))
     return root
-
-
-def predictor_for(data, method, project, **kwargs):
-    from mmf_multilevel.predict import load_predictor
-
-    torch.manual_seed(0)
-    return load_predictor(f"{ROOT}/projects/{method}/demo/{project}.yaml", overrides=[f"env.data_dir={data}"],
-                          device="cpu", **kwargs)
-
-
-def dataset_of(predictor, split="val", **settings):
-    """The config's dataset as mmf_run builds it (the builder's class, processors initialised), with ``settings``
-    overriding its dataset_config."""
-    from mmf.common.registry import registry
-    from omegaconf import OmegaConf, open_dict
-
-    name = predictor.dataset_name
-    # MMF's build_processors reuses a processor registered under the dataset's key: another test's project
-    # (SIMLA's 64-pixel vqa2_images pipeline for SOHO's) must not leak into this one
-    for key in predictor.dataset_config.processors:
-        registry.unregister(f"{name}_{key}")
-    config = OmegaConf.create(OmegaConf.to_container(predictor.dataset_config, resolve=True))
-    with open_dict(config):
-        config.update(settings)
-    dataset = registry.get_builder_class(name).dataset_class(name, config, split)
-    dataset.init_processors()
-    return dataset
-
-
-def model_scores(predictor, sample, dataset):
-    """The model on the dataset's sample, collated as MMF's test loader collates one."""
-    from mmf.common.sample import SampleList
-
-    batch = SampleList([sample])
-    batch.dataset_name, batch.dataset_type = dataset.dataset_name, "test"
-    with torch.no_grad():
-        return predictor.model(batch)["scores"].float()
-
-
-def image_input(dataset, image_id, kind):
-    """The dataset's image as a query gives it: the file's path, its bytes or a PIL image."""
-    from PIL import Image
-
-    source = dataset.image_source
-    if kind == "path":
-        return source.resolve(str(image_id))
-    data = source.get_bytes(str(image_id))
-    return data if kind == "bytes" else Image.open(io.BytesIO(data))
 
 
 @pytest.mark.parametrize("method", VQA_PROJECTS)

@@ -117,7 +117,8 @@ def gallery_images(predictor, images=None, image_ids=None):
             if os.path.splitext(name)[1].lower() in extensions:
                 items.append(Item(len(items), path, path, "path"))
             else:
-                skipped.append({"image": path, "error": f"not an image file (the dataset reads {', '.join(extensions)})"})
+                reads = ", ".join(extensions)
+                skipped.append({"image": path, "error": f"not an image file (the dataset reads {reads})"})
         if not items:
             raise PredictInputError(f"images {folder}: no image files ({', '.join(extensions)})"
                                     + (f"; {len(skipped)} other file(s)" if skipped else ""))
@@ -145,8 +146,8 @@ def gallery_texts(texts) -> List[Item]:
     if isinstance(texts, (str, os.PathLike)):
         path = os.fspath(texts)
         if not os.path.isfile(path):
-            raise PredictInputError(f"texts {path!r}: no such file (expected a .txt file, one caption a line, or a list "
-                                    "of captions)")
+            raise PredictInputError(f"texts {path!r}: no such file (expected a .txt file, one caption a line, or a "
+                                    "list of captions)")
         try:
             with open(path, encoding="utf-8") as handle:
                 lines = handle.read().splitlines()
@@ -249,7 +250,12 @@ class EmbeddingCache:
             from mmf_multilevel.files import write_atomically
 
             text = json.dumps({"fingerprint": fingerprint, **settings}, indent=1, sort_keys=True, default=str)
-            write_atomically(about, lambda tmp: open(tmp, "w", encoding="utf-8").write(text + "\n"))
+
+            def write(tmp):
+                with open(tmp, "w", encoding="utf-8") as handle:
+                    handle.write(text + "\n")
+
+            write_atomically(about, write)
         self.hits = self.written = 0
 
     def path(self, kind: str, key: str) -> str:
@@ -522,8 +528,8 @@ def _setup(predictor, top_k, batch_size, cache):
     if encoder is None:
         predictor._require("retrieval", MATCH_HEAD_TYPES)
         if cache is not None:
-            raise PredictInputError(f"cache: {predictor.method} scores every (image, text) pair with its matching head, "
-                                    "so there are no per-item embeddings to keep; drop the embedding cache")
+            raise PredictInputError(f"cache: {predictor.method} scores every (image, text) pair with its matching "
+                                    "head, so there are no per-item embeddings to keep; drop the embedding cache")
         return None, None
     if cache is None:
         return encoder, None
@@ -666,6 +672,9 @@ def run_cli(parser, args) -> int:
             NotImplementedError) as error:
         print(f"mmf_ml_predict: error: {error}", file=sys.stderr)
         return 2
+    for skipped in result["skipped"]:
+        name = skipped.get("image", skipped.get("text"))
+        print(f"mmf_ml_predict: skipped {name}: {skipped['error']}", file=sys.stderr)
     if args.profile:
         result["profile"] = {stage: round(seconds, 6) for stage, seconds in predictor.profile.items()}
     print(json.dumps({"method": predictor.method, **result}, indent=1))

@@ -100,7 +100,8 @@ def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
     texts = []
     for start in range(0, dataset.num_texts, batch_size):
         stop = min(start + batch_size, dataset.num_texts)
-        texts.append(encoder.encode_texts(SampleList([Sample(dict(dataset._text(t))) for t in range(start, stop)]).to(device)))
+        batch = SampleList([Sample(dict(dataset._text(t))) for t in range(start, stop)])
+        texts.append(encoder.encode_texts(batch.to(device)))
     images = []
     for start in range(0, dataset.num_images, batch_size):
         samples = []

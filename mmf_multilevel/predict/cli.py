@@ -185,10 +185,12 @@ def _query(line: str, number: int, folder: str):
     return str(query.get("id", number)), image, query
 
 
-def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=sys.stderr, profile=False) -> dict:
-    """Every query of ``batch`` not already in ``out`` predicted and appended to ``out``; returns the counts."""
+def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=None, profile=False) -> dict:
+    """Every query of ``batch`` not already in ``out`` predicted and appended to ``out``; returns the counts (bad
+    lines reported on ``stream``, default: the ``sys.stderr`` of the call)."""
     from mmf_multilevel.predict.inputs import PredictInputError
 
+    stream = sys.stderr if stream is None else stream
     if not os.path.isfile(batch):
         raise FileNotFoundError(f"--batch {batch}: no such file")
     done = read_done(out)

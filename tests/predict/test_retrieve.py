@@ -136,6 +136,21 @@ def check_against(result, similarity, scores, k):
     assert rest == sorted(rest, key=lambda i: -float(similarity[i]))
 
 
+def anchor_to_the_model(predictor, method, caption, entry, gallery):
+    """The shared dual encoder against the model's own computations: the re-ranking score is the one its forward
+    gives the gallery pair (Predictor.match: SIMLA's ITM match logit, MVPTR's ITM log-odds); SIMLA's similarity is
+    the product of the ITC features its ``encode`` gives (MVPTR's: the MVPTR-Uni test)."""
+    image = gallery["images"][entry["index"]] if "images" in gallery else None
+    image_id = gallery["image_ids"][entry["index"]] if "image_ids" in gallery else None
+    assert entry["score"] == pytest.approx(predictor.match(image, caption, image_id=image_id)["score"], abs=1e-4)
+    if method == "simla":
+        sample = predictor.visual_sample(image)
+        sample.update(predictor.text_fields(caption))
+        with torch.no_grad():
+            out = predictor.model.encode(predictor._batch([sample]))
+        assert entry["similarity"] == pytest.approx(float((out["image_feat"] * out["text_feat"]).sum()), abs=1e-4)
+
+
 @pytest.mark.parametrize("method", sorted(DUAL))
 def test_dual_encoder_ranking_is_the_methods_own_two_stage_evaluation(method, data):
     from mmf_multilevel.predict.retrieve import retrieve_images
@@ -150,6 +165,7 @@ def test_dual_encoder_ranking_is_the_methods_own_two_stage_evaluation(method, da
         caption = dataset.texts[text][1]
         result = retrieve_images(predictor, caption, top_k=len(ids), batch_size=5, progress=False, **gallery)
         check_against(result, similarity[:, text], t2i[:, text], k_images)
+        anchor_to_the_model(predictor, method, caption, result["results"][0], gallery)
     captions = [caption for _, caption in dataset.texts]
     for image in (0, 9):
         query = ({"image": gallery["images"][image]} if predictor.visual == "pixels" else {"image_id": ids[image]})
@@ -213,6 +229,15 @@ def test_the_cache_serves_the_second_query_and_other_weights_never_read_it(data,
     assert "cache" in predictor.profile
     uncached = predictor.retrieve_images(CAPTIONS[1], str(folder), top_k=6, batch_size=4, progress=False)
     assert_same_ranking(second, uncached)
+    # the same images in another order (a list of paths, and one as bytes): found by content, not by position
+    paths = sorted(str(p) for p in folder.iterdir())[::-1]
+    images.clear()
+    shuffled = [*paths[:-1], open(paths[-1], "rb").read()]
+    listed = predictor.retrieve_images(CAPTIONS[1], shuffled, top_k=6, cache=str(cache), batch_size=4, progress=False)
+    assert images == [] and listed["cache"]["hits"] == 6
+    assert_same_ranking(listed, predictor.retrieve_images(CAPTIONS[1], shuffled, top_k=6, progress=False))
+    names = [*paths[:-1], "images[5]"]
+    assert [r["image"] for r in listed["results"]] == [names[r["index"]] for r in listed["results"]]
 
     # captions are cached the same way, under texts/
     texts.clear()

@@ -28,6 +28,10 @@ calls so a method owns its optimisation policy without editing the trainer:
 
 :meth:`alignment` - the first sample's text-to-visual attention from the layer the method names (the
 pictures of :mod:`mmf_multilevel.predict`); each method implements it for its own network.
+
+:meth:`retrieval_encoders` - the method's dual encoder (:mod:`mmf_multilevel.methods.dual_encoder`) when its
+retrieval ranks with uni-modal embeddings (SIMLA, MVPTR); None (the base) when it scores every pair with its
+matching head.
 """
 import inspect
 import os
@@ -173,6 +177,13 @@ class MethodModel(BaseModel):
         :mod:`mmf_multilevel.methods.alignment`."""
         raise NotImplementedError(f"the {self.name} model has no alignment(): it does not name the layer where its "
                                   "text attends to its visual units")
+
+    def retrieval_encoders(self):
+        """The method's dual-encoder retrieval (a :class:`~mmf_multilevel.methods.dual_encoder.DualEncoder`: the
+        uni-modal encoders, their similarity and the matching head its retrieval evaluation ranks with), or None
+        when that evaluation scores every (image, text) pair with the matching head (``forward`` on gallery pairs,
+        :func:`~mmf_multilevel.metrics.pair_match_scores`)."""
+        return None
 
     def paired_forward(self, sample_list):
         """NLVR2: the statement with each image of the pair, the two pooled states to the paired head."""

@@ -15,6 +15,11 @@ each stage (decode, regions or pixels, text, model) to the JSON. ``--picture PNG
 text's attention to the image (:meth:`~mmf_multilevel.predict.predictor.Predictor.picture`) and names the files in
 the JSON (``picture``, ``html``); ``--profile`` then adds the stage times of that pass too, ``drawing`` included.
 
+``--retrieve-images FOLDER --text "..."`` ranks the folder's images for the text, ``--retrieve-texts CAPTIONS.txt
+--image IMG`` the file's captions (one a line) for the image, as the method's retrieval evaluation ranks
+(:mod:`.retrieve`): the ``--top-k`` best (``results``), ``gallery_size`` and the ``skipped`` files;
+``--embedding-cache DIR`` keeps a dual-encoder method's gallery embeddings (SIMLA, MVPTR) for the next query.
+
 Batch mode: each line of the jsonl is an object with ``image`` (a path, relative to the jsonl's folder when not
 absolute) and/or ``image_id``, and ``question`` or ``text``; ``id`` (default: the line number) names it in the
 output. Each result is appended to ``--out`` as one JSON line as soon as it is computed; a rerun skips the ids
@@ -27,6 +32,9 @@ import json
 import os
 import sys
 import time
+
+from mmf_multilevel.predict.retrieve import add_retrieval_arguments, wants_retrieval
+from mmf_multilevel.predict.retrieve import run_cli as run_retrieval
 
 __all__ = ["main", "read_done", "run_batch", "add_model_arguments", "add_region_arguments", "region_source"]
 
@@ -82,6 +90,7 @@ def _parser():
     parser.add_argument("--html", default=None, metavar="HTML", help="with --picture: also a self-contained .html page")
     parser.add_argument("--batch", default=None, help="a jsonl of queries (see the module docstring)")
     parser.add_argument("--out", default=None, help="with --batch: the results jsonl (appended; resumable)")
+    add_retrieval_arguments(parser)  # --retrieve-images / --retrieve-texts (mmf_multilevel.predict.retrieve)
     parser.add_argument("opts", nargs="*", help="config overrides, as for mmf_run (env.data_dir=...)")
     return parser
 
@@ -199,6 +208,7 @@ def run_batch(predictor, batch: str, out: str, default_top_k: int = 5, stream=No
     from mmf_multilevel.predict.inputs import PredictInputError
     from mmf_multilevel.predict.tasks import task_fields
 
+    stream = sys.stderr if stream is None else stream
     if not os.path.isfile(batch):
         raise FileNotFoundError(f"--batch {batch}: no such file")
     done = read_done(out)
@@ -239,6 +249,8 @@ def main(argv=None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
+    if wants_retrieval(args):
+        return run_retrieval(parser, args)
     check_task_arguments(parser, args)
     if args.batch is None:
         if args.question is None and args.text is None and not task_fields(args):

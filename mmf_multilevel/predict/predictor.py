@@ -23,6 +23,9 @@ So a prediction equals the model's output on the dataset's own sample of the sam
 
 :meth:`Predictor.align` gives the text's attention to the model's visual units from the model's own attention
 (:class:`~.align.Alignment`); :meth:`Predictor.picture` draws it (:mod:`.pictures`).
+
+:meth:`Predictor.retrieve_images` / :meth:`Predictor.retrieve_texts` rank a gallery of images or captions for one
+query as the method's retrieval evaluation ranks (:mod:`.retrieve`).
 """
 import contextlib
 import glob
@@ -378,6 +381,28 @@ class Predictor:
         from mmf_multilevel.predict.tasks import ground
 
         return ground(self, image, expression, image_id, top_k)
+
+    def retrieve_images(self, text: str = "", images=None, top_k: int = 5, cache=None, batch_size: int = 32,
+                        image_ids=None, progress=None) -> dict:
+        """A gallery of images ranked for ``text``: ``images`` a folder (every image file in it, sorted) or a list of
+        paths, encoded bytes or PIL images; region methods may give ``image_ids`` of the region cache instead.
+        Scored as the method's retrieval evaluation scores (the matching head on every pair, or its dual encoder's
+        similarity and re-ranking), the gallery's embeddings kept in ``cache`` (a folder; dual encoders); see
+        :mod:`.retrieve`. Returns the ``top_k`` best (``results``: ``rank``, ``image``, ``score``), ``gallery_size``
+        and the ``skipped`` files."""
+        from mmf_multilevel.predict.retrieve import retrieve_images
+
+        return retrieve_images(self, text, images, top_k=top_k, cache=cache, batch_size=batch_size,
+                               image_ids=image_ids, progress=progress)
+
+    def retrieve_texts(self, image=None, texts=(), top_k: int = 5, cache=None, batch_size: int = 32,
+                       image_id=None, progress=None) -> dict:
+        """Captions ranked for ``image`` (region methods: or ``image_id``): ``texts`` a list or a ``.txt`` file,
+        one a line; as :meth:`retrieve_images` otherwise (``results``: ``rank``, ``text``, ``score``)."""
+        from mmf_multilevel.predict.retrieve import retrieve_texts
+
+        return retrieve_texts(self, image, texts, top_k=top_k, cache=cache, batch_size=batch_size,
+                              image_id=image_id, progress=progress)
 
     # ------------------------------------------------------------------ tokens and labels
     @property

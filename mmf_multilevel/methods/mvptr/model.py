@@ -265,6 +265,14 @@ class MVPTR(MethodModel):
         _, pooled, _ = net.fuse(text, text_mask, visual, visual_mask)
         return {"scores": self.itm_head(pooled)}
 
+    def retrieval_encoders(self):
+        """:class:`~mmf_multilevel.methods.mvptr.retrieval.MVPTRDualEncoder` for a model with an ITM head
+        (``retrieval``, ``pretraining``): VSC top-k re-ranked by ITM (paper §4.2), or the VSC similarity alone
+        with ``retrieval.uni`` (MVPTR-Uni, §4.3)."""
+        from mmf_multilevel.methods.mvptr.retrieval import MVPTRDualEncoder
+
+        return MVPTRDualEncoder(self) if self.head_type in ("retrieval", "pretraining") else None
+
     def alignment(self, sample_list):
         """The first sample's text-to-region attention (see :mod:`mmf_multilevel.methods.alignment` for the dict):
         stage 2, the multimodal encoder over ``[text (T) ; regions (K)]`` (paper §3.3; the visual [CLS] and the

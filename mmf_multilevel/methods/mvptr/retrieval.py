@@ -8,6 +8,9 @@ uni-modal outputs); the others keep no score (ranked last). MVPTR-Uni: the VSC s
 dual-encoder retriever with no multimodal pass. Scoring every pair with the multimodal encoder
 (``--all-pairs``) is the cost the two stages avoid; ``mmf_run`` evaluation of a ``retrieval`` model does
 that through the stock loop.
+The encoders, the similarity and the re-ranking score are :class:`MVPTRDualEncoder` (the model's
+``retrieval_encoders()``), which the predictor's retrieval (:mod:`mmf_multilevel.predict.retrieve`) ranks with
+as well; there ``retrieval.uni`` of the config (``projects/mvptr/retrieval_uni.yaml``) chooses MVPTR-Uni.
 
     python -m mmf_multilevel.methods.mvptr.retrieval --config projects/mvptr/retrieval_coco.yaml \\
         --checkpoint save/mvptr_coco/mvptr_final.pth [--split test] [--uni | --all-pairs] [overrides ...]
@@ -23,20 +26,67 @@ from typing import Dict, Optional
 import torch
 
 from mmf_multilevel.evaluation.retrieval import rank_gallery as rank_scored_gallery
+from mmf_multilevel.methods.dual_encoder import DualEncoder, concat_rows, select_rows
 
-__all__ = ["Gallery", "encode_gallery", "rank_gallery", "load_model", "main"]
+__all__ = ["MVPTRDualEncoder", "Gallery", "encode_gallery", "rank_gallery", "load_model", "main"]
+
+
+class MVPTRDualEncoder(DualEncoder):
+    """MVPTR's retrieval as a :class:`~mmf_multilevel.methods.dual_encoder.DualEncoder`: the uni-modal encoders'
+    outputs (captions; tags + regions) and masks, the VSC similarity of their global vectors (paper §3.3, Eq. 1,
+    scaled as in training), and the multimodal encoder's ITM log-odds over a pair (§3.3, Eq. 4). Two-stage
+    (§4.2): the top ``retrieval.top_k_texts`` captions of an image and ``retrieval.top_k_images`` images of a
+    caption re-scored; with ``retrieval.uni`` (MVPTR-Uni, §4.3) the similarity alone ranks."""
+
+    def __init__(self, model):
+        self.model = model
+        r = model.settings.retrieval
+        if r.uni:
+            self.rerank = None
+            self.description = "VSC similarity alone (MVPTR-Uni, MVPTR paper §4.3)"
+        else:
+            self.rerank = (int(r.top_k_texts), int(r.top_k_images))
+            self.description = (f"VSC similarity, the top {r.top_k_texts} captions of an image / {r.top_k_images} "
+                                "images of a caption re-ranked by the ITM log-odds (MVPTR paper §4.2)")
+
+    def encode_texts(self, batch):
+        from mmf_multilevel.methods.batch import text_inputs
+
+        text = text_inputs(batch, "mvptr")
+        return {"states": self.model.backbone.encode_text(text.input_ids, text.mask, text.segment_ids),
+                "mask": text.mask}
+
+    def encode_images(self, batch):
+        from mmf_multilevel.methods.batch import region_inputs
+
+        regions = region_inputs(batch, "mvptr", self.model.settings.feature_dim, "6d")
+        visual, mask = self.model.backbone.encode_visual(batch.tag_ids, batch.tag_mask, regions.features,
+                                                         regions.boxes, regions.mask)
+        return {"states": visual, "mask": mask}
+
+    def similarity(self, images, texts):
+        from mmf_multilevel.methods.mvptr.losses import vsc_scale
+
+        net = self.model.backbone
+        g_t, g_v = net.global_embeddings(texts["states"], images["states"])
+        return (g_v @ g_t.t()) * vsc_scale(net.logit_scale, self.model.settings.pretraining.vsc_max_logit_scale)
+
+    def match(self, images, texts):
+        model = self.model
+        head = model.itm_head if hasattr(model, "itm_head") else model.heads.itm
+        _, pooled, _ = model.backbone.fuse(texts["states"], texts["mask"], images["states"], images["mask"])
+        logits = head(pooled).float()
+        return logits[:, 1] - logits[:, 0]
 
 
 @dataclass
 class Gallery:
-    """A retrieval split through the uni-modal encoders: captions ``(T, 40, H)`` and their masks, images
-    (tags + regions) ``(I, 20 + K, H)`` and their masks, the VSC similarity ``(I, T)`` (scaled) and the
-    ground truth ``(I, T)``."""
+    """A retrieval split through the uni-modal encoders (:class:`MVPTRDualEncoder`): captions (``states`` ``(T,
+    40, H)`` and their ``mask``), images (tags + regions, ``states`` ``(I, 20 + K, H)`` and their ``mask``), the
+    VSC similarity ``(I, T)`` (scaled) and the ground truth ``(I, T)``."""
 
-    text: torch.Tensor
-    text_mask: torch.Tensor
-    visual: torch.Tensor
-    visual_mask: torch.Tensor
+    texts: Dict[str, torch.Tensor]
+    images: Dict[str, torch.Tensor]
     similarity: torch.Tensor
     gt: torch.Tensor
 
@@ -47,18 +97,13 @@ def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
     uni-modal encoders of ``model`` (an ``mvptr`` model), once each."""
     from mmf.common.sample import Sample, SampleList
 
-    from mmf_multilevel.methods.batch import region_inputs, text_inputs
-    from mmf_multilevel.methods.mvptr.losses import vsc_scale
-
-    net = model.backbone
-    device = next(net.parameters()).device
-    texts, text_masks = [], []
+    encoder = MVPTRDualEncoder(model)
+    device = next(model.backbone.parameters()).device
+    texts = []
     for start in range(0, dataset.num_texts, batch_size):
         batch = SampleList([Sample(dict(dataset._text(t))) for t in range(start, min(start + batch_size, dataset.num_texts))])
-        text = text_inputs(batch.to(device), "mvptr")
-        texts.append(net.encode_text(text.input_ids, text.mask, text.segment_ids))
-        text_masks.append(text.mask)
-    visuals, visual_masks = [], []
+        texts.append(encoder.encode_texts(batch.to(device)))
+    images = []
     for start in range(0, dataset.num_images, batch_size):
         samples = []
         for index in range(start, min(start + batch_size, dataset.num_images)):
@@ -66,31 +111,19 @@ def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
             dataset.attach_visual(sample, dataset.records[index]["image_id"])
             dataset.add_tags(sample)
             samples.append(sample)
-        batch = SampleList(samples).to(device)
-        regions = region_inputs(batch, "mvptr", model.settings.feature_dim, "6d")
-        visual, mask = net.encode_visual(batch.tag_ids, batch.tag_mask, regions.features, regions.boxes, regions.mask)
-        visuals.append(visual)
-        visual_masks.append(mask)
-    text, visual = torch.cat(texts), torch.cat(visuals)
-    g_t, g_v = net.global_embeddings(text, visual)
-    scale = vsc_scale(net.logit_scale, model.settings.pretraining.vsc_max_logit_scale)
-    similarity = (g_v @ g_t.t()) * scale
-    gt = dataset.ground_truth()
-    return Gallery(text, torch.cat(text_masks), visual, torch.cat(visual_masks), similarity.cpu(), gt)
+        images.append(encoder.encode_images(SampleList(samples).to(device)))
+    texts, images = concat_rows(texts), concat_rows(images)
+    similarity = encoder.similarity(images, texts)
+    return Gallery(texts, images, similarity.cpu(), dataset.ground_truth())
 
 
 def match_function(model, gallery: Gallery):
     """``(image_idx, text_idx) -> ITM log-odds`` of those pairs, fused from the cached uni-modal outputs."""
-    net = model.backbone
-    head = model.itm_head if hasattr(model, "itm_head") else model.heads.itm
+    encoder = MVPTRDualEncoder(model)
 
     @torch.no_grad()
     def match(image_idx, text_idx):
-        device = gallery.text.device
-        _, pooled, _ = net.fuse(gallery.text, gallery.text_mask, gallery.visual, gallery.visual_mask,
-                                text_idx.to(device), image_idx.to(device))
-        logits = head(pooled).float()
-        return logits[:, 1] - logits[:, 0]
+        return encoder.match(select_rows(gallery.images, image_idx), select_rows(gallery.texts, text_idx))
 
     return match
 

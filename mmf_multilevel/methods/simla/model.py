@@ -476,6 +476,13 @@ class SIMLA(MethodModel):
                                    f"cross-attention, text to image patches, layer {last + 1} of {encoder.num_layers}",
                                    extra={"grid": grid, "cell": patch})
 
+    def retrieval_encoders(self):
+        """:class:`~mmf_multilevel.methods.simla.retrieval.SIMLADualEncoder` for the head types SIMLA's retrieval
+        ranks with (``retrieval``, and ``pretraining`` zero-shot): ITC top-k re-ranked by ITM (paper §3.6)."""
+        from mmf_multilevel.methods.simla.retrieval import HEAD_TYPES, SIMLADualEncoder
+
+        return SIMLADualEncoder(self) if self.head_type in HEAD_TYPES else None
+
     def task_forward(self, sample_list):
         """The fine-tuning head types, each its own forward: :meth:`retrieval_forward`, :meth:`grounding_forward`,
         :meth:`vqa_forward`, :meth:`snli_ve_forward`, :meth:`nlvr2_assignment_forward` (NLVR2 itself goes through

@@ -8,7 +8,9 @@ Two-stage (the default): each query's top ``k`` candidates (``model_config.simla
 256 for COCO, 128 for Flickr30K) are re-scored by the multimodal BERT reading the cached image tokens and
 the ITM head's "match" logit; the others are ranked last. ``--itc-only``: the ITC similarity alone (no
 multimodal pass). ``--all-pairs``: the ITM score of every pair, what ``mmf_run`` evaluation of a
-``retrieval`` model with ``eval_pairs: all`` computes through the stock loop.
+``retrieval`` model with ``eval_pairs: all`` computes through the stock loop. The encoders, the similarity and
+the re-ranking score are :class:`SIMLADualEncoder` (the model's ``retrieval_encoders()``), which the predictor's
+retrieval over a folder of images (:mod:`mmf_multilevel.predict.retrieve`) ranks with as well.
 
     python -m mmf_multilevel.methods.simla.retrieval --config projects/simla/retrieval_coco.yaml \\
         --checkpoint save/simla_coco/simla_final.pth [--split test] [--itc-only | --all-pairs] [--k 256] \\
@@ -27,8 +29,9 @@ from typing import Dict, Optional
 import torch
 
 from mmf_multilevel.evaluation.retrieval import rank_gallery as rank_scored_gallery
+from mmf_multilevel.methods.dual_encoder import DualEncoder, concat_rows, select_rows
 
-__all__ = ["Gallery", "encode_gallery", "rank_gallery", "load_model", "build_split", "main",
+__all__ = ["SIMLADualEncoder", "Gallery", "encode_gallery", "rank_gallery", "load_model", "build_split", "main",
            "DATASETS", "HEAD_TYPES"]
 
 #: the raw-image retrieval datasets this command ranks
@@ -37,15 +40,50 @@ DATASETS = ("coco_retrieval_images", "flickr30k_retrieval_images")
 HEAD_TYPES = ("retrieval", "pretraining")
 
 
+class SIMLADualEncoder(DualEncoder):
+    """SIMLA's retrieval (paper §3.6) as a :class:`~mmf_multilevel.methods.dual_encoder.DualEncoder`: the ViT's
+    image tokens and the normalised projected image [CLS] ``g_v``; the caption's ids, mask and ``g_l`` (the BERT
+    in text mode); the ITC similarity ``g_v · g_l`` (no temperature, as the official ``Retrieval.py``); the
+    multimodal BERT over the image tokens and the ITM head's "match" logit; the top ``k_test`` re-ranked both
+    ways. Both head types it ranks with (:data:`HEAD_TYPES`) hold these modules."""
+
+    def __init__(self, model):
+        self.model = model
+        k = int(model.settings.k_test)
+        self.rerank = (k, k)
+        self.description = f"ITC similarity, the top {k} re-ranked by the ITM match logit (SIMLA paper §3.6)"
+
+    def encode_images(self, batch):
+        from mmf_multilevel.methods.batch import pixel_inputs
+
+        embeds = self.model.backbone.image_encoder(pixel_inputs(batch, "simla").pixels)
+        return {"embeds": embeds, "feature": self.model.heads.image_feature(embeds[:, 0])}
+
+    def encode_texts(self, batch):
+        from mmf_multilevel.methods.batch import text_inputs
+
+        text = text_inputs(batch, "simla")
+        states = self.model.backbone.text_encoder.encode_text(text.input_ids, text.mask)
+        return {"input_ids": text.input_ids, "mask": text.mask, "feature": self.model.heads.text_feature(states[:, 0])}
+
+    def similarity(self, images, texts):
+        return images["feature"] @ texts["feature"].t()
+
+    def match(self, images, texts):
+        from mmf_multilevel.methods.simla.losses import ITM_MATCH
+
+        fused = self.model.backbone.text_encoder.fuse(texts["input_ids"], texts["mask"], images["embeds"])
+        return self.model.heads.itm_logits(fused[:, 0])[:, ITM_MATCH].float()
+
+
 @dataclass
 class Gallery:
-    """A retrieval split through the unimodal encoders: the caption ids ``(T, L)`` and masks, the image
-    tokens ``(I, 1 + N, H)`` (the cross-attention memory), the ITC similarity ``(I, T)`` and the ground
-    truth ``(I, T)``."""
+    """A retrieval split through the unimodal encoders: the captions' and the images' embeddings
+    (:class:`SIMLADualEncoder`: ids, masks and ``g_l``; the image tokens ``(I, 1 + N, H)``, the cross-attention
+    memory, and ``g_v``), the ITC similarity ``(I, T)`` and the ground truth ``(I, T)``."""
 
-    input_ids: torch.Tensor
-    text_mask: torch.Tensor
-    image_embeds: torch.Tensor
+    texts: Dict[str, torch.Tensor]
+    images: Dict[str, torch.Tensor]
     similarity: torch.Tensor
     gt: torch.Tensor
 
@@ -53,51 +91,38 @@ class Gallery:
 @torch.no_grad()
 def encode_gallery(model, dataset, batch_size: int = 64) -> Gallery:
     """Every image of ``dataset`` (a ``*_retrieval_images`` split) through the ViT and every caption through
-    the BERT in text mode, once each; their normalised projected [CLS] features give the similarity."""
+    the BERT in text mode, once each (:class:`SIMLADualEncoder`); their normalised projected [CLS] features give
+    the similarity."""
     from mmf.common.sample import Sample, SampleList
 
-    from mmf_multilevel.methods.batch import pixel_inputs, text_inputs
-
     device = next(model.parameters()).device
-    image_encoder, text_encoder = model.backbone.image_encoder, model.backbone.text_encoder
-    ids, masks, text_feats = [], [], []
+    encoder = SIMLADualEncoder(model)
+    texts = []
     for start in range(0, dataset.num_texts, batch_size):
         stop = min(start + batch_size, dataset.num_texts)
-        batch = SampleList([Sample(dict(dataset._text(t))) for t in range(start, stop)]).to(device)
-        text = text_inputs(batch, "simla")
-        text_feats.append(model.heads.text_feature(text_encoder.encode_text(text.input_ids, text.mask)[:, 0]))
-        ids.append(text.input_ids)
-        masks.append(text.mask)
-    images, image_feats = [], []
+        batch = SampleList([Sample(dict(dataset._text(t))) for t in range(start, stop)])
+        texts.append(encoder.encode_texts(batch.to(device)))
+    images = []
     for start in range(0, dataset.num_images, batch_size):
         samples = []
         for index in range(start, min(start + batch_size, dataset.num_images)):
             sample = Sample()
             dataset.attach_visual(sample, dataset.records[index]["image_id"])
             samples.append(sample)
-        pixels = pixel_inputs(SampleList(samples).to(device), "simla").pixels
-        embeds = image_encoder(pixels)
-        images.append(embeds)
-        image_feats.append(model.heads.image_feature(embeds[:, 0]))
-    similarity = torch.cat(image_feats) @ torch.cat(text_feats).t()
-    gt = dataset.ground_truth()
-    return Gallery(torch.cat(ids), torch.cat(masks), torch.cat(images), similarity.float().cpu(), gt)
+        images.append(encoder.encode_images(SampleList(samples).to(device)))
+    texts, images = concat_rows(texts), concat_rows(images)
+    similarity = encoder.similarity(images, texts)
+    return Gallery(texts, images, similarity.float().cpu(), dataset.ground_truth())
 
 
 def match_function(model, gallery: Gallery):
     """``(image_idx, text_idx) -> ITM match logit`` of those pairs (the official re-ranking score
     ``itm_head(...)[:, 1]``), the multimodal BERT reading the cached image tokens."""
-    from mmf_multilevel.methods.simla.losses import ITM_MATCH
-
-    text_encoder = model.backbone.text_encoder
+    encoder = SIMLADualEncoder(model)
 
     @torch.no_grad()
     def match(image_idx, text_idx):
-        device = gallery.input_ids.device
-        image_idx, text_idx = image_idx.to(device), text_idx.to(device)
-        fused = text_encoder.fuse(gallery.input_ids[text_idx], gallery.text_mask[text_idx],
-                                  gallery.image_embeds[image_idx])
-        return model.heads.itm_logits(fused[:, 0])[:, ITM_MATCH].float()
+        return encoder.match(select_rows(gallery.images, image_idx), select_rows(gallery.texts, text_idx))
 
     return match
 

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers.mmf import ROOT
 from mmf_multilevel.datasets import generate as gen
@@ -137,6 +138,12 @@ def test_soho_cell_ids_equal_the_picture_modules(data, tmp_path):
         signal = predictor.signal(image_path(data, image_id))
         assert np.array_equal(signal.values["ids"], grids[0]) and signal.values["ids"].dtype == np.int64
         assert np.array_equal(signal.values["picture"], pictures[0])
+        # the picture the network read: the image at the processor's content size (h, w)
+        height, width = processor({"image": picture.read_images([image_path(data, image_id)])[0][1],
+                                   "train": False})["image_size"].tolist()
+        with Image.open(image_path(data, image_id)) as image:
+            resized = np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC))
+        assert height != width and np.array_equal(signal.values["picture"], resized)
         assert signal.summary(3)["ids"] == grids[0].tolist() and signal.text is None
     png, page = tmp_path / "soho.png", tmp_path / "soho.html"
     predictor.signal_picture(image_path(data), None, str(png), str(page))

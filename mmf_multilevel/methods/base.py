@@ -113,6 +113,11 @@ class MethodModel(BaseModel):
     #: ``{dotted key: where it went}``: config keys that moved out of ``model_config.<name>`` (an error
     #: names the new place instead of "unknown key")
     moved_keys: Dict[str, str] = {}
+    #: the module (dotted name) that computes and draws the method's own grounding signal of a query, with
+    #: ``predictor_signal(predictor, image, text, image_id)`` (:mod:`mmf_multilevel.predict.signals`); None: none
+    signal_module: Optional[str] = None
+    #: for a method without one: where a signal of its own is drawn instead (said with the refusal)
+    no_signal_hint: str = ""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config)

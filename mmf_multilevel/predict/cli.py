@@ -14,6 +14,9 @@ a region cache keyed by the image's SHA-256, so an image is detected once). ``--
 each stage (decode, regions or pixels, text, model) to the JSON. ``--picture PNG`` (and ``--html HTML``) also draws the
 text's attention to the image (:meth:`~mmf_multilevel.predict.predictor.Predictor.picture`) and names the files in
 the JSON (``picture``, ``html``); ``--profile`` then adds the stage times of that pass too, ``drawing`` included.
+``--signal PNG`` draws the method's own grounding signal instead (:meth:`~mmf_multilevel.predict.predictor.Predictor.signal_picture`:
+MVPTR's phrase-region scores, SIMLA's Grad-CAM, SOHO's dictionary ids; SemVLP and μ-VLA have none, exit status 2),
+named in the JSON as ``signal``; ``--html`` goes with whichever of ``--picture`` and ``--signal`` is given.
 
 ``--retrieve-images FOLDER --text "..."`` ranks the folder's images for the text, ``--retrieve-texts CAPTIONS.txt
 --image IMG`` the file's captions (one a line) for the image, as the method's retrieval evaluation ranks
@@ -87,7 +90,12 @@ def _parser():
     parser.add_argument("--profile", action="store_true", help="add each stage's seconds ('profile') to the JSON")
     parser.add_argument("--picture", default=None, metavar="PNG",
                         help="also draw the text's attention to the image into this .png (one query)")
-    parser.add_argument("--html", default=None, metavar="HTML", help="with --picture: also a self-contained .html page")
+    parser.add_argument("--html", default=None, metavar="HTML",
+                        help="with --picture or --signal: also a self-contained .html page")
+    signals = parser.add_argument_group("the method's own grounding signal (MVPTR, SIMLA, SOHO)")
+    signals.add_argument("--signal", default=None, metavar="PNG",
+                         help="also draw the method's own grounding signal of the query into this .png (one query): "
+                              "MVPTR's phrase-region scores, SIMLA's Grad-CAM, SOHO's dictionary ids")
     parser.add_argument("--batch", default=None, help="a jsonl of queries (see the module docstring)")
     parser.add_argument("--out", default=None, help="with --batch: the results jsonl (appended; resumable)")
     add_retrieval_arguments(parser)  # --retrieve-images / --retrieve-texts (mmf_multilevel.predict.retrieve)
@@ -125,6 +133,19 @@ def draw_picture(predictor, args, profile=None) -> dict:
     else:
         drawn = predictor.picture(args.image, text, args.picture, args.html, image_id=args.image_id)
     out = {"picture": drawn["picture"]} if args.html is None else {"picture": drawn["picture"], "html": drawn["html"]}
+    if profile is not None:
+        stages = {**profile, **predictor.profile}
+        out["profile"] = {stage: round(profile.get(stage, 0.0) + predictor.profile.get(stage, 0.0), 6) for stage in stages}
+    return out
+
+
+def draw_signal(predictor, args, profile=None) -> dict:
+    """``--signal`` (``--html`` with it when ``--picture`` is not given): the method's own grounding signal picture of
+    the query; the paths for the JSON, and ``profile`` (the stage times so far) with this pass's stages added."""
+    text = args.question if args.question is not None else args.text
+    page = args.html if args.picture is None else None
+    drawn = predictor.signal_picture(args.image, text, args.signal, page, image_id=args.image_id)
+    out = {"signal": drawn["picture"]} if page is None else {"signal": drawn["picture"], "html": drawn["html"]}
     if profile is not None:
         stages = {**profile, **predictor.profile}
         out["profile"] = {stage: round(profile.get(stage, 0.0) + predictor.profile.get(stage, 0.0), 6) for stage in stages}
@@ -262,16 +283,24 @@ def main(argv=None) -> int:
         parser.error("--batch needs --out (the results jsonl)")
     elif args.question is not None or args.text is not None or args.image is not None:
         parser.error("--batch reads the queries from the jsonl: drop --image / --question / --text")
-    if args.picture is None and args.html is not None:
-        parser.error("--html needs --picture (the .png the page shows)")
+    if args.picture is None and args.signal is None and args.html is not None:
+        parser.error("--html needs --picture or --signal (the .png the page shows)")
+    if args.html is not None and args.picture is not None and args.signal is not None:
+        parser.error("--html is one page: give it with --picture or with --signal, not both")
     if args.picture is not None and args.batch is not None:
         parser.error("--picture draws one query's alignment: not with --batch")
+    if args.signal is not None and args.batch is not None:
+        parser.error("--signal draws one query's grounding signal: not with --batch")
     start = time.perf_counter()
     try:
         if args.picture is not None:  # a bad path fails before the model loads
             from mmf_multilevel.predict.pictures import check_paths
 
             check_paths(args.picture, args.html)
+        if args.signal is not None:
+            from mmf_multilevel.predict.pictures import check_paths
+
+            check_paths(args.signal, args.html if args.picture is None else None)
         with contextlib.redirect_stdout(sys.stderr):  # MMF's config messages: stdout carries the JSON alone
             predictor = load_predictor(args.model or args.config, args.checkpoint, args.opts,
                                        regions=region_source(args), device=args.device)
@@ -283,6 +312,8 @@ def main(argv=None) -> int:
                              **task_fields(args))
         if args.picture is not None:
             result.update(draw_picture(predictor, args, predictor.profile if args.profile else None))
+        if args.signal is not None:
+            result.update(draw_signal(predictor, args, result["profile"] if args.profile else None))
     except (ConfigError, PredictInputError, BatchLineError, FileNotFoundError, KeyError, ValueError,
             NotImplementedError) as error:
         print(f"mmf_ml_predict: error: {error}", file=sys.stderr)

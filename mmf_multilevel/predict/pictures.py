@@ -24,7 +24,8 @@ from mmf_multilevel.files import write_atomically
 from mmf_multilevel.predict.align import Alignment
 from mmf_multilevel.predict.inputs import PredictInputError
 
-__all__ = ["FONT", "COLORMAP", "draw_alignment", "alignment_html", "write_alignment", "check_paths"]
+__all__ = ["FONT", "COLORMAP", "draw_alignment", "alignment_html", "write_alignment", "check_paths", "draw_text",
+           "html_page", "figure_png", "write_picture_files"]
 
 #: the font of every text in the figure (shipped with matplotlib)
 FONT = "DejaVu Sans"
@@ -40,7 +41,8 @@ def _positive(value, what):
     return value
 
 
-def _text(axes, *args, **kwargs):
+def draw_text(axes, *args, **kwargs):
+    """``axes.text`` in the pictures' font (:data:`FONT`), the text taken literally (no math mode)."""
     return axes.text(*args, fontfamily=FONT, parse_math=False, **kwargs)
 
 
@@ -101,7 +103,7 @@ def draw_alignment(alignment: Alignment, top: int = 3, columns: int = 4, panel_i
     for k, (x1, y1, x2, y2) in enumerate(boxes):
         everything.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linewidth=0.8))
         if alignment.labels is not None:
-            _text(everything, x1 + 1, y1 + 1, f"{k}: {alignment.labels[k]}", color="white", fontsize=7, va="top",
+            draw_text(everything, x1 + 1, y1 + 1, f"{k}: {alignment.labels[k]}", color="white", fontsize=7, va="top",
                   bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
     word_axes = []
     for index, ((word, pieces, row), order) in enumerate(zip(words, tops), 1):
@@ -111,7 +113,7 @@ def draw_alignment(alignment: Alignment, top: int = 3, columns: int = 4, panel_i
             colour = cmap(norm(float(row[k])))
             axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2.5))
             tag = f"{row[k]:.3f}" + (f" {alignment.labels[k]}" if alignment.labels else "")
-            _text(axes, x1 + 1, y1 + 1, tag, color="black", fontsize=7, va="top",
+            draw_text(axes, x1 + 1, y1 + 1, tag, color="black", fontsize=7, va="top",
                   bbox={"facecolor": "white", "alpha": 0.75, "pad": 1, "edgecolor": colour, "linewidth": 1})
         word_axes.append(axes)
     if word_axes:
@@ -138,27 +140,39 @@ def alignment_html(alignment: Alignment, png: bytes, top: int = 3) -> str:
             word = escape(entry["word"]) if rank == 1 else ""
             label = escape(unit["label"]) if unit["label"] is not None else ""
             box = ", ".join(f"{v:.0f}" for v in unit["box"])
-            rows.append(f"<tr><td>{word}</td><td>{rank}</td><td>{escape(unit['unit'])}</td><td>{label}</td>"
-                        f"<td>{unit['weight']:.4f}</td><td>{box}</td></tr>")
+            rows.append([word, str(rank), escape(unit["unit"]), label, f"{unit['weight']:.4f}", box])
+    intro = (f"Text: <b>{escape(alignment.text)}</b><br>Weights: {escape(alignment.source)}; {escape(summary['merge'])}."
+             f"<br>Image: {int(alignment.size[0])} x {int(alignment.size[1])} pixels.")
+    return html_page(f"{alignment.method}: {alignment.text}", alignment.method, intro, png,
+                     "alignment of the text with the image",
+                     ["word", "rank", "unit", "label", "weight", "box (x1, y1, x2, y2)"], rows, right_aligned=(5,))
+
+
+def html_page(title: str, heading: str, intro: str, png: bytes, alt: str, header, rows, right_aligned=()) -> str:
+    """The self-contained page every picture of :mod:`mmf_multilevel.predict` (and the weak corpus's link picture)
+    writes beside its PNG: ``heading``, the ``intro`` paragraph, the picture (``png`` bytes inlined as base64) and a
+    table (``header``: plain texts; ``rows``: cells already HTML-escaped, so a cell may mark up a part); columns
+    numbered in ``right_aligned`` (1-based) right-aligned. No external reference."""
+    escape = html.escape
     image = base64.b64encode(png).decode("ascii")
+    aligned = " ".join(f"td:nth-child({n}) {{ text-align: right; }}" for n in right_aligned)
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8">',
-        f"<title>{escape(alignment.method)}: {escape(alignment.text)}</title>",
-        "<style>body { font-family: 'DejaVu Sans', sans-serif; margin: 1em; } img { max-width: 100%; } "
+        f"<title>{escape(title)}</title>",
+        f"<style>body {{ font-family: '{FONT}', sans-serif; margin: 1em; }} img {{ max-width: 100%; }} "
         "table { border-collapse: collapse; } td, th { border: 1px solid #bbb; padding: 2px 8px; } "
-        "td:nth-child(5) { text-align: right; }</style>",
+        f"mark {{ padding: 0 2px; }} {aligned}</style>",
         "</head>",
         "<body>",
-        f"<h1>{escape(alignment.method)}</h1>",
-        f"<p>Text: <b>{escape(alignment.text)}</b><br>Weights: {escape(alignment.source)}; {escape(summary['merge'])}."
-        f"<br>Image: {int(alignment.size[0])} x {int(alignment.size[1])} pixels.</p>",
-        f'<img alt="alignment of the text with the image" src="data:image/png;base64,{image}">',
+        f"<h1>{escape(heading)}</h1>",
+        f"<p>{intro}</p>",
+        f'<img alt="{escape(alt)}" src="data:image/png;base64,{image}">',
         "<table>",
-        "<tr><th>word</th><th>rank</th><th>unit</th><th>label</th><th>weight</th><th>box (x1, y1, x2, y2)</th></tr>",
-        *rows,
+        "<tr>" + "".join(f"<th>{escape(name)}</th>" for name in header) + "</tr>",
+        *("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows),
         "</table>",
         "</body>",
         "</html>",
@@ -188,18 +202,29 @@ def _write_bytes(path: str, data: bytes) -> None:
     write_atomically(path, write)
 
 
+def figure_png(figure, dpi: int = 100) -> bytes:
+    """``figure`` as PNG bytes (no software tag in the file)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})  # no link in the file
+    return buffer.getvalue()
+
+
+def write_picture_files(png_path, png: bytes, html_path=None, page: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """``png`` written to ``png_path`` and, when given, ``page`` to ``html_path`` (parent folders created; each
+    file written to a temporary file beside it, then renamed). Returns ``{"picture": png_path, "html": html_path
+    or None}``."""
+    _write_bytes(os.fspath(png_path), png)
+    if html_path is not None:
+        _write_bytes(os.fspath(html_path), page.encode("utf-8"))
+    return {"picture": os.fspath(png_path), "html": os.fspath(html_path) if html_path is not None else None}
+
+
 def write_alignment(alignment: Alignment, png_path, html_path=None, top: int = 3, columns: int = 4,
                     dpi: int = 100) -> Dict[str, Optional[str]]:
     """The picture of :func:`draw_alignment` written to ``png_path`` and, when given, the page of
-    :func:`alignment_html` to ``html_path`` (parent folders created; each file written to a temporary file
-    beside it, then renamed). Returns ``{"picture": png_path, "html": html_path or None}``."""
+    :func:`alignment_html` to ``html_path`` (:func:`write_picture_files`). Returns ``{"picture": png_path,
+    "html": html_path or None}``."""
     check_paths(png_path, html_path)
-    figure = draw_alignment(alignment, top=top, columns=columns, dpi=dpi)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})  # no link in the file
-    png = buffer.getvalue()
+    png = figure_png(draw_alignment(alignment, top=top, columns=columns, dpi=dpi), dpi)
     page = alignment_html(alignment, png, top) if html_path is not None else None
-    _write_bytes(os.fspath(png_path), png)
-    if page is not None:
-        _write_bytes(os.fspath(html_path), page.encode("utf-8"))
-    return {"picture": os.fspath(png_path), "html": os.fspath(html_path) if html_path is not None else None}
+    return write_picture_files(png_path, png, html_path, page)

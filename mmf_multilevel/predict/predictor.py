@@ -404,6 +404,30 @@ class Predictor:
         return retrieve_texts(self, image, texts, top_k=top_k, cache=cache, batch_size=batch_size,
                               image_id=image_id, progress=progress)
 
+    def signal(self, image=None, text: Optional[str] = None, image_id=None):
+        """The method's own grounding signal of ``image`` and ``text`` (:mod:`.signals`: MVPTR's phrase-region scores,
+        SIMLA's Grad-CAM per expression and word, SOHO's dictionary ids of the image's cells), computed by the method's
+        picture module on this predictor's sample: a :class:`~.signals.Signal`. A method without one (SemVLP, μ-VLA)
+        raises a :class:`PredictInputError` pointing to :meth:`picture`."""
+        from mmf_multilevel.predict.signals import method_signal
+
+        self.profile = {}
+        return method_signal(self, image, text, image_id)
+
+    def signal_picture(self, image=None, text: Optional[str] = None, png_path: str = "",
+                       html_path: Optional[str] = None, image_id=None, top: int = 3) -> dict:
+        """:meth:`signal`, then the method's own picture of it written to ``png_path`` (and a self-contained HTML page
+        to ``html_path``); ``profile`` times the drawing as ``drawing``. Returns ``{"picture", "html", "signal"}``: the
+        paths and the signal's summary (per phrase or word its ``top`` units, or the grid's ids)."""
+        from mmf_multilevel.predict.pictures import check_paths
+        from mmf_multilevel.predict.signals import write_signal
+
+        check_paths(png_path, html_path)
+        signal = self.signal(image, text, image_id)
+        with self._stage("drawing"):
+            paths = write_signal(signal, png_path, html_path, top)
+        return {**paths, "signal": signal.summary(top)}
+
     # ------------------------------------------------------------------ tokens and labels
     @property
     def tokenizer(self):

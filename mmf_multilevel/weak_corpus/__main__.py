@@ -1,4 +1,5 @@
-"""``python -m mmf_multilevel.weak_corpus {build,encode,search,link} ...``: the μ-VLA weak-corpus builder.
+"""``python -m mmf_multilevel.weak_corpus {build,encode,search,link,picture} ...``: the μ-VLA weak-corpus builder;
+``picture`` draws one record's tag-phrase links over its image (:mod:`mmf_multilevel.weak_corpus.picture`).
 
 Exit status: 0 on success, 2 for bad input or settings (the message names the file/line/option),
 1 for anything unexpected.
@@ -95,11 +96,19 @@ def make_parser():
     p.add_argument("--chunk-rows", type=int, default=D["chunk_rows"], help="phrases encoded per resumable chunk (default: %(default)s)")
     _add_link(p, True)
     _add_common(p)
+    from mmf_multilevel.weak_corpus.picture import add_arguments
+
+    p = sub.add_parser("picture", help="draw one record's tag-phrase links over its image (PNG, and --html a page)")
+    add_arguments(p)
     return parser
 
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
+    if args.command == "picture":
+        from mmf_multilevel.weak_corpus.picture import run
+
+        return run(args)
     options = {k: v for k, v in vars(args).items() if k != "command"}
     from mmf_multilevel.weak_corpus._util import RetrievalError
 

@@ -333,46 +333,62 @@ def _iter_tags_jsonl(path, report):
         yield rec
 
 
+def cache_object_names(reader, path, names=None):
+    """The class names of a region cache's ``objects`` ids: ``names`` (from ``--object-vocab``) when given, else
+    the header's ``info.object_names``; an error says how to give them."""
+    if names is None:
+        names = reader.object_names or (reader.header or {}).get("object_names")
+        if not names:
+            raise RetrievalError(
+                f"--features {path}: the records hold class ids but no class names: pass --object-vocab FILE "
+                f"(one class name a line, line i = class id i), or write 'info.object_names' into the cache header"
+            )
+    return [str(x) for x in names]
+
+
+def cache_image(reader, key, names, where):
+    """One region-cache image as the builder reads it: ``{"image_id", "tags", "objects_ids", "boxes"?, "conf"?,
+    "image_w", "image_h"}`` (a tag per region, feature-row order: the class ids of ``objects``, or the argmax of
+    ``cls_prob``), or None when the record has neither (or 0 regions). A class id outside ``names`` is an error."""
+    record = reader.get(key, fields=("boxes", "objects", "cls_prob"))
+    cls_prob = record.get("cls_prob")
+    objects = record.get("objects")
+    offset = 0
+    if cls_prob is not None and cls_prob.ndim == 2 and cls_prob.shape[1] == len(names) + 1:
+        offset = 1  # column 0 is the background class
+    if objects is None and cls_prob is not None and cls_prob.size:
+        objects = np.argmax(cls_prob[:, offset:], axis=1)
+    if objects is None or len(objects) == 0:
+        return None
+    objects = np.asarray(objects, dtype=np.int64)
+    bad = np.nonzero((objects < 0) | (objects >= len(names)))[0]
+    if bad.size:
+        raise RetrievalError(
+            f"{where}: field 'objects' row {int(bad[0])} holds class id {int(objects[bad[0]])}, outside the object vocabulary "
+            f"(0..{len(names) - 1}); is --object-vocab the detector's class list?"
+        )
+    rec = {"image_id": key, "tags": [names[i] for i in objects], "objects_ids": objects.tolist(), "where": where}
+    if record.get("boxes") is not None and len(record["boxes"]) == len(objects):
+        rec["boxes"] = record["boxes"]
+    if cls_prob is not None and cls_prob.shape[0] == len(objects):
+        rec["conf"] = cls_prob[np.arange(len(objects)), objects + offset]
+    rec["image_w"], rec["image_h"] = record.get("image_w"), record.get("image_h")
+    return rec
+
+
 def _iter_feature_cache(path, names, report):
     from mmf_multilevel.features import FeatureCacheReader
 
     reader = FeatureCacheReader(path)
     try:
-        if names is None:
-            names = reader.object_names or (reader.header or {}).get("object_names")
-            if not names:
-                raise RetrievalError(
-                    f"--features {path}: the records hold class ids but no class names: pass --object-vocab FILE "
-                    f"(one class name a line, line i = class id i), or write 'info.object_names' into the cache header"
-                )
-            names = [str(x) for x in names]
+        names = cache_object_names(reader, path, names)
         keys = reader.keys()
         for key in progress(keys, desc="read region cache", unit="img"):
             where = f"{path}[{key}]"
-            record = reader.get(key, fields=("boxes", "objects", "cls_prob"))
-            cls_prob = record.get("cls_prob")
-            objects = record.get("objects")
-            offset = 0
-            if cls_prob is not None and cls_prob.ndim == 2 and cls_prob.shape[1] == len(names) + 1:
-                offset = 1  # column 0 is the background class
-            if objects is None and cls_prob is not None and cls_prob.size:
-                objects = np.argmax(cls_prob[:, offset:], axis=1)
-            if objects is None or len(objects) == 0:
+            rec = cache_image(reader, key, names, where)
+            if rec is None:
                 report.problem("images_no_tags", f"{where}: no 'objects' (class ids) nor 'cls_prob' in the record, or 0 regions; image skipped")
                 continue
-            objects = np.asarray(objects, dtype=np.int64)
-            bad = np.nonzero((objects < 0) | (objects >= len(names)))[0]
-            if bad.size:
-                raise RetrievalError(
-                    f"{where}: field 'objects' row {int(bad[0])} holds class id {int(objects[bad[0]])}, outside the object vocabulary "
-                    f"(0..{len(names) - 1}); is --object-vocab the detector's class list?"
-                )
-            rec = {"image_id": key, "tags": [names[i] for i in objects], "objects_ids": objects.tolist(), "where": where}
-            if record.get("boxes") is not None and len(record["boxes"]) == len(objects):
-                rec["boxes"] = record["boxes"]
-            if cls_prob is not None and cls_prob.shape[0] == len(objects):
-                rec["conf"] = cls_prob[np.arange(len(objects)), objects + offset]
-            rec["image_w"], rec["image_h"] = record.get("image_w"), record.get("image_h")
             yield rec
     finally:
         reader.close()
@@ -407,6 +423,11 @@ def prepare_images(features_path, out_dir, report, object_vocab=None, query_mode
     local = Report(stream=report.stream, quiet=report.quiet)
     names = read_object_vocab(object_vocab) if object_vocab else None
     if _is_feature_cache(features_path):
+        if names is None:  # the header's class names: what objects_ids index, so the tag vocabulary too
+            from mmf_multilevel.features import FeatureCacheReader
+
+            with FeatureCacheReader(features_path) as reader:
+                names = cache_object_names(reader, features_path)
         source = _iter_feature_cache(features_path, names, local)
         kind = "feature_cache"
     else:

@@ -47,6 +47,9 @@ class MuVLA(MethodModel):
     """The registered MMF model ``muvla`` (see the module docstring and ``defaults.yaml`` beside it)."""
 
     name = "muvla"
+    no_signal_hint = ("μ-VLA's own tag-phrase links are the weak corpus's (paper §3.3.2): python -m "
+                      "mmf_multilevel.weak_corpus picture --weak weak.jsonl --image-id ID --features <its region cache> "
+                      "--out links.png")
     config_class = MuVLAConfig
     head_types = ("pretraining", "classification", "nlvr2", "refcoco")
     state_key_map = (("train_steps", None),)

@@ -453,7 +453,12 @@ def phrase_positions(offsets, spans):
 def caption_record(text, vocab_path, id2phrase, spacy_name="en_core_web_sm", image_id=None):
     """One caption as a line of ``captions.jsonl`` (the same parse, vocabulary lookup and word-piece positions
     as :func:`build`), its phrases from an existing vocabulary ``id2phrase`` (``{id: words}``)."""
-    tokenizer, _, _ = load_wordpiece(vocab_path)
+    return parse_caption(text, load_wordpiece(vocab_path)[0], id2phrase, spacy_name, image_id)
+
+
+def parse_caption(text, tokenizer, id2phrase, spacy_name="en_core_web_sm", image_id=None):
+    """:func:`caption_record` with the WordPiece ``tokenizer`` already built (:func:`load_wordpiece`, or
+    ``BertWordPieceTokenizer(vocab, lowercase=True)`` of a loaded tokenizer's vocabulary)."""
     text = _clean(text, False)
     if not text:
         raise ConceptError("the caption is empty")

@@ -78,6 +78,7 @@ class MVPTR(MethodModel):
     """The registered MMF model ``mvptr`` (see the module docstring and ``defaults.yaml`` beside it)."""
 
     name = "mvptr"
+    signal_module = "mmf_multilevel.methods.mvptr.picture"
     config_class = MVPTRConfig
     head_types = ("pretraining", "retrieval", "vqa", "snli_ve", "refcoco")
 

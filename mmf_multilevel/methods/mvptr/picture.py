@@ -16,8 +16,10 @@ without them the boxes are drawn on a blank canvas of the image's size. Each pan
 coloured by its score with that phrase (the colour bar: cosine similarity), the best ``--top`` boxes
 drawn thick with their score. ``--html`` also writes a page with the picture and the score table.
 
-The computation (:func:`grounding_scores`) is apart from the drawing (:func:`draw_grounding`) and from the
-files (``write_picture``: a temporary file renamed onto the path).
+The computation (:func:`grounding_scores`; :func:`phrase_grounding` names its rows and regions) is apart from
+the drawing (:func:`draw_grounding`) and from the files (``write_picture``: a temporary file renamed onto the path).
+:func:`predictor_signal` computes the same scores for a query of :mod:`mmf_multilevel.predict` (the predictor's
+sample, the text parsed into phrases as ``--caption`` parses it): ``Predictor.signal`` / ``mmf_ml_predict --signal``.
 """
 import argparse
 import base64
@@ -26,13 +28,14 @@ import json
 import math
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grounding_scores", "draw_grounding", "write_html", "main"]
+__all__ = ["grounding_scores", "NoPhraseError", "PhraseGrounding", "phrase_grounding", "caption_batch", "draw_grounding",
+           "write_html", "predictor_signal", "main"]
 
 
 @torch.no_grad()
@@ -48,6 +51,59 @@ def grounding_scores(model, sample_list):
     phrases = F.normalize(states[0, :width][slots].float(), dim=-1)
     regions = F.normalize(states[0, width:].float(), dim=-1)
     return slots.nonzero().view(-1), phrases @ regions.t(), mask[0, width:].bool()
+
+
+class NoPhraseError(ValueError):
+    """The caption has no phrase of the concept vocabulary: there is no score row."""
+
+
+class PhraseGrounding(NamedTuple):
+    """:func:`grounding_scores` of one caption with its rows and its real regions named."""
+    positions: torch.Tensor  # (P,) the phrase slots
+    scores: torch.Tensor  # (P, K) every region slot
+    region_mask: torch.Tensor  # (K,) the real regions
+    names: List[str]  # (P,) the phrases' words
+    values: np.ndarray  # (P, R) the scores of the R real regions
+    boxes: np.ndarray  # (R, 4) their boxes, x1 y1 x2 y2 in the pixels of the region record's image
+    size: Tuple[int, int]  # (width, height) of the region record's image
+    labels: List[str]  # (R,) "region k (tag)"
+
+
+def phrase_grounding(model, sample_list, record, object_names=None) -> PhraseGrounding:
+    """:func:`grounding_scores` of the first pair of ``sample_list`` with its rows named by the caption ``record``'s
+    ``phrases`` (``phrase <id>`` when the record lists none) and its real regions by their boxes and the class names
+    ``object_names`` of their ``objects``; a :class:`NoPhraseError` when the caption has no phrase."""
+    positions, scores, region_mask = grounding_scores(model, sample_list)
+    if positions.numel() == 0:
+        raise NoPhraseError(f"the caption has no phrase of the concept vocabulary: {record.get('text')!r}")
+    positions, scores, region_mask = positions.cpu(), scores.cpu(), region_mask.cpu()
+    names: List[str] = [" ".join(p) for p in record.get("phrases", [])]
+    if len(names) < positions.numel():  # captions.jsonl without the "phrases" field
+        names = [f"phrase {int(i)}" for i in record["phrase_ids"][: positions.numel()]]
+    keep = region_mask.nonzero().view(-1)
+    info = sample_list.image_info_0
+    boxes = info["bbox"][0][keep].float().cpu().numpy()
+    size = (int(info["image_width"][0]), int(info["image_height"][0]))
+    classes = list(object_names) if object_names else []
+    objects = info["objects"][0][keep].tolist() if "objects" in info else [None] * keep.numel()
+    labels = [f"region {int(k)}" + (f" ({classes[int(o)]})" if o is not None and 0 <= int(o) < len(classes) else "")
+              for k, o in zip(keep.tolist(), objects)]
+    return PhraseGrounding(positions, scores, region_mask, names[: positions.numel()], scores[:, keep].numpy(), boxes,
+                           size, labels)
+
+
+def caption_batch(dataset, record, split: str):
+    """The dataset's own sample of the caption ``record`` (a line of the concept tool's ``captions.jsonl``) with its
+    image's regions and tags, collated as one batch: what ``--index`` and ``--caption`` score."""
+    from mmf.common.sample import Sample, SampleList
+
+    sample = Sample()
+    dataset.attach_visual(sample, str(record["image_id"]))
+    dataset.mvptr_text(record, sample)
+    dataset.add_tags(sample)
+    batch = SampleList([sample])
+    batch.dataset_name, batch.dataset_type = dataset.dataset_name, split
+    return batch
 
 
 def draw_grounding(picture: Optional[np.ndarray], size, boxes: np.ndarray, names: Sequence[str], scores: np.ndarray,
@@ -125,6 +181,77 @@ def write_html(path: str, picture_path: str, title: str, names: Sequence[str], s
     return path
 
 
+def predictor_signal(predictor, image=None, text=None, image_id=None):
+    """MVPTR's phrase-region scores of a query (paper §3.3, Eq. 2) for :mod:`mmf_multilevel.predict.signals`: ``text``
+    parsed into phrase concepts as ``--caption`` parses a caption (:func:`~.concepts.parse_caption`: spaCy tuples
+    looked up in ``model_config.mvptr.concepts``, word pieces of the dataset's tokenizer), laid out by the dataset's
+    own code (``mvptr_text``) beside the query image's regions and tags (the predictor's sample), then
+    :func:`phrase_grounding`. Boxes are mapped onto the query image (region methods' boxes, as ``align`` maps them)."""
+    from mmf_multilevel.methods.mvptr.concepts import ConceptError, parse_caption, read_id2phrase
+    from mmf_multilevel.predict.align import region_boxes
+    from mmf_multilevel.predict.inputs import PredictInputError, checked_text
+    from mmf_multilevel.predict.signals import Signal
+    from mmf_multilevel.weak_corpus._util import RetrievalError
+
+    text = checked_text(text, "text")
+    dataset = predictor.dataset_name
+    if not predictor._mvptr_layout:
+        raise PredictInputError(f"dataset {dataset} does not lay out MVPTR's inputs (an mvptr_* dataset): the phrase-region "
+                                "scores read its phrase slots")
+    inputs = predictor.mvptr_inputs
+    if not inputs.use_phrases:
+        raise PredictInputError(f"dataset_config.{dataset}.use_phrases is false: the text has no phrase slot to score")
+    concepts = predictor.config.model_config.mvptr.get("concepts")
+    if not concepts:
+        raise PredictInputError("model_config.mvptr.concepts is null: a text's phrases are looked up in the concept "
+                                "vocabulary (the concept tool's id2phrase.json)")
+    try:
+        id2phrase = read_id2phrase(str(concepts), "model_config.mvptr.concepts")
+        with predictor._stage("text"):
+            from tokenizers import BertWordPieceTokenizer
+
+            wordpiece = BertWordPieceTokenizer(dict(predictor.tokenizer.get_vocab()), lowercase=True)
+            record = parse_caption(text, wordpiece, id2phrase)
+    except (FileNotFoundError, ValueError, ConceptError, RetrievalError) as error:
+        raise PredictInputError(str(error)) from None
+    if not record["phrase_ids"]:
+        raise PredictInputError(f"text {text!r}: none of its phrases (spaCy's object-attribute tuples) is in the concept "
+                                f"vocabulary {concepts}: MVPTR scores phrases against regions")
+    sample, query, _ = predictor._visual(image, image_id, "image")
+    inputs.mvptr_text(record, sample)
+    batch = predictor._batch([sample])
+    with predictor._stage("model"):
+        grounding = phrase_grounding(predictor.model, batch, record,
+                                     inputs.object_names or predictor.region_source.object_names())
+    size = tuple(query.picture.size) if query is not None else grounding.size
+    picture = np.asarray(query.picture.convert("RGB"), dtype=np.uint8) if query is not None else None
+    boxes = region_boxes(grounding.boxes, grounding.size[0], grounding.size[1], size)
+    source = "phrase-region cosine of the multimodal outputs (MVPTR §3.3, Eq. 2)"
+
+    def ranked(top):
+        return [(name, [(int(k), float(row[k])) for k in np.argsort(-row, kind="stable")[:top]])
+                for name, row in zip(grounding.names, grounding.values)]
+
+    def table(top):
+        rows = [[name if rank == 1 else "", rank, grounding.labels[k], f"{score:.4f}",
+                 ", ".join(f"{v:.0f}" for v in boxes[k])]
+                for name, best in ranked(top) for rank, (k, score) in enumerate(best, 1)]
+        return ["phrase", "rank", "region", "cosine", "box (x1, y1, x2, y2)"], rows
+
+    def summary(top):
+        return {"method": predictor.method, "signal": source, "text": text, "phrases": [
+            {"phrase": name, "top": [{"region": grounding.labels[k], "cosine": round(score, 6),
+                                      "box": [round(float(v), 2) for v in boxes[k]]} for k, score in best]}
+            for name, best in ranked(top)]}
+
+    return Signal(predictor.method, source, text, (int(size[0]), int(size[1])),
+                  {"positions": grounding.positions, "scores": grounding.scores, "region_mask": grounding.region_mask,
+                   "record": record, "boxes": boxes, "labels": grounding.labels},
+                  lambda top: draw_grounding(picture, size, boxes, grounding.names, grounding.values, top=top,
+                                             title=f"{source}\n{text}"),
+                  table, summary)
+
+
 def _read_picture(folder: Optional[str], image_id: str):
     if folder is None:
         return None
@@ -157,8 +284,6 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    from mmf.common.sample import Sample, SampleList
-
     from mmf_multilevel.compat.launcher import load_run_config
     from mmf_multilevel.files import write_picture
     from mmf_multilevel.methods.mvptr.retrieval import load_model
@@ -192,41 +317,26 @@ def main(argv=None) -> int:
                 raise ValueError(f"--index {args.index}: the {args.split} split has {len(dataset.records)} captions")
             record = dataset.records[args.index]
         image_id = str(record["image_id"])
-        sample = Sample()
-        dataset.attach_visual(sample, image_id)
-        dataset.mvptr_text(record, sample)
-        dataset.add_tags(sample)
-        batch = SampleList([sample])
-        batch.dataset_name, batch.dataset_type = "mvptr_captions", args.split
+        batch = caption_batch(dataset, record, args.split)
     except (FileNotFoundError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    positions, scores, region_mask = grounding_scores(model, batch)
-    if positions.numel() == 0:
-        print(f"error: the caption has no phrase of the concept vocabulary: {record.get('text')!r}", file=sys.stderr)
+    try:
+        grounding = phrase_grounding(model, batch, record, dataset.object_names)
+    except NoPhraseError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    phrase_words: List[str] = [" ".join(p) for p in record.get("phrases", [])]
-    if len(phrase_words) < positions.numel():  # captions.jsonl without the "phrases" field
-        phrase_words = [f"phrase {int(i)}" for i in record["phrase_ids"][: positions.numel()]]
-    keep = region_mask.nonzero().view(-1)
-    info = batch.image_info_0
-    boxes = info["bbox"][0][keep].float().numpy()
-    size = (int(info["image_width"][0]), int(info["image_height"][0]))
-    names = list(dataset.object_names) if dataset.object_names else []
-    objects = info["objects"][0][keep].tolist() if "objects" in info else [None] * keep.numel()
-    labels = [f"region {int(k)}" + (f" ({names[int(o)]})" if o is not None and 0 <= int(o) < len(names) else "")
-              for k, o in zip(keep.tolist(), objects)]
     folder = args.images or os.path.join(str(settings.data_dir), "images")
     picture = _read_picture(folder, image_id)
-    values = scores[:, keep].numpy()
     title = f"{image_id}: {record.get('text', '')}"
-    figure = draw_grounding(picture, size, boxes, phrase_words[: positions.numel()], values, top=args.top, title=title)
+    figure = draw_grounding(picture, grounding.size, grounding.boxes, grounding.names, grounding.values, top=args.top,
+                            title=title)
     write_picture(figure, args.out)
     if args.html:
-        write_html(args.html, args.out, title, phrase_words[: positions.numel()], values, labels)
+        write_html(args.html, args.out, title, grounding.names, grounding.values, grounding.labels)
     print(json.dumps({"image_id": image_id, "caption": record.get("text"), "picture": args.out,
-                      "phrases": {name: labels[int(np.argmax(row))] for name, row in
-                                  zip(phrase_words[: positions.numel()], values)}}, indent=1))
+                      "phrases": {name: grounding.labels[int(np.argmax(row))] for name, row in
+                                  zip(grounding.names, grounding.values)}}, indent=1))
     return 0
 
 

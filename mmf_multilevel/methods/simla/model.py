@@ -142,6 +142,7 @@ class SIMLA(MethodModel):
     """The registered MMF model ``simla`` (see the module docstring and ``defaults.yaml`` beside it)."""
 
     name = "simla"
+    signal_module = "mmf_multilevel.methods.simla.picture"
     config_class = SIMLAConfig
     head_types = ("pretraining", "retrieval", "grounding") + TASK_HEADS
 

@@ -32,8 +32,8 @@ import torch
 
 from mmf_multilevel.methods.simla.grounding import box_scores, image_heatmap, itm_gradcam
 
-__all__ = ["PictureError", "WordUnit", "word_units", "word_maps", "alignment_maps", "draw_heatmap", "write_page",
-           "main"]
+__all__ = ["PictureError", "WordUnit", "word_units", "word_maps", "alignment_maps", "draw_heatmap", "draw_heatmaps",
+           "write_page", "predictor_signal", "main"]
 
 SPECIAL_TOKENS = ("[CLS]", "[SEP]")
 
@@ -96,13 +96,20 @@ def draw_heatmap(picture: np.ndarray, heat: np.ndarray, title: str, boxes: Optio
                  chosen: Optional[int] = None, inches: float = 5.0):
     """A matplotlib figure: ``picture`` (``H x W x 3``) under ``heat`` (``H x W``, the same pixels) in a
     colour map, ``boxes`` (``x1 y1 x2 y2``) drawn thin and box ``chosen`` thick."""
-    import matplotlib
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
     height, width = picture.shape[:2]
     figure = Figure(figsize=(inches, inches * height / max(width, 1) + 0.5))
     axes = figure.add_subplot(1, 1, 1)
+    figure.colorbar(_heatmap_panel(axes, picture, heat, title, boxes, chosen), ax=axes, shrink=0.7, label="Grad-CAM")
+    return figure
+
+
+def _heatmap_panel(axes, picture, heat, title, boxes=None, chosen=None):
+    """One panel of :func:`draw_heatmap` / :func:`draw_heatmaps`; returns the heat map's image (for a colour bar)."""
+    import matplotlib
+    from matplotlib.patches import Rectangle
+
     axes.imshow(picture)
     shown = axes.imshow(heat, cmap=matplotlib.colormaps["jet"], alpha=0.5, vmin=0.0,
                         vmax=max(float(heat.max()), 1e-12))
@@ -113,7 +120,28 @@ def draw_heatmap(picture: np.ndarray, heat: np.ndarray, title: str, boxes: Optio
     axes.set_title(title, fontsize=9)
     axes.set_xticks([])
     axes.set_yticks([])
-    figure.colorbar(shown, ax=axes, shrink=0.7, label="Grad-CAM")
+    return shown
+
+
+def draw_heatmaps(picture: np.ndarray, heats: Sequence[np.ndarray], titles: Sequence[str], columns: int = 4,
+                  inches: float = 3.2, title: str = ""):
+    """:func:`draw_heatmap`'s panels side by side in one figure, ``columns`` a row: panel ``i`` (``figure.axes[i]``)
+    is ``heats[i]`` over ``picture``, each with its own colour scale (0 to its maximum, as one picture each)."""
+    import math
+
+    from matplotlib.figure import Figure
+
+    if len(heats) != len(titles) or not len(heats):
+        raise ValueError(f"draw_heatmaps needs one title per map and at least one map, got {len(heats)} maps and "
+                         f"{len(titles)} titles")
+    height, width = picture.shape[:2]
+    columns = max(1, min(int(columns), len(heats)))
+    rows = math.ceil(len(heats) / columns)
+    figure = Figure(figsize=(inches * columns, (inches * height / max(width, 1) + 0.4) * rows + 0.6))
+    for index, (heat, name) in enumerate(zip(heats, titles)):
+        _heatmap_panel(figure.add_subplot(rows, columns, index + 1), picture, heat, name)
+    if title:
+        figure.suptitle(title, fontsize=10)
     return figure
 
 
@@ -141,6 +169,64 @@ def write_page(path: str, title: str, sections: Sequence[dict]) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomically(path, write)
     return path
+
+
+def predictor_signal(predictor, image=None, text=None, image_id=None):
+    """SIMLA's Grad-CAM of the ITM match score (paper §3.5) of a query for :mod:`mmf_multilevel.predict.signals`:
+    :func:`alignment_maps` on the predictor's sample (the image through the dataset's evaluation pipeline, the text
+    through its text processor) on the cross-attention of ``model_config.simla.gradcam_layer``; the expression's map
+    and each word's (:func:`word_units`: [CLS] and [SEP] are units of their own) over the query image
+    (:func:`~mmf_multilevel.methods.simla.grounding.image_heatmap`), drawn by :func:`draw_heatmaps`."""
+    from mmf_multilevel.methods.simla.grounding import check_gradcam_layer
+    from mmf_multilevel.predict.inputs import PredictInputError, checked_text
+    from mmf_multilevel.predict.signals import Signal
+
+    model = predictor.model
+    if getattr(getattr(model, "heads", None), "itm_head", None) is None:
+        raise PredictInputError(f"SIMLA's Grad-CAM is that of its ITM head, which a {model.head_type!r} model does not "
+                                "have: give a simla model with training_head_type pretraining, retrieval or grounding "
+                                "(--picture draws any model's attention)")
+    text = checked_text(text, "text")
+    layer = int(model.settings.gradcam_layer)
+    try:
+        check_gradcam_layer(layer, model.backbone.text_encoder.num_layers)
+    except ValueError as error:
+        raise PredictInputError(str(error)) from None
+    sample, query, _ = predictor._visual(image, image_id, "image")
+    fields = predictor.text_fields(text)
+    count = int(fields["input_mask"].sum())
+    tokens = predictor.tokenizer.convert_ids_to_tokens(fields["input_ids"][:count].tolist())
+    batch = predictor._batch([sample])
+    pixels = batch.image.float()
+    with predictor._stage("model"):
+        (maps,) = alignment_maps(model, pixels, [dict(fields, tokens=tokens, text=text)], layer)
+    width, height = query.picture.size
+    content = [int(n) for n in sample.image_size]
+    heats = [image_heatmap(grid, pixels.shape[-2:], content, (height, width)).numpy()
+             for grid in [maps.expression_map, *maps.unit_maps]]
+    picture = np.asarray(query.picture.convert("RGB"), dtype=np.uint8)
+    titles = [f"the expression (ITM match logit {maps.match_logit:.2f})"] + [
+        unit.label if len(unit.positions) == 1 else f"{unit.label} ({len(unit.positions)} pieces)" for unit in maps.units]
+    source = f"Grad-CAM of the ITM match score on the cross-attention of layer {layer} (SIMLA §3.5)"
+
+    def peak(heat):
+        row, column = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        return [int(column), int(row)]
+
+    def table(top):
+        rows = [[name, f"{float(heat.max()):.3g}", ", ".join(str(v) for v in peak(heat))]
+                for name, heat in zip(["(expression)"] + [unit.label for unit in maps.units], heats)]
+        return ["word", "largest Grad-CAM", "at pixel (x, y)"], rows
+
+    def summary(top):
+        return {"method": predictor.method, "signal": source, "text": text, "layer": layer,
+                "match_logit": round(maps.match_logit, 6), "expression": {"max": float(heats[0].max()), "peak": peak(heats[0])},
+                "words": [{"word": unit.label, "pieces": len(unit.positions), "max": float(heat.max()), "peak": peak(heat)}
+                          for unit, heat in zip(maps.units, heats[1:])]}
+
+    return Signal(predictor.method, source, text, (int(width), int(height)),
+                  {"maps": maps, "heats": heats, "layer": layer},
+                  lambda top: draw_heatmaps(picture, heats, titles, title=f"{source}\n{text}"), table, summary)
 
 
 def _slug(word: str) -> str:

@@ -71,6 +71,7 @@ class SOHO(MethodModel):
     """The registered MMF model ``soho`` (see the module docstring and ``defaults.yaml`` beside it)."""
 
     name = "soho"
+    signal_module = "mmf_multilevel.methods.soho.picture"
     config_class = SOHOConfig
     head_types = ("pretraining", "vqa", "nlvr2", "snli_ve", "retrieval")
 

@@ -37,7 +37,8 @@ from mmf_multilevel.files import write_picture
 from mmf_multilevel.methods.soho.network import GRID_STRIDE
 
 __all__ = ["PADDING", "PADDING_COLOUR", "DICTIONARY_KEY", "PictureError", "cell_ids", "id_colours", "draw",
-           "write_picture", "load_model", "image_processor", "dataset_images", "read_images", "main"]
+           "write_picture", "load_model", "image_processor", "dataset_images", "read_images", "batch_cell_ids",
+           "network_picture", "encode_images", "predictor_signal", "main"]
 
 #: the id of a padding cell (no picture pixel in it; the dictionary assigns it nothing)
 PADDING = -1
@@ -268,23 +269,74 @@ def dataset_images(config, dataset: str, split: str, count: int):
     return [(image_id, source.load_image(image_id)) for image_id in ids]
 
 
+def batch_cell_ids(model, batch) -> List[np.ndarray]:
+    """:func:`cell_ids` of a batch of processed images (``image`` ``(B, 3, H, W)`` and ``image_size``, as a raw-image
+    dataset's batch holds them), through the batch contract SOHO reads them with."""
+    from mmf_multilevel.methods.batch import pixel_inputs
+
+    pixels = pixel_inputs(batch, "soho")
+    return cell_ids(model.backbone, pixels.pixels, pixels.mask)
+
+
+def network_picture(image, size) -> np.ndarray:
+    """The picture the network read: ``image`` (a PIL image) resized to the processor's content ``size`` = (h, w),
+    uint8."""
+    from PIL import Image
+
+    height, width = (int(v) for v in torch.as_tensor(size).view(2))
+    return np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC))
+
+
 def encode_images(model, processor, images):
     """``(pictures, grids)``: per image the resized picture the network read (uint8, the processor's
     content size) and its :func:`cell_ids` grid, each image on its own (its grid has no padding unless the
     processor pads)."""
-    from PIL import Image
-
-    from mmf_multilevel.methods.batch import pixel_inputs
-
     pictures, grids = [], []
     for _, image in images:
         out = processor({"image": image, "train": False})
         size = out["image_size"] if "image_size" in out else torch.tensor(out["image"].shape[-2:])
-        pixels = pixel_inputs({"image": out["image"][None], "image_size": size.view(1, 2)}, "soho")
-        grids.extend(cell_ids(model.backbone, pixels.pixels, pixels.mask))
-        height, width = (int(v) for v in size.view(2))
-        pictures.append(np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC)))
+        grids.extend(batch_cell_ids(model, {"image": out["image"][None], "image_size": size.view(1, 2)}))
+        pictures.append(network_picture(image, size))
     return pictures, grids
+
+
+def predictor_signal(predictor, image=None, text=None, image_id=None):
+    """SOHO's visual-dictionary ids (paper §3.2, Eq. 2) of the query image's grid cells for
+    :mod:`mmf_multilevel.predict.signals`: :func:`batch_cell_ids` on the predictor's sample (the image through the
+    dataset's evaluation pipeline), drawn by :func:`draw` over the picture the network read. The ids are the
+    image's alone: ``text`` is not read. A model built without its dictionary (``use_vd: false``) has none."""
+    from mmf_multilevel.predict.inputs import PredictInputError
+    from mmf_multilevel.predict.signals import Signal
+
+    model = predictor.model
+    if not bool(model.settings.use_vd):
+        raise PredictInputError("this soho model is built without its visual dictionary (model_config.soho.use_vd: "
+                                "false): its cells have no dictionary ids (--picture draws its attention)")
+    sample, query, _ = predictor._visual(image, image_id, "image")
+    batch = predictor._batch([sample])
+    with predictor._stage("model"):
+        (grid,) = batch_cell_ids(model, batch)
+    picture = network_picture(query.picture, sample.image_size)
+    name = os.path.basename(query.where.split(" ", 1)[1]) if " " in query.where else "the image"
+    source = (f"visual-dictionary id of each {GRID_STRIDE} x {GRID_STRIDE} cell of the resized image, of "
+              f"{int(model.settings.vd_size)} entries (SOHO §3.2, Eq. 2)")
+    ids, counts = np.unique(grid[grid != PADDING], return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+
+    def table(top):
+        rows = []
+        for n in order:
+            cells = np.argwhere(grid == ids[n])
+            rows.append([int(ids[n]), int(counts[n]), "; ".join(f"{r},{c}" for r, c in cells.tolist())])
+        return ["dictionary id", "cells", "cells (row, column)"], rows
+
+    def summary(top):
+        return {"method": predictor.method, "signal": source, "grid": list(grid.shape), "distinct": int(len(ids)),
+                "ids": grid.tolist(), "padding": PADDING}
+
+    width, height = query.picture.size
+    return Signal(predictor.method, source, None, (int(width), int(height)), {"ids": grid, "picture": picture},
+                  lambda top: draw([picture], [grid], [name]), table, summary)
 
 
 # ---------------------------------------------------------------------------------------------- command

@@ -53,3 +53,21 @@ def image_input(dataset, image_id, kind):
         return source.resolve(str(image_id))
     data = source.get_bytes(str(image_id))
     return data if kind == "bytes" else Image.open(io.BytesIO(data))
+
+
+#: MVPTR's demo model sizes its word table from the concept tool's vocabulary: two concepts past the 74 pieces
+DEMO_CONCEPTS = {"74": ["red", "circle"], "75": ["blue", "square"]}
+
+
+def demo_data(root, num_images: int, concepts=None):
+    """The generated demo set under ``root/demo`` with ``num_images`` images and a concept vocabulary
+    (``concepts``: id -> phrase tuple, default :data:`DEMO_CONCEPTS`) for MVPTR's projects; returns ``root``."""
+    import json
+
+    from mmf_multilevel.datasets import generate as gen
+
+    gen.generate(root / "demo", num_images=num_images, progress=False)
+    (root / "demo" / "concepts").mkdir()
+    (root / "demo" / "concepts" / "id2phrase.json").write_text(json.dumps(DEMO_CONCEPTS if concepts is None
+                                                                          else concepts))
+    return root

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from helpers.mmf import ROOT
-from mmf_multilevel.datasets import generate as gen
+from helpers.predict import demo_data
 
 METHODS = ["semvlp", "muvla", "mvptr", "soho", "simla"]
 TEXT = "what color is the circle?"
@@ -24,13 +24,7 @@ IMAGE_ID = "demo_000000"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pictures_data")
-    gen.generate(root / "demo", num_images=8, progress=False)
-    # MVPTR's demo model sizes its word table from the concept tool's vocabulary (two concepts past the 74 pieces)
-    (root / "demo" / "concepts").mkdir()
-    (root / "demo" / "concepts" / "id2phrase.json").write_text(json.dumps({"74": ["red", "circle"],
-                                                                          "75": ["blue", "square"]}))
-    return root
+    return demo_data(tmp_path_factory.mktemp("pictures_data"), num_images=8)
 
 
 _PREDICTORS = {}

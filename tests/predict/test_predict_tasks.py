@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from helpers.mmf import ROOT
-from helpers.predict import dataset_of, image_input, model_scores, predictor_for
-from mmf_multilevel.datasets import generate as gen
+from helpers.predict import dataset_of, demo_data, image_input, model_scores, predictor_for
 
 NLVR2_METHODS = ["semvlp", "muvla", "soho", "simla"]
 GROUND_PROJECTS = {"muvla": ("muvla", "refcoco_plus"), "mvptr": ("mvptr", "refcoco_plus"),
@@ -17,13 +16,7 @@ GROUND_PROJECTS = {"muvla": ("muvla", "refcoco_plus"), "mvptr": ("mvptr", "refco
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict_tasks_data")
-    gen.generate(root / "demo", num_images=24, progress=False)
-    # MVPTR's demo model sizes its word table from the concept tool's vocabulary (two concepts past the 74 pieces)
-    (root / "demo" / "concepts").mkdir()
-    (root / "demo" / "concepts" / "id2phrase.json").write_text(json.dumps({"74": ["red", "circle"],
-                                                                          "75": ["blue", "square"]}))
-    return root
+    return demo_data(tmp_path_factory.mktemp("predict_tasks_data"), num_images=24)
 
 
 def side_inputs(predictor, dataset, left, right, kind="path"):

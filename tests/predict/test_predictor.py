@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from helpers.mmf import ROOT
-from helpers.predict import dataset_of, image_input, model_scores, predictor_for
-from mmf_multilevel.datasets import generate as gen
+from helpers.predict import dataset_of, demo_data, image_input, model_scores, predictor_for
 
 VQA_PROJECTS = ["semvlp", "muvla", "mvptr", "simla", "soho"]
 MATCH_PROJECTS = {"semvlp": "retrieval_coco", "soho": "retrieval_coco", "simla": "retrieval_coco"}
@@ -16,13 +15,7 @@ MATCH_PROJECTS = {"semvlp": "retrieval_coco", "soho": "retrieval_coco", "simla":
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict_data")
-    gen.generate(root / "demo", num_images=24, progress=False)
-    # MVPTR's demo model sizes its word table from the concept tool's vocabulary (two concepts past the 74 pieces)
-    (root / "demo" / "concepts").mkdir()
-    (root / "demo" / "concepts" / "id2phrase.json").write_text(json.dumps({"74": ["red", "circle"],
-                                                                          "75": ["blue", "square"]}))
-    return root
+    return demo_data(tmp_path_factory.mktemp("predict_data"), num_images=24)
 
 
 @pytest.mark.parametrize("method", VQA_PROJECTS)

@@ -13,7 +13,7 @@ import torch
 from test_predictor import dataset_of
 
 from helpers.mmf import ROOT, clean_env
-from mmf_multilevel.datasets import generate as gen
+from helpers.predict import demo_data
 
 CAPTIONS = ["a red circle on a plain background.", "two blue squares drawn on a grey background.",
             "a white triangle and a green diamond.", "there are three shapes : circles and squares."]
@@ -21,13 +21,7 @@ CAPTIONS = ["a red circle on a plain background.", "two blue squares drawn on a 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("retrieve_data")
-    gen.generate(root / "demo", num_images=24, progress=False)
-    # MVPTR's demo model sizes its word table from the concept tool's vocabulary (two concepts past the 74 pieces)
-    (root / "demo" / "concepts").mkdir()
-    (root / "demo" / "concepts" / "id2phrase.json").write_text(json.dumps({"74": ["red", "circle"],
-                                                                          "75": ["blue", "square"]}))
-    return root
+    return demo_data(tmp_path_factory.mktemp("retrieve_data"), num_images=24)
 
 
 def image_path(data, index):

@@ -1,7 +1,8 @@
 """Small file helpers shared by the long-running tools (extractor, image packer, data generator)."""
 import os
 
-__all__ = ["write_lines_atomically", "save_torch_atomically", "write_atomically", "write_picture"]
+__all__ = ["write_lines_atomically", "save_torch_atomically", "write_atomically", "write_bytes_atomically",
+           "write_picture"]
 
 
 def write_lines_atomically(path, lines, header=None, remove_when_empty=False):
@@ -41,6 +42,19 @@ def write_atomically(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_bytes_atomically(path, data: bytes):
+    """``data`` written to ``path`` through a temporary file and a rename (a page, a PNG, a small JSON file); the
+    parent folder is created. Returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+    write_atomically(path, write)
+    return path
 
 
 def write_picture(figure, path):

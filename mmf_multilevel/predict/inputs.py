@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 
 from mmf_multilevel.images.sources import ImageDecodeError, decode_image
 
-__all__ = ["PredictInputError", "QueryImage", "read_image", "MAX_TEXT_CHARS"]
+__all__ = ["PredictInputError", "QueryImage", "read_image", "MAX_TEXT_CHARS", "positive_int"]
 
 
 class PredictInputError(ValueError):
@@ -71,3 +71,11 @@ def checked_text(text, where: str) -> str:
 
 def optional_id(image_id: Optional[object]) -> Optional[str]:
     return None if image_id is None else str(image_id)
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` when it is an int of at least 1 (not a bool); otherwise a :class:`PredictInputError` naming
+    ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PredictInputError(f"{name}: expected a positive integer, got {value!r}")
+    return value

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from mmf_multilevel.files import write_atomically
+from mmf_multilevel.files import write_bytes_atomically
 from mmf_multilevel.predict.align import Alignment
 from mmf_multilevel.predict.inputs import PredictInputError
 
@@ -192,16 +192,6 @@ def check_paths(png_path, html_path=None) -> None:
             raise PredictInputError("the html path and the picture path are the same file")
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-
-    write_atomically(path, write)
-
-
 def figure_png(figure, dpi: int = 100) -> bytes:
     """``figure`` as PNG bytes (no software tag in the file)."""
     buffer = io.BytesIO()
@@ -213,9 +203,9 @@ def write_picture_files(png_path, png: bytes, html_path=None, page: Optional[str
     """``png`` written to ``png_path`` and, when given, ``page`` to ``html_path`` (parent folders created; each
     file written to a temporary file beside it, then renamed). Returns ``{"picture": png_path, "html": html_path
     or None}``."""
-    _write_bytes(os.fspath(png_path), png)
+    write_bytes_atomically(os.fspath(png_path), png)
     if html_path is not None:
-        _write_bytes(os.fspath(html_path), page.encode("utf-8"))
+        write_bytes_atomically(os.fspath(html_path), page.encode("utf-8"))
     return {"picture": os.fspath(png_path), "html": os.fspath(html_path) if html_path is not None else None}
 
 

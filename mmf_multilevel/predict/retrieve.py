@@ -46,7 +46,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from mmf_multilevel.predict.inputs import PredictInputError, checked_text, optional_id
+from mmf_multilevel.predict.inputs import PredictInputError, checked_text, optional_id, positive_int
 
 __all__ = ["retrieve_images", "retrieve_texts", "EmbeddingCache", "EmbeddingCacheError", "model_fingerprint",
            "weights_digest", "gallery_images", "gallery_texts", "add_retrieval_arguments", "run_cli",
@@ -247,15 +247,10 @@ class EmbeddingCache:
         os.makedirs(self.root, exist_ok=True)
         about = os.path.join(self.root, "fingerprint.json")
         if settings is not None and not os.path.exists(about):
-            from mmf_multilevel.files import write_atomically
+            from mmf_multilevel.files import write_bytes_atomically
 
             text = json.dumps({"fingerprint": fingerprint, **settings}, indent=1, sort_keys=True, default=str)
-
-            def write(tmp):
-                with open(tmp, "w", encoding="utf-8") as handle:
-                    handle.write(text + "\n")
-
-            write_atomically(about, write)
+            write_bytes_atomically(about, (text + "\n").encode("utf-8"))
         self.hits = self.written = 0
 
     def path(self, kind: str, key: str) -> str:
@@ -367,9 +362,8 @@ def _progress(total, unit, desc, progress):
 
 
 def _checked_counts(top_k, batch_size):
-    for name, value in (("top_k", top_k), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise PredictInputError(f"{name}: expected a positive integer, got {value!r}")
+    positive_int(top_k, "top_k")
+    positive_int(batch_size, "batch_size")
 
 
 # ------------------------------------------------------------------ the two ways of ranking

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from mmf_multilevel.predict.inputs import PredictInputError
+from mmf_multilevel.predict.inputs import PredictInputError, positive_int
 
 __all__ = ["NLVR2_HEAD_TYPES", "GROUND_HEAD_TYPES", "nlvr2", "ground", "ground_picture", "draw_grounding",
            "write_grounding", "add_task_arguments", "task_fields", "check_task_arguments", "batch_query",
@@ -67,12 +67,6 @@ def _visual_fields(predictor, query, target) -> None:
 def _region_pair(predictor, query):
     visual = predictor.visual_sample(*query)
     return visual.image_feature_0, visual.image_info_0
-
-
-def _checked_top_k(top_k) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise PredictInputError(f"top_k: expected a positive integer, got {top_k!r}")
-    return top_k
 
 
 # ---------------------------------------------------------------------- NLVR2
@@ -164,7 +158,7 @@ def _ground(predictor, image, expression, image_id, top_k):
 
     predictor.profile = {}
     _require_grounding(predictor)
-    top_k = _checked_top_k(top_k)
+    top_k = positive_int(top_k, "top_k")
     text = predictor.text_fields(expression, "expression")
     sample, query, _ = predictor._visual(image, image_id, "image")
     if predictor.visual == "pixels":
@@ -240,17 +234,14 @@ def draw_grounding(result: dict, picture=None, title: Optional[str] = None, inch
 def write_grounding(result: dict, png_path, picture=None, title: Optional[str] = None, dpi: int = 100) -> str:
     """:func:`draw_grounding` written to ``png_path`` (a ``.png``; parent folders created; a temporary file beside
     it, then a rename). Returns the path."""
-    import io
     import os
 
-    from mmf_multilevel.predict.pictures import _write_bytes, check_paths
+    from mmf_multilevel.files import write_bytes_atomically
+    from mmf_multilevel.predict.pictures import check_paths, figure_png
 
     check_paths(png_path)
     figure = draw_grounding(result, picture, title=title, dpi=dpi)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
-    _write_bytes(os.fspath(png_path), buffer.getvalue())
-    return os.fspath(png_path)
+    return write_bytes_atomically(os.fspath(png_path), figure_png(figure, dpi))
 
 
 def ground_picture(predictor, image=None, expression: str = "", png_path="", image_id=None, top_k: int = 3) -> dict:

@@ -157,7 +157,7 @@ def draw_grounding(picture: Optional[np.ndarray], size, boxes: np.ndarray, names
 def write_html(path: str, picture_path: str, title: str, names: Sequence[str], scores: np.ndarray,
                region_labels: Sequence[str]) -> str:
     """A page with the picture (embedded) and, per phrase, the regions ranked by score."""
-    from mmf_multilevel.files import write_atomically
+    from mmf_multilevel.files import write_bytes_atomically
 
     with open(picture_path, "rb") as f:
         encoded = base64.b64encode(f.read()).decode("ascii")
@@ -170,15 +170,7 @@ def write_html(path: str, picture_path: str, title: str, names: Sequence[str], s
             f"<h1>{html.escape(title)}</h1><img src='data:image/png;base64,{encoded}' style='max-width:100%'>"
             "<table border='1' cellpadding='4'><tr><th>phrase</th><th>best regions (cosine)</th></tr>"
             + "".join(rows) + "</table>")
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    write_atomically(path, write)
-    return path
+    return write_bytes_atomically(path, page.encode("utf-8"))
 
 
 def predictor_signal(predictor, image=None, text=None, image_id=None):

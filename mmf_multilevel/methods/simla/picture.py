@@ -147,7 +147,7 @@ def draw_heatmaps(picture: np.ndarray, heats: Sequence[np.ndarray], titles: Sequ
 
 def write_page(path: str, title: str, sections: Sequence[dict]) -> str:
     """``index.html``: per expression its picture and its words' pictures (files beside the page)."""
-    from mmf_multilevel.files import write_atomically
+    from mmf_multilevel.files import write_bytes_atomically
 
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><h1>{html.escape(title)}</h1>"]
     for section in sections:
@@ -160,15 +160,7 @@ def write_page(path: str, title: str, sections: Sequence[dict]) -> str:
                          f"{html.escape(word['picture'])}' style='width:100%'><figcaption>"
                          f"{html.escape(word['word'])}</figcaption></figure>")
         parts.append("</div>")
-    page = "".join(parts)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(page)
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomically(path, write)
-    return path
+    return write_bytes_atomically(path, "".join(parts).encode("utf-8"))
 
 
 def predictor_signal(predictor, image=None, text=None, image_id=None):
@@ -295,7 +287,7 @@ def _parser():
 
 def main(argv=None) -> int:
     from mmf_multilevel.compat.launcher import load_run_config
-    from mmf_multilevel.files import write_atomically, write_picture
+    from mmf_multilevel.files import write_bytes_atomically, write_picture
     from mmf_multilevel.methods.base import load_method_model
     from mmf_multilevel.methods.simla.grounding import check_gradcam_layer
 
@@ -343,11 +335,7 @@ def main(argv=None) -> int:
     page = write_page(os.path.join(args.out, "index.html"), f"SIMLA Grad-CAM: {os.path.basename(args.image)}",
                       sections)
     summary = {"image": args.image, "layer": layer, "page": page, "expressions": sections}
-    def dump(tmp):
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=1)
-
-    write_atomically(os.path.join(args.out, "summary.json"), dump)
+    write_bytes_atomically(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1).encode("utf-8"))
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -190,6 +190,24 @@ class MethodModel(BaseModel):
         :func:`~mmf_multilevel.metrics.pair_match_scores`)."""
         return None
 
+    def match_logits(self, sample_list) -> torch.Tensor:
+        """The matching head's scores of the batch's (image, text) pairs as given: nothing masked, no negative
+        drawn. A ``retrieval`` model's ``scores`` (what its retrieval evaluation ranks gallery pairs by); a
+        ``pretraining`` model's image-text matching head on the clean pair (:meth:`pretraining_match_logits`).
+        Read with :func:`~mmf_multilevel.metrics.pair_match_scores` (``Predictor.match``, retrieval by the
+        matching head)."""
+        if self.head_type == "retrieval":
+            return self.forward(sample_list)["scores"]
+        if self.head_type == "pretraining":
+            return self.pretraining_match_logits(sample_list)
+        raise ValueError(f"a {self.name} model with training_head_type {self.head_type!r} has no image-text matching "
+                         "head: match a pair with a 'retrieval' or 'pretraining' model")
+
+    def pretraining_match_logits(self, sample_list) -> torch.Tensor:
+        """The pre-training image-text matching head's logits ``(B, 2)`` (column 1 = matched) of the batch's pairs,
+        unmasked, through the pass the method's ITM loss reads."""
+        raise NotImplementedError(f"{self.name} pre-training has no image-text matching head to score a pair with")
+
     def paired_forward(self, sample_list):
         """NLVR2: the statement with each image of the pair, the two pooled states to the paired head."""
         pooled = [self.encode(sample_list, side)["pooled"] for side in PAIRED_SIDES]

@@ -40,9 +40,12 @@ def chromium(width: int = 1200, height: int = 1400):
 
 
 def ask(browser, url: str, image: Optional[str] = None, demo: Optional[str] = None, question: Optional[str] = None,
-        captions: Optional[str] = None, wait: float = 300) -> Tuple[Optional[str], Optional[str]]:
-    """Opens the page, fills its form as a person would (an upload and/or a demo image, the question or the
-    captions), presses the button and returns ``(answer shown, None)`` or ``(None, the error box's text)``."""
+        captions: Optional[str] = None, wait: float = 300, statement: Optional[str] = None,
+        expression: Optional[str] = None, image2: Optional[str] = None,
+        demo2: Optional[str] = None) -> Tuple[Optional[str], Optional[str]]:
+    """Opens the page, fills its form as a person would (an upload and/or a demo image; NLVR2's second image; the
+    question, the captions, the statement or the expression), presses the button and returns ``(answer shown,
+    None)`` or ``(None, the error box's text)``."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -54,7 +57,12 @@ def ask(browser, url: str, image: Optional[str] = None, demo: Optional[str] = No
         browser.find_element(By.ID, "image-file").send_keys(str(image))
     if demo is not None:
         Select(browser.find_element(By.ID, "demo-image")).select_by_value(demo)
-    for field, text in (("question", question), ("captions", captions)):
+    if image2 is not None:
+        browser.find_element(By.ID, "image2-file").send_keys(str(image2))
+    if demo2 is not None:
+        Select(browser.find_element(By.ID, "demo-image2")).select_by_value(demo2)
+    for field, text in (("question", question), ("captions", captions), ("statement", statement),
+                        ("expression", expression)):
         if text is not None:
             box = browser.find_element(By.ID, field)
             box.clear()
@@ -79,6 +87,10 @@ def _parser():
     parser.add_argument("--image", default=None, help="an image file to upload")
     parser.add_argument("--question", default=None)
     parser.add_argument("--captions", default=None, help="captions, one per line")
+    parser.add_argument("--statement", default=None, help="NLVR2: a statement about --demo and --demo2")
+    parser.add_argument("--expression", default=None, help="grounding: a referring expression")
+    parser.add_argument("--demo2", default=None, help="NLVR2: the second demo image")
+    parser.add_argument("--image2", default=None, help="NLVR2: a second image file to upload")
     parser.add_argument("--out", required=True, help="the screenshot (.png)")
     return parser
 
@@ -94,7 +106,8 @@ def main(argv=None) -> int:
     browser = chromium()
     try:
         answer, error = ask(browser, url, image=args.image, demo=args.demo, question=args.question,
-                            captions=args.captions)
+                            captions=args.captions, statement=args.statement, expression=args.expression,
+                            image2=args.image2, demo2=args.demo2)
         # the whole page, the picture included
         height = int(browser.execute_script("return document.documentElement.scrollHeight"))
         browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {

@@ -45,8 +45,9 @@ __all__ = ["Predictor", "load_predictor", "resolve_model", "PredictInputError", 
 
 #: head types that answer questions from a classifier or a ranking over the dataset's answer vocabulary
 VQA_HEAD_TYPES = ("classification", "vqa")
-#: head types whose evaluation scores (image, text) pairs with a matching head
-MATCH_HEAD_TYPES = ("retrieval",)
+#: head types with an image-text matching head (a retrieval model's, or pre-training's ITM head on the clean pair:
+#: :meth:`MethodModel.match_logits <mmf_multilevel.methods.base.MethodModel.match_logits>`)
+MATCH_HEAD_TYPES = ("retrieval", "pretraining")
 CONFIG_PATTERN = "*.yaml"
 
 
@@ -107,6 +108,8 @@ class Predictor:
     def __init__(self, model, config, regions: Union[None, str, RegionSource] = None, device: Optional[str] = None):
         from mmf.utils.build import build_processors
 
+        from mmf_multilevel.datasets.base import masks_text
+
         names = [n.strip() for n in str(config.get("datasets") or "").split(",") if n.strip()]
         if not names or names[0] not in (config.get("dataset_config") or {}):
             raise PredictInputError(f"the config's datasets ({config.get('datasets')!r}) name no dataset_config "
@@ -123,6 +126,10 @@ class Predictor:
         if "text_processor" not in processors:
             raise PredictInputError(f"{where} has no text_processor")
         self.text_processor = processors["text_processor"]
+        if masks_text(self.text_processor):
+            # a pre-training dataset's masked_token processor: this instance is the predictor's own, and a query's
+            # words are never masked
+            self.text_processor._probability = 0.0
         self.answer_processor = processors.get("answer_processor")
         self.image_processor = processors.get("image_processor")
         self.visual = "pixels" if self.image_processor is not None else "regions"
@@ -295,9 +302,11 @@ class Predictor:
                 "top_k": answers, "scores": scores}
 
     def match(self, image=None, text: str = "", image_id=None) -> dict:
-        """How well ``text`` matches ``image``: the matching head's score as ``mmf_run``'s retrieval evaluation
-        ranks pairs by it (:func:`mmf_multilevel.metrics.pair_match_scores`: a 2-way head's log-odds, or a single
-        logit); ``probability`` is its sigmoid."""
+        """How well ``text`` matches ``image``: the matching head's score (:func:`mmf_multilevel.metrics.
+        pair_match_scores`: a 2-way head's log-odds, or a single logit); ``probability`` is its sigmoid. A
+        ``retrieval`` model scores as ``mmf_run``'s retrieval evaluation ranks pairs; a ``pretraining`` model with
+        its image-text matching head on the clean pair (:meth:`MethodModel.match_logits
+        <mmf_multilevel.methods.base.MethodModel.match_logits>`)."""
         from mmf_multilevel.metrics import pair_match_scores
 
         self.profile = {}
@@ -308,7 +317,9 @@ class Predictor:
         # a gallery pair, as the retrieval datasets' evaluation samples are
         sample.pair_image_index = torch.tensor(0, dtype=torch.long)
         sample.pair_text_index = torch.tensor(0, dtype=torch.long)
-        score = float(pair_match_scores(self.forward([sample])["scores"].float().cpu())[0])
+        with torch.no_grad():
+            logits = self._run_model(self.model.match_logits, [sample])
+        score = float(pair_match_scores(logits.float().cpu())[0])
         return {"text": text, "score": score, "probability": float(torch.sigmoid(torch.tensor(score)))}
 
     def align(self, image=None, text: str = "", image_id=None) -> Alignment:

@@ -6,10 +6,11 @@ in the predictor's other calls, and the gallery is ranked the way the method's r
 model says which way (:meth:`MethodModel.retrieval_encoders
 <mmf_multilevel.methods.base.MethodModel.retrieval_encoders>`):
 
-* **matching head** (SemVLP, SOHO and the other single-stream methods: no dual encoder): every (query, gallery
-  item) pair goes through the model as a gallery pair of the retrieval datasets and is scored by
-  :func:`~mmf_multilevel.metrics.pair_match_scores`, the score :meth:`Predictor.match` gives the pair and
-  ``mmf_run``'s ``eval_pairs: all`` evaluation ranks by. ``batch_size`` pairs a forward pass; only the scores are
+* **matching head** (SemVLP, SOHO and the other single-stream methods: no dual encoder; and pre-training models
+  without one): every (query, gallery item) pair goes through the model as a gallery pair of the retrieval
+  datasets and is scored by :func:`~mmf_multilevel.metrics.pair_match_scores` of :meth:`MethodModel.match_logits
+  <mmf_multilevel.methods.base.MethodModel.match_logits>`, the score :meth:`Predictor.match` gives the pair and,
+  for a ``retrieval`` model, what ``mmf_run``'s ``eval_pairs: all`` evaluation ranks by. ``batch_size`` pairs a forward pass; only the scores are
   kept, never the gallery's inputs. Images of different processed sizes (SOHO's aspect-preserving resize) run in
   separate passes instead of being padded into one, so an image scores as it does alone.
 * **dual encoder** (SIMLA, MVPTR: a :class:`~mmf_multilevel.methods.dual_encoder.DualEncoder`): each gallery item
@@ -431,7 +432,7 @@ def _rank_by_matching_head(predictor, ranking: _Ranking, pair_of, batch_size, pr
                 except PredictInputError as error:
                     ranking.skip(ranking.items[position], error)
             for group in _same_shapes(list(samples), samples):
-                scores = predictor._run_model(predictor.model, [samples[p] for p in group])["scores"]
+                scores = predictor._run_model(predictor.model.match_logits, [samples[p] for p in group])
                 for position, score in zip(group, pair_match_scores(scores.float().cpu()).tolist()):
                     ranking.scores[position] = float(score)
                     ranking.scored.append(position)

@@ -1,6 +1,16 @@
-"""``mmf_ml_serve``: a local web page to try a model. Upload an image or pick a demo image, type a question (a
-VQA model) or captions (an image-text matching model), and see the answer with its scores, the alignment picture
-(the image's boxes and, per word, the visual units it attends to) and the seconds of each stage.
+"""``mmf_ml_serve``: a local web page to try a model. Upload an image or pick a demo image, and ask what the model's
+head answers, with the answer's scores, the pictures and the seconds of each stage:
+
+* a VQA model: a question; the answer and the top-k answers;
+* an image-text matching model (``retrieval``, or a ``pretraining`` model's ITM head): captions, ranked for the
+  image; or, with no image, one caption and the demo images ranked for it (:meth:`Predictor.retrieve_images`);
+* an NLVR2 model: a second image and a statement; true or false with its probability;
+* a grounding model (``refcoco``, SIMLA's ``grounding``, ``visual_bert_grounding``): a referring expression; the
+  chosen proposal drawn on the image with the runner-up proposals.
+
+The pictures: the alignment picture (the image's boxes and, per word, the visual units it attends to), and, for a
+method with a grounding signal of its own (MVPTR's phrase-region scores, SIMLA's Grad-CAM, SOHO's dictionary ids),
+that signal's picture (:meth:`Predictor.signal_picture`).
 
     mmf_ml_serve --config projects/semvlp/demo/vqa.yaml --checkpoint save/semvlp_demo/vqa/semvlp_final.pth \\
         --demo-images data/demo/images env.data_dir=$PWD/data
@@ -20,7 +30,8 @@ What the server guards:
 * an upload is read into memory (Starlette spools a large one to an unnamed temporary file, deleted when the
   request ends), at most ``--max-upload-mb``; an image of more than ``--max-pixels`` pixels is refused from its
   header, before decoding; a file that is not an image, an empty or over-long question, too many captions and
-  an unknown model or demo image name are answered with a message (HTTP 400) the page shows;
+  an unknown model or demo image name, and a field the model's task does not read are answered with a message
+  (HTTP 400) the page shows;
 * the pictures are drawn into a per-request folder inside the server's own temporary folder, sent inline (a
   ``data:`` URL) and deleted with the folder before the answer leaves;
 * no path on the server is readable through the page: demo images are served by name from the list the server
@@ -107,6 +118,7 @@ class ModelServer:
                  max_captions: int = MAX_CAPTIONS, busy_seconds: float = BUSY_SECONDS, top_k: int = 5,
                  detects: Optional[bool] = None):
         from mmf_multilevel.predict.predictor import MATCH_HEAD_TYPES, VQA_HEAD_TYPES
+        from mmf_multilevel.predict.tasks import GROUND_HEAD_TYPES, NLVR2_HEAD_TYPES, REGION_SCORER_METHODS
 
         self.predictor = predictor
         self.name = name
@@ -117,14 +129,21 @@ class ModelServer:
         self.max_captions = int(max_captions)
         self.busy_seconds = float(busy_seconds)
         self.top_k = int(top_k)
-        if predictor.head_type in VQA_HEAD_TYPES:
+        if predictor.head_type in GROUND_HEAD_TYPES or predictor.method in REGION_SCORER_METHODS:
+            self.task = "ground"
+        elif predictor.head_type in VQA_HEAD_TYPES:
             self.task = "vqa"
         elif predictor.head_type in MATCH_HEAD_TYPES:
             self.task = "match"
+        elif predictor.head_type in NLVR2_HEAD_TYPES:
+            self.task = "nlvr2"
         else:
-            raise PredictInputError(f"{name}: the page asks VQA models (training_head_type in {list(VQA_HEAD_TYPES)}) "
-                                    f"and matching models ({list(MATCH_HEAD_TYPES)}); this {predictor.method} model "
-                                    f"is {predictor.head_type!r}")
+            raise PredictInputError(f"{name}: the page asks VQA models (training_head_type in {list(VQA_HEAD_TYPES)}), "
+                                    f"matching models ({list(MATCH_HEAD_TYPES)}), NLVR2 models "
+                                    f"({list(NLVR2_HEAD_TYPES)}) and grounding models ({list(GROUND_HEAD_TYPES)}); "
+                                    f"this {predictor.method} model is {predictor.head_type!r}")
+        #: the method's own grounding signal is drawn beside the alignment picture
+        self.signals = self.pictures and getattr(predictor.model, "signal_module", None) is not None
         # region methods without a detector read the regions of the images the region cache holds, by image id
         from mmf_multilevel.predict.regions import RegionCache
 
@@ -141,6 +160,7 @@ class ModelServer:
     def info(self) -> dict:
         return {"model": self.name, "method": self.predictor.method, "task": self.task,
                 "visual": self.predictor.visual, "uploads": self.detects, "pictures": self.pictures,
+                "signals": self.signals,
                 "demo_images": sorted(self.demo_images),
                 "limits": {"upload_mb": round(self.max_upload_bytes / 2 ** 20, 1), "pixels": self.max_pixels,
                            "text_chars": MAX_TEXT_CHARS, "captions": self.max_captions}}
@@ -162,27 +182,31 @@ class ModelServer:
             self._lock.release()
 
     # ------------------------------------------------------------------ a request
-    def _texts(self, question: Optional[str], captions: Optional[str]) -> List[str]:
-        if self.task == "vqa":
-            if captions and captions.strip():
-                raise ServeError("this is a VQA model: ask a question (the captions box is for matching models)")
-            if question is None or not question.strip():
-                raise ServeError("question: type a question about the image")
-            return [question]
-        if question and question.strip():
-            raise ServeError("this is an image-text matching model: give captions, one per line, instead of a "
-                             "question")
-        texts = [line.strip() for line in (captions or "").splitlines() if line.strip()]
+    def _texts(self, fields: Dict[str, Optional[str]]) -> List[str]:
+        """The request's text(s) for this model's task: the one field it reads, non-empty; any other text field
+        given is refused with the field this model reads instead."""
+        wanted = TEXT_FIELDS[self.task]
+        for field, value in fields.items():
+            if field != wanted and value and value.strip():
+                raise ServeError(f"this is {TASK_WORDS[self.task]} model: {PROMPTS[self.task]} (the {field} box is "
+                                 f"for {FIELD_MODELS[field]} models)")
+        value = fields.get(wanted)
+        if self.task != "match":
+            if value is None or not value.strip():
+                raise ServeError(f"{wanted}: {PROMPTS[self.task]}")
+            return [value]
+        texts = [line.strip() for line in (value or "").splitlines() if line.strip()]
         if not texts:
             raise ServeError("captions: give at least one caption (one per line)")
         if len(texts) > self.max_captions:
             raise ServeError(f"captions: {len(texts)} lines; at most {self.max_captions} per request")
         return texts
 
-    def _image(self, upload: Optional[bytes], upload_name: Optional[str], demo: Optional[str]):
-        """``(encoded bytes, how messages name it, image id or None)`` of the request's image."""
+    def _image(self, upload: Optional[bytes], upload_name: Optional[str], demo: Optional[str], which: str = "image"):
+        """``(encoded bytes, how messages name it, image id or None)`` of the request's image (``which``: the
+        first image, or NLVR2's ``second image``), or None when the request gives none."""
         if upload is not None and demo:
-            raise ServeError("give an uploaded image or a demo image, not both")
+            raise ServeError(f"{which}: give an uploaded image or a demo image, not both")
         if upload is not None:  # an empty one is refused by the decoder ("empty file (0 bytes)")
             shown = os.path.basename(upload_name or "")[:80] or "upload"
             if not self.detects:
@@ -195,68 +219,182 @@ class ModelServer:
             with open(path, "rb") as handle:
                 data = handle.read()
             return data, f"demo image {demo!r}", None if self.detects else os.path.splitext(demo)[0]
-        raise ServeError("image: upload an image or pick a demo image")
+        return None
 
     def answer(self, question: Optional[str] = None, captions: Optional[str] = None, upload: Optional[bytes] = None,
-               upload_name: Optional[str] = None, demo: Optional[str] = None, model: Optional[str] = None) -> dict:
+               upload_name: Optional[str] = None, demo: Optional[str] = None, model: Optional[str] = None,
+               statement: Optional[str] = None, expression: Optional[str] = None, upload2: Optional[bytes] = None,
+               upload2_name: Optional[str] = None, demo2: Optional[str] = None) -> dict:
         """The page's answer to one request, as a JSON-able dict; :class:`ServeError` for a bad request."""
         start = time.perf_counter()
         if model and model != self.name:
             raise ServeError(f"model {model[:80]!r}: this server serves {self.name!r} only")
-        texts = self._texts(question, captions)
-        if upload is not None and len(upload) > self.max_upload_bytes:
-            raise ServeError(f"the upload is {len(upload) / 2 ** 20:.1f} MB or more; at most "
-                             f"{self.max_upload_bytes / 2 ** 20:.1f} MB", 413)
-        data, where, image_id = self._image(upload, upload_name, demo)
-        predictor = self.predictor
+        texts = self._texts({"question": question, "captions": captions, "statement": statement,
+                             "expression": expression})
+        for payload in (upload, upload2):
+            if payload is not None and len(payload) > self.max_upload_bytes:
+                raise ServeError(f"the upload is {len(payload) / 2 ** 20:.1f} MB or more; at most "
+                                 f"{self.max_upload_bytes / 2 ** 20:.1f} MB", 413)
+        first = self._image(upload, upload_name, demo)
+        second = self._image(upload2, upload2_name, demo2, "second image")
+        if self.task == "nlvr2":
+            if first is None or second is None:
+                raise ServeError("images: NLVR2 reads a pair; give a first (left) and a second (right) image, each "
+                                 "uploaded or picked from the demo images")
+        elif second is not None:
+            raise ServeError(f"second image: only NLVR2 models read a second image; this is {TASK_WORDS[self.task]} "
+                             "model")
+        retrieving = self.task == "match" and first is None
+        if first is None and not retrieving:
+            raise ServeError("image: upload an image or pick a demo image")
+        if retrieving:
+            if not self.demo_images:
+                raise ServeError("image: upload an image or pick a demo image (this server has no demo images to "
+                                 "rank for a caption)")
+            if len(texts) != 1:
+                raise ServeError(f"captions: with no image the page ranks the demo images for one caption; got "
+                                 f"{len(texts)} lines (pick an image to rank captions)")
         with self._turn(), tempfile.TemporaryDirectory(dir=self.temp_root, prefix="request-") as folder:
-            image_pixels(data, where, self.max_pixels)
-            decode_start = time.perf_counter()
-            query = predictor._decode_image(data, where)
-            profile = {"decode": time.perf_counter() - decode_start}
-
-            def add(stages, rename=None):
-                for stage, seconds in stages.items():
-                    if stage != "decode":
-                        key = (rename or {}).get(stage, stage)
-                        profile[key] = profile.get(key, 0.0) + seconds
-
-            result = {"model": self.name, "method": predictor.method, "task": self.task,
-                      "image": {"name": where, "width": query.picture.size[0], "height": query.picture.size[1]}}
-            if self.task == "vqa":
-                answer = predictor.vqa(query, texts[0], top_k=self.top_k, image_id=image_id)
-                add(predictor.profile)
-                result.update(question=texts[0], answer=answer["answer"], score=answer["score"],
-                              top_k=answer["top_k"])
-                pictured = texts[0]
+            self._folder = folder
+            profile: Dict[str, float] = {}
+            result = {"model": self.name, "method": self.predictor.method, "task": self.task}
+            if retrieving:
+                query, image_id = self._retrieve(texts[0], result, profile)
             else:
-                scored = []
-                for text in texts:
-                    match = predictor.match(query, text, image_id=image_id)
-                    add(predictor.profile)
-                    scored.append({"text": text, "score": match["score"], "probability": match["probability"]})
-                scored.sort(key=lambda item: -item["score"])
-                result["captions"] = scored
-                pictured = scored[0]["text"]
-            if self.pictures:
-                png = os.path.join(folder, "alignment.png")
-                summary = predictor.picture(query, pictured, png, image_id=image_id)
-                add(predictor.profile, {"model": "alignment", "text": "alignment", "regions": "alignment",
-                                        "pixels": "alignment"})
-                with open(png, "rb") as handle:
-                    result["picture"] = "data:image/png;base64," + base64.b64encode(handle.read()).decode("ascii")
-                result["alignment"] = {key: value for key, value in summary.items()
-                                       if key not in ("png", "html", "picture", "path")}
-                result["picture_text"] = pictured
+                query, image_id = self._decoded(first, result, profile, "image")
+                if self.task == "vqa":
+                    self._vqa(query, texts[0], image_id, result, profile)
+                elif self.task == "match":
+                    self._match(query, texts, image_id, result, profile)
+                elif self.task == "nlvr2":
+                    other, other_id = self._decoded(second, result, profile, "image2")
+                    self._nlvr2(query, image_id, other, other_id, texts[0], result, profile)
+                else:
+                    self._ground(query, texts[0], image_id, result, profile)
+            if self.pictures and self.task in ("vqa", "match"):
+                self._pictures(query, result["picture_text"], image_id, result, profile)
         profile["total"] = time.perf_counter() - start
         result["profile"] = {stage: round(seconds, 4) for stage, seconds in profile.items()}
         return result
 
+    # ------------------------------------------------------------------ the tasks
+    def _add(self, profile: Dict[str, float], rename: Optional[Dict[str, str]] = None) -> None:
+        """The predictor's last call's stages into ``profile`` (decoding is timed here, once per image)."""
+        for stage, seconds in self.predictor.profile.items():
+            if stage != "decode":
+                key = (rename or {}).get(stage, stage)
+                profile[key] = profile.get(key, 0.0) + seconds
+
+    def _decoded(self, image, result, profile, key):
+        data, where, image_id = image
+        image_pixels(data, where, self.max_pixels)
+        decode_start = time.perf_counter()
+        query = self.predictor._decode_image(data, where)
+        profile["decode"] = profile.get("decode", 0.0) + time.perf_counter() - decode_start
+        result[key] = {"name": where, "width": query.picture.size[0], "height": query.picture.size[1]}
+        return query, image_id
+
+    def _vqa(self, query, question, image_id, result, profile) -> None:
+        answer = self.predictor.vqa(query, question, top_k=self.top_k, image_id=image_id)
+        self._add(profile)
+        result.update(question=question, answer=answer["answer"], score=answer["score"], top_k=answer["top_k"],
+                      picture_text=question)
+
+    def _match(self, query, texts, image_id, result, profile) -> None:
+        scored = []
+        for text in texts:
+            match = self.predictor.match(query, text, image_id=image_id)
+            self._add(profile)
+            scored.append({"text": text, "score": match["score"], "probability": match["probability"]})
+        scored.sort(key=lambda item: -item["score"])
+        result.update(captions=scored, picture_text=scored[0]["text"])
+
+    def _retrieve(self, text, result, profile):
+        """The demo images ranked for ``text``; returns the best one, decoded, for the pictures."""
+        names = sorted(self.demo_images)
+        if self.detects:
+            ranked = self.predictor.retrieve_images(text, [self.demo_images[n] for n in names], top_k=self.top_k)
+        else:
+            ranked = self.predictor.retrieve_images(text, image_ids=[os.path.splitext(n)[0] for n in names],
+                                                    top_k=self.top_k)
+        self._add(profile)
+        # a dual encoder lists the images past its re-ranked top k by similarity, with score None
+        images = [{"rank": item["rank"], "image": names[item["index"]], "score": item["score"],
+                   "similarity": item.get("similarity")} for item in ranked["results"]]
+        result.update(text=text, images=images, gallery_size=ranked["gallery_size"], scoring=ranked["scoring"],
+                      picture_text=text)
+        best = images[0]["image"]
+        with open(self.demo_images[best], "rb") as handle:
+            chosen = (handle.read(), f"demo image {best!r}", None if self.detects else os.path.splitext(best)[0])
+        return self._decoded(chosen, result, profile, "image")
+
+    def _nlvr2(self, left, left_id, right, right_id, statement, result, profile) -> None:
+        answer = self.predictor.nlvr2(left, right, statement, left_image_id=left_id, right_image_id=right_id)
+        self._add(profile)
+        result.update(statement=statement, label=answer["label"], probability=answer["probability"],
+                      score=answer["score"])
+
+    def _ground(self, query, expression, image_id, result, profile) -> None:
+        from mmf_multilevel.predict.tasks import ground_picture
+
+        png = os.path.join(self._folder, "grounding.png")
+        if self.pictures:
+            answer = ground_picture(self.predictor, query, expression, png, image_id=image_id, top_k=self.top_k)
+        else:
+            answer = self.predictor.ground(query, expression, image_id=image_id, top_k=self.top_k)
+        self._add(profile)
+        result.update(expression=expression, box=answer["box"], score=answer["score"], label=answer["label"],
+                      top_k=[{key: item[key] for key in ("index", "box", "score", "label")} for item in answer["top_k"]],
+                      picture_text=expression)
+        if self.pictures:
+            result["picture"] = _data_url(png)
+        if self.signals:
+            self._signal(query, expression, image_id, result, profile)
+
+    def _pictures(self, query, text, image_id, result, profile) -> None:
+        png = os.path.join(self._folder, "alignment.png")
+        summary = self.predictor.picture(query, text, png, image_id=image_id)
+        self._add(profile, PICTURE_STAGES)
+        result["picture"] = _data_url(png)
+        result["alignment"] = {key: value for key, value in summary.items()
+                               if key not in ("png", "html", "picture", "path")}
+        if self.signals:
+            self._signal(query, text, image_id, result, profile)
+
+    def _signal(self, query, text, image_id, result, profile) -> None:
+        """The method's own grounding signal's picture; a signal this model cannot give (e.g. SIMLA's Grad-CAM
+        layer outside the model) is said on the page beside the answer, not as a failed request."""
+        png = os.path.join(self._folder, "signal.png")
+        try:
+            self.predictor.signal_picture(query, text, png, image_id=image_id)
+        except (PredictInputError, ValueError) as error:
+            result["signal_error"] = str(error)
+            return
+        self._add(profile, {"model": "signal", "text": "signal", "regions": "signal", "pixels": "signal",
+                            "drawing": "signal drawing"})
+        result["signal"] = _data_url(png)
+
+
+#: the text field each task reads; what a sentence calls the model; what the page asks for
+TEXT_FIELDS = {"vqa": "question", "match": "captions", "nlvr2": "statement", "ground": "expression"}
+TASK_WORDS = {"vqa": "a VQA", "match": "an image-text matching", "nlvr2": "an NLVR2", "ground": "a grounding"}
+PROMPTS = {"vqa": "type a question about the image", "match": "give captions, one per line",
+           "nlvr2": "type a statement about the two images", "ground": "type an expression that names one thing "
+                                                                       "in the image"}
+FIELD_MODELS = {"question": "VQA", "captions": "matching", "statement": "NLVR2", "expression": "grounding"}
+#: the predictor's stages while it draws the alignment picture, as the page names them
+PICTURE_STAGES = {"model": "alignment", "text": "alignment", "regions": "alignment", "pixels": "alignment"}
+
+
+def _data_url(png_path: str) -> str:
+    with open(png_path, "rb") as handle:
+        return "data:image/png;base64," + base64.b64encode(handle.read()).decode("ascii")
+
 
 def create_app(server: ModelServer):
     """The FastAPI app of the page: ``GET /`` (the page), ``GET /api/info``, ``GET /api/demo/{name}`` (a demo
-    image, by name) and ``POST /api/predict`` (a multipart form: ``image`` or ``demo``, ``question`` or
-    ``captions``, optional ``model``)."""
+    image, by name) and ``POST /api/predict`` (a multipart form: ``image`` or ``demo``; NLVR2's ``image2`` or
+    ``demo2``; the task's text: ``question``, ``captions``, ``statement`` or ``expression``; optional ``model``)."""
     from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
@@ -297,17 +435,23 @@ def create_app(server: ModelServer):
     def demo_image(name: str):
         return FileResponse(server.demo_image(name))
 
+    def uploaded(image: Optional[UploadFile]):
+        if image is None or not image.filename:
+            return None, None
+        # one byte past the limit is enough for answer() to refuse it
+        return image.file.read(server.max_upload_bytes + 1), image.filename
+
     @app.post("/api/predict")
     def predict(image: Optional[UploadFile] = File(None), demo: Optional[str] = Form(None),
+                image2: Optional[UploadFile] = File(None), demo2: Optional[str] = Form(None),
                 question: Optional[str] = Form(None), captions: Optional[str] = Form(None),
+                statement: Optional[str] = Form(None), expression: Optional[str] = Form(None),
                 model: Optional[str] = Form(None)):
-        upload, upload_name = None, None
-        if image is not None and image.filename:
-            # one byte past the limit is enough for answer() to refuse it
-            upload = image.file.read(server.max_upload_bytes + 1)
-            upload_name = image.filename
-        return server.answer(question=question, captions=captions, upload=upload, upload_name=upload_name,
-                             demo=demo or None, model=model or None)
+        upload, upload_name = uploaded(image)
+        upload2, upload2_name = uploaded(image2)
+        return server.answer(question=question, captions=captions, statement=statement, expression=expression,
+                             upload=upload, upload_name=upload_name, demo=demo or None, upload2=upload2,
+                             upload2_name=upload2_name, demo2=demo2 or None, model=model or None)
 
     return app
 

@@ -243,3 +243,91 @@ def test_a_batch_without_text_is_refused_naming_the_model(name, head_type):
     del holder["input_ids"]
     with pytest.raises(KeyError, match=f"{name} needs 'input_ids'"):
         model(batch)
+
+
+# ---------------------------------------------------------------------- matching with a pre-training model
+def _restored_ids(ids, labels):
+    """The words a masked_token processor replaced put back (``labels`` >= 0 hold them)."""
+    return torch.where(labels >= 0, labels, ids)
+
+
+def _unmasked_semvlp(batch):
+    for key in ("region_selected", "region_zeroed"):
+        batch[key] = torch.zeros_like(batch[key])
+    batch.input_ids = _restored_ids(batch.input_ids, batch.lm_label_ids)
+    return batch, slice(None)
+
+
+def _unmasked_muvla(batch):
+    batch.input_ids = _restored_ids(batch.input_ids, batch.lm_label_ids)
+    return batch, slice(None)
+
+
+def _unmasked_mvptr(batch):
+    # the masked tag back (MCR) and no MLM target: the captions' ids are the originals already
+    batch.tag_ids = torch.where(batch.mcr_label_ids >= 0, batch.mcr_label_ids, batch.tag_ids)
+    batch.mcr_label_ids = torch.full_like(batch.mcr_label_ids, -100)
+    return batch, slice(0, batch.input_ids.size(0))  # the positives come first, then the hard negatives
+
+
+def _unmasked_simla(batch):
+    batch.input_ids = _restored_ids(batch.input_ids, batch.lm_label_ids)
+    return batch, slice(0, batch.input_ids.size(0))  # B positives, then 2B negative pairs
+
+
+def _unmasked_soho(batch):
+    from mmf_multilevel.methods.soho.testing import one_text_batch
+
+    batch = one_text_batch(num_images=3)
+    batch.lm_label_ids = torch.full_like(batch.lm_label_ids, -1)
+    return batch, slice(None)
+
+
+#: per method with a pre-training head: its tiny pre-training batch with nothing masked, and the rows of the
+#: pre-training pass's ``scores`` that are the batch's own (caption i, image i) pairs
+UNMASKED = {"semvlp": _unmasked_semvlp, "muvla": _unmasked_muvla, "mvptr": _unmasked_mvptr,
+            "simla": _unmasked_simla, "soho": _unmasked_soho}
+PRETRAINING = [name for name in METHODS if "pretraining" in adapter(name).head_types]
+
+
+def test_every_pre_training_method_has_an_unmasked_batch_for_the_matching_test():
+    assert set(PRETRAINING) == set(UNMASKED), "a method with a pre-training head needs an entry in UNMASKED"
+
+
+@pytest.mark.parametrize("name", PRETRAINING)
+def test_pre_training_match_logits_are_the_itm_scores_of_the_unmasked_pair(name):
+    """What ``Predictor.match`` scores a pair with on a pre-training model: equal to the scores the method's own
+    pre-training pass hands its ITM loss for the same pairs when nothing is masked."""
+    model = build(name, "pretraining").eval()
+    batch, own = UNMASKED[name](tiny(name).tiny_batch("pretraining"))
+    with torch.no_grad():
+        expected = run(model, batch)["scores"][own]
+        logits = model.match_logits(batch)
+    assert logits.shape == (expected.size(0), 2)
+    torch.testing.assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("name", PRETRAINING)
+def test_pre_training_match_logits_read_the_text_and_not_the_masking_fields(name):
+    model = build(name, "pretraining").eval()
+    batch, _ = UNMASKED[name](tiny(name).tiny_batch("pretraining"))
+    with torch.no_grad():
+        logits = model.match_logits(batch)
+        if "is_correct" in batch:  # a label, not an input
+            batch.is_correct = 1 - batch.is_correct
+        torch.testing.assert_close(model.match_logits(batch), logits)
+        batch.input_ids = batch.input_ids.clone()
+        batch.input_ids[0, 1] = 4 if int(batch.input_ids[0, 1]) != 4 else 5  # one word of the first caption
+        changed = model.match_logits(batch)
+    assert not torch.allclose(changed[0], logits[0]), "the first caption's word did not reach the matching head"
+    torch.testing.assert_close(changed[1:], logits[1:])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_model_without_a_matching_head_refuses_to_match_by_name(name):
+    head = next((h for h in adapter(name).head_types if h not in ("pretraining", "retrieval")), None)
+    if head is None:
+        pytest.skip(f"{name}: every head type matches")
+    model = build(name, head).eval()
+    with pytest.raises(ValueError, match=f"{name} model with training_head_type '{head}' has no image-text matching"):
+        model.match_logits(tiny(name).tiny_batch(head))

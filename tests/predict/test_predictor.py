@@ -72,11 +72,44 @@ def test_match_score_equals_the_retrieval_evaluations_pair_score(method, data):
         assert 0.0 < result["probability"] < 1.0
 
 
+PRETRAINING_PROJECTS = {"semvlp": "pretrain", "soho": "pretrain", "simla": "pretrain", "mvptr": "pretrain",
+                        "muvla": "pretrain_cc"}
+
+
+@pytest.mark.parametrize("method", sorted(PRETRAINING_PROJECTS))
+def test_a_pre_training_model_matches_the_unmasked_caption_with_its_itm_head(method, data):
+    """``match`` on a pre-training checkpoint: the pre-training dataset's masked_token processor masks no word of
+    a query (it would, at random, 15 % of them), and the score is the ITM head's (``match_logits``, checked against
+    each method's pre-training pass in tests/methods/test_contract.py) on the pair as the predictor builds it."""
+    from mmf_multilevel.metrics import pair_match_scores
+
+    predictor = predictor_for(data, method, PRETRAINING_PROJECTS[method])
+    assert predictor.head_type == "pretraining"
+    caption = "a picture with two red circles and one blue square on a grey ground today"
+    mask_id = predictor.text_processor._tokenizer.mask_token_id
+    ids = [predictor.text_fields(caption)["input_ids"] for _ in range(20)]
+    assert all(not (row == mask_id).any() and torch.equal(row, ids[0]) for row in ids), "a query's words were masked"
+
+    if predictor.visual == "pixels":
+        image, image_id = str(data / "demo" / "images" / "demo_000000.jpg"), None
+    else:
+        image, image_id = None, "demo_000000"
+    result = predictor.match(image, caption, image_id=image_id)
+    sample = predictor.visual_sample(image, image_id)
+    sample.update(predictor.text_fields(caption))
+    with torch.no_grad():
+        logits = predictor._run_model(predictor.model.match_logits, [sample])
+    assert logits.shape == (1, 2)
+    assert result["score"] == pytest.approx(float(pair_match_scores(logits)[0]), abs=1e-6)
+    assert result["probability"] == pytest.approx(float(torch.softmax(logits[0], -1)[1]), abs=1e-6)
+    assert predictor.match(image, caption, image_id=image_id)["score"] == result["score"]
+
+
 def test_tasks_the_head_cannot_answer_are_refused_by_name(data):
     from mmf_multilevel.predict import PredictInputError
 
     predictor = predictor_for(data, "semvlp", "vqa")
-    with pytest.raises(PredictInputError, match=r"match needs a semvlp model with training_head_type in \['retrieval'\]"
+    with pytest.raises(PredictInputError, match=r"match needs a semvlp model with training_head_type in \['retrieval', 'pretraining'\]"
                                                 r".*this one is 'classification'"):
         predictor.match(None, "a circle", image_id="x")
     with pytest.raises(PredictInputError, match="question: expected a non-empty string"):

@@ -153,6 +153,135 @@ def test_a_matching_model_ranks_the_captions_by_the_predictors_scores(data):
         server.close()
 
 
+def test_with_no_image_one_caption_ranks_the_demo_images_as_the_predictor_retrieves_them(data):
+    server = make_server(data, project="retrieval_coco")
+    client = client_of(server)
+    try:
+        reply = client.post("/api/predict", data={"captions": "a red circle"})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        ids = [f"demo_{index:06d}" for index in range(6)]
+        expected = server.predictor.retrieve_images("a red circle", image_ids=ids, top_k=5)
+        assert [item["image"] for item in body["images"]] == [f"{ids[r['index']]}.jpg" for r in expected["results"]]
+        assert [item["score"] for item in body["images"]] == pytest.approx([r["score"] for r in expected["results"]],
+                                                                           abs=1e-6)
+        assert body["gallery_size"] == 6 and body["image"]["name"] == f"demo image {body['images'][0]['image']!r}"
+        assert body["picture"].startswith("data:image/png;base64,") and body["picture_text"] == "a red circle"
+        reply = client.post("/api/predict", data={"captions": "a red circle\na blue square"})
+        assert reply.status_code == 400 and "ranks the demo images for one caption; got 2 lines" in reply.json()["error"]
+        assert os.listdir(server.temp_root) == []
+    finally:
+        server.close()
+
+
+def test_a_pre_training_model_is_served_as_a_matching_model(data):
+    server = make_server(data, project="pretrain")
+    client = client_of(server)
+    try:
+        assert client.get("/api/info").json()["task"] == "match"
+        reply = client.post("/api/predict", data={"demo": "demo_000002.jpg", "captions": "a red circle\na green star"})
+        assert reply.status_code == 200, reply.text
+        for item in reply.json()["captions"]:
+            expected = server.predictor.match(None, item["text"], image_id="demo_000002")
+            assert item["score"] == pytest.approx(expected["score"], abs=1e-6)
+    finally:
+        server.close()
+
+
+def test_an_nlvr2_model_reads_two_images_and_a_statement(data):
+    server = make_server(data, project="nlvr2", pictures=False)
+    client = client_of(server)
+    statement = "the left image has more circles than the right image"
+    try:
+        info = client.get("/api/info").json()
+        assert info["task"] == "nlvr2" and not info["signals"]
+        form = {"demo": "demo_000001.jpg", "demo2": "demo_000004.jpg", "statement": statement}
+        reply = client.post("/api/predict", data=form)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        expected = server.predictor.nlvr2(None, None, statement, left_image_id="demo_000001",
+                                          right_image_id="demo_000004")
+        assert body["label"] is expected["label"]
+        assert body["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+        assert body["image2"]["name"] == "demo image 'demo_000004.jpg'" and "picture" not in body
+        # the pair swapped is another query
+        swapped = client.post("/api/predict", data={**form, "demo": form["demo2"], "demo2": form["demo"]}).json()
+        assert swapped["probability"] != pytest.approx(body["probability"], abs=1e-9)
+        bad = {
+            "give a first (left) and a second (right) image": {"demo": "demo_000001.jpg", "statement": statement},
+            "statement: type a statement about the two images": {**form, "statement": " "},
+            "(the question box is for VQA models)": {**form, "question": "what color?"},
+            "no demo image named 'nope.jpg'": {**form, "demo2": "nope.jpg"},
+        }
+        for message, fields in bad.items():
+            reply = client.post("/api/predict", data=fields)
+            assert reply.status_code in (400, 404) and message in reply.json()["error"], (message, reply.text)
+    finally:
+        server.close()
+    vqa = make_server(data)
+    try:
+        reply = client_of(vqa).post("/api/predict", data={"demo": "demo_000001.jpg", "demo2": "demo_000002.jpg",
+                                                          "question": QUESTION})
+        assert reply.status_code == 400 and "only NLVR2 models read a second image" in reply.json()["error"]
+        reply = client_of(vqa).post("/api/predict", data={"demo": "demo_000001.jpg", "expression": "the red one"})
+        assert reply.status_code == 400
+        assert reply.json()["error"] == ("this is a VQA model: type a question about the image (the expression box "
+                                         "is for grounding models)")
+    finally:
+        vqa.close()
+
+
+@pytest.mark.parametrize("method,project", [("muvla", "refcoco_plus"), ("simla", "refcoco_plus_weak")])
+def test_a_grounding_model_draws_the_box_the_predictor_chooses(method, project, data):
+    server = make_server(data, project=project, method=method)
+    client = client_of(server)
+    expression = "the red circle on the left"
+    try:
+        assert client.get("/api/info").json()["task"] == "ground"
+        reply = client.post("/api/predict", data={"demo": "demo_000003.jpg", "expression": expression})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        if server.predictor.visual == "pixels":
+            expected = server.predictor.ground(str(demo_file(data, 3)), expression, top_k=5)
+        else:
+            expected = server.predictor.ground(None, expression, image_id="demo_000003", top_k=5)
+        assert body["box"] == pytest.approx(expected["box"]) and body["score"] == pytest.approx(expected["score"])
+        assert [item["index"] for item in body["top_k"]] == [item["index"] for item in expected["top_k"]]
+        assert body["picture"].startswith("data:image/png;base64,") and "alignment" not in body
+        assert body["profile"]["drawing"] > 0
+        # SIMLA's own signal (Grad-CAM) beside the box; μ-VLA has none
+        assert ("signal" in body) is (method == "simla"), body.get("signal_error")
+        assert os.listdir(server.temp_root) == []
+    finally:
+        server.close()
+
+
+def test_a_method_with_its_own_signal_sends_its_picture_with_the_answer(data):
+    import base64
+
+    from PIL import Image
+
+    server = make_server(data, method="soho")
+    client = client_of(server)
+    try:
+        assert client.get("/api/info").json()["signals"]
+        reply = client.post("/api/predict", data={"question": QUESTION},
+                            files={"image": ("shapes.jpg", demo_file(data, 2).read_bytes(), "image/jpeg")})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        png = base64.b64decode(body["signal"].split(",", 1)[1])
+        assert Image.open(io.BytesIO(png)).size[0] > 100 and png != base64.b64decode(body["picture"].split(",", 1)[1])
+        assert "signal" in body["profile"] and "signal_error" not in body
+    finally:
+        server.close()
+    semvlp = make_server(data)
+    try:
+        body = client_of(semvlp).post("/api/predict", data={"demo": "demo_000001.jpg", "question": QUESTION}).json()
+        assert "signal" not in body and "signal_error" not in body and body["picture"]
+    finally:
+        semvlp.close()
+
+
 def test_concurrent_requests_are_answered_one_model_call_at_a_time_and_a_failure_does_not_stop_the_server(data):
     import httpx
 
@@ -284,6 +413,52 @@ def test_a_person_uploads_an_image_asks_and_reads_the_answer_and_the_picture(dat
         uvicorn_server.should_exit = True
         thread.join(30)
         server.close()
+
+
+def test_a_person_asks_the_nlvr2_grounding_and_retrieval_pages(data):
+    """The page lays itself out for the model's task and shows each task's answer: a statement about two demo
+    images, an expression's box with the grounding picture, and the demo images ranked for a caption."""
+    from selenium.webdriver.common.by import By
+
+    from mmf_multilevel.predict.browser import ask
+    from mmf_multilevel.predict.serve import start_in_thread
+
+    browser = chromium()
+    statement = "there are more circles on the left"
+    cases = [
+        (dict(project="nlvr2", pictures=False), dict(demo="demo_000001.jpg", demo2="demo_000005.jpg", statement=statement),
+         lambda p: "true" if p.nlvr2(None, None, statement, left_image_id="demo_000001",
+                                     right_image_id="demo_000005")["label"] else "false"),
+        (dict(project="refcoco_plus", method="muvla"), dict(demo="demo_000003.jpg", expression="the red circle"),
+         lambda p: "box [" + ", ".join(str(round(v)) for v in p.ground(None, "the red circle",
+                                                                      image_id="demo_000003")["box"]) + "]"),
+        (dict(project="retrieval_coco"), dict(captions="a red circle"),
+         lambda p: "demo_{:06d}.jpg".format(p.retrieve_images("a red circle", image_ids=[
+             f"demo_{i:06d}" for i in range(6)], top_k=1)["results"][0]["index"])),
+    ]
+    try:
+        for settings, form, expected in cases:
+            server = make_server(data, **settings)
+            uvicorn_server, thread, url = start_in_thread(server)
+            try:
+                answer, error = ask(browser, url, **form)
+                assert error is None, error
+                assert answer.startswith(expected(server.predictor)), (settings, answer)
+                hidden = {task: not browser.find_element(By.ID, field).is_displayed() for task, field in
+                          (("vqa", "question"), ("nlvr2", "statement"), ("ground", "expression"))}
+                assert sum(not h for h in hidden.values()) == (server.task != "match"), hidden
+                assert browser.find_element(By.ID, "demo-image2").is_displayed() is (server.task == "nlvr2")
+                picture = browser.find_element(By.ID, "picture")
+                assert picture.is_displayed() is server.pictures
+                if server.task == "match":
+                    thumbs = browser.find_elements(By.CSS_SELECTOR, "#scores img.thumb")
+                    assert len(thumbs) == 5 and thumbs[0].get_attribute("alt") == answer.split(" ")[0]
+            finally:
+                uvicorn_server.should_exit = True
+                thread.join(30)
+                server.close()
+    finally:
+        browser.quit()
 
 
 def test_png_header_helper_describes_the_size_it_claims():

@@ -180,6 +180,11 @@ class MuVLA(MethodModel):
             raise ValueError(f"muvla_task {index} is not one of {TASK_IDS}")
         return TASKS[index]
 
+    def pretraining_match_logits(self, sample_list):
+        """The ITM head (paper §3.2: region-phrase and image-sentence matching, on the pooled [CLS]) over the
+        clean pair: the text unmasked, every region kept."""
+        return self.heads.itm(self.encode(sample_list)["pooled"])
+
     def pretraining_forward(self, sample_list):
         task = self._task_of(sample_list)
         pre = self.settings.pretraining

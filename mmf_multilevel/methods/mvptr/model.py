@@ -177,6 +177,12 @@ class MVPTR(MethodModel):
                                                 regions.corrupted, regions.boxes, regions.mask)
         return dict(text=text_states, text_mask=text.mask, visual=visual, visual_mask=visual_mask)
 
+    def pretraining_match_logits(self, sample_list):
+        """The ITM head (§3.4) on the clean pair: both encoders, the multimodal pass over (caption i, image i)."""
+        out = self.encode(sample_list)
+        _, pooled, _ = self.backbone.fuse(out["text"], out["text_mask"], out["visual"], out["visual_mask"])
+        return self.heads.itm_logits(pooled)
+
     def pretraining_forward(self, sample_list):
         p = self.settings.pretraining
         net, heads = self.backbone, self.heads

@@ -178,6 +178,11 @@ class SemVLP(MethodModel):
         head = self.classifier if self.head_type == "classification" else self.itm_head
         return {"scores": head(out["pooled"])}
 
+    def pretraining_match_logits(self, sample_list):
+        """The ITM head (paper §3.3.1) on the clean pair's pooled summary, in ``mode`` (the mode an evaluation
+        runs; pre-training alternates modes only while training)."""
+        return self.heads.itm(self.encode(sample_list)["pooled"])
+
     def pretraining_forward(self, sample_list):
         """One pre-training forward pass in this update's mode. The dataset masked the text
         (``lm_label_ids``) and drew the masked objects (``region_selected``; the batch contract hands the

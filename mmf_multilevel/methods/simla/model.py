@@ -374,6 +374,14 @@ class SIMLA(MethodModel):
         return F.interpolate(raw, size=(pixels.shape[-2] // 2, side), mode="bilinear", antialias=True,
                              align_corners=False).clamp(0.0, 1.0)
 
+    def pretraining_match_logits(self, sample_list):
+        """The ITM head (paper §2, Eq. 5) on the multimodal encoder's [CLS] over (caption i, image i): the online
+        model, the caption unmasked."""
+        text = text_inputs(sample_list, self.name)
+        image_embeds = self.backbone.image_encoder(pixel_inputs(sample_list, self.name).pixels)
+        fused = self.backbone.text_encoder.fuse(text.input_ids, text.mask, image_embeds)
+        return self.heads.itm_logits(fused[:, 0])
+
     def pretraining_forward(self, sample_list):
         s, heads, momentum = self.settings, self.heads, self.momentum
         image_encoder, text_encoder = self.backbone.image_encoder, self.backbone.text_encoder

@@ -280,6 +280,15 @@ class SOHO(MethodModel):
         is_matched = texts["is_correct"].to(device).long().view(-1)
         return text, pixels, pair_index, raw_labels, is_matched
 
+    def pretraining_match_logits(self, sample_list):
+        """The ITM head (§3.3) on the clean pair as pre-training's matching pass reads it: the caption unmasked,
+        the cells through the visual dictionary when ``use_vd`` (f(v), Eq. 3), the features otherwise."""
+        text = text_inputs(sample_list, self.name)
+        pixels = pixel_inputs(sample_list, self.name)
+        out = self.backbone(text.input_ids, text.mask, pixels.pixels, pixels.mask,
+                            source="dictionary" if self.settings.use_vd else "features", segment_ids=text.segment_ids)
+        return self.heads.itm(out["pooled"])
+
     def pretraining_forward(self, sample_list):
         """One pre-training forward pass (§3.3): the CNN once per image, the dictionary, the matching
         pass and the masked pass; losses ``<split>/<dataset>/{itm,mlm,mvm}``."""

@@ -128,8 +128,8 @@ class Predictor:
         self.text_processor = processors["text_processor"]
         if masks_text(self.text_processor):
             # a pre-training dataset's masked_token processor: this instance is the predictor's own, and a query's
-            # words are never masked
-            self.text_processor._probability = 0.0
+            # words are never masked (set on MMF's processor itself: its Processor wrapper only reads through)
+            getattr(self.text_processor, "processor", self.text_processor)._probability = 0.0
         self.answer_processor = processors.get("answer_processor")
         self.image_processor = processors.get("image_processor")
         self.visual = "pixels" if self.image_processor is not None else "regions"

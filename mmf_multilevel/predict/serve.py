@@ -218,8 +218,16 @@ class ModelServer:
             path = self.demo_image(demo)
             with open(path, "rb") as handle:
                 data = handle.read()
-            return data, f"demo image {demo!r}", None if self.detects else os.path.splitext(demo)[0]
+            return data, f"demo image {demo!r}", self._demo_id(demo)
         return None
+
+    def _demo_id(self, name: str) -> Optional[str]:
+        """The image id a demo image is queried with: its file name's stem, the key of the demo region cache (a
+        region model reading that cache; a pixel model's proposals for grounding), or None for a region model that
+        detects regions itself (its detector keys its cache by the image's SHA-256)."""
+        if self.detects and self.predictor.visual == "regions":
+            return None
+        return os.path.splitext(name)[0]
 
     def answer(self, question: Optional[str] = None, captions: Optional[str] = None, upload: Optional[bytes] = None,
                upload_name: Optional[str] = None, demo: Optional[str] = None, model: Optional[str] = None,
@@ -325,7 +333,7 @@ class ModelServer:
                       picture_text=text)
         best = images[0]["image"]
         with open(self.demo_images[best], "rb") as handle:
-            chosen = (handle.read(), f"demo image {best!r}", None if self.detects else os.path.splitext(best)[0])
+            chosen = (handle.read(), f"demo image {best!r}", self._demo_id(best))
         return self._decoded(chosen, result, profile, "image")
 
     def _nlvr2(self, left, left_id, right, right_id, statement, result, profile) -> None:

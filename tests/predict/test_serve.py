@@ -242,7 +242,7 @@ def test_a_grounding_model_draws_the_box_the_predictor_chooses(method, project, 
         assert reply.status_code == 200, reply.text
         body = reply.json()
         if server.predictor.visual == "pixels":
-            expected = server.predictor.ground(str(demo_file(data, 3)), expression, top_k=5)
+            expected = server.predictor.ground(str(demo_file(data, 3)), expression, image_id="demo_000003", top_k=5)
         else:
             expected = server.predictor.ground(None, expression, image_id="demo_000003", top_k=5)
         assert body["box"] == pytest.approx(expected["box"]) and body["score"] == pytest.approx(expected["score"])

@@ -307,7 +307,7 @@ def test_a_folders_other_files_are_skipped_by_name_and_mistakes_are_refused(data
         predictor.retrieve_texts(image_path(data, 0), str(captions))
     vqa = predictor_for_vqa(data)
     with pytest.raises(PredictInputError, match=r"retrieval needs a soho model with training_head_type in "
-                                                r"\['retrieval'\]; this one is 'vqa'"):
+                                                r"\['retrieval', 'pretraining'\]; this one is 'vqa'"):
         vqa.retrieve_images("a circle", str(folder))
 
 
@@ -356,7 +356,7 @@ def test_mmf_ml_predict_prints_the_ranking_as_json_and_exits_2_on_mistakes(data,
     assert f"mmf_ml_predict: error: images {empty}: no image files" in capsys.readouterr().err
     assert main(["--config", f"{ROOT}/projects/simla/demo/vqa.yaml", "--retrieve-images", str(folder), "--text",
                  "a circle", f"env.data_dir={data}"]) == 2
-    assert "retrieval needs a simla model with training_head_type in ['retrieval']" in capsys.readouterr().err
+    assert "retrieval needs a simla model with training_head_type in ['retrieval', 'pretraining']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--config", config, "--retrieve-images", str(folder), f"env.data_dir={data}"])
     assert "--retrieve-images needs --text" in capsys.readouterr().err

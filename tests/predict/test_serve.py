@@ -2,6 +2,7 @@
 answered with a message and the server keeps serving, nothing of a request stays on disk, no server path is
 readable through it; and, as a person uses it, a headless chromium uploads a demo image, asks a question and reads
 the answer and the picture from the page."""
+import contextlib
 import io
 import os
 import struct
@@ -37,6 +38,16 @@ def make_server(data, project="vqa", method="semvlp", overrides=(), regions=None
     return ModelServer(predictor, f"{method}-{project}", demo_image_table(str(data / "demo" / "images")), **kwargs)
 
 
+@contextlib.contextmanager
+def served(data, **kwargs):
+    """``(server, its test client)`` of :func:`make_server`'s model; the server is closed on leaving."""
+    server = make_server(data, **kwargs)
+    try:
+        yield server, client_of(server)
+    finally:
+        server.close()
+
+
 def client_of(server):
     from fastapi.testclient import TestClient
 
@@ -60,9 +71,7 @@ def demo_file(data, index=0):
 
 
 def test_answers_equal_the_predictors_and_bad_input_gets_a_message(data):
-    server = make_server(data)
-    client = client_of(server)
-    try:
+    with served(data) as (server, client):
         info = client.get("/api/info").json()
         assert info["task"] == "vqa" and info["visual"] == "regions" and not info["uploads"]
         assert "demo_000003.jpg" in info["demo_images"]
@@ -98,15 +107,11 @@ def test_answers_equal_the_predictors_and_bad_input_gets_a_message(data):
         # and it still answers
         assert client.post("/api/predict", data={"demo": "demo_000001.jpg", "question": QUESTION}).status_code == 200
         assert os.listdir(server.temp_root) == []
-    finally:
-        server.close()
     assert not os.path.exists(server.temp_root)
 
 
 def test_a_pixel_model_takes_uploads_and_refuses_what_is_not_a_usable_image(data):
-    server = make_server(data, method="soho", max_upload_bytes=200_000)
-    client = client_of(server)
-    try:
+    with served(data, method="soho", max_upload_bytes=200_000) as (server, client):
         assert client.get("/api/info").json()["uploads"]
         image = demo_file(data, 2).read_bytes()
         reply = client.post("/api/predict", data={"question": QUESTION}, files={"image": ("shapes.jpg", image, "image/jpeg")})
@@ -129,14 +134,10 @@ def test_a_pixel_model_takes_uploads_and_refuses_what_is_not_a_usable_image(data
         assert client.post("/api/predict", data={"question": QUESTION},
                            files={"image": ("shapes.jpg", image, "image/jpeg")}).json()["answer"] == expected["answer"]
         assert os.listdir(server.temp_root) == []
-    finally:
-        server.close()
 
 
 def test_a_matching_model_ranks_the_captions_by_the_predictors_scores(data):
-    server = make_server(data, project="retrieval_coco")
-    client = client_of(server)
-    try:
+    with served(data, project="retrieval_coco") as (server, client):
         captions = ["a red circle", "two blue squares and a triangle", "a green diamond"]
         reply = client.post("/api/predict", data={"demo": "demo_000004.jpg", "captions": "\n".join(captions) + "\n\n"})
         assert reply.status_code == 200, reply.text
@@ -149,14 +150,10 @@ def test_a_matching_model_ranks_the_captions_by_the_predictors_scores(data):
         assert reply.status_code == 400 and "captions" in reply.json()["error"]
         reply = client.post("/api/predict", data={"demo": "demo_000004.jpg", "captions": "\n".join(["a"] * 17)})
         assert reply.status_code == 400 and "at most 16" in reply.json()["error"]
-    finally:
-        server.close()
 
 
 def test_with_no_image_one_caption_ranks_the_demo_images_as_the_predictor_retrieves_them(data):
-    server = make_server(data, project="retrieval_coco")
-    client = client_of(server)
-    try:
+    with served(data, project="retrieval_coco") as (server, client):
         reply = client.post("/api/predict", data={"captions": "a red circle"})
         assert reply.status_code == 200, reply.text
         body = reply.json()
@@ -170,29 +167,21 @@ def test_with_no_image_one_caption_ranks_the_demo_images_as_the_predictor_retrie
         reply = client.post("/api/predict", data={"captions": "a red circle\na blue square"})
         assert reply.status_code == 400 and "ranks the demo images for one caption; got 2 lines" in reply.json()["error"]
         assert os.listdir(server.temp_root) == []
-    finally:
-        server.close()
 
 
 def test_a_pre_training_model_is_served_as_a_matching_model(data):
-    server = make_server(data, project="pretrain")
-    client = client_of(server)
-    try:
+    with served(data, project="pretrain") as (server, client):
         assert client.get("/api/info").json()["task"] == "match"
         reply = client.post("/api/predict", data={"demo": "demo_000002.jpg", "captions": "a red circle\na green star"})
         assert reply.status_code == 200, reply.text
         for item in reply.json()["captions"]:
             expected = server.predictor.match(None, item["text"], image_id="demo_000002")
             assert item["score"] == pytest.approx(expected["score"], abs=1e-6)
-    finally:
-        server.close()
 
 
 def test_an_nlvr2_model_reads_two_images_and_a_statement(data):
-    server = make_server(data, project="nlvr2", pictures=False)
-    client = client_of(server)
     statement = "the left image has more circles than the right image"
-    try:
+    with served(data, project="nlvr2", pictures=False) as (server, client):
         info = client.get("/api/info").json()
         assert info["task"] == "nlvr2" and not info["signals"]
         form = {"demo": "demo_000001.jpg", "demo2": "demo_000004.jpg", "statement": statement}
@@ -216,8 +205,6 @@ def test_an_nlvr2_model_reads_two_images_and_a_statement(data):
         for message, fields in bad.items():
             reply = client.post("/api/predict", data=fields)
             assert reply.status_code in (400, 404) and message in reply.json()["error"], (message, reply.text)
-    finally:
-        server.close()
     vqa = make_server(data)
     try:
         reply = client_of(vqa).post("/api/predict", data={"demo": "demo_000001.jpg", "demo2": "demo_000002.jpg",
@@ -233,10 +220,8 @@ def test_an_nlvr2_model_reads_two_images_and_a_statement(data):
 
 @pytest.mark.parametrize("method,project", [("muvla", "refcoco_plus"), ("simla", "refcoco_plus_weak")])
 def test_a_grounding_model_draws_the_box_the_predictor_chooses(method, project, data):
-    server = make_server(data, project=project, method=method)
-    client = client_of(server)
     expression = "the red circle on the left"
-    try:
+    with served(data, project=project, method=method) as (server, client):
         assert client.get("/api/info").json()["task"] == "ground"
         reply = client.post("/api/predict", data={"demo": "demo_000003.jpg", "expression": expression})
         assert reply.status_code == 200, reply.text
@@ -252,8 +237,6 @@ def test_a_grounding_model_draws_the_box_the_predictor_chooses(method, project, 
         # SIMLA's own signal (Grad-CAM) beside the box; μ-VLA has none
         assert ("signal" in body) is (method == "simla"), body.get("signal_error")
         assert os.listdir(server.temp_root) == []
-    finally:
-        server.close()
 
 
 def test_a_method_with_its_own_signal_sends_its_picture_with_the_answer(data):
@@ -261,9 +244,7 @@ def test_a_method_with_its_own_signal_sends_its_picture_with_the_answer(data):
 
     from PIL import Image
 
-    server = make_server(data, method="soho")
-    client = client_of(server)
-    try:
+    with served(data, method="soho") as (server, client):
         assert client.get("/api/info").json()["signals"]
         reply = client.post("/api/predict", data={"question": QUESTION},
                             files={"image": ("shapes.jpg", demo_file(data, 2).read_bytes(), "image/jpeg")})
@@ -272,8 +253,6 @@ def test_a_method_with_its_own_signal_sends_its_picture_with_the_answer(data):
         png = base64.b64decode(body["signal"].split(",", 1)[1])
         assert Image.open(io.BytesIO(png)).size[0] > 100 and png != base64.b64decode(body["picture"].split(",", 1)[1])
         assert "signal" in body["profile"] and "signal_error" not in body
-    finally:
-        server.close()
     semvlp = make_server(data)
     try:
         body = client_of(semvlp).post("/api/predict", data={"demo": "demo_000001.jpg", "question": QUESTION}).json()

@@ -35,7 +35,8 @@ What the server guards:
 * the pictures are drawn into a per-request folder inside the server's own temporary folder, sent inline (a
   ``data:`` URL) and deleted with the folder before the answer leaves;
 * no path on the server is readable through the page: demo images are served by name from the list the server
-  was started with, and error messages name the upload by its client-side name, never a server path;
+  was started with, error messages name the upload by its client-side name, and any server path in a message
+  (a region cache the predictor read, say) is reduced to its file name (:func:`public_message`);
 * one request runs the model at a time (a lock); a request that waits longer than ``--busy-seconds`` is answered
   503 ("busy, try again"), and a failure inside the model is answered 500 with its message while the server
   keeps serving.
@@ -46,6 +47,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -73,6 +75,16 @@ class ServeError(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+#: an absolute path in a message (at least one folder): replaced by its last part before the page shows it
+SERVER_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"():,/]+/)+([^\s'\"():,/]+)")
+
+
+def public_message(message: str) -> str:
+    """``message`` as the page may show it: every absolute path on the server reduced to its file name (a
+    predictor's error names the region cache or image file it read; the page names no server path)."""
+    return SERVER_PATH.sub(r"\1", message)
 
 
 def demo_image_table(folder: Optional[str], limit: int = 200) -> Dict[str, str]:
@@ -412,11 +424,11 @@ def create_app(server: ModelServer):
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, error: ServeError):
-        return JSONResponse({"error": str(error)}, status_code=error.status)
+        return JSONResponse({"error": public_message(str(error))}, status_code=error.status)
 
     @app.exception_handler(PredictInputError)
     async def input_error(request: Request, error: PredictInputError):
-        return JSONResponse({"error": str(error)}, status_code=400)
+        return JSONResponse({"error": public_message(str(error))}, status_code=400)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -428,8 +440,8 @@ def create_app(server: ModelServer):
             return await call_next(request)
         except Exception as error:  # the model failed on this input: say so, keep serving
             LOG.exception("request %s failed", request.url.path)
-            return JSONResponse({"error": f"the model failed on this input ({type(error).__name__}: {error})"},
-                                status_code=500)
+            return JSONResponse({"error": public_message(f"the model failed on this input ({type(error).__name__}: "
+                                                         f"{error})")}, status_code=500)
 
     @app.get("/", response_class=HTMLResponse)
     def index():

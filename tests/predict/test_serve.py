@@ -236,6 +236,12 @@ def test_a_grounding_model_draws_the_box_the_predictor_chooses(method, project, 
         assert body["profile"]["drawing"] > 0
         # SIMLA's own signal (Grad-CAM) beside the box; μ-VLA has none
         assert ("signal" in body) is (method == "simla"), body.get("signal_error")
+        if method == "simla":  # an upload has no id: its proposals are not in the region cache, which is named
+            reply = client.post("/api/predict", data={"expression": expression},
+                                files={"image": ("mine.jpg", demo_file(data, 3).read_bytes(), "image/jpeg")})
+            error = reply.json()["error"]
+            assert reply.status_code == 400 and "the region cache regions.lmdb has no regions" in error, error
+            assert str(data) not in error and "/tmp" not in error
         assert os.listdir(server.temp_root) == []
 
 
@@ -438,6 +444,15 @@ def test_a_person_asks_the_nlvr2_grounding_and_retrieval_pages(data):
                 server.close()
     finally:
         browser.quit()
+
+
+def test_messages_name_no_server_path():
+    from mmf_multilevel.predict.serve import public_message
+
+    assert public_message("the region cache /srv/data/demo/regions.lmdb has no regions for image "
+                          "'/home/u/x.jpg' (size 3/4)") == ("the region cache regions.lmdb has no regions for image "
+                                                            "'x.jpg' (size 3/4)")
+    assert public_message("read /tmp/mmf_ml_serve-1/request-2/alignment.png: image/png") == "read alignment.png: image/png"
 
 
 def test_png_header_helper_describes_the_size_it_claims():

@@ -4,7 +4,7 @@ and the screenshot in docs/ (``python -m mmf_multilevel.predict.browser``) use i
 
     python -m mmf_multilevel.predict.browser --config projects/semvlp/demo/vqa.yaml \\
         --checkpoint save/semvlp_demo/vqa/semvlp_final.pth --demo-images data/demo/images \\
-        --demo demo_000007.jpg --question "what color is the circle?" --out docs/mmf_ml_serve.png \\
+        --demo demo_000007.jpg --question "what color is the triangle?" --out docs/mmf_ml_serve.png \\
         env.data_dir=$PWD/data
 """
 import argparse

@@ -275,7 +275,6 @@ class ModelServer:
                 raise ServeError(f"captions: with no image the page ranks the demo images for one caption; got "
                                  f"{len(texts)} lines (pick an image to rank captions)")
         with self._turn(), tempfile.TemporaryDirectory(dir=self.temp_root, prefix="request-") as folder:
-            self._folder = folder
             profile: Dict[str, float] = {}
             result = {"model": self.name, "method": self.predictor.method, "task": self.task}
             if retrieving:
@@ -290,9 +289,9 @@ class ModelServer:
                     other, other_id = self._decoded(second, result, profile, "image2")
                     self._nlvr2(query, image_id, other, other_id, texts[0], result, profile)
                 else:
-                    self._ground(query, texts[0], image_id, result, profile)
+                    self._ground(query, texts[0], image_id, result, profile, folder)
             if self.pictures and self.task in ("vqa", "match"):
-                self._pictures(query, result["picture_text"], image_id, result, profile)
+                self._pictures(query, result["picture_text"], image_id, result, profile, folder)
         profile["total"] = time.perf_counter() - start
         result["profile"] = {stage: round(seconds, 4) for stage, seconds in profile.items()}
         return result
@@ -335,7 +334,7 @@ class ModelServer:
         if self.detects:
             ranked = self.predictor.retrieve_images(text, [self.demo_images[n] for n in names], top_k=self.top_k)
         else:
-            ranked = self.predictor.retrieve_images(text, image_ids=[os.path.splitext(n)[0] for n in names],
+            ranked = self.predictor.retrieve_images(text, image_ids=[self._demo_id(n) for n in names],
                                                     top_k=self.top_k)
         self._add(profile)
         # a dual encoder lists the images past its re-ranked top k by similarity, with score None
@@ -343,10 +342,7 @@ class ModelServer:
                    "similarity": item.get("similarity")} for item in ranked["results"]]
         result.update(text=text, images=images, gallery_size=ranked["gallery_size"], scoring=ranked["scoring"],
                       picture_text=text)
-        best = images[0]["image"]
-        with open(self.demo_images[best], "rb") as handle:
-            chosen = (handle.read(), f"demo image {best!r}", self._demo_id(best))
-        return self._decoded(chosen, result, profile, "image")
+        return self._decoded(self._image(None, None, images[0]["image"]), result, profile, "image")
 
     def _nlvr2(self, left, left_id, right, right_id, statement, result, profile) -> None:
         answer = self.predictor.nlvr2(left, right, statement, left_image_id=left_id, right_image_id=right_id)
@@ -354,10 +350,10 @@ class ModelServer:
         result.update(statement=statement, label=answer["label"], probability=answer["probability"],
                       score=answer["score"])
 
-    def _ground(self, query, expression, image_id, result, profile) -> None:
+    def _ground(self, query, expression, image_id, result, profile, folder) -> None:
         from mmf_multilevel.predict.tasks import ground_picture
 
-        png = os.path.join(self._folder, "grounding.png")
+        png = os.path.join(folder, "grounding.png")
         if self.pictures:
             answer = ground_picture(self.predictor, query, expression, png, image_id=image_id, top_k=self.top_k)
         else:
@@ -369,26 +365,26 @@ class ModelServer:
         if self.pictures:
             result["picture"] = _data_url(png)
         if self.signals:
-            self._signal(query, expression, image_id, result, profile)
+            self._signal(query, expression, image_id, result, profile, folder)
 
-    def _pictures(self, query, text, image_id, result, profile) -> None:
-        png = os.path.join(self._folder, "alignment.png")
+    def _pictures(self, query, text, image_id, result, profile, folder) -> None:
+        png = os.path.join(folder, "alignment.png")
         summary = self.predictor.picture(query, text, png, image_id=image_id)
         self._add(profile, PICTURE_STAGES)
         result["picture"] = _data_url(png)
         result["alignment"] = {key: value for key, value in summary.items()
                                if key not in ("png", "html", "picture", "path")}
         if self.signals:
-            self._signal(query, text, image_id, result, profile)
+            self._signal(query, text, image_id, result, profile, folder)
 
-    def _signal(self, query, text, image_id, result, profile) -> None:
+    def _signal(self, query, text, image_id, result, profile, folder) -> None:
         """The method's own grounding signal's picture; a signal this model cannot give (e.g. SIMLA's Grad-CAM
         layer outside the model) is said on the page beside the answer, not as a failed request."""
-        png = os.path.join(self._folder, "signal.png")
+        png = os.path.join(folder, "signal.png")
         try:
             self.predictor.signal_picture(query, text, png, image_id=image_id)
         except (PredictInputError, ValueError) as error:
-            result["signal_error"] = str(error)
+            result["signal_error"] = public_message(str(error))
             return
         self._add(profile, {"model": "signal", "text": "signal", "regions": "signal", "pixels": "signal",
                             "drawing": "signal drawing"})

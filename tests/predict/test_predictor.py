@@ -86,7 +86,7 @@ def test_a_pre_training_model_matches_the_unmasked_caption_with_its_itm_head(met
     predictor = predictor_for(data, method, PRETRAINING_PROJECTS[method])
     assert predictor.head_type == "pretraining"
     caption = "a picture with two red circles and one blue square on a grey ground today"
-    mask_id = predictor.text_processor._tokenizer.mask_token_id
+    mask_id = predictor.tokenizer.mask_token_id
     ids = [predictor.text_fields(caption)["input_ids"] for _ in range(20)]
     assert all(not (row == mask_id).any() and torch.equal(row, ids[0]) for row in ids), "a query's words were masked"
 

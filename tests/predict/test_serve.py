@@ -452,7 +452,8 @@ def test_messages_name_no_server_path():
     assert public_message("the region cache /srv/data/demo/regions.lmdb has no regions for image "
                           "'/home/u/x.jpg' (size 3/4)") == ("the region cache regions.lmdb has no regions for image "
                                                             "'x.jpg' (size 3/4)")
-    assert public_message("read /tmp/mmf_ml_serve-1/request-2/alignment.png: image/png") == "read alignment.png: image/png"
+    assert public_message("read /var/cache/mmf_ml_serve-1/request-2/alignment.png: image/png") == ("read alignment.png: "
+                                                                                                   "image/png")
 
 
 def test_png_header_helper_describes_the_size_it_claims():

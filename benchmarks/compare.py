@@ -20,7 +20,8 @@ weights, nothing downloaded.
   detections into the model's batch) and ``model`` (a random 16-token question, no tokeniser, through the
   inference head: VQA where the method has one). ``total`` = the sum of the stages' medians.
 * FLOPs: analytic, per sample (``methods/benchmarking.py``: FLOP_RULE); with ``--device cuda`` the model FLOP
-  utilisation = achieved FLOP/s / the device's peak for the precision (a small table, or ``--peak-tflops``).
+  utilisation = achieved FLOP/s / the device's peak for the precision (a small table of known GPUs, or
+  ``--peak-tflops``); on CPU it is printed when ``--peak-tflops`` gives the processor's peak.
 
 Each configuration runs in its own process (forked from this one after the imports), in alternating rounds
 (c1 c2 ... c1 c2 ...), and the medians over the rounds are reported, so a change in the shared machine's load
@@ -324,10 +325,12 @@ def picture(size):
 
 
 def peak_tflops(args):
-    if args.device != "cuda":
-        return None
+    """The peak TFLOP/s the utilisation columns divide by: ``--peak-tflops`` on any device, else the table's
+    figure for the visible GPU (None on CPU: a processor's peak is not in the table)."""
     if args.peak_tflops:
         return args.peak_tflops
+    if args.device != "cuda":
+        return None
     import torch
 
     device = torch.cuda.get_device_name(0)
@@ -335,6 +338,12 @@ def peak_tflops(args):
         if key in device and table.get(args.precision):
             return table[args.precision]
     raise SystemExit(f"--peak-tflops: the peak of {device!r} in {args.precision} is not in the table; give it")
+
+
+def utilisation(flops, samples_per_s, model_s, peak):
+    """Model FLOP utilisation of training (FLOPs per sample x samples/s) and of one inference forward (its
+    FLOPs / the model stage's seconds), as fractions of ``peak`` TFLOP/s."""
+    return flops["train"] * samples_per_s / (peak * 1e12), flops["inference"] / (model_s * peak * 1e12)
 
 
 def measure(args):
@@ -377,8 +386,7 @@ def measure(args):
                **{f"{s}_ms": stages[s] * 1e3 for s in STAGES}, "total_ms": sum(stages.values()) * 1e3,
                "train_mfu": "", "inference_mfu": ""}
         if peak:
-            out["train_mfu"] = flops["train"] * out["samples_per_s"] / (peak * 1e12)
-            out["inference_mfu"] = flops["inference"] / (stages["model"] * peak * 1e12)
+            out["train_mfu"], out["inference_mfu"] = utilisation(flops, out["samples_per_s"], stages["model"], peak)
         rows[row] = out
     for row, kind, name, mode in jobs:
         if kind == "method":
@@ -397,7 +405,7 @@ def _cell(value):
     return str(value)
 
 
-def markdown(rows, args, extraction):
+def markdown(rows, args, extraction, peak=None):
     import torch
 
     head = (f"### compare.py --size {args.size} --device {args.device} --precision {args.precision} "
@@ -407,8 +415,9 @@ def markdown(rows, args, extraction):
             f"Inference: a {IMAGE[args.size][0]}x{IMAGE[args.size][1]} JPEG + a {QUESTION}-token question; "
             f"extraction = BUTD R101-C4 ({extraction['proposals'] if extraction else '-'} proposals -> "
             f"{extraction['regions'] if extraction else '-'} boxes), the same for every region row. "
-            "vs ref: samples/s / the reference's (higher is faster), latency / the reference's (lower is faster).\n\n")
-    shown = [c for c in COLUMNS if c not in ("method",) and (args.device == "cuda" or not c.endswith("mfu"))]
+            "vs ref: samples/s / the reference's (higher is faster), latency / the reference's (lower is faster)."
+            + (f" mfu: achieved FLOP/s / {peak:g} TFLOP/s peak." if peak else "") + "\n\n")
+    shown = [c for c in COLUMNS if c not in ("method",) and (peak or not c.endswith("mfu"))]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(r[c]) for c in shown) + " |" for r in rows]
     return head + "\n".join(lines) + "\n"
@@ -493,10 +502,11 @@ def main(argv=None):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
+    peak = peak_tflops(args)  # an unknown GPU without --peak-tflops stops here, before the measurement
     # what mmf_run registers and MMF's losses read
     registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
     rows, extraction = measure(args)
-    table = markdown(rows, args, extraction)
+    table = markdown(rows, args, extraction, peak)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"compare_{time.strftime('%Y-%m-%d')}_{args.size}_{args.device}_{args.precision}")

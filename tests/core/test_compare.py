@@ -39,7 +39,9 @@ def _run(tmp_path, *options):
 
 
 def test_tiny_quick_run_lists_every_method_with_the_columns(tmp_path):
-    out = _run(tmp_path, "--size", "tiny", "--quick")
+    """Run with a given peak, so the utilisation columns are filled (on CPU only when a peak is given)."""
+    peak = 0.25
+    out = _run(tmp_path, "--size", "tiny", "--quick", "--peak-tflops", str(peak))
     assert out.returncode == 0, out.stderr[-3000:]
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from compare import COLUMNS
@@ -58,7 +60,39 @@ def test_tiny_quick_run_lists_every_method_with_the_columns(tmp_path):
         assert float(r["train_gflop"]) > 0 and float(r["inference_gflop"]) > 0, r
         assert (float(r["extraction_ms"]) > 0) == (r["input"] == "regions"), r
         assert float(r["train_vs_ref"]) > 0 and float(r["latency_vs_ref"]) > 0, r
-    assert "| row |" in out.stdout
+        # utilisation: achieved FLOP/s over the peak, from the row's own figures
+        achieved_train = float(r["train_gflop"]) * 1e9 * float(r["samples_per_s"])
+        achieved_inference = float(r["inference_gflop"]) * 1e9 / (float(r["model_ms"]) / 1e3)
+        assert float(r["train_mfu"]) == pytest.approx(achieved_train / (peak * 1e12), rel=1e-6), r
+        assert float(r["inference_mfu"]) == pytest.approx(achieved_inference / (peak * 1e12), rel=1e-6), r
+    assert "| row |" in out.stdout and "| train_mfu | inference_mfu |" in out.stdout
+    assert f"{peak:g} TFLOP/s peak" in out.stdout
+
+
+def _args(device, precision="bf16", peak=None):
+    import argparse
+
+    return argparse.Namespace(device=device, precision=precision, peak_tflops=peak)
+
+
+def test_the_peak_is_read_from_the_table_for_a_known_gpu(monkeypatch):
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import compare
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    assert compare.peak_tflops(_args("cuda")) == 989.0
+    assert compare.peak_tflops(_args("cuda", "fp32")) == 67.0
+    assert compare.peak_tflops(_args("cuda", peak=123.0)) == 123.0  # given wins over the table
+    assert compare.peak_tflops(_args("cpu")) is None  # no table for processors
+    assert compare.peak_tflops(_args("cpu", peak=0.5)) == 0.5
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Tesla V100-SXM2-16GB")
+    with pytest.raises(SystemExit, match="V100.*bf16.*--peak-tflops|--peak-tflops.*V100.*bf16"):
+        compare.peak_tflops(_args("cuda"))  # the V100 has no bf16 peak: the message asks for one
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Some Future GPU")
+    with pytest.raises(SystemExit, match="Some Future GPU"):
+        compare.peak_tflops(_args("cuda"))
 
 
 @pytest.mark.parametrize("option,value", [("--device", "tpu"), ("--precision", "int8"), ("--size", "large"),

@@ -317,6 +317,70 @@ def test_region_embedding_concat_style_with_img_token():
         emb(feats)
 
 
+def test_normalize_boxes_dtypes_single_boxes_unit_sizes_and_clamping():
+    box = torch.tensor([10.0, 20.0, 50.0, 100.0])
+    expect = torch.tensor([0.1, 0.1, 0.5, 0.5, 0.4 * 0.4])
+    # one box of shape (4,), its size a number or a one-element tensor
+    torch.testing.assert_close(normalize_boxes(box, 100, 200), expect)
+    torch.testing.assert_close(normalize_boxes(box, torch.tensor([100.0]), torch.tensor([200.0])), expect)
+    # integer pixel boxes give the float result; float64 boxes stay float64; the sizes' dtype does not leak
+    torch.testing.assert_close(normalize_boxes(box.long(), 100, 200), expect)
+    assert normalize_boxes(box.double(), 100, 200).dtype == torch.float64
+    assert normalize_boxes(box, torch.tensor([100.0], dtype=torch.float64), 200).dtype == torch.float32
+    # an image size of 1: boxes already in [0, 1] come back as they are
+    unit = torch.tensor([[0.25, 0.5, 0.75, 1.0]])
+    torch.testing.assert_close(normalize_boxes(unit, 1, 1.0, mode="4d"), unit)
+    # a box past the left / top border is clamped to 0 (and not at all without clamp)
+    over = torch.tensor([[-3.0, -5.0, 50.0, 100.0]])
+    torch.testing.assert_close(normalize_boxes(over, 100, 100, mode="4d"), torch.tensor([[0.0, 0.0, 0.5, 1.0]]))
+    torch.testing.assert_close(normalize_boxes(over, 100, 100, mode="4d", clamp=False),
+                               torch.tensor([[-0.03, -0.05, 0.5, 1.0]]))
+
+
+def test_normalize_boxes_errors_name_the_size_and_the_box():
+    good = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match=r"^image_w must be positive"):
+        normalize_boxes(good, 0, 10)
+    with pytest.raises(ValueError, match=r"^image_h must be positive"):
+        normalize_boxes(good, 10, -1)
+    with pytest.raises(ValueError, match=r"^image_w of shape \(4,\) does not broadcast"):
+        normalize_boxes(good, torch.tensor([1.0, 2.0, 3.0, 4.0]), 10)
+    bad = torch.zeros(2, 3, 4)
+    bad[1, 2] = torch.tensor([5.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"box at index \(1, 2\) has x2 < x1"):
+        normalize_boxes(bad, 10, 10)
+
+
+def test_region_embedding_defaults_initialisation_and_sizes():
+    torch.manual_seed(0)
+    emb = RegionEmbedding(img_token=True)
+    assert (emb.feature_proj.in_features, emb.feature_proj.out_features, emb.box_proj.in_features) == (2048, 768, 5)
+    # BERT initialisation N(0, 0.02): the weights' spread over 1.5 M draws, and the [IMG] vector's over 768
+    assert emb.feature_proj.weight.std().item() == pytest.approx(0.02, rel=0.01)
+    assert emb.img_embedding.std().item() == pytest.approx(0.02, rel=0.15)
+    assert RegionEmbedding(16, 8, initializer_range=0.5).feature_proj.weight.std().item() == pytest.approx(0.5, rel=0.2)
+    for kwargs in (dict(feature_dim=0), dict(hidden_size=0), dict(box_dim=-1)):
+        with pytest.raises(ValueError, match="must be positive"):
+            RegionEmbedding(**kwargs)
+    one = RegionEmbedding(feature_dim=1, hidden_size=1, box_dim=0)
+    assert one(torch.randn(2, 3, 1))[0].shape == (2, 3, 1)
+
+
+def test_region_embedding_takes_float64_boxes_and_follows_autocast():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 3, 16)
+    boxes = normalize_boxes(torch.tensor([[0.0, 0.0, 5.0, 5.0]] * 3, dtype=torch.float64).expand(2, 3, 4), 10, 10,
+                            mode="4d")
+    emb = RegionEmbedding(feature_dim=16, hidden_size=HIDDEN, box_dim=4, style="concat").eval()
+    torch.testing.assert_close(emb(feats, boxes)[0], emb(feats, boxes.float())[0])
+    # without a final norm, the [IMG] vector takes the autocast dtype of the projected regions
+    raw = RegionEmbedding(feature_dim=16, hidden_size=HIDDEN, box_dim=4, style="concat", layer_norm=False,
+                          img_token=True).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, mask = raw(feats, boxes)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 4, HIDDEN) and mask.dtype == torch.long
+
+
 # ---------------------------------------------------------------------------------------------- masking
 def token_corpus(batch=400, length=128, vocab=30522):
     g = torch.Generator().manual_seed(1)

@@ -21,8 +21,15 @@ from mmf_multilevel.modules.heads import (
     region_feature_regression_loss,
     vqa_loss,
 )
-from mmf_multilevel.modules.masking import IGNORE_INDEX, mask_regions, mask_tokens
-from mmf_multilevel.modules.text import BertTextEncoder, extended_attention_mask
+from mmf_multilevel.modules.masking import (
+    IGNORE_INDEX,
+    RegionMasking,
+    apply_region_masking,
+    draw_region_masking,
+    mask_regions,
+    mask_tokens,
+)
+from mmf_multilevel.modules.text import BertTextEncoder, extended_attention_mask, mask_compute_dtype
 from mmf_multilevel.modules.visual import RegionEmbedding, normalize_boxes, num_boxes_to_mask
 
 VOCAB, HIDDEN = 50, 32
@@ -126,6 +133,50 @@ def test_encode_cross_attention():
     assert not torch.allclose(out, enc.encode(x, torch.ones(2, 4), encoder_hidden_states=memory * 2))
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_float64_encoder_builds_its_masks_in_float64(attn):
+    """Outside autocast the additive masks take the hidden states' own dtype: a float64 encoder (self- and
+    cross-attention, padding on both) gives the float32 encoder's answer, on SDPA (which refuses a mask of
+    another float dtype) and eager attention."""
+    torch.manual_seed(0)
+    enc = BertTextEncoder.from_config(tiny_config(is_decoder=True, add_cross_attention=True,
+                                                  attn_implementation=attn)).eval()
+    x, memory = torch.randn(2, 4, HIDDEN), torch.randn(2, 3, HIDDEN)
+    mask, memory_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    single = enc.encode(x, mask, encoder_hidden_states=memory, encoder_attention_mask=memory_mask)
+    double = enc.double().encode(x.double(), mask, encoder_hidden_states=memory.double(),
+                                 encoder_attention_mask=memory_mask)
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_compute_dtype_follows_the_reference_outside_autocast():
+    assert mask_compute_dtype(torch.zeros(2, dtype=torch.float64)) == torch.float64
+    assert mask_compute_dtype(torch.zeros(2, dtype=torch.float16)) == torch.float16
+    assert mask_compute_dtype(torch.zeros(2, dtype=torch.long)) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mask_compute_dtype(torch.zeros(2, dtype=torch.float64)) == torch.bfloat16
+
+
+def test_embed_at_the_position_limit_without_token_types_and_layer_norm(encoder):
+    limit = encoder.config.max_position_embeddings
+    ids = torch.randint(5, VOCAB, (2, limit))
+    assert encoder.embed(ids).shape == (2, limit, HIDDEN)  # exactly the limit is allowed
+    with pytest.raises(ValueError, match=f"sequence length {limit + 1} exceeds"):
+        encoder.embed(torch.randint(5, VOCAB, (2, limit + 1)))
+    raw = encoder.embed(ids[:, :6], layer_norm=False)  # token types default to zeros on this path too
+    manual = (encoder.word_embeddings(ids[:, :6]) + encoder.token_type_embeddings(torch.zeros_like(ids[:, :6]))
+              + encoder.position_embeddings(torch.arange(6)).unsqueeze(0))
+    torch.testing.assert_close(raw, manual)
+
+
+def test_encode_refuses_both_masks(encoder):
+    x, mask = torch.randn(2, 4, HIDDEN), torch.ones(2, 4)
+    with pytest.raises(ValueError, match="either attention_mask or extended_mask"):
+        encoder.encode(x, mask, extended_mask=extended_attention_mask(mask))
+    torch.testing.assert_close(encoder.encode(x, extended_mask=extended_attention_mask(mask)), encoder.encode(x, mask))
+
+
 def test_pool_at_index(encoder):
     seq = torch.randn(3, 7, HIDDEN)
     idx = torch.tensor([0, 4, 6])
@@ -134,6 +185,8 @@ def test_pool_at_index(encoder):
         manual = torch.tanh(encoder.pooler.dense.weight @ seq[b, idx[b]] + encoder.pooler.dense.bias)
         torch.testing.assert_close(pooled[b], manual, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(encoder.pool(seq, 4)[1], pooled[1])
+    # an index of another integer dtype (uint8, as a cache may store it) still means positions, not a mask
+    torch.testing.assert_close(encoder.pool(seq, idx.to(torch.uint8)), pooled)
 
 
 def test_extended_attention_mask():
@@ -495,8 +548,104 @@ def test_mask_regions_per_region_probability_and_determinism():
     assert (sel.sum(1) >= 1).all() and not sel[:, 3].any()
     with pytest.raises(ValueError, match="region_mask"):
         mask_regions(feats, torch.ones(2000, 5))
-    with pytest.raises(ValueError, match="prob"):
-        mask_regions(feats, prob=torch.full((2000, 4), -0.1))
+    with pytest.raises(ValueError, match="^prob must lie in"):
+        mask_regions(feats, prob=torch.full((40000, 4), -0.1))
+
+
+def test_mask_tokens_settings_are_checked_and_edge_values_accepted():
+    ids, attn, special = token_corpus(batch=4, length=16)
+    kw = dict(special_tokens_mask=special, attention_mask=attn, vocab_size=100)
+    for bad in (dict(mask_ratio=-0.1), dict(random_ratio=-0.1), dict(mask_ratio=0.6, random_ratio=0.5)):
+        with pytest.raises(ValueError, match="mask_ratio and random_ratio"):
+            mask_tokens(ids % 100, mask_token_id=MASK, **bad, **kw)
+    for good in (dict(mask_ratio=0.0), dict(random_ratio=0.0), dict(mask_ratio=0.8, random_ratio=0.2)):
+        mask_tokens(ids % 100, mask_token_id=MASK, **good, **kw)
+    mask_tokens(ids % 100, mask_token_id=0, **kw)  # id 0 is a valid [MASK] id, the vocabulary's size is not
+    with pytest.raises(ValueError, match="mask_token_id 100 is outside"):
+        mask_tokens(ids % 100, mask_token_id=100, **kw)
+    for bad_prob in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="^prob must lie in"):
+            mask_tokens(ids % 100, mask_token_id=MASK, prob=bad_prob, **kw)
+    with pytest.raises(ValueError, match="^special_tokens_mask must have the shape"):
+        mask_tokens(ids, special[:, :3], vocab_size=30522, mask_token_id=MASK)
+    with pytest.raises(ValueError, match="^attention_mask must have the shape"):
+        mask_tokens(ids, attention_mask=attn[:, :3], vocab_size=30522, mask_token_id=MASK)
+
+
+def test_mask_tokens_combines_every_protection_and_takes_a_per_token_prob_for_one_sequence():
+    ids, attn, _ = token_corpus(batch=20, length=16)
+    # padding is protected by the attention mask while [CLS]/[SEP] are protected by their ids
+    _, labels = mask_tokens(ids, attention_mask=attn, special_token_ids=[CLS, SEP], vocab_size=30522,
+                            mask_token_id=MASK, prob=1.0)
+    protected = (ids == PAD) | (ids == CLS) | (ids == SEP)
+    assert (labels[protected] == IGNORE_INDEX).all() and (labels[~protected] != IGNORE_INDEX).all()
+    # one sequence (T,) with its per-token probabilities (T,)
+    probs = torch.zeros(ids.size(1))
+    probs[1:3] = 1.0
+    _, one = mask_tokens(ids[0], attention_mask=attn[0], special_token_ids=[CLS, SEP], vocab_size=30522,
+                         mask_token_id=MASK, prob=probs)
+    assert ((one != IGNORE_INDEX) == (probs > 0)).all()
+
+
+def test_ensure_one_picks_only_where_the_probability_is_positive_and_follows_the_generator():
+    ids, attn, special = token_corpus(batch=8, length=16)
+    probs = torch.zeros(ids.shape)
+    probs[::2, 1] = 1e-6  # even rows: one eligible token at a tiny rate; odd rows: none
+    kw = dict(special_tokens_mask=special, attention_mask=attn, vocab_size=30522, mask_token_id=MASK, prob=probs,
+              ensure_one=True)
+    _, labels = mask_tokens(ids, generator=torch.Generator().manual_seed(0), **kw)
+    selected = labels != IGNORE_INDEX
+    assert selected[::2, 1].all() and selected.sum() == 4  # the forced pick is the eligible token, odd rows none
+    # the forced pick is drawn from the generator alone: the global seed does not change it
+    region_mask = torch.ones(64, 6, dtype=torch.long)
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        masking = draw_region_masking(region_mask, prob=1e-6, ensure_one=True, zero_ratio=0.5, random_ratio=0.5,
+                                      generator=torch.Generator().manual_seed(0))
+        draws.append(masking)
+    assert (draws[0].selected.sum(1) == 1).all()
+    for a, b in zip(draws[0], draws[1]):
+        assert torch.equal(a, b)
+    assert (draws[0].source >= 0).any()  # some forced picks were replaced from another region, by the generator
+
+
+def test_draw_region_masking_defaults_settings_and_the_source_marker():
+    region_mask = num_boxes_to_mask(torch.randint(1, 11, (4000,), generator=torch.Generator().manual_seed(0)), 10)
+    masking = draw_region_masking(region_mask, generator=torch.Generator().manual_seed(1))
+    real = region_mask.sum().item()
+    # defaults: prob 0.15, every selected region zeroed, none replaced, no forced pick
+    assert_rate(masking.selected.sum().item() / real, 0.15, real, what="default selection") < 0.002
+    assert torch.equal(masking.zeroed, masking.selected) and (masking.source == -1).all()
+    sparse = draw_region_masking(region_mask, prob=1e-6, generator=torch.Generator().manual_seed(2))
+    assert sparse.selected.sum() <= 1
+    for bad in (dict(zero_ratio=-0.1), dict(random_ratio=-0.1), dict(zero_ratio=0.6, random_ratio=0.5)):
+        with pytest.raises(ValueError, match="zero_ratio and random_ratio"):
+            draw_region_masking(region_mask, **bad)
+    # no zeroing at all, every selected region replaced by another real region of its row
+    swap = draw_region_masking(region_mask, prob=0.5, zero_ratio=0.0, random_ratio=1.0,
+                               generator=torch.Generator().manual_seed(3))
+    assert not swap.zeroed.any() and torch.equal(swap.source >= 0, swap.selected)
+    rows, cols = swap.selected.nonzero(as_tuple=True)
+    assert region_mask[rows, swap.source[rows, cols]].bool().all()
+    assert (swap.source[~swap.selected] == -1).all()
+
+
+def test_apply_region_masking_replaces_from_region_zero_and_checks_shapes():
+    features = torch.arange(24.0).view(2, 3, 4)
+    selected = torch.tensor([[False, True, True], [True, False, False]])
+    masking = RegionMasking(selected=selected, zeroed=torch.tensor([[False, False, True], [False] * 3]),
+                            source=torch.tensor([[-1, 0, -1], [2, -1, -1]]))
+    out = apply_region_masking(features, masking)
+    expect = features.clone()
+    expect[0, 1] = features[0, 0]  # replaced by region 0 of its row
+    expect[0, 2] = 0.0
+    expect[1, 0] = features[1, 2]
+    assert torch.equal(out, expect) and torch.equal(features, torch.arange(24.0).view(2, 3, 4))
+    with pytest.raises(ValueError, match="matching the masking's"):
+        apply_region_masking(features[:, :2], masking)
+    with pytest.raises(ValueError, match="matching the masking's"):
+        apply_region_masking(features[0], masking)
 
 
 # ---------------------------------------------------------------------------------------------- heads

@@ -134,20 +134,22 @@ def test_encode_cross_attention():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_a_float64_encoder_builds_its_masks_in_float64(attn):
-    """Outside autocast the additive masks take the hidden states' own dtype: a float64 encoder (self- and
-    cross-attention, padding on both) gives the float32 encoder's answer, on SDPA (which refuses a mask of
-    another float dtype) and eager attention."""
+def test_a_half_precision_encoder_builds_its_masks_in_its_own_dtype(attn):
+    """Outside autocast the additive masks take the hidden states' dtype: an encoder cast to float16 or
+    bfloat16 (``model.half()`` inference; self- and cross-attention, padding on both, one sample with no
+    memory to attend to) runs and stays close to the float32 answer."""
     torch.manual_seed(0)
     enc = BertTextEncoder.from_config(tiny_config(is_decoder=True, add_cross_attention=True,
                                                   attn_implementation=attn)).eval()
     x, memory = torch.randn(2, 4, HIDDEN), torch.randn(2, 3, HIDDEN)
-    mask, memory_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 1, 1]])
-    single = enc.encode(x, mask, encoder_hidden_states=memory, encoder_attention_mask=memory_mask)
-    double = enc.double().encode(x.double(), mask, encoder_hidden_states=memory.double(),
-                                 encoder_attention_mask=memory_mask)
-    assert double.dtype == torch.float64
-    torch.testing.assert_close(double.float(), single, atol=1e-5, rtol=1e-5)
+    mask, memory_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.tensor([[0, 0, 0], [1, 1, 1]])
+    reference = enc.encode(x, mask, encoder_hidden_states=memory, encoder_attention_mask=memory_mask)
+    for dtype, tolerance in ((torch.float16, 0.02), (torch.bfloat16, 0.1)):
+        out = enc.to(dtype).encode(x.to(dtype), mask, encoder_hidden_states=memory.to(dtype),
+                                   encoder_attention_mask=memory_mask)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=0)
+    enc.float()
 
 
 def test_mask_compute_dtype_follows_the_reference_outside_autocast():

@@ -156,3 +156,70 @@ def test_recording_names_must_exist_and_a_module_that_did_not_run_is_named():
         pass
     with pytest.raises(KeyError, match="attention module block.self did not run while recording"):
         recorder.last("block.self")
+
+
+def _hf(attention, *args, **kwargs):
+    with torch.no_grad():
+        return BertSelfAttention.forward(attention, *args, **kwargs)[0]
+
+
+def test_caches_relative_positions_and_head_masks_give_hfs_answer():
+    """The cases the fast path does not compute go to HF's code with every argument: a key/value cache (by
+    keyword, by position, or under its deprecated name), relative position scores, a head mask."""
+    from transformers.cache_utils import DynamicCache
+
+    torch.manual_seed(5)
+    config = dict(CONFIG, attn_implementation="eager")
+    attention = FastBertSelfAttention(BertConfig(**config), layer_idx=0).eval()
+    hidden, earlier = torch.randn(2, 3, 32), torch.randn(2, 4, 32)
+
+    def cache():
+        c = DynamicCache()
+        with torch.no_grad():
+            c.update(attention.key(earlier).view(2, -1, 4, 8).transpose(1, 2),
+                     attention.value(earlier).view(2, -1, 4, 8).transpose(1, 2), 0)
+        return c
+
+    expected = _hf(attention, hidden, past_key_values=cache())
+    assert not torch.allclose(expected, _hf(attention, hidden))  # the cache matters
+    with torch.no_grad():
+        torch.testing.assert_close(attention(hidden, past_key_values=cache())[0], expected, atol=0, rtol=0)
+        torch.testing.assert_close(attention(hidden, None, None, None, cache())[0], expected, atol=0, rtol=0)
+        with pytest.warns(FutureWarning, match="past_key_value"):
+            torch.testing.assert_close(attention(hidden, past_key_value=cache())[0], expected, atol=0, rtol=0)
+    relative = FastBertSelfAttention(BertConfig(**config, position_embedding_type="relative_key")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(relative(hidden)[0], _hf(relative, hidden), atol=0, rtol=0)
+    head_mask = torch.tensor([1.0, 0.0, 1.0, 1.0])[None, :, None, None]
+    with torch.no_grad():
+        masked = attention(hidden, head_mask=head_mask)[0]
+    torch.testing.assert_close(masked, _hf(attention, hidden, head_mask=head_mask), atol=0, rtol=0)
+    assert float(masked[..., 8:16].abs().max()) == 0.0  # the second head's slice is off
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_hfs_path_records_whether_it_was_cross_attention(cross):
+    torch.manual_seed(6)
+    container = torch.nn.ModuleDict({"block": BertAttention(BertConfig(**CONFIG, attn_implementation="eager"))})
+    use_fast_attention(container)
+    container.eval()
+    hidden = torch.randn(2, 5, 32)
+    memory = torch.randn(2, 7, 32) if cross else None
+    with torch.no_grad(), record_attention(container) as recorder:
+        container["block"].self(hidden, encoder_hidden_states=memory, head_mask=torch.ones(1, 4, 1, 1))
+    assert recorder.last("block.self").cross is cross
+
+
+def test_the_swap_counts_what_it_changed_and_fast_dropout_drops_in_training():
+    config = BertConfig(**CONFIG)
+    model = torch.nn.ModuleDict({"bert": BertModel(config, add_pooling_layer=False)})
+    attention = sum(isinstance(m, BertSelfAttention) for m in model.modules())
+    dropouts = sum(type(m) is torch.nn.Dropout for m in model.modules())
+    assert attention == 2 and dropouts > 0
+    assert use_fast_attention(model) == attention + dropouts
+    layer = FastDropout(0.5).train()
+    torch.manual_seed(0)
+    x = torch.ones(40_000)
+    dropped = (layer(x) == 0).float().mean().item()
+    assert abs(dropped - 0.5) < 4 * math.sqrt(0.25 / x.numel())
+    assert layer.eval()(x) is x

@@ -686,6 +686,48 @@ def test_vqa_and_region_heads():
     assert ITMHead(HIDDEN)(x).shape == (3, 2)
 
 
+def test_head_defaults_and_settings_reach_their_layers(encoder):
+    """BERT's defaults (N(0, 0.02) weights, LayerNorm eps 1e-12, a transform in the region heads, a 2048-d
+    feature target, no dropout in the VQA head), HF's parameter names, and every setting reaching its layer."""
+    from transformers.models.bert.modeling_bert import BertLMPredictionHead
+
+    torch.manual_seed(0)
+    heads = {"mlm": MLMHead(256, 1000), "itm": ITMHead(1000), "vqa": VQAHead(256, 1000),
+             "regression": RegionFeatureRegressionHead(256), "classification": RegionClassificationHead(256, 1000)}
+    for name, head in heads.items():
+        weights = torch.cat([m.weight.flatten() for m in head.modules() if isinstance(m, torch.nn.Linear)])
+        assert weights.std().item() == pytest.approx(0.02, rel=0.02), name
+        norms = [m.eps for m in head.modules() if isinstance(m, torch.nn.LayerNorm)]
+        assert norms == ([] if name == "itm" else [1e-12]), name
+    assert heads["regression"].decoder.out_features == 2048
+    for name in ("regression", "classification"):
+        assert isinstance(heads[name].transform, torch.nn.Module) and hasattr(heads[name].transform, "dense"), name
+    assert heads["vqa"].dropout.p == 0.0 and heads["itm"].dropout.p == 0.0
+    config = tiny_config(hidden_size=256, vocab_size=1000)
+    # HF's names (whose decoder.bias is the same tensor as bias); the decoder has no bias of its own
+    mlm_keys = set(heads["mlm"].state_dict())
+    assert mlm_keys == set(BertLMPredictionHead(config).state_dict()) - {"decoder.bias"}
+    assert heads["mlm"].decoder.bias is None
+    # settings: activation, eps and spread reach the transform and the initialisation
+    relu = MLMHead(HIDDEN, VOCAB, hidden_act="relu", layer_norm_eps=1e-5, initializer_range=0.5)
+    hidden = torch.randn(2, 3, HIDDEN)
+    manual = F.layer_norm(F.relu(relu.transform.dense(hidden)), (HIDDEN,), relu.transform.LayerNorm.weight,
+                          relu.transform.LayerNorm.bias, eps=1e-5)
+    torch.testing.assert_close(relu.transform(hidden), manual)
+    assert relu.decoder.weight.std().item() == pytest.approx(0.5, rel=0.1)
+    from_config = MLMHead.from_config(tiny_config(initializer_range=0.5, layer_norm_eps=1e-5))
+    assert from_config.decoder.weight.std().item() == pytest.approx(0.5, rel=0.1)
+    assert from_config.transform.LayerNorm.eps == 1e-5
+    # a tied head needs no decoder weight from a checkpoint; a table as wide as the vocabulary is cut by rows
+    tied = MLMHead(HIDDEN, VOCAB).tie_to(encoder.word_embeddings)
+    state = {f"cls.predictions.{k}": v for k, v in MLMHead(HIDDEN, VOCAB).state_dict().items()
+             if k != "decoder.weight"}
+    tied.load_bert_state_dict(state)
+    assert torch.equal(tied.bias, state["cls.predictions.bias"]) and tied.decoder.weight is encoder.word_embeddings.weight
+    square = MLMHead(HIDDEN, HIDDEN).tie_to(torch.nn.Embedding(HIDDEN + 8, HIDDEN))
+    assert square(hidden).shape == (2, 3, HIDDEN)
+
+
 # ---------------------------------------------------------------------------------------------- losses
 def test_mlm_loss_matches_manual():
     torch.manual_seed(0)
@@ -727,6 +769,31 @@ def test_vqa_loss_matches_manual():
     assert vqa_loss(logits, targets).item() == pytest.approx(total / 3, rel=1e-5)
     assert vqa_loss(logits, targets).item() == pytest.approx(
         F.binary_cross_entropy_with_logits(logits, targets).item() * 5, rel=1e-5)
+
+
+def test_losses_reductions_masks_and_empty_batches():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 2, requires_grad=True)
+    # a custom ignore index reaches the per-sample cross-entropy
+    labels = torch.tensor([1, -1, 0, 1])
+    expect = F.cross_entropy(logits[[0, 2, 3]], labels[[0, 2, 3]])
+    torch.testing.assert_close(itm_loss(logits, labels, ignore_index=-1), expect)
+    # nothing counted: a zero that still has a graph
+    for loss in (itm_loss(logits, torch.full((4,), IGNORE_INDEX)),
+                 region_classification_loss(logits.view(2, 2, 2), torch.zeros(2, 2, dtype=torch.long),
+                                            torch.zeros(2, 2)),
+                 vqa_loss(logits[:0], torch.zeros(0, 2))):
+        assert loss.item() == 0.0 and loss.requires_grad
+    # VQA: per question with "none", summed with "sum"
+    targets = torch.rand(4, 2)
+    per_question = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
+    torch.testing.assert_close(vqa_loss(logits, targets, reduction="none"), per_question)
+    torch.testing.assert_close(vqa_loss(logits, targets, reduction="sum"), per_question.sum())
+    # region losses take a 0/1 integer selection as well as a boolean one
+    predictions, features = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    selected = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    torch.testing.assert_close(region_feature_regression_loss(predictions, features, selected),
+                               region_feature_regression_loss(predictions, features, selected.bool()))
 
 
 def test_region_feature_regression_loss_matches_manual():

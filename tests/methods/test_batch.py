@@ -3,7 +3,7 @@ computes from them, and the error that names a missing or malformed one."""
 import pytest
 import torch
 
-from mmf_multilevel.methods.batch import detector_labels, pixel_inputs, region_inputs, text_inputs
+from mmf_multilevel.methods.batch import RegionInputs, detector_labels, pixel_inputs, region_inputs, text_inputs
 
 DIM = 6
 
@@ -25,6 +25,7 @@ def test_text_inputs_read_the_processors_fields_and_default_the_mask():
     bare = text_inputs({"input_ids": ids, "input_mask": None, "segment_ids": None}, "m")
     assert bare.mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]] and bare.mask.dtype == torch.long
     assert bare.segment_ids is None
+    assert text_inputs({"input_ids": ids}, "m").segment_ids is None  # the fields may be absent too
     for batch in ({}, {"input_ids": None}):
         with pytest.raises(KeyError, match="^\"mymodel needs 'input_ids'"):
             text_inputs(batch, "mymodel")
@@ -46,6 +47,9 @@ def test_region_inputs_mask_boxes_and_float_features(key):
     assert regions.info is batch["image_info_0"]
     assert regions.corrupted is regions.features and regions.selected is None
     assert region_inputs(batch, "m", DIM, "4d").boxes.shape == (2, 4, 4)
+    # built by hand, the network reads the originals
+    direct = RegionInputs(regions.features, regions.boxes, regions.mask, {})
+    assert direct.corrupted is regions.features and direct.selected is None
 
 
 def test_region_inputs_prefer_max_features_and_clamp_counts_to_the_features():
@@ -132,11 +136,14 @@ def test_pixel_inputs_mask_the_padding_from_the_recorded_sizes():
     assert inputs.mask.dtype == torch.bool and inputs.mask.shape == (2, 4, 5)
     assert inputs.mask[0].sum() == 6 and inputs.mask[0, :2, :3].all() and inputs.mask[1].all()
     for batch in ({"image": pixels}, {"image": pixels, "image_size": None}):
-        assert pixel_inputs(batch, "m").mask.all()
+        whole = pixel_inputs(batch, "m").mask
+        assert whole.dtype == torch.bool and whole.shape == (2, 4, 5) and whole.all()
     other = pixel_inputs({"pic": pixels, "pic_size": torch.tensor([[1, 1], [1, 2]])}, "m", field="pic")
     assert other.mask.sum(dim=(1, 2)).tolist() == [1, 2]
     paired = {"img0": {"image": pixels}, "img1": {"image": pixels * 0}}
     assert pixel_inputs(paired, "m", side="img1").pixels.abs().sum() == 0
+    with pytest.raises(KeyError, match="mymodel needs the paired layout"):
+        pixel_inputs({"image": pixels}, "mymodel", side="img0")
     for batch in ({}, {"image": None}):
         with pytest.raises(KeyError, match="^\"mymodel needs 'image'"):
             pixel_inputs(batch, "mymodel")

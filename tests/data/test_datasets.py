@@ -395,3 +395,25 @@ def test_every_caption_can_be_swapped_in_a_corpus_of_two_images(demo, tmp_path):
     assert len(dataset.records) == 2 and {str(r["image_id"]) for r in dataset.records} == set(first_two)
     random.seed(0)
     assert all(int(dataset[i].is_correct) == 0 for i in range(len(dataset)))
+
+
+def test_mask_sample_regions_defaults_and_per_region_probabilities():
+    """One sample's masked-region draw: by default every selected region is zeroed and none replaced;
+    a ``(max_features,)`` probability tensor decides region by region; padding rows are never drawn."""
+    from mmf.common.sample import Sample
+
+    from mmf_multilevel.datasets.pretraining import mask_sample_regions
+
+    def sample():
+        s = Sample()
+        s.image_feature_0 = torch.randn(5, 4)
+        s.image_info_0 = Sample({"max_features": torch.tensor(4)})
+        return s
+
+    drawn = sample()
+    selected = mask_sample_regions(drawn, 1.0)
+    assert selected.tolist() == [True, True, True, True, False]
+    assert torch.equal(drawn.region_zeroed, selected) and (drawn.region_source == -1).all()
+    per_region = sample()
+    selected = mask_sample_regions(per_region, torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0]))
+    assert selected.tolist() == [False, True, False, True, False] and selected.shape == (5,)

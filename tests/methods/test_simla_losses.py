@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmf_multilevel.methods.simla.losses import (
+    distilled_token_loss,
     itc_loss,
     itm_labels,
     itm_loss,
@@ -402,3 +403,26 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_psl_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.6, losses
+
+
+def test_alpha_one_is_pure_distillation_and_the_checks_name_what_is_wrong():
+    """α = 1 keeps only the momentum targets (no shortcut to the hard term); α above 1 is refused; a
+    missing or misshapen teacher, and ITM logits of the wrong width, are refused even when the other
+    condition holds."""
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    labels = torch.tensor([1, 0, -100, 4, 2, -100])
+    keep = labels != -100
+    soft = F.softmax(teacher[keep], dim=-1)
+    expected = -(F.log_softmax(logits[keep], dim=-1) * soft).sum(-1).mean()
+    torch.testing.assert_close(distilled_token_loss(logits, labels, teacher, 1.0), expected)
+    targets = (torch.rand(6, 5) > 0.5).float()
+    torch.testing.assert_close(psl_loss(logits, targets, teacher, 1.0),
+                               F.binary_cross_entropy_with_logits(logits, torch.sigmoid(teacher)))
+    for alpha in (1.5, -0.1):
+        with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
+            psl_loss(logits, targets, teacher, alpha)
+    with pytest.raises(ValueError, match="psl_loss: alpha > 0 needs teacher_logits"):
+        psl_loss(logits, targets, teacher[:, :4], 0.4)
+    with pytest.raises(ValueError, match=r"itm_loss needs \(3B, 2\) logits"):
+        itm_loss(torch.randn(6, 3))

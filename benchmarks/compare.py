@@ -346,7 +346,8 @@ def utilisation(flops, samples_per_s, model_s, peak):
     return flops["train"] * samples_per_s / (peak * 1e12), flops["inference"] / (model_s * peak * 1e12)
 
 
-def measure(args):
+def measure(args, peak=None):
+    """Every configuration in alternating rounds; ``peak``: the TFLOP/s the utilisation columns divide by."""
     from mmf_multilevel.methods import benchmarking as bm
 
     methods = args.methods
@@ -368,7 +369,6 @@ def measure(args):
                 result["peak_mem_mib"] = max(result.get("peak_mem_mib", 0), previous.get("peak_mem_mib", 0))
             pooled[job[0]] = result
     extraction = pooled.pop("extraction", None)
-    peak = peak_tflops(args)
     rows = {}
     for row, kind, name, mode in jobs:
         if kind == "extraction":
@@ -505,7 +505,7 @@ def main(argv=None):
     peak = peak_tflops(args)  # an unknown GPU without --peak-tflops stops here, before the measurement
     # what mmf_run registers and MMF's losses read
     registry.register("config", OmegaConf.create({"evaluation": {"predict": False}, "training": {"update_frequency": 1}}))
-    rows, extraction = measure(args)
+    rows, extraction = measure(args, peak)
     table = markdown(rows, args, extraction, peak)
     print(table)
     os.makedirs(args.out, exist_ok=True)

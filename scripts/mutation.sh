@@ -54,12 +54,16 @@ PY
   # those no test reached) of the last run are marked unchecked here and run again against today's tests
   "$VENV/bin/python" - <<'PY'
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, "scripts")
+from mutation_summary import NO_TEST, SURVIVED  # noqa: E402  (the summary's own reading of the codes)
 
 for meta in Path("mutants").rglob("*.py.meta"):
     data = json.loads(meta.read_text())
     codes = data["exit_code_by_key"]
-    again = [name for name, code in codes.items() if code in (0, 5, 33)]
+    again = [name for name, code in codes.items() if code in SURVIVED | NO_TEST]
     for name in again:
         codes[name] = None
     meta.write_text(json.dumps(data, indent=4))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertAttention, BertSelfAttention
 
+from helpers.stats import assert_rate
 from mmf_multilevel.modules.attention import (
     FastBertSelfAttention,
     FastDropout,
@@ -220,6 +221,5 @@ def test_the_swap_counts_what_it_changed_and_fast_dropout_drops_in_training():
     layer = FastDropout(0.5).train()
     torch.manual_seed(0)
     x = torch.ones(40_000)
-    dropped = (layer(x) == 0).float().mean().item()
-    assert abs(dropped - 0.5) < 4 * math.sqrt(0.25 / x.numel())
+    assert_rate((layer(x) == 0).float().mean().item(), 0.5, x.numel(), what="dropped")
     assert layer.eval()(x) is x

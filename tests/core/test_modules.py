@@ -149,7 +149,6 @@ def test_a_half_precision_encoder_builds_its_masks_in_its_own_dtype(attn):
                                    encoder_attention_mask=memory_mask)
         assert out.dtype == dtype and torch.isfinite(out).all()
         torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=0)
-    enc.float()
 
 
 def test_mask_compute_dtype_follows_the_reference_outside_autocast():

@@ -426,3 +426,54 @@ def test_alpha_one_is_pure_distillation_and_the_checks_name_what_is_wrong():
         psl_loss(logits, targets, teacher[:, :4], 0.4)
     with pytest.raises(ValueError, match=r"itm_loss needs \(3B, 2\) logits"):
         itm_loss(torch.randn(6, 3))
+
+
+def test_itc_names_the_misshapen_input_and_keeps_the_temperature_out_of_the_targets():
+    """Every misshapen feature is named; queues of different sizes are refused; τ reaches the loss only
+    through the student similarities (the momentum targets use it detached), and a plain float τ works."""
+    img, txt, img_m, txt_m = (unit(3, 4, seed=s) for s in range(4))
+    q_img, q_txt = unit(5, 4, seed=4).t(), unit(5, 4, seed=5).t()
+    features = {"text_feat": txt, "image_feat_m": img_m, "text_feat_m": txt_m}
+    for name in features:
+        bad = dict(features, **{name: features[name][:, :3]})
+        with pytest.raises(ValueError, match=rf"itc_loss: {name} has shape \(3, 3\), expected image_feat's \(3, 4\)"):
+            itc_loss(img, bad["text_feat"], bad["image_feat_m"], bad["text_feat_m"], q_img, q_txt, 0.3, 0.4)
+    with pytest.raises(ValueError, match=r"the queues must both be \(4, M\); got \(4, 5\) and \(4, 6\)"):
+        itc_loss(img, txt, img_m, txt_m, q_img, unit(6, 4, seed=6).t(), 0.3, 0.4)
+
+    alpha = 0.4
+    temp = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    itc_loss(img, txt, img_m, txt_m, q_img, q_txt, temp, alpha).loss.backward()
+    reference_temp = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    text_all, image_all = torch.cat([txt_m.t(), q_txt], 1), torch.cat([img_m.t(), q_img], 1)
+    hard = torch.zeros(3, 8, dtype=torch.float64)
+    hard[:, :3] = torch.eye(3, dtype=torch.float64)
+    total = 0
+    for query, query_m, candidates in ((img, img_m, text_all), (txt, txt_m, image_all)):
+        targets = alpha * F.softmax(query_m @ candidates / 0.3, dim=1) + (1 - alpha) * hard
+        total = total + -(F.log_softmax(query @ candidates / reference_temp, dim=1) * targets).sum(1).mean() / 2
+    total.backward()
+    torch.testing.assert_close(temp.grad, reference_temp.grad)
+    as_float = itc_loss(img, txt, img_m, txt_m, q_img, q_txt, 0.3, alpha).loss
+    torch.testing.assert_close(as_float, total.detach())
+
+
+def test_teacher_probabilities_are_float32_and_losses_keep_the_logits_precision():
+    """A bf16 teacher's softmax / sigmoid is taken in float32 (not rounded to bf16 first), and bf16
+    student logits give bf16 losses (the targets follow the logits' dtype, as under autocast)."""
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(6, 50), torch.randn(6, 50).bfloat16()
+    labels = torch.tensor([1, 0, -100, 4, 2, -100])
+    keep = labels != -100
+    soft = F.softmax(teacher[keep].float(), dim=-1)
+    expected = 0.6 * F.cross_entropy(logits[keep], labels[keep]) + 0.4 * -(
+        F.log_softmax(logits[keep], dim=-1) * soft).sum(-1).mean()
+    torch.testing.assert_close(distilled_token_loss(logits, labels, teacher, 0.4), expected)
+    targets = (torch.rand(6, 50) > 0.5).float()
+    expected = 0.6 * F.binary_cross_entropy_with_logits(logits, targets) + 0.4 * F.binary_cross_entropy_with_logits(
+        logits, torch.sigmoid(teacher.float()))
+    torch.testing.assert_close(psl_loss(logits, targets, teacher, 0.4), expected)
+    half = logits.bfloat16()
+    assert distilled_token_loss(half, labels, teacher, 0.4).dtype == torch.bfloat16
+    for alpha in (0.0, 0.4):
+        assert psl_loss(half, targets, teacher, alpha).dtype == torch.bfloat16

@@ -507,3 +507,28 @@ def test_task_heads_follow_the_bert_settings():
     scorer = build(training_head_type="refcoco", **settings).classifier
     assert scorer.transform[2].eps == 1e-6
     assert scorer.transform[0].weight.std().item() == pytest.approx(0.5, rel=0.15)
+
+
+@pytest.mark.parametrize("style", ["paper", "released", "visual_bert"])
+def test_the_region_embedding_follows_the_bert_settings_in_every_style(style):
+    """Dropout, LayerNorm ε and the initialiser's σ of the region embedding are BERT's (box styles); the
+    VisualBERT style is one projection with no LayerNorm or dropout of its own (its one LayerNorm is BERT's,
+    over [text ; regions]). Built with the defaults, the network is the paper's on 2048-d features."""
+    config = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, hidden_dropout_prob=0.3, layer_norm_eps=1e-6, initializer_range=0.5)
+    torch.manual_seed(0)
+    regions = MuVLANetwork(BertTextEncoder.from_config(config), 400, style).regions
+    linear = regions.proj if style == "visual_bert" else regions.feature_proj
+    assert linear.weight.std().item() == pytest.approx(0.5, rel=0.1)
+    if style == "visual_bert":
+        assert regions.norm is None and regions.dropout.p == 0.0 and regions.box_dim == 0
+        assert linear.in_features == 400
+    else:
+        assert regions.dropout.p == 0.3 and regions.box_dim == 5 and regions.style == "sum"
+        assert regions.feature_norm.eps == regions.box_norm.eps == 1e-6
+        assert regions.box_proj.weight.std().item() == pytest.approx(0.5, rel=0.35)  # 5 x 64 draws
+        assert (regions.norm is not None) == (style == "paper")
+        if style == "paper":
+            assert regions.norm.eps == 1e-6
+    default = MuVLANetwork(BertTextEncoder.from_config(bert_config()))
+    assert default.embedding_style == "paper" and default.feature_dim == 2048

@@ -696,3 +696,30 @@ def test_bert_weights_by_path_start_the_encoder_and_the_masked_lm_head(tmp_path)
     torch.testing.assert_close(model.heads.mlm.transform.dense.weight, state["cls.predictions.transform.dense.weight"])
     fresh = build_model(bert_model_name=str(tmp_path / "bert"), pretraining=dict(init_mlm_from_bert=False))
     assert not torch.allclose(fresh.heads.mlm.transform.dense.weight, state["cls.predictions.transform.dense.weight"])
+
+
+def test_network_defaults_region_settings_and_the_bounds_of_ls():
+    """Built with the defaults, the network is the paper's (2048-d features, L_s = 6, cross-attention
+    in the upper blocks); the object embedding takes BERT's dropout, LayerNorm ε and initialiser; L_s
+    may be 0 (every block cross-attends) up to the number of blocks (none does); the output names the
+    mode that ran; a wrong mode is refused by the name ``mode``."""
+    from mmf_multilevel.methods.semvlp.network import check_mode
+
+    six = SemVLPNetwork(BertTextEncoder.from_config(tiny_bert(num_hidden_layers=6)))
+    assert (six.feature_dim, six.cross_layer_start, six.cross_attention_layers) == (2048, 6, "upper")
+    assert len(six.cross_attention) == 0
+    torch.manual_seed(0)
+    objects = SemVLPNetwork(BertTextEncoder.from_config(
+        tiny_bert(hidden_dropout_prob=0.3, layer_norm_eps=1e-6, initializer_range=0.5)), 400, LS).objects
+    assert objects.dropout.p == 0.3 and objects.norm is not None and objects.norm.eps == 1e-6
+    assert objects.proj.weight.std().item() == pytest.approx(0.5, rel=0.1)
+    assert len(tiny_network(cross_layer_start=0).cross_attention) == LAYERS
+    assert len(tiny_network(cross_layer_start=LAYERS).cross_attention) == 0
+    for bad in (-1, LAYERS + 1):
+        with pytest.raises(ValueError, match=r"cross_layer_start \(L_s\) must lie in \[0, 4\]"):
+            tiny_network(cross_layer_start=bad)
+    net = tiny_network()
+    for mode in (SINGLE, TWO):
+        assert run(net, mode)["mode"] == mode
+    with pytest.raises(ValueError, match=r"^mode must be one of \['single', 'two'\], got 'three'"):
+        check_mode("three")

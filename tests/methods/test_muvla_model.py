@@ -532,3 +532,20 @@ def test_the_region_embedding_follows_the_bert_settings_in_every_style(style):
             assert regions.norm.eps == 1e-6
     default = MuVLANetwork(BertTextEncoder.from_config(bert_config()))
     assert default.embedding_style == "paper" and default.feature_dim == 2048
+
+
+def test_half_precision_features_tag_sequences_and_region_masks_in_the_visual_bert_style():
+    """Cached float16 features give the outputs of their float32 values (every style); the VisualBERT
+    style, which has no box embedding, refuses R-T tag sequences; a region mask of the wrong shape is
+    refused by name in the box styles."""
+    ids, mask, feats, boxes, rmask = batch()
+    half = feats.half()
+    for style in ("paper", "released", "visual_bert"):
+        net = network(style).eval()
+        torch.testing.assert_close(net(ids, mask, half, boxes, rmask)["sequence"],
+                                   net(ids, mask, half.float(), boxes, rmask)["sequence"])
+        if style != "visual_bert":
+            with pytest.raises(ValueError, match=r"region_mask must be \(4, 5\)"):
+                net(ids, mask, feats, boxes, rmask[:, :4])
+    with pytest.raises(ValueError, match="embedding_style: visual_bert has no box embedding"):
+        network("visual_bert")(ids, mask, feats, boxes, rmask, tag_boxes=boxes[:, :1].expand(B, T, 5))

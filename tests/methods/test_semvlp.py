@@ -723,3 +723,47 @@ def test_network_defaults_region_settings_and_the_bounds_of_ls():
         assert run(net, mode)["mode"] == mode
     with pytest.raises(ValueError, match=r"^mode must be one of \['single', 'two'\], got 'three'"):
         check_mode("three")
+
+
+def test_pretraining_heads_follow_the_bert_settings_and_exist_when_they_have_classes():
+    """The object and QA heads take BERT's activation, LayerNorm ε and initialiser; the detected-label head
+    exists from one class up, the QA head from one answer up (none by default)."""
+    torch.manual_seed(0)
+    net = SemVLPNetwork(BertTextEncoder.from_config(
+        tiny_bert(hidden_act="relu", layer_norm_eps=1e-6, initializer_range=0.5)), FEAT, LS)
+    heads = SemVLPPretrainingHeads(net, 1, 1)
+    assert heads.mrc.decoder.out_features == 1 and heads.qa.classifier.out_features == 1
+    for head in (heads.mrfr, heads.mrc):
+        assert isinstance(head.transform.transform_act_fn, torch.nn.ReLU) and head.transform.LayerNorm.eps == 1e-6
+        assert head.transform.dense.weight.std().item() == pytest.approx(0.5, rel=0.25)
+    assert heads.qa.LayerNorm.eps == 1e-6
+    assert heads.qa.dense.weight.std().item() == pytest.approx(0.5, rel=0.25)
+    assert heads.itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.35)
+    none = SemVLPPretrainingHeads(net, 0)
+    assert none.mrc is None and none.qa is None and none.num_qa_answers == 0
+
+
+def test_mismatched_only_batches_and_batches_without_detector_labels():
+    """With every pair mismatched the MLM loss is an exact zero still in the graph (not the bias of the
+    decoder); without detector labels there is no label loss even though the head exists."""
+    net = tiny_network()
+    heads = heads_for(net)
+    with torch.no_grad():
+        heads.mlm.bias.fill_(0.5)
+    out = run(net, SINGLE)
+    mlm, selected, labels, targets, _, _ = loss_inputs()
+    losses = pretraining_losses(heads, out, mlm, targets, selected, None, torch.zeros(3, dtype=torch.long))
+    assert losses["mlm"].item() == 0.0 and losses["mlm"].requires_grad
+    assert "mrc" not in losses and set(losses) == {"mlm", "mrfr", "itm"}
+
+
+DEFAULT_SCHEDULE_24 = "tstssttssstsssstststtstt"
+SEED7_SCHEDULE_24 = "ssstsstssstttstttsttssts"
+
+
+def test_the_random_mode_schedule_is_the_same_from_version_to_version():
+    """A resumed run draws the modes its logged tally counted: the (seed, step) coin is fixed, here pinned for
+    the default schedule (random, ratio 0.5, seed 0) and seed 7."""
+    as_text = lambda modes: "".join("s" if m == SINGLE else "t" for m in modes)
+    assert as_text(ModeSchedule().modes(24)) == DEFAULT_SCHEDULE_24
+    assert as_text(ModeSchedule("random", 0.5, 7).modes(24, start=1000)) == SEED7_SCHEDULE_24

@@ -549,3 +549,17 @@ def test_half_precision_features_tag_sequences_and_region_masks_in_the_visual_be
                 net(ids, mask, feats, boxes, rmask[:, :4])
     with pytest.raises(ValueError, match="embedding_style: visual_bert has no box embedding"):
         network("visual_bert")(ids, mask, feats, boxes, rmask, tag_boxes=boxes[:, :1].expand(B, T, 5))
+
+
+def test_pretraining_heads_follow_the_bert_settings_and_the_tag_head_exists_from_one_tag():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, hidden_act="relu", layer_norm_eps=1e-6, initializer_range=0.5)
+    heads = MuVLAPretrainingHeads(MuVLANetwork(BertTextEncoder.from_config(config), FEAT), 1)
+    assert heads.mrc.decoder.out_features == 1 and heads.itm.classifier.out_features == 2
+    for head in (heads.mrc, heads.mrfr):
+        transform = head.transform
+        assert isinstance(transform.transform_act_fn, torch.nn.ReLU) and transform.LayerNorm.eps == 1e-6
+        assert transform.dense.weight.std().item() == pytest.approx(0.5, rel=0.2)
+    assert heads.itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.35)
+    assert MuVLAPretrainingHeads(network(), 0).mrc is None

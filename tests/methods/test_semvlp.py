@@ -1,6 +1,8 @@
 """SemVLP (mmf_multilevel/methods/semvlp/): sharing, parameter counts, information flow, losses,
 mode schedule and the MMF adapter, on tiny random configs (CPU)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -515,17 +517,33 @@ def test_mmf_model_task_heads(mode):
 
 
 def test_mmf_model_errors_name_the_config_keys():
+    feature_key = rf"image_feature_0 has {FEAT + 1}-d features but model_config\.semvlp\.feature_dim is {FEAT}"
+    for head in ("pretraining", "classification"):
+        model = build_model(training_head_type=head, num_labels=ANSWERS).train()
+        sl = sample_list()
+        sl.image_feature_0 = torch.randn(3, NOBJ, FEAT + 1)
+        with pytest.raises(ValueError, match=feature_key):
+            model(sl)
     model = build_model().train()
     sl = sample_list()
-    sl.image_feature_0 = torch.randn(3, NOBJ, FEAT + 1)
-    with pytest.raises(ValueError, match="feature_dim"):
-        model(sl)
-    sl = sample_list()
     del sl.image_info_0["objects"]
-    with pytest.raises(KeyError, match="num_object_labels: 0"):
+    with pytest.raises(KeyError, match=r"semvlp: masked region label prediction needs the detector's labels.*"
+                                       r"set model_config\.semvlp\.pretraining\.num_object_labels: 0 to train without it"):
         model(sl)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match=r"^model_config\.semvlp\.mode must be one of \['single', 'two'\]"):
         build_model(mode="three")
+
+
+def test_the_build_logs_the_parameters_of_each_mode(monkeypatch):
+    from mmf.common.registry import registry
+
+    lines = []
+    monkeypatch.setitem(registry.mapping["state"], "writer", SimpleNamespace(write=lines.append))
+    model = build_model(cross_attention_layers="all")
+    net = model.backbone
+    stored = sum(p.numel() for p in net.parameters())
+    assert (f"semvlp network parameters: single-stream mode {net.num_parameters(SINGLE):,}, two-stream mode "
+            f"{net.num_parameters(TWO):,} (L_s = {LS}, cross_attention_layers: all, stored {stored:,})") in lines
 
 
 def test_fine_tuning_checkpoint_mapping_takes_the_whole_network():

@@ -567,6 +567,9 @@ def test_losses_equal_an_independent_computation():
     torch.testing.assert_close(losses["mlm"], expected_mlm)
     torch.testing.assert_close(losses["mvm"], expected_mvm)
     torch.testing.assert_close(losses["itm"], expected_itm)
+    # without masked_rows the masked pass is one row per pair, in order
+    unrowed = pretraining_losses(heads, itm_logits, is_matched, out, None, mlm, mvm)
+    assert set(unrowed) == set(losses) and all(torch.equal(unrowed[k], losses[k]) for k in losses)
     # the MLM decoder is the word-embedding table (tied), plus the head's bias
     transformed = heads.mlm.transform(out["text"][0, 2])
     torch.testing.assert_close(word_logits[0, 2], transformed @ network.text.word_embeddings.weight.t() + heads.mlm.bias)
@@ -882,3 +885,75 @@ def test_in_batch_retrieval_refuses_swapped_captions_and_evaluates_pairwise():
     model.eval()
     with torch.no_grad():
         assert model(_retrieval_batch())["scores"].shape == (3, 2)  # evaluation scores the dataset's pairs
+
+
+def test_mvm_settings_boundaries_and_draws_that_follow_the_generator():
+    """The masking's settings are checked by key at their boundaries; its defaults are the paper's
+    ratio 0.15 under a 0.5 cap; an id exactly at the cap may be masked, one cell over it may not; the ratio
+    is reached exactly; rows without real cells (or with one) are handled; the draws follow the given
+    generator alone; the mask is boolean whatever the dtype of ``valid``."""
+    ids, valid = torch.arange(20).view(1, 20), torch.ones(1, 20, dtype=torch.bool)
+    for ratio, max_ratio in ((1.0, 1.0), (0.3, 0.3), (1e-3, 1.0)):
+        draw_mvm_mask(ids, valid, "ratio", ratio, max_ratio)
+    for ratio, max_ratio, key in ((0.0, 0.5, "mvm_mask_ratio"), (1.5, 1.5, "mvm_mask_ratio"),
+                                  (0.3, 0.2, "mvm_max_ratio"), (0.3, 1.5, "mvm_max_ratio")):
+        with pytest.raises(ValueError, match=f"model_config.soho.pretraining.{key} must lie in"):
+            draw_mvm_mask(ids, valid, "ratio", ratio, max_ratio)
+    with pytest.raises(ValueError, match="model_config.soho.pretraining.mvm_mode must be one of"):
+        draw_mvm_mask(ids, valid, "bogus")
+    with pytest.raises(ValueError, match=r"must both be \(rows, cells\)"):
+        draw_mvm_mask(ids.view(-1), valid.view(-1))
+    torch.manual_seed(3)
+    default = draw_mvm_mask(ids, valid)
+    torch.manual_seed(3)
+    assert torch.equal(default, draw_mvm_mask(ids, valid, "ratio", 0.15, 0.5))
+    # all 20 ids distinct: 0.15 of 20 is reached with exactly 3 cells
+    assert int(default.sum()) == 3
+    generator = torch.Generator()
+    # 5 of 10 cells is exactly the 0.5 cap: allowed, and drawn a third of the time
+    at_cap = torch.tensor([[0] * 5 + [1] * 3 + [2] * 2])
+    chosen = {int(at_cap[draw_mvm_mask(at_cap, torch.ones_like(at_cap, dtype=torch.bool), "single_id", 0.15, 0.5,
+                                        generator)][0]) for _ in range(40)}
+    assert chosen == {0, 1, 2}
+    # 11 of 20 cells is one over the cap: never drawn; in ratio mode the other ids still reach the ratio
+    over = torch.tensor([[0] * 11 + list(range(1, 10))])
+    for _ in range(40):
+        masked = draw_mvm_mask(over, torch.ones(1, 20, dtype=torch.bool), "ratio", 0.15, 0.5, generator)
+        assert not masked[0, :11].any() and int(masked.sum()) == 3
+    # a row with no real cell stays unmasked and the next row is still drawn; a single real cell is masked
+    rows = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    real = torch.tensor([[0, 0, 0], [1, 1, 1], [0, 1, 0]])
+    masked = draw_mvm_mask(rows, real, "single_id", 0.15, 0.5, generator)
+    assert masked.dtype == torch.bool
+    assert masked[0].sum() == 0 and masked[1].sum() == 1 and masked[2].tolist() == [False, True, False]
+    # the generator alone decides
+    big = torch.randint(0, 30, (50, 40), generator=torch.Generator().manual_seed(1))
+    draws = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        draws.append(draw_mvm_mask(big, torch.ones_like(big, dtype=torch.bool), "ratio", 0.15, 0.5,
+                                   torch.Generator().manual_seed(7)))
+    assert torch.equal(*draws)
+
+
+def test_pair_settings_boundaries_and_draws_that_follow_the_generator():
+    """One caption per image (positives drawn with replacement), no positives or no negatives, and one image
+    without negatives are accepted; negative counts, no captions, and negatives with one image are refused;
+    the pairs follow the given generator alone; the unmasked text keeps the ids' dtype."""
+    one = compose_itm_pairs(3, 1, generator=torch.Generator().manual_seed(0))
+    assert one["pair_text_index"].view(3, 4)[:, :2].tolist() == [[0, 0], [1, 1], [2, 2]]
+    assert compose_itm_pairs(3, 2, num_positive=0)["is_correct"].tolist() == [0, 0] * 3
+    assert compose_itm_pairs(1, 2, num_negative=0)["is_correct"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="at least 2 images"):
+        compose_itm_pairs(1, 2, num_negative=1)
+    for args in ((3, 0), (3, 2, -1, 2), (3, 2, 2, -1)):
+        with pytest.raises(ValueError, match="captions_per_image must be positive"):
+            compose_itm_pairs(*args)
+    draws = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        draws.append(compose_itm_pairs(6, 5, generator=torch.Generator().manual_seed(7))["pair_text_index"])
+    assert torch.equal(*draws)
+    ids = torch.tensor([[1, 3, 9]], dtype=torch.int32)
+    restored = unmasked_text(ids, torch.tensor([[-1, 5, -1]]))
+    assert restored.dtype == torch.int32 and restored.tolist() == [[1, 5, 9]]

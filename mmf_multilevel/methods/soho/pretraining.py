@@ -121,9 +121,10 @@ def compose_itm_pairs(num_images: int, captions_per_image: int, num_positive: in
             picks = torch.randperm(captions_per_image, generator=generator)[:num_positive]
         else:
             picks = torch.randint(captions_per_image, (num_positive,), generator=generator)
-        others = torch.randint((num_images - 1) * captions_per_image, (num_negative,), generator=generator)
-        others = others + (others >= own).long() * captions_per_image  # skip this image's own captions
-        texts += (picks + own).tolist() + others.tolist()
+        texts += (picks + own).tolist()
+        if num_negative:
+            others = torch.randint((num_images - 1) * captions_per_image, (num_negative,), generator=generator)
+            texts += (others + (others >= own).long() * captions_per_image).tolist()  # skip the own captions
         images += [image] * (num_positive + num_negative)
         labels += [1] * num_positive + [0] * num_negative
     return {"pair_image_index": torch.tensor(images), "pair_text_index": torch.tensor(texts),

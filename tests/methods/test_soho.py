@@ -957,3 +957,17 @@ def test_pair_settings_boundaries_and_draws_that_follow_the_generator():
     ids = torch.tensor([[1, 3, 9]], dtype=torch.int32)
     restored = unmasked_text(ids, torch.tensor([[-1, 5, -1]]))
     assert restored.dtype == torch.int32 and restored.tolist() == [[1, 5, 9]]
+
+
+def test_pretraining_heads_follow_the_bert_settings():
+    config = BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, hidden_act="relu", layer_norm_eps=1e-6, initializer_range=0.5)
+    torch.manual_seed(0)
+    network = SOHONetwork(BertTextEncoder.from_config(config), backbone="resnet10t", pretrained_backbone=False,
+                          vd_size=K, mask_token_id=tiny.MASK)
+    heads = SOHOPretrainingHeads(network, K)
+    assert heads.vd_size == K and heads.mvm.decoder.out_features == K and heads.itm.classifier.out_features == 2
+    transform = heads.mvm.transform
+    assert isinstance(transform.transform_act_fn, torch.nn.ReLU) and transform.LayerNorm.eps == 1e-6
+    assert transform.dense.weight.std().item() == pytest.approx(0.5, rel=0.2)
+    assert heads.itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.35)

@@ -255,14 +255,14 @@ def test_loss_of_an_update_uses_the_dictionary_before_its_update():
     assert torch.equal(moved[~used], seen["before"][~used])
 
 
-def _dictionary_rank(rank, world, init, v, mask, out):
+def _dictionary_rank(rank, world, init, v, mask, out, idle_rank=-1):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     vd = VisualDictionary(K, HIDDEN, momentum=0.9).train()
     half = v.size(0) // world
-    for micro in range(2):  # two forward passes of one update (gradient accumulation)
+    for micro in range(2 if rank != idle_rank else 0):  # two forward passes of one update (gradient accumulation)
         rows = slice(rank * half + micro * half // 2, rank * half + (micro + 1) * half // 2)
         vd(v[rows], mask[rows])
     vd.step()
@@ -270,15 +270,18 @@ def _dictionary_rank(rank, world, init, v, mask, out):
     dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_update_the_dictionary_as_one_process(tmp_path):
+@pytest.mark.parametrize("idle_rank", [-1, 1], ids=["both ranks", "rank 1 without statistics"])
+def test_two_gloo_ranks_update_the_dictionary_as_one_process(tmp_path, idle_rank):
     torch.manual_seed(0)
     reference = VisualDictionary(K, HIDDEN, momentum=0.9).train()
     v = torch.randn(8, 6, HIDDEN) + reference.embedding[:6].unsqueeze(0)
     mask = torch.rand(8, 6) > 0.3
-    reference(v, mask)
+    used = slice(0, 4) if idle_rank == 1 else slice(0, 8)  # an idle rank contributes zeros to the all-reduce
+    reference(v[used], mask[used])
     reference.step()
     # spawned ranks: a forked rank can deadlock in the OpenMP pool the parent has already used
-    mp.spawn(_dictionary_rank, args=(2, f"file://{tmp_path / 'init'}", v, mask, str(tmp_path / "out")), nprocs=2)
+    mp.spawn(_dictionary_rank, args=(2, f"file://{tmp_path / 'init'}", v, mask, str(tmp_path / "out"), idle_rank),
+             nprocs=2)
     ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
     assert torch.equal(ranks[0]["embedding"], ranks[1]["embedding"])
     torch.testing.assert_close(ranks[0]["embedding"], reference.embedding, atol=1e-6, rtol=0)
@@ -971,3 +974,92 @@ def test_pretraining_heads_follow_the_bert_settings():
     assert isinstance(transform.transform_act_fn, torch.nn.ReLU) and transform.LayerNorm.eps == 1e-6
     assert transform.dense.weight.std().item() == pytest.approx(0.5, rel=0.2)
     assert heads.itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.35)
+
+
+def test_network_defaults_settings_and_what_forward_and_joint_hand_on(monkeypatch):
+    """The paper's defaults; BERT's LayerNorm ε, the dictionary momentum, channels-last and pretrained
+    weights reach their modules; the [MASK] id is checked against the vocabulary; ``forward`` reads the
+    features by default, pairs each text with ``pair_image_index``'s image, hands on the token types and
+    returns the image; ``joint`` applies the MVM mask and pools [CLS]."""
+    import inspect
+
+    import timm
+
+    defaults = {name: p.default for name, p in inspect.signature(SOHONetwork).parameters.items()}
+    assert defaults == dict(defaults, backbone="resnet101", pretrained_backbone=True, frozen_batch_norm=True,
+                            vd_size=2048, vd_momentum=0.99, mask_token_id=103, pool_before_conv=False,
+                            channels_last=True)
+    config = BertConfig(vocab_size=40, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, layer_norm_eps=1e-6)
+    made = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: made.append(kw) or create(*a, **dict(kw, pretrained=False)))
+    network = SOHONetwork(BertTextEncoder.from_config(config), backbone="resnet10t", vd_size=K, mask_token_id=39,
+                          vd_momentum=0.5, channels_last=False)
+    assert made[-1]["pretrained"] is True and network.encoder.channels_last is False
+    assert network.visual_norm.eps == 1e-6 and network.dictionary.momentum == 0.5
+    assert SOHONetwork(BertTextEncoder.from_config(config), backbone="resnet10t", pretrained_backbone=False,
+                       vd_size=K, mask_token_id=3).encoder.channels_last is True
+    for token in (0, 39):
+        SOHONetwork(BertTextEncoder.from_config(config), backbone="resnet10t", pretrained_backbone=False, vd_size=K,
+                    mask_token_id=token)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        SOHONetwork(BertTextEncoder.from_config(config), backbone="resnet10t", pretrained_backbone=False, vd_size=K,
+                    mask_token_id=40)
+
+    network = tiny_network().eval()
+    pixels, _ = tiny.images(2, torch.Generator().manual_seed(0), height=128, width=128)
+    ids, text_mask = tiny.texts(2, torch.Generator().manual_seed(1))
+    plain = network(ids, text_mask, pixels)
+    torch.testing.assert_close(plain["pooled"], network(ids, text_mask, pixels, source="features")["pooled"])
+    image = plain["image"]
+    assert set(image) >= {"visual", "mask", "grid"}
+    swapped = network(ids, text_mask, pixels, pair_image_index=torch.tensor([1, 0]))
+    expected = network.joint(ids, text_mask, image["visual"][[1, 0]], image["mask"][[1, 0]], image["grid"])
+    torch.testing.assert_close(swapped["pooled"], expected["pooled"])
+    types = torch.ones_like(ids)
+    typed = network(ids, text_mask, pixels, segment_ids=types)
+    torch.testing.assert_close(
+        typed["pooled"], network.joint(ids, text_mask, image["visual"], image["mask"], image["grid"],
+                                       segment_ids=types)["pooled"])
+    assert not torch.allclose(typed["pooled"], plain["pooled"])
+    masked = torch.zeros_like(image["mask"])
+    masked[:, 0] = True
+    joint = network.joint(ids, text_mask, image["visual"], image["mask"], image["grid"], masked)
+    cells = network.visual_embeddings(image["visual"], image["mask"], image["grid"], masked)
+    words = network.text.embed(ids)
+    attention = torch.cat([text_mask.long(), image["mask"].long()], 1)
+    sequence = network.text.encode(torch.cat([words, cells], 1), attention_mask=attention)
+    torch.testing.assert_close(joint["sequence"], sequence)
+    assert torch.equal(joint["attention_mask"], attention)
+    torch.testing.assert_close(joint["pooled"], network.text.pool(sequence, 0))
+    assert not torch.allclose(joint["pooled"], plain["pooled"])
+
+
+def test_sine_positions_equal_detr_and_an_idle_dictionary_reports_nothing():
+    """The sine embedding against a direct evaluation of DETR's formula (temperature 10,000, positions
+    over the real extent times 2π, to 1e-6); an update without statistics moves nothing and says so; an unused
+    dictionary has perplexity 0; statistics discarded before a step are not applied."""
+    mask = torch.ones(1, 2, 3, dtype=torch.bool)
+    mask[0, 1, 2] = False
+    pos = sine_position_embedding(mask, 8)
+    for y in range(2):
+        for x in range(3):
+            # DETR's normalisation, with its eps of 1e-6 in the denominator
+            row = mask[0, : y + 1, x].sum().item() / (mask[0, :, x].sum().item() + 1e-6) * 2 * math.pi
+            col = mask[0, y, : x + 1].sum().item() / (mask[0, y, :].sum().item() + 1e-6) * 2 * math.pi
+            expected = []
+            for value in (row, col):
+                for k in range(2):
+                    frequency = 10000 ** (2 * k / 4)
+                    expected += [math.sin(value / frequency), math.cos(value / frequency)]
+            torch.testing.assert_close(pos[0, y, x], torch.tensor(expected), atol=1e-6, rtol=0)
+    vd = VisualDictionary(4, 2, momentum=0.5).train()
+    before = vd.embedding.clone()
+    assert vd.step() is False and torch.equal(vd.embedding, before)
+    assert vd.usage_summary() == {"distinct": 0, "perplexity": 0.0, "never_used": 4}
+    vd(vd.embedding[:1] + 0.1)
+    vd.discard_pending()
+    assert vd.step() is False and torch.equal(vd.embedding, before)
+    vd(vd.embedding[:1] + 0.1)
+    assert vd.step() is True and not torch.equal(vd.embedding, before)

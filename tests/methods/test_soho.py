@@ -955,8 +955,10 @@ def test_pair_settings_boundaries_and_draws_that_follow_the_generator():
     draws = []
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
-        draws.append(compose_itm_pairs(6, 5, generator=torch.Generator().manual_seed(7))["pair_text_index"])
-    assert torch.equal(*draws)
+        for captions, positives in ((5, 2), (2, 3)):  # without, then with replacement
+            draws.append(compose_itm_pairs(6, captions, positives, generator=torch.Generator().manual_seed(7))[
+                "pair_text_index"])
+    assert torch.equal(draws[0], draws[2]) and torch.equal(draws[1], draws[3])
     ids = torch.tensor([[1, 3, 9]], dtype=torch.int32)
     restored = unmasked_text(ids, torch.tensor([[-1, 5, -1]]))
     assert restored.dtype == torch.int32 and restored.tolist() == [[1, 5, 9]]

@@ -1065,3 +1065,38 @@ def test_sine_positions_equal_detr_and_an_idle_dictionary_reports_nothing():
     assert vd.step() is False and torch.equal(vd.embedding, before)
     vd(vd.embedding[:1] + 0.1)
     assert vd.step() is True and not torch.equal(vd.embedding, before)
+
+
+def test_grid_encoder_and_dictionary_defaults_and_what_reaches_timm(monkeypatch):
+    """The paper's defaults of the grid encoder and the visual dictionary; timm is asked for the C5
+    features with pretrained weights (or, when random, with the residual branches' last BatchNorm not
+    zeroed); BatchNorm is frozen unless asked otherwise; sizes of 1 are accepted and 0 refused; the
+    usage counters are float64."""
+    import inspect
+
+    import timm
+
+    def defaults(cls):
+        return {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+
+    assert defaults(GridEncoder) == dict(backbone="resnet101", hidden_size=768, pretrained=True,
+                                         frozen_batch_norm=True, pool_before_conv=False, channels_last=True)
+    assert defaults(VisualDictionary)["size"] == 2048 and defaults(VisualDictionary)["dim"] == 768
+    calls = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model",
+                        lambda name, **kw: calls.append(kw) or create(name, **dict(kw, pretrained=False)))
+    for pretrained in (True, False):
+        encoder = GridEncoder("resnet10t", 24, pretrained=pretrained)
+        assert calls[-1]["pretrained"] is pretrained and calls[-1]["features_only"] is True
+        assert calls[-1]["out_indices"] == (-1,) and calls[-1].get("zero_init_last", True) is pretrained
+        assert encoder.hidden_size == 24 and encoder.resnet_frozen is False
+    frozen = GridEncoder("resnet10t", 24, pretrained=False)
+    unfrozen = GridEncoder("resnet10t", 24, pretrained=False, frozen_batch_norm=False)
+    kinds = lambda enc: {type(m).__name__ for m in enc.resnet.modules() if "BatchNorm" in type(m).__name__}
+    assert kinds(frozen) == {"FrozenBatchNorm2d"} and kinds(unfrozen) == {"BatchNorm2d"}
+    one = VisualDictionary(1, 1)
+    assert one.usage.dtype == one.last_counts.dtype == torch.float64
+    for size, dim in ((0, 2), (2, 0)):
+        with pytest.raises(ValueError):
+            VisualDictionary(size, dim)

@@ -528,7 +528,8 @@ def test_mmf_model_errors_name_the_config_keys():
     sl = sample_list()
     del sl.image_info_0["objects"]
     with pytest.raises(KeyError, match=r"semvlp: masked region label prediction needs the detector's labels.*"
-                                       r"set model_config\.semvlp\.pretraining\.num_object_labels: 0 to train without it"):
+                                       r"cache; set model_config\.semvlp\.pretraining\.num_object_labels: 0 to train "
+                                       r"without it.$"):
         model(sl)
     with pytest.raises(ValueError, match=r"^model_config\.semvlp\.mode must be one of \['single', 'two'\]"):
         build_model(mode="three")
@@ -785,3 +786,19 @@ def test_the_random_mode_schedule_is_the_same_from_version_to_version():
     as_text = lambda modes: "".join("s" if m == SINGLE else "t" for m in modes)
     assert as_text(ModeSchedule().modes(24)) == DEFAULT_SCHEDULE_24
     assert as_text(ModeSchedule("random", 0.5, 7).modes(24, start=1000)) == SEED7_SCHEDULE_24
+
+
+def test_the_alignment_names_the_attention_it_reads_and_the_model_in_its_errors():
+    """The alignment picture's source names the last block (1-based) of each mode's attention; a batch
+    without text is refused naming the model."""
+    sources = {}
+    for mode in (SINGLE, TWO):
+        model = build_model(training_head_type="classification", num_labels=ANSWERS, mode=mode).eval()
+        sources[mode] = model.alignment(sample_list(captions=False))["source"]
+    assert sources[SINGLE] == f"single-stream self-attention, text to objects, block {LAYERS} of {LAYERS}, mean of 4 heads"
+    assert sources[TWO] == (f"two-stream object-to-text cross-attention, block {LAYERS} of {LAYERS}, transposed and "
+                            "normalised over the objects, mean of 4 heads")
+    sl = sample_list(captions=False)
+    del sl["input_ids"]
+    with pytest.raises(KeyError, match="semvlp needs 'input_ids'"):
+        model.alignment(sl)

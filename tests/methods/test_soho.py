@@ -1065,6 +1065,7 @@ def test_sine_positions_equal_detr_and_an_idle_dictionary_reports_nothing():
     assert vd.step() is False and torch.equal(vd.embedding, before)
     vd(vd.embedding[:1] + 0.1)
     assert vd.step() is True and not torch.equal(vd.embedding, before)
+    assert vd.usage_summary() == {"distinct": 1, "perplexity": 1.0, "never_used": 3}  # one cell: exp(0)
 
 
 def test_grid_encoder_and_dictionary_defaults_and_what_reaches_timm(monkeypatch):
@@ -1095,6 +1096,13 @@ def test_grid_encoder_and_dictionary_defaults_and_what_reaches_timm(monkeypatch)
     unfrozen = GridEncoder("resnet10t", 24, pretrained=False, frozen_batch_norm=False)
     kinds = lambda enc: {type(m).__name__ for m in enc.resnet.modules() if "BatchNorm" in type(m).__name__}
     assert kinds(frozen) == {"FrozenBatchNorm2d"} and kinds(unfrozen) == {"BatchNorm2d"}
+    pixels, _ = tiny.images(1, torch.Generator().manual_seed(0), height=128, width=192)
+    for pool_first in (False, True):  # the 1x1 convolution and the 2x2 max-pool do not commute
+        encoder = GridEncoder("resnet10t", 24, pretrained=False, pool_before_conv=pool_first, channels_last=False)
+        with torch.no_grad():
+            c5 = encoder.resnet(pixels)[-1]
+            expected = encoder.proj(encoder.pool(c5)) if pool_first else encoder.pool(encoder.proj(c5))
+            torch.testing.assert_close(encoder(pixels)[0], expected)
     one = VisualDictionary(1, 1)
     assert one.usage.dtype == one.last_counts.dtype == torch.float64
     for size, dim in ((0, 2), (2, 0)):

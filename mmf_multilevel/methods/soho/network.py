@@ -85,9 +85,6 @@ class GridEncoder(nn.Module):
         if self.channels_last:  # loading a state dict copies into these tensors and keeps their layout
             self.to(memory_format=torch.channels_last)
 
-    def resnet_parameters(self):
-        return list(self.resnet.parameters())
-
     def forward(self, pixels: torch.Tensor, pixel_mask: Optional[torch.Tensor] = None):
         """``(B, 3, H, W)`` pixels (and ``(B, H, W)`` bool, True = picture) -> features ``(B, c, h, w)``
         and the grid mask ``(B, h, w)`` bool, ``h = ⌈H/64⌉``, ``w = ⌈W/64⌉``."""

@@ -260,3 +260,24 @@ def test_base_size_parameter_count_with_heads():
         both = torch.nn.ModuleDict(dict(network=net, heads=MVPTRPretrainingHeads(net)))
     head_only = 2 * (768 * 768 + 768 + 2 * 768 + 30_522) + (768 * 2 + 2)
     assert parameter_count(both) == BASE_NETWORK + head_only == 198_660_471
+
+
+@torch.no_grad()
+def test_the_text_encoder_reads_token_types_positions_and_every_concept_row():
+    """Token types and position ids reach the text embedding (the defaults are type 0 and 0..T-1); the
+    last concept row is a valid id and one past it is refused."""
+    net = tiny_network()
+    x = inputs()
+    plain = net.encode_text(x["ids"], x["text_mask"])
+    defaults = net.encode_text(x["ids"], x["text_mask"], torch.zeros_like(x["ids"]),
+                               torch.arange(T).expand_as(x["ids"]))
+    torch.testing.assert_close(plain, defaults)
+    typed = net.encode_text(x["ids"], x["text_mask"], token_type_ids=torch.ones_like(x["ids"]))
+    moved = net.encode_text(x["ids"], x["text_mask"], position_ids=torch.arange(1, T + 1).expand_as(x["ids"]))
+    assert not torch.allclose(typed, plain) and not torch.allclose(moved, plain)
+    last = x["ids"].clone()
+    last[0, 1] = CONCEPT_ROWS - 1
+    net.encode_text(last, x["text_mask"])
+    last[0, 1] = CONCEPT_ROWS
+    with pytest.raises(ValueError, match=f"input_ids hold id {CONCEPT_ROWS} >= num_embeddings = {CONCEPT_ROWS}"):
+        net.encode_text(last, x["text_mask"])

@@ -281,3 +281,15 @@ def test_the_text_encoder_reads_token_types_positions_and_every_concept_row():
     last[0, 1] = CONCEPT_ROWS
     with pytest.raises(ValueError, match=f"input_ids hold id {CONCEPT_ROWS} >= num_embeddings = {CONCEPT_ROWS}"):
         net.encode_text(last, x["text_mask"])
+
+
+@torch.no_grad()
+def test_a_misshapen_mask_is_refused_by_its_argument_name():
+    net, x = tiny_network(), inputs()
+    text, visual, visual_mask = encode(net, x)
+    with pytest.raises(ValueError, match=rf"^attention_mask must be \(3, {T}\); got \(3, {T - 1}\)"):
+        net.encode_text(x["ids"], x["text_mask"][:, 1:])
+    with pytest.raises(ValueError, match=rf"^text_mask must be \(3, {T}\)"):
+        net.fuse(text, x["text_mask"][:, 1:], visual, visual_mask)
+    with pytest.raises(ValueError, match=r"^visual_mask must be \(3, "):
+        net.fuse(text, x["text_mask"], visual, visual_mask[:, 1:])

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertForPreTraining
 
+from helpers.heads import assert_bert_transform
 from mmf_multilevel.methods.muvla.model import MuVLA
 from mmf_multilevel.methods.muvla.network import TASK_IDS, MuVLANetwork
 from mmf_multilevel.methods.muvla.pretraining import (
@@ -534,7 +535,7 @@ def test_the_region_embedding_follows_the_bert_settings_in_every_style(style):
     assert default.embedding_style == "paper" and default.feature_dim == 2048
 
 
-def test_half_precision_features_tag_sequences_and_region_masks_in_the_visual_bert_style():
+def test_half_precision_features_in_every_style_tags_refused_by_visual_bert_and_misshapen_region_masks():
     """Cached float16 features give the outputs of their float32 values (every style); the VisualBERT
     style, which has no box embedding, refuses R-T tag sequences; a region mask of the wrong shape is
     refused by name in the box styles."""
@@ -558,8 +559,6 @@ def test_pretraining_heads_follow_the_bert_settings_and_the_tag_head_exists_from
     heads = MuVLAPretrainingHeads(MuVLANetwork(BertTextEncoder.from_config(config), FEAT), 1)
     assert heads.mrc.decoder.out_features == 1 and heads.itm.classifier.out_features == 2
     for head in (heads.mrc, heads.mrfr):
-        transform = head.transform
-        assert isinstance(transform.transform_act_fn, torch.nn.ReLU) and transform.LayerNorm.eps == 1e-6
-        assert transform.dense.weight.std().item() == pytest.approx(0.5, rel=0.2)
+        assert_bert_transform(head.transform, torch.nn.ReLU, eps=1e-6, std=0.5, rel=0.2)
     assert heads.itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.35)
     assert MuVLAPretrainingHeads(network(), 0).mrc is None

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import BertConfig
 
+from helpers.heads import assert_bert_transform
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.semvlp import (
     SINGLE,
@@ -753,8 +754,7 @@ def test_pretraining_heads_follow_the_bert_settings_and_exist_when_they_have_cla
     heads = SemVLPPretrainingHeads(net, 1, 1)
     assert heads.mrc.decoder.out_features == 1 and heads.qa.classifier.out_features == 1
     for head in (heads.mrfr, heads.mrc):
-        assert isinstance(head.transform.transform_act_fn, torch.nn.ReLU) and head.transform.LayerNorm.eps == 1e-6
-        assert head.transform.dense.weight.std().item() == pytest.approx(0.5, rel=0.25)
+        assert_bert_transform(head.transform, torch.nn.ReLU, eps=1e-6, std=0.5, rel=0.25)
     assert heads.qa.LayerNorm.eps == 1e-6
     assert heads.qa.dense.weight.std().item() == pytest.approx(0.5, rel=0.25)
     assert heads.itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.35)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import BertConfig
 
+from helpers.heads import assert_bert_transform
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.soho import testing as tiny
 from mmf_multilevel.methods.soho.data import CONFIG_DIR
@@ -972,33 +973,42 @@ def test_pretraining_heads_follow_the_bert_settings():
                           vd_size=K, mask_token_id=tiny.MASK)
     heads = SOHOPretrainingHeads(network, K)
     assert heads.vd_size == K and heads.mvm.decoder.out_features == K and heads.itm.classifier.out_features == 2
-    transform = heads.mvm.transform
-    assert isinstance(transform.transform_act_fn, torch.nn.ReLU) and transform.LayerNorm.eps == 1e-6
-    assert transform.dense.weight.std().item() == pytest.approx(0.5, rel=0.2)
+    assert_bert_transform(heads.mvm.transform, torch.nn.ReLU, eps=1e-6, std=0.5, rel=0.2)
     assert heads.itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.35)
 
 
-def test_network_defaults_settings_and_what_forward_and_joint_hand_on(monkeypatch):
+def signature_defaults(cls):
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+
+
+@pytest.fixture
+def timm_calls(monkeypatch):
+    """The keyword arguments of every ``timm.create_model`` call; the model is built with random weights."""
+    import timm
+
+    calls = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model",
+                        lambda name, **kw: calls.append(kw) or create(name, **dict(kw, pretrained=False)))
+    return calls
+
+
+def test_network_defaults_settings_and_what_forward_and_joint_hand_on(timm_calls):
     """The paper's defaults; BERT's LayerNorm ε, the dictionary momentum, channels-last and pretrained
     weights reach their modules; the [MASK] id is checked against the vocabulary; ``forward`` reads the
     features by default, pairs each text with ``pair_image_index``'s image, hands on the token types and
     returns the image; ``joint`` applies the MVM mask and pools [CLS]."""
-    import inspect
-
-    import timm
-
-    defaults = {name: p.default for name, p in inspect.signature(SOHONetwork).parameters.items()}
+    defaults = signature_defaults(SOHONetwork)
     assert defaults == dict(defaults, backbone="resnet101", pretrained_backbone=True, frozen_batch_norm=True,
                             vd_size=2048, vd_momentum=0.99, mask_token_id=103, pool_before_conv=False,
                             channels_last=True)
     config = BertConfig(vocab_size=40, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=64, layer_norm_eps=1e-6)
-    made = []
-    create = timm.create_model
-    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: made.append(kw) or create(*a, **dict(kw, pretrained=False)))
     network = SOHONetwork(BertTextEncoder.from_config(config), backbone="resnet10t", vd_size=K, mask_token_id=39,
                           vd_momentum=0.5, channels_last=False)
-    assert made[-1]["pretrained"] is True and network.encoder.channels_last is False
+    assert timm_calls[-1]["pretrained"] is True and network.encoder.channels_last is False
     assert network.visual_norm.eps == 1e-6 and network.dictionary.momentum == 0.5
     assert SOHONetwork(BertTextEncoder.from_config(config), backbone="resnet10t", pretrained_backbone=False,
                        vd_size=K, mask_token_id=3).encoder.channels_last is True
@@ -1068,29 +1078,19 @@ def test_sine_positions_equal_detr_and_an_idle_dictionary_reports_nothing():
     assert vd.usage_summary() == {"distinct": 1, "perplexity": 1.0, "never_used": 3}  # one cell: exp(0)
 
 
-def test_grid_encoder_and_dictionary_defaults_and_what_reaches_timm(monkeypatch):
+def test_grid_encoder_and_dictionary_defaults_and_what_reaches_timm(timm_calls):
     """The paper's defaults of the grid encoder and the visual dictionary; timm is asked for the C5
     features with pretrained weights (or, when random, with the residual branches' last BatchNorm not
     zeroed); BatchNorm is frozen unless asked otherwise; sizes of 1 are accepted and 0 refused; the
     usage counters are float64."""
-    import inspect
-
-    import timm
-
-    def defaults(cls):
-        return {name: p.default for name, p in inspect.signature(cls).parameters.items()}
-
-    assert defaults(GridEncoder) == dict(backbone="resnet101", hidden_size=768, pretrained=True,
+    assert signature_defaults(GridEncoder) == dict(backbone="resnet101", hidden_size=768, pretrained=True,
                                          frozen_batch_norm=True, pool_before_conv=False, channels_last=True)
-    assert defaults(VisualDictionary)["size"] == 2048 and defaults(VisualDictionary)["dim"] == 768
-    calls = []
-    create = timm.create_model
-    monkeypatch.setattr(timm, "create_model",
-                        lambda name, **kw: calls.append(kw) or create(name, **dict(kw, pretrained=False)))
+    dictionary = signature_defaults(VisualDictionary)
+    assert dictionary["size"] == 2048 and dictionary["dim"] == 768
     for pretrained in (True, False):
         encoder = GridEncoder("resnet10t", 24, pretrained=pretrained)
-        assert calls[-1]["pretrained"] is pretrained and calls[-1]["features_only"] is True
-        assert calls[-1]["out_indices"] == (-1,) and calls[-1].get("zero_init_last", True) is pretrained
+        assert timm_calls[-1]["pretrained"] is pretrained and timm_calls[-1]["features_only"] is True
+        assert timm_calls[-1]["out_indices"] == (-1,) and timm_calls[-1].get("zero_init_last", True) is pretrained
         assert encoder.hidden_size == 24 and encoder.resnet_frozen is False
     frozen = GridEncoder("resnet10t", 24, pretrained=False)
     unfrozen = GridEncoder("resnet10t", 24, pretrained=False, frozen_batch_norm=False)

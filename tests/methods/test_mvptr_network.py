@@ -293,3 +293,157 @@ def test_a_misshapen_mask_is_refused_by_its_argument_name():
         net.fuse(text, x["text_mask"][:, 1:], visual, visual_mask)
     with pytest.raises(ValueError, match=r"^visual_mask must be \(3, "):
         net.fuse(text, x["text_mask"], visual, visual_mask[:, 1:])
+
+
+def word_level_tokenizer():
+    """A ``tokenizers.Tokenizer`` over WORDS that adds [CLS] / [SEP] unless told not to."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel(dict(ID), unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS),
+                                                                                                ("[SEP]", SEP)])
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["tokenizers", "hf_fast"])
+def test_concept_rows_from_a_tokenizers_tokenizer_leave_out_the_special_tokens(kind):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = word_level_tokenizer()
+    assert tok.encode("man young").ids == [CLS, ID["man"], ID["young"], SEP]  # the specials would be averaged in
+    if kind == "hf_fast":
+        tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    net = tiny_network()
+    before = net.word_embeddings.weight.detach().clone()
+    assert net.init_concept_embeddings({"40": ["man young"], "41": ["ride", "horse"]}, tok) == 2
+    table = net.word_embeddings.weight.detach()
+    assert torch.allclose(table[40], (before[ID["man"]] + before[ID["young"]]) / 2, atol=1e-6)
+    assert torch.allclose(table[41], (before[ID["ride"]] + before[ID["horse"]]) / 2, atol=1e-6)
+    with pytest.raises(TypeError, match="tokenizer must be"):
+        net.init_concept_embeddings({"40": ["man"]}, "not a tokenizer")
+
+
+def test_concept_vocabularies_as_pairs_and_malformed_phrases():
+    pairs = [(40, ("man", "young")), ("44", ["horse"])]
+    assert embedding_rows(pairs, VOCAB) == 45
+    net = tiny_network()
+    assert net.init_concept_embeddings(pairs, lambda s: [ID[w] for w in s.split()]) == 2
+    for phrase in ["man", (), ("man", ""), ("man", 3)]:
+        with pytest.raises(ValueError, match=r"id2phrase\[40\] must be a non-empty tuple of non-empty strings"):
+            embedding_rows({"40": phrase}, VOCAB)
+    with pytest.raises(ValueError, match="concept id 'x' is not an integer"):
+        embedding_rows({"x": ["man"]}, VOCAB)
+
+
+def test_constructor_defaults_and_bounds():
+    net = MVPTRNetwork(tiny_config())
+    assert net.num_embeddings == VOCAB == net.word_embeddings.num_embeddings  # no concept rows by default
+    assert MVPTRNetwork(tiny_config(), VOCAB).num_embeddings == VOCAB  # the bound admits vocab_size itself
+    assert net.num_tag_slots == TAGS and net.bert.pooler is not None
+    assert MVPTRNetwork(tiny_config(), num_tag_slots=1).num_tag_slots == 1  # the visual [CLS] alone
+    with pytest.raises(ValueError, match="num_tag_slots must be >= 1"):
+        MVPTRNetwork(tiny_config(), num_tag_slots=0)
+
+
+def test_region_embedding_and_vsc_projection_settings():
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=64, hidden_dropout_prob=0.3, layer_norm_eps=1e-7, initializer_range=0.5,
+                         intermediate_size=64)
+    net = MVPTRNetwork(config, img_layer_norm=True)
+    embedding = net.region_embedding
+    norms = [m for m in embedding.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 1 and norms[0].eps == 1e-7
+    assert [m.p for m in embedding.modules() if isinstance(m, torch.nn.Dropout)] == [0.3]
+    linear = [m for m in embedding.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 1 and linear[0].weight.std().item() == pytest.approx(0.5, rel=0.05)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in MVPTRNetwork(config).region_embedding.modules())
+    # the VSC projections start at H^-0.5 * N(0, 1) (64 x 64 draws: the spread within a few per cent)
+    for proj in (net.txt_proj, net.vis_proj):
+        assert proj.std().item() == pytest.approx(64 ** -0.5, rel=0.05)
+        assert proj.mean().abs().item() < 0.01
+    assert net.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_base_size_counts_add_up_to_the_network():
+    counts = base_counts()
+    parts = [name for name in counts if name != "network"]
+    assert sorted(parts) == sorted(["word_table", "embeddings_other", "text_encoder", "visual_encoder",
+                                    "multimodal_encoder", "pooler", "region_embedding", "vsc"])
+    assert sum(counts[name] for name in parts) == counts["network"]
+    assert counts["vsc"] == 2 * 768 * 768 + 1
+    assert counts["pooler"] == 768 * 768 + 768
+    assert counts["embeddings_other"] == (512 + 2) * 768 + 2 * 768  # positions, token types, LayerNorm
+
+
+@torch.no_grad()
+def test_half_precision_network_and_global_embeddings():
+    """A network cast to bfloat16 (no autocast): its attention masks follow the states' dtype, and the VSC
+    projections follow the states they multiply."""
+    net, x = tiny_network(), inputs()
+    text, visual, _ = encode(net, x)
+    g_t, g_v = net.global_embeddings(text, visual)
+    assert torch.allclose(g_t, torch.nn.functional.normalize(text[:, 0] @ net.txt_proj, dim=-1), atol=1e-6)
+    assert torch.allclose(g_v, torch.nn.functional.normalize(visual[:, 0] @ net.vis_proj, dim=-1), atol=1e-6)
+    low = net.to(torch.bfloat16)
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in x.items()}
+    text16, visual16, mask16 = encode(low, half)
+    assert text16.dtype == visual16.dtype == torch.bfloat16
+    assert torch.allclose(text16.float(), text, atol=0.1)
+    states, pooled, _ = low.fuse(text16, x["text_mask"], visual16, mask16)
+    assert states.dtype == pooled.dtype == torch.bfloat16
+    # float32 projections on bfloat16 states (a float32 network's outputs under bfloat16 autocast)
+    net32 = tiny_network()
+    b_t, b_v = net32.global_embeddings(text.to(torch.bfloat16), visual.to(torch.bfloat16))
+    assert b_t.dtype == b_v.dtype == torch.float32
+    assert torch.allclose(b_t, g_t, atol=0.05) and torch.allclose(b_v, g_v, atol=0.05)
+
+
+@torch.no_grad()
+def test_fuse_refuses_visual_states_without_regions_and_unpaired_batches():
+    net, x = tiny_network(), inputs()
+    text, visual, visual_mask = encode(net, x)
+    with pytest.raises(ValueError, match=f"visual_states has {TAGS} positions"):
+        net.fuse(text, x["text_mask"], visual[:, :TAGS], visual_mask[:, :TAGS])  # tags only, no region
+    with pytest.raises(ValueError, match="3 texts and 2 images: pass text_index and image_index"):
+        net.fuse(text, x["text_mask"], visual[:2], visual_mask[:2])
+    # one index is enough when it pairs the batches: 3 texts on images 0, 1, 1; texts 0, 2 on 2 images
+    states, _, _ = net.fuse(text, x["text_mask"], visual[:2], visual_mask[:2], image_index=torch.tensor([0, 1, 1]))
+    full, _, _ = net.fuse(text, x["text_mask"], visual, visual_mask, image_index=torch.tensor([0, 1, 1]))
+    assert torch.allclose(states, full, atol=1e-6)
+    states, _, _ = net.fuse(text, x["text_mask"], visual[:2], visual_mask[:2], text_index=torch.tensor([0, 2]))
+    full, _, _ = net.fuse(text, x["text_mask"], visual, visual_mask, text_index=torch.tensor([0, 2]),
+                          image_index=torch.tensor([0, 1]))
+    assert torch.allclose(states, full, atol=1e-6)
+
+
+@torch.no_grad()
+def test_from_bert_options(tmp_path):
+    """From a BertTextEncoder, without concept vocabulary, with a larger table than the concepts need, with
+    concepts but no tokenizer (their rows keep the random init), with constructor options, and from a BERT
+    without pooler; a BERT whose weights do not fit is refused."""
+    from mmf_multilevel.modules.text import BertTextEncoder
+
+    hf = save_tiny_bert(tmp_path)
+    words = hf.embeddings.word_embeddings.weight
+    net = MVPTRNetwork.from_bert(BertTextEncoder(hf))
+    assert net.num_embeddings == VOCAB and torch.equal(net.word_embeddings.weight, words)
+    assert torch.equal(net.bert.pooler.dense.weight, hf.pooler.dense.weight)
+    net = MVPTRNetwork.from_bert(hf, num_embeddings=50, id2phrase={"40": ["man"]})
+    assert net.num_embeddings == 50
+    torch.manual_seed(7)
+    net = MVPTRNetwork.from_bert(hf, id2phrase={"40": ["man"], "41": ["horse"]}, num_tag_slots=5, img_layer_norm=True)
+    assert net.num_embeddings == 42 and net.num_tag_slots == 5
+    assert not torch.allclose(net.word_embeddings.weight[40], words[ID["man"]])  # no tokenizer: random init
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in net.region_embedding.modules())
+    torch.manual_seed(4)
+    poolless = BertModel(tiny_config(), add_pooling_layer=False)
+    net = MVPTRNetwork.from_bert(poolless)
+    assert torch.equal(net.word_embeddings.weight, poolless.embeddings.word_embeddings.weight)
+    assert net.bert.pooler is not None  # BERT's random init
+    extra = BertModel(tiny_config())
+    extra.register_buffer("stray", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"BERT weights do not fit: missing \[\], unexpected \['stray'\]"):
+        MVPTRNetwork.from_bert(extra)
+    with pytest.raises(TypeError, match="bert must be"):
+        MVPTRNetwork.from_bert(hf.encoder)

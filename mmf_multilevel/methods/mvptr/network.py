@@ -408,13 +408,8 @@ class MVPTRNetwork(nn.Module):
 
 
 def parameter_count(module: nn.Module) -> int:
-    """Number of distinct parameters (a tied weight counts once)."""
-    seen, total = set(), 0
-    for param in module.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
+    """Number of distinct parameters (a tied weight counts once: ``parameters()`` yields it once)."""
+    return sum(param.numel() for param in module.parameters())
 
 
 def base_counts(num_embeddings: int = OFFICIAL_CONCEPT_ROWS) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from mmf.common.registry import registry
+from mmf.common.sample import Sample
 from omegaconf import OmegaConf
 
 from helpers.stats import assert_rate
@@ -401,3 +402,292 @@ def test_retrieval_reads_its_phrases_through_the_same_reader(data, tasks):
     assert ds.texts_without_phrases == 1
     assert text_of(ds._text(0)) == text_of(unmasked(data)[0])
     assert text_of(ds._text(1)) == today_layout(ds, OTHER_TEXT, 15)
+
+
+# --------------------------------------------------------------------------- chain masking and tag names, edge cases
+def test_chain_mask_draws_follow_the_given_generator_alone():
+    """Selection (``prob``), the 80/10/10 outcome and the random concept are three draws of the generator, in that
+    order; the result matches an independent replay of them and ignores the global RNG."""
+    count, pool, prob = 80, [100, 101, 102, 103], 0.6
+    ids = list(range(10, 10 + count))
+    positions = [[k % 5] for k in range(count)]
+    selected = torch.tensor([False, True, False, False, False])
+
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)
+        return chain_mask_phrases(ids, positions, selected, mask_token_id=4, concept_ids=pool, prob=prob,
+                                  generator=torch.Generator().manual_seed(seed))
+
+    out, chained = run(5, 0)
+    again, _ = run(5, 1)
+    assert torch.equal(out, again)
+    replay = torch.Generator().manual_seed(5)
+    draw, outcome = torch.rand(count, generator=replay), torch.rand(count, generator=replay)
+    expected, replaced = [], []
+    for k in range(count):
+        if k % 5 == 1:
+            expected.append(4)  # chained
+        elif draw[k] < prob and outcome[k] < 0.8:
+            expected.append(4)
+        elif draw[k] < prob and outcome[k] < 0.9:
+            expected.append(None)
+            replaced.append(k)
+        else:
+            expected.append(ids[k])
+    picks = torch.randint(len(pool), (len(replaced),), generator=replay).tolist()
+    for k, pick in zip(replaced, picks):
+        expected[k] = pool[pick]
+    assert replaced and any(e == ids[k] for k, e in enumerate(expected))  # the seed exercises every outcome
+    assert out.tolist() == expected and out.dtype == torch.long
+    assert chained.tolist() == [k % 5 == 1 for k in range(count)] and chained.dtype == torch.bool
+
+
+def test_chain_mask_positions_outside_the_words_and_extra_position_lists():
+    selected = torch.tensor([False, False, True, False, True])  # position -1 would read the last (selected) one
+    out, chained = chain_mask_phrases([7, 8], [[-1], [5, 9], [2]], selected, mask_token_id=4, concept_ids=[7], prob=0.0)
+    assert out.tolist() == [7, 8] and chained.tolist() == [False, False]  # the third position list has no phrase
+    out, chained = chain_mask_phrases(torch.tensor([7, 8, 9]), [[0, 4], [3], [1]], selected, mask_token_id=4,
+                                      concept_ids=[7], prob=0.0)
+    assert out.tolist() == [4, 8, 9] and chained.tolist() == [True, False, False]
+    out, chained = chain_mask_phrases([], [], selected, mask_token_id=4, concept_ids=[7], prob=1.0)
+    assert out.tolist() == [] and chained.tolist() == []
+
+
+def test_chain_mask_at_probability_one_selects_every_unchained_phrase():
+    gen = torch.Generator().manual_seed(3)
+    count = 400
+    out, chained = chain_mask_phrases([50] * count, [[]] * count, torch.zeros(3, dtype=torch.bool), mask_token_id=4,
+                                      concept_ids=[60, 61], prob=1.0, generator=gen)
+    assert not chained.any()
+    masked, replaced = int((out == 4).sum()), int(((out == 60) | (out == 61)).sum())
+    assert masked + replaced + int((out == 50).sum()) == count
+    assert_rate(masked / count, 0.8, count, what="[MASK]")
+    assert_rate(replaced / count, 0.1, count, what="random concept")
+
+
+def test_tag_names_refuse_ids_outside_the_names():
+    assert tag_names(np.array([4, 0], np.int64), NAMES) == ["dog", "man"]
+    assert tag_names([], NAMES) == []
+    for bad in (-1, 5):
+        with pytest.raises(IndexError, match=f"detected class id {bad} is outside the 5 object names"):
+            tag_names([0, bad], NAMES)
+
+
+# --------------------------------------------------------------------------- settings and vocabularies
+def test_length_bounds_are_the_smallest_layouts(data):
+    ds = unmasked(data, max_tokens=3, max_phrases=0, max_tags=2)
+    sample = ds[0]
+    assert words(ds, sample.input_ids) == ["[CLS]", "a", "[SEP]"] and sample.phrase_slots.sum() == 0
+    assert words(ds, sample.tag_ids) == ["[CLS]", "[SEP]"] and sample.tag_mask.tolist() == [1, 1]
+    for bad, shown in (({"max_tokens": 2}, "2 / 0 / 2"), ({"max_phrases": -1}, "3 / -1 / 2"), ({"max_tags": 1}, "3 / 0 / 1")):
+        settings = {"max_tokens": 3, "max_phrases": 0, "max_tags": 2, **bad}
+        with pytest.raises(ValueError, match=f"mvptr_captions: max_tokens >= 3, max_phrases >= 0 and max_tags >= 2 are "
+                                             f"needed, got {shown}"):
+            unmasked(data, **settings)
+
+
+@pytest.mark.parametrize("key", ["mlm_probability", "phrase_mask_probability", "mcr_mask_probability"])
+def test_each_masking_rate_is_bounded_and_kept(data, key):
+    rates = {"mlm_probability": 0.0, "phrase_mask_probability": 0.0, "mcr_mask_probability": 0.0}
+    for value in (0.0, 1.0, 0.35):
+        ds = make(data, **{**rates, key: value})
+        assert getattr(ds, key) == value and isinstance(getattr(ds, key), float)
+    for value in (-0.01, 1.01):
+        with pytest.raises(ValueError, match=rf"dataset_config.mvptr_captions.{key} must lie in \[0, 1\], got {value}"):
+            make(data, **{**rates, key: value})
+
+
+def test_concepts_are_read_only_for_masked_phrases(data, tmp_path):
+    assert make(data, concepts="missing.json", phrase_mask_probability=0.0).concept_ids == []
+    assert make(data, concepts="missing.json", phrase_mask_probability=0.2, use_phrases=False).concept_ids == []
+    assert make(data, phrase_mask_probability=0.2).concept_ids == [1, 100, 101, 102, 103, 104]
+    (tmp_path / "unsorted.json").write_text(json.dumps({"30": ["dog"], "4": ["man"], "12": ["horse"]}))
+    assert make(data, phrase_mask_probability=0.2, concepts=str(tmp_path / "unsorted.json")).concept_ids == [4, 12, 30]
+
+
+def test_tag_vocab_file_errors_and_blank_lines(data, one_record, tmp_path):
+    no_names = {"features": {"train": "no_names.lmdb"}, "annotations": "one.jsonl"}
+    with pytest.raises(FileNotFoundError, match=r"dataset_config.mvptr_captions.tag_vocab: .*nope.txt does not exist"):
+        unmasked(data, tag_vocab=str(tmp_path / "nope.txt"), **no_names)
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    with pytest.raises(ValueError, match=r"dataset_config.mvptr_captions.tag_vocab: .*blank.txt holds no class name"):
+        unmasked(data, tag_vocab=str(tmp_path / "blank.txt"), **no_names)
+    (tmp_path / "spaced.txt").write_text("\nman \n\n horse\n")
+    ds = unmasked(data, tag_vocab=str(tmp_path / "spaced.txt"), **no_names)
+    assert ds.object_names == ["man", "horse"] and words(ds, ds[0].tag_ids[:4]) == ["[CLS]", "horse", "man", "[SEP]"]
+    off = unmasked(data, use_tags=False, tag_vocab=str(tmp_path / "nope.txt"), **no_names)
+    assert off.object_names == [] and off.untagged_images is None  # neither read nor counted without tags
+
+
+def test_many_untagged_images_are_named_five_at_most(tmp_path):
+    root = tmp_path
+    vocab = root / "vocab"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_text("\n".join(SPECIALS + WORDS) + "\n")
+    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    with FeatureCacheWriter(str(root / "regions.lmdb"), detector="test", feature_dim=DIM,
+                            info={"object_names": NAMES}) as writer:
+        for k in range(8):
+            record = {"features": np.zeros((2, DIM), np.float32), "boxes": np.zeros((2, 4), np.float32),
+                      "image_w": 10, "image_h": 10}
+            if k == 7:
+                record["objects"] = np.array([0, 1])
+            writer.write(f"u{k}", record)
+    write_lines(root / "captions.jsonl", [{"image_id": f"u{k}", "text": "a man"} for k in range(8)])
+    with pytest.warns(UserWarning, match=r"7 of 8 images .* have no detected object .*: 'u0', 'u1', 'u2', 'u3', 'u4' \.\.\.$"):
+        ds = unmasked(root, concepts=None)
+    assert ds.untagged_images == 7
+
+
+def test_a_text_processor_without_a_tokenizer_is_named(data):
+    ds = unmasked(data)
+    ds.text_processor = object()
+    with pytest.raises(TypeError, match="mvptr_captions.processors.text_processor must be a BERT tokenizer processor"):
+        ds[0]
+
+
+def test_caption_records_are_checked_and_read(data, tmp_path):
+    cls, sep = 2, 3
+    write_lines(tmp_path / "records.jsonl", [
+        {"image_id": "img0", "input_ids": [cls]},
+        {"image_id": "img0", "input_ids": [cls, 5, 6]},
+        {"image_id": "img0", "input_ids": []},
+        {"image_id": "img0"},
+        {"image_id": "img0", "text": "a dog", "caption": "a man"},
+        {"image_id": "img0", "input_ids": [cls, 5, 6, sep], "phrase_ids": [100, 101], "phrase_positions": [[1]]},
+        {"image_id": "img0", "input_ids": [cls, 5, 6, sep], "phrase_ids": [100, 101]},
+        {"image_id": "img0", "input_ids": [cls, sep]}])
+    ds = make(data, annotations=str(tmp_path / "records.jsonl"), mlm_probability=1.0, phrase_mask_probability=0.0,
+              mcr_mask_probability=0.0)
+    for index in (0, 1, 2):
+        with pytest.raises(ValueError, match=r"records.jsonl: image 'img0': input_ids must start with \[CLS\] \(2\) "
+                                             r"and end with \[SEP\] \(3\)"):
+            ds[index]
+    with pytest.raises(KeyError, match="records.jsonl: image 'img0' has neither input_ids nor a text/caption field"):
+        ds[3]
+    assert ds[4].lm_label_ids[1:3].tolist() == ds.tokenizer.convert_tokens_to_ids(["a", "dog"])  # text before caption
+    with pytest.raises(ValueError, match=r"records.jsonl: image 'img0': phrase_positions must hold one list per "
+                                         r"phrase id \(2\)"):
+        ds[5]
+    # phrases without positions: laid out, never chained (every word is selected at mlm_probability 1)
+    sample = ds[6]
+    assert sample.input_ids[3:5].tolist() == [100, 101] and sample.phrase_slots.tolist()[3:6] == [1, 1, 0]
+    assert int(sample.input_ids[5]) == sep and sample.input_mask.sum() == 6
+    empty = ds[7]  # a caption of no word-piece: [CLS] [SEP]
+    assert empty.input_ids[:2].tolist() == [cls, sep] and empty.input_mask.sum() == 2
+    assert (empty.lm_label_ids == IGNORE_INDEX).all()
+
+
+def test_captions_number_their_images(data):
+    ds = unmasked(data)
+    assert ds.image_indices == {"img0": 0, "img1": 1, "img2": 2, "img3": 3}
+    for index in range(9):
+        sample = ds[index]
+        assert sample.image_index.dtype == torch.long and sample.image_index.dim() == 0
+        assert int(sample.image_index) == (index % 4 if index < 8 else 1)  # the plain caption shows img1
+
+
+# --------------------------------------------------------------------------- one query outside a dataset
+def query_config(data, **overrides):
+    config = OmegaConf.load(os.path.join(CONFIG_DIR, "mvptr_captions.yaml")).dataset_config.mvptr_captions
+    config.data_dir, config.max_tokens, config.max_phrases, config.max_tags = str(data), 12, 3, 6
+    config.concepts = "id2phrase.json"
+    config.mlm_probability = config.phrase_mask_probability = config.mcr_mask_probability = 0.5
+    for dotted, value in overrides.items():
+        OmegaConf.update(config, dotted, value, merge=False)
+    return config
+
+
+def test_query_inputs_lay_out_one_text_and_its_tags_unmasked(data):
+    from mmf_multilevel.methods.mvptr.data import MVPTRQueryInputs
+
+    processor = unmasked(data).text_processor
+    inputs = MVPTRQueryInputs("mvptr_captions", query_config(data), processor, object_names=lambda: NAMES)
+    assert (inputs.mlm_probability, inputs.phrase_mask_probability, inputs.mcr_mask_probability) == (0.0, 0.0, 0.0)
+    assert inputs.concept_ids == [] and inputs.untagged_images is None and inputs.object_names == NAMES
+    assert inputs.annotation_path == "the query of mvptr_captions"
+    for _ in range(20):  # never masked
+        sample = inputs.text_sample("a man on the beach")
+        assert words(inputs, sample.input_ids[:7]) == ["[CLS]", "a", "man", "on", "the", "beach", "[SEP]"]
+        assert (sample.lm_label_ids == IGNORE_INDEX).all() and sample.phrase_slots.sum() == 0
+        inputs.add_query_tags({"objects": np.array([1, 0, 1])}, sample)
+        assert words(inputs, sample.tag_ids[:4]) == ["[CLS]", "horse", "man", "[SEP]"]
+        assert (sample.mcr_label_ids == IGNORE_INDEX).all() and sample.tag_mask.sum() == 4
+    bare = Sample()
+    inputs.add_query_tags({}, bare)  # a record without detections: [CLS] [SEP]
+    assert bare.tag_mask.sum() == 2
+    from_file = MVPTRQueryInputs("mvptr_captions", query_config(data, tag_vocab="names.txt"), processor)
+    assert from_file.object_names[0] == "xman"
+    for names in (None, lambda: [], lambda: None):
+        with pytest.raises(KeyError, match="the cache X names no object classes .*mvptr_captions.tag_vocab"):
+            MVPTRQueryInputs("mvptr_captions", query_config(data), processor, object_names=names, source="the cache X")
+    assert MVPTRQueryInputs("mvptr_captions", query_config(data, use_tags=False), processor).object_names == []
+
+
+# --------------------------------------------------------------------------- downstream datasets
+def test_task_ids_must_be_strings_or_integers(data, tasks):
+    for bad in (True, 7.0, None, [7]):
+        write_lines(tasks / "vqa_bad.jsonl", [{"question_id": bad, "image_id": "img0", "question": CAPTION_TEXT,
+                                               "answers": ["yes"] * 10}])
+        with pytest.raises(ValueError, match=r"vqa_bad.jsonl: the record of question 'a man riding.* has no string or "
+                                             r"integer 'question_id'"):
+            make_task("mvptr_vqa2", data, tasks, "vqa_bad.jsonl", "vqa_phrases.jsonl", max_phrases=3)
+
+
+@pytest.mark.filterwarnings("ignore:.*have no line in")
+def test_a_text_the_view_rewrites_loses_its_phrases(data, tasks):
+    ds = make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "vqa_phrases.jsonl", max_phrases=3)
+    assert ds[0].phrase_slots.sum() == 3
+    ds.view_text = lambda text: text.replace("man", "horse")
+    assert text_of(ds[0]) == today_layout(ds, CAPTION_TEXT.replace("man", "horse"), 15)
+
+
+@pytest.mark.filterwarnings("ignore:.*have no line in")
+def test_retrieval_caches_the_gallery_texts_only_and_adds_tags(data, tasks):
+    from mmf_multilevel.methods.mvptr.data import MVPTRRetrievalDataset
+
+    assert MVPTRRetrievalDataset._phrase_key({"image_id": 5, "id": "3.1.2"}) == ("5", 2)
+    write_lines(tasks / "ret.jsonl", [{"image_id": "img0", "captions": [CAPTION_TEXT, OTHER_TEXT]},
+                                      {"image_id": "img1", "captions": [OTHER_TEXT]}])
+    write_lines(tasks / "ret_phrases.jsonl", [tool_line("1.0", "img0")])
+    config = OmegaConf.load(os.path.join(CONFIG_DIR, "mvptr_coco_retrieval.yaml")).dataset_config.mvptr_coco_retrieval
+    config.data_dir, config.features = str(tasks), {"train": str(data / "regions.lmdb")}
+    config.annotations = {"train": "ret.jsonl", "val": "ret.jsonl"}
+    config.phrases = {"train": "ret_phrases.jsonl", "val": "ret_phrases.jsonl"}
+    config.feature_dim, config.max_features, config.max_tokens, config.max_phrases, config.max_tags = DIM, 4, 12, 3, 6
+    config.mlm_probability = 0.5  # retrieval never masks
+    config.processors.text_processor.params.tokenizer_config.type = str(data / "vocab")
+    built = {}
+    for split in ("train", "val"):
+        for key in config.processors:
+            registry.unregister(f"mvptr_coco_retrieval_{key}")
+        built[split] = MVPTRRetrievalDataset("mvptr_coco_retrieval", config, split)
+        built[split].init_processors()
+    train, val = built["train"], built["val"]
+    assert train.mlm_probability == 0.0 and train.caption_position == [0, 1, 0]
+    train._text(0)
+    assert train._tokens == {}
+    first = val._text(0)
+    assert val._text(0) is first and set(val._tokens) == {0}
+    sample = val[2]  # image 0, caption 2 (img1's)
+    assert words(val, sample.tag_ids[:5]) == ["[CLS]", "beach", "horse", "man", "[SEP]"]
+    assert text_of(sample) == today_layout(val, OTHER_TEXT, 15) and int(sample.targets) == 0
+
+
+def test_the_registered_builders_and_their_configs():
+    from mmf_multilevel.methods.mvptr import data as mvptr_data
+
+    for name, field, key in (("mvptr_vqa2", "question", "question_id"), ("mvptr_snli_ve", "hypothesis", "pair_id"),
+                             ("mvptr_refcoco_plus", "expression", "ref_id")):
+        builder = registry.get_builder_class(name)
+        assert builder.config_path() == os.path.join(CONFIG_DIR, f"{name}.yaml") and os.path.isfile(builder.config_path())
+        dataset = builder.dataset_class
+        assert issubclass(dataset, mvptr_data.MVPTRTaskMixin) and dataset.__module__ == mvptr_data.__name__
+        assert (dataset.text_field, dataset.id_field) == (field, key)
+    for name in ("mvptr_captions", "mvptr_coco_retrieval", "mvptr_flickr30k_retrieval"):
+        builder = registry.get_builder_class(name)
+        assert builder().dataset_name == name
+        assert builder.config_path() == os.path.join(CONFIG_DIR, f"{name}.yaml") and os.path.isfile(builder.config_path())
+    assert registry.get_builder_class("mvptr_captions").dataset_class is MVPTRCaptionsDataset
+    retrieval = registry.get_builder_class("mvptr_coco_retrieval")
+    assert retrieval.dataset_class is mvptr_data.MVPTRRetrievalDataset and retrieval().num_outputs(None) == 2

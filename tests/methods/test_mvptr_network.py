@@ -447,3 +447,11 @@ def test_from_bert_options(tmp_path):
         MVPTRNetwork.from_bert(extra)
     with pytest.raises(TypeError, match="bert must be"):
         MVPTRNetwork.from_bert(hf.encoder)
+
+
+def test_a_misshapen_visual_mask_is_refused_by_its_argument_name():
+    net, x = tiny_network(), inputs()
+    with pytest.raises(ValueError, match=rf"^tag_mask must be \(3, {TAGS}\); got \(3, {TAGS - 1}\)"):
+        net.encode_visual(x["tag_ids"], x["tag_mask"][:, 1:], x["feats"], x["boxes"], x["region_mask"])
+    with pytest.raises(ValueError, match=rf"^region_mask must be \(3, {K}\); got \(2, {K}\)"):
+        net.encode_visual(x["tag_ids"], x["tag_mask"], x["feats"], x["boxes"], x["region_mask"][:2])

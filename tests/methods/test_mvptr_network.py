@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
+from helpers.heads import assert_bert_transform
 from mmf_multilevel.methods.mvptr.network import (
     MVPTRNetwork,
     base_config,
@@ -252,6 +253,19 @@ def test_mlm_and_mcr_decoders_are_tied_to_the_word_rows_only():
     with torch.no_grad():
         table[7].add_(1.0)  # training the table moves the decoders with it
     assert torch.equal(heads.mlm.decoder.weight[7], table[7])
+
+
+def test_heads_follow_the_network_config():
+    """The MLM / MCR transforms take the config's activation, LayerNorm eps and initializer range; the ITM
+    classifier its initializer range (mmf_multilevel.modules.heads, as BERT's heads)."""
+    torch.manual_seed(0)
+    net = MVPTRNetwork(tiny_config(hidden_act="relu", layer_norm_eps=1e-6, initializer_range=0.5), CONCEPT_ROWS)
+    heads = MVPTRPretrainingHeads(net)
+    for head in (heads.mlm, heads.mcr):
+        assert_bert_transform(head.transform, torch.nn.ReLU, eps=1e-6, std=0.5, rel=0.2)
+        assert head.bias.shape == (VOCAB,)
+    assert heads.itm.classifier.weight.shape == (2, HIDDEN)
+    assert heads.itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.4)  # 64 draws
 
 
 def test_base_size_parameter_count_with_heads():

@@ -444,7 +444,9 @@ class MVPTRTaskMixin(MVPTRInputs):
         return sample
 
 
-def _builders():
+# registration runs once, when the module is imported: mutation testing imports every module before it
+# activates a mutant, so it cannot reach this code (tests/methods/test_mvptr_data.py checks what it registers)
+def _builders():  # pragma: no mutate block
     class MVPTRCaptionsBuilder(RegionTaskBuilder):
         name = "mvptr_captions"
         dataset_class = MVPTRCaptionsDataset

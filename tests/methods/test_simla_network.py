@@ -1,4 +1,6 @@
 """SIMLA's shared text/multimodal encoder and its pre-training heads (tiny random BERTs, no hub)."""
+import re
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel
@@ -192,3 +194,67 @@ def test_cross_attention_maps_are_returned_in_the_graph_and_respect_the_image_ma
     hidden2, cross_only = enc.fuse(ids, mask, image, image_mask, output_cross_attentions=True)
     (grad,) = torch.autograd.grad(hidden2[:, 0].sum(), cross_only[0])
     assert grad.abs().sum() > 0
+
+
+def test_embed_checks_its_input():
+    enc = tiny_encoder()
+    ids, _, image = batch()
+    for kwargs in ({}, dict(input_ids=ids, inputs_embeds=image)):
+        with pytest.raises(ValueError, match="^pass exactly one of input_ids and inputs_embeds"):
+            enc.embed(**kwargs)
+    with pytest.raises(ValueError, match=r"^input_ids must be \(batch, seq_len\); got shape \(3, 7, 1\)"):
+        enc.embed(ids[..., None])
+    for bad in (image[0], image[..., :31]):
+        with pytest.raises(ValueError, match=rf"^inputs_embeds must be \(batch, seq, 32\); got {re.escape(str(tuple(bad.shape)))}"):
+            enc.embed(inputs_embeds=bad)
+    longest = torch.randint(5, 40, (2, 40))  # max_position_embeddings = 40: the longest sequence
+    assert enc.embed(longest).shape == (2, 40, 32)
+    with pytest.raises(ValueError, match="^sequence length 41 exceeds max_position_embeddings=40"):
+        enc.embed(torch.randint(5, 40, (2, 41)))
+    # word + position (no token type), LayerNorm: against an explicit computation
+    emb = enc.text.embeddings
+    expected = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings.weight[:7])
+    torch.testing.assert_close(enc.embed(ids), expected)
+
+
+def test_encode_checks_masks_and_memory_and_defaults_them_to_all_real():
+    enc = tiny_encoder()
+    ids, mask, image = batch()
+    hidden = enc.embed(ids)
+    ones, image_ones = torch.ones_like(mask), torch.ones(image.shape[:2], dtype=torch.long)
+    torch.testing.assert_close(enc.encode(hidden), enc.encode(hidden, ones))
+    torch.testing.assert_close(enc.encode(hidden, mask, memory=image), enc.encode(hidden, mask, image, image_ones))
+    with pytest.raises(ValueError, match=r"^attention mask shape \(3, 6\) does not match the sequence \(3, 7\)"):
+        enc.encode(hidden, mask[:, 1:])
+    for bad in (image[0], image[:2], image[..., :31]):
+        with pytest.raises(ValueError, match=rf"^cross-attention memory must be \(3, tokens, 32\); got {re.escape(str(tuple(bad.shape)))}"):
+            enc.encode(hidden, mask, memory=bad)
+    with pytest.raises(ValueError, match=r"^memory mask shape \(3, 5\) does not match the memory \(3, 6\)"):
+        enc.encode(hidden, mask, memory=image, memory_mask=image_ones[:, 1:])
+
+
+def test_encode_runs_the_layers_named_and_returns_maps_by_layer():
+    enc = tiny_encoder()
+    ids, mask, image = batch()
+    hidden = enc.embed(ids)
+    only_last = enc.encode(hidden, mask, layers=[1])
+    extended = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    expected, _, _ = enc.run_block(1, hidden, extended)
+    torch.testing.assert_close(only_last, expected)
+    out, maps = enc.encode(hidden, mask, layers=[1], output_attentions=True)
+    torch.testing.assert_close(out, only_last)
+    assert maps[0] is None and maps[1].shape == (3, 4, 7, 7)
+    out, cross = enc.encode(hidden, mask, memory=image, output_cross_attentions=True)
+    assert isinstance(cross, tuple) and len(cross) == 2 and cross[0].shape == (3, 4, 7, 6)
+    assert torch.is_tensor(enc.encode(hidden, mask))  # no map asked: the states alone
+
+
+def test_modes_are_named():
+    enc = tiny_encoder()
+    ids, mask, _ = batch()
+    for call in (lambda: enc.mode_parameters("fusion"), lambda: enc(ids, mask, mode="fusion")):
+        with pytest.raises(ValueError, match=r"^mode must be one of \['text', 'multimodal'\], got 'fusion'"):
+            call()
+    with pytest.raises(ValueError, match=r"^mode='multimodal' needs the image tokens"):
+        enc(ids, mask, mode=MULTIMODAL)
+    assert enc.mode_parameters(MULTIMODAL) == list(enc.parameters())

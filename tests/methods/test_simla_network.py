@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from helpers.heads import assert_bert_transform
 from mmf_multilevel.methods.simla.network import MULTIMODAL, TEXT, SIMLATextEncoder
 from mmf_multilevel.methods.simla.pretraining import SIMLAPretrainingHeads
 
@@ -258,3 +259,49 @@ def test_modes_are_named():
     with pytest.raises(ValueError, match=r"^mode='multimodal' needs the image tokens"):
         enc(ids, mask, mode=MULTIMODAL)
     assert enc.mode_parameters(MULTIMODAL) == list(enc.parameters())
+
+
+def test_heads_are_built_to_the_settings_and_compute_what_they_name():
+    torch.manual_seed(0)
+    config = BertConfig(**{**TINY, "hidden_act": "relu", "layer_norm_eps": 1e-6, "initializer_range": 0.5})
+    heads = SIMLAPretrainingHeads(config, vision_width=48, embed_dim=16, image_vocab=11)
+    assert heads.vision_proj.weight.shape == (16, 48) and heads.text_proj.weight.shape == (16, 32)
+    assert heads.itm_head.weight.shape == (2, 32) and heads.mim_head.weight.shape == (11, 32)
+    assert heads.concept_head.weight.shape == (40, 16) and heads.mlm.bias.shape == (40,)
+    assert_bert_transform(heads.mlm.transform, torch.nn.ReLU, eps=1e-6, std=0.5, rel=0.2)
+    g = torch.Generator().manual_seed(2)
+    image_cls, text_cls = torch.randn(3, 48, generator=g), torch.randn(3, 32, generator=g)
+    hidden = torch.randn(3, 6, 32, generator=g)
+    f_v = heads.image_feature(image_cls)
+    torch.testing.assert_close(f_v, torch.nn.functional.normalize(heads.vision_proj(image_cls), dim=-1))
+    torch.testing.assert_close(heads.text_feature(text_cls),
+                               torch.nn.functional.normalize(heads.text_proj(text_cls), dim=-1))
+    torch.testing.assert_close(heads.itm_logits(text_cls), heads.itm_head(text_cls))
+    torch.testing.assert_close(heads.mlm_logits(hidden), heads.mlm(hidden))
+    torch.testing.assert_close(heads.mim_logits(hidden), heads.mim_head(hidden[:, 1:]))  # [CLS] dropped
+    torch.testing.assert_close(heads.concept_logits(f_v), heads.concept_head(f_v))
+    bare = SIMLAPretrainingHeads(config, vision_width=48, embed_dim=16, image_vocab=11, mim_head=False,
+                                 concept_head=False)
+    assert bare.mim_head is None and bare.concept_head is None
+
+
+def test_temperature_bounds_and_the_in_place_clamp():
+    config = BertConfig(**TINY)
+    for temp, low, high in ((0.001, 0.001, 0.5), (0.5, 0.001, 0.5), (0.2, 0.2, 0.2)):
+        heads = SIMLAPretrainingHeads(config, vision_width=32, embed_dim=4, image_vocab=1, temp=temp,
+                                      temp_range=(low, high))
+        assert heads.temp.item() == pytest.approx(temp) and heads.temp_range == (low, high)
+    for temp, temp_range in ((0.0009, (0.001, 0.5)), (0.51, (0.001, 0.5)), (0.1, (0.0, 0.5)), (0.1, (0.2, 0.05))):
+        with pytest.raises(ValueError, match=r"^model_config.simla.temp: .* must lie in the clamp range"):
+            SIMLAPretrainingHeads(config, vision_width=32, temp=temp, temp_range=temp_range)
+    for embed_dim, image_vocab in ((0, 5), (5, 0)):
+        with pytest.raises(ValueError, match=rf"^model_config.simla.embed_dim \({embed_dim}\) and "
+                                             rf"model_config.simla.image_vocab \({image_vocab}\) must be positive"):
+            SIMLAPretrainingHeads(config, vision_width=32, embed_dim=embed_dim, image_vocab=image_vocab)
+    heads = SIMLAPretrainingHeads(config, vision_width=32, embed_dim=4, image_vocab=3, temp_range=(0.01, 0.3))
+    heads.temp.sum().backward()
+    with torch.no_grad():
+        heads.temp.fill_(0.9)
+    clamped = heads.clamp_temperature()
+    assert clamped is heads.temp and clamped.item() == pytest.approx(0.3) and clamped.requires_grad
+    assert heads.temp.grad.item() == 1.0  # the clamp leaves the gradient alone

@@ -691,3 +691,135 @@ def test_the_registered_builders_and_their_configs():
     assert registry.get_builder_class("mvptr_captions").dataset_class is MVPTRCaptionsDataset
     retrieval = registry.get_builder_class("mvptr_coco_retrieval")
     assert retrieval.dataset_class is mvptr_data.MVPTRRetrievalDataset and retrieval().num_outputs(None) == 2
+
+
+# --------------------------------------------------------------------------- from the first mutation pass
+FIELD_NAMES = ("input_ids", "input_mask", "segment_ids", "lm_label_ids", "phrase_slots", "tag_ids", "tag_mask",
+               "mcr_label_ids", "image_index")
+
+
+def test_every_field_is_a_long_tensor(data):
+    sample = make(data, mlm_probability=0.5, phrase_mask_probability=0.5, mcr_mask_probability=0.5)[0]
+    for name in FIELD_NAMES:
+        assert sample[name].dtype == torch.long, name
+
+
+def test_chain_masking_reads_every_position_of_the_selection():
+    selected = torch.tensor([True, False, False])  # the first position (e.g. a tool's own [CLS] numbering)
+    out, chained = chain_mask_phrases([7, 8], [[0], [1]], selected, mask_token_id=4, concept_ids=[7], prob=0.0)
+    assert out.tolist() == [4, 8] and chained.tolist() == [True, False]
+
+
+def test_padding_is_the_tokenizer_pad_id(data, tmp_path):
+    """[PAD] where the tokenizer has it (id 5 in a vocabulary that puts it there), in the text and the tags."""
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_text("\n".join(["[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", "[PAD]"] + WORDS) + "\n")
+    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    write_lines(tmp_path / "plain.jsonl", [{"image_id": "img0", "text": "a man"}])
+    ds = unmasked(data, annotations=str(tmp_path / "plain.jsonl"),
+                  **{"processors.text_processor.params.tokenizer_config.type": str(vocab)})
+    assert ds.tokenizer.pad_token_id == 5
+    sample = ds[0]
+    assert sample.input_ids[4:].tolist() == [5] * 11 and sample.tag_ids[5:].tolist() == [5]
+    zero = unmasked(data)[0]  # [PAD] = 0 in the shared vocabulary: tags padded with 0 too
+    assert zero.tag_ids[5:].tolist() == [0]
+
+
+def test_spare_slots_budget_counts_the_words_left_free(data, tmp_path):
+    """A 3-word caption with 12 phrases, max_tokens 12, max_phrases 3: 3 + (12 - 2 - 3) = 10 phrases fit."""
+    ids = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    phrases = list(range(100, 112))
+    write_lines(tmp_path / "many.jsonl", [{"image_id": "img0", "input_ids": [2, ids["a"], ids["man"], ids["."], 3],
+                                           "phrase_ids": phrases, "phrase_positions": [[]] * 12}])
+    sample = unmasked(data, annotations=str(tmp_path / "many.jsonl"), phrase_spare_slots=True)[0]
+    assert sample.phrase_slots.sum() == 10 and sample.input_ids[4:14].tolist() == phrases[:10]
+    assert int(sample.input_ids[14]) == 3 and sample.input_mask.sum() == 15
+
+
+def test_a_tokenised_text_has_no_phrases_even_with_phrase_ids(data, tmp_path):
+    write_lines(tmp_path / "text.jsonl", [{"image_id": "img0", "text": "a man", "phrase_ids": [100],
+                                           "phrase_positions": [[1]]}])
+    sample = unmasked(data, annotations=str(tmp_path / "text.jsonl"))[0]
+    assert sample.phrase_slots.sum() == 0 and words(unmasked(data), sample.input_ids[:4]) == ["[CLS]", "a", "man",
+                                                                                               "[SEP]"]
+
+
+def test_plain_records_and_query_texts_name_their_image(data, tasks):
+    ds = make_task("mvptr_vqa2", data, tasks, "vqa.jsonl")
+    assert ds.phrase_record(("img9", 0), "img9", "a man") == {"image_id": "img9", "text": "a man"}
+    from mmf_multilevel.methods.mvptr.data import MVPTRQueryInputs
+
+    inputs = MVPTRQueryInputs("mvptr_captions", query_config(data), ds.text_processor, object_names=lambda: NAMES)
+    with pytest.raises(KeyError, match="the query of mvptr_captions: image 'query' has neither input_ids nor a text"):
+        inputs.text_sample(None)
+
+
+def test_the_missing_concepts_error_ends_with_the_way_out(data):
+    with pytest.raises(FileNotFoundError, match="; use_phrases: false trains without phrases$"):
+        make(data, concepts="missing.json", phrase_mask_probability=0.15)
+
+
+@pytest.mark.filterwarnings("ignore:.*have no line in")
+def test_task_phrases_are_not_read_without_use_phrases_and_are_counted(data, tasks):
+    off = make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "vqa_phrases.jsonl", use_phrases=False)  # max_phrases 0
+    assert off.phrase_records == {} and off.texts_without_phrases is None and off.phrases_path is None
+    masked = make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "vqa_phrases.jsonl", max_phrases=3, mlm_probability=0.5,
+                       phrase_mask_probability=0.5, mcr_mask_probability=0.5)
+    assert (masked.mlm_probability, masked.phrase_mask_probability, masked.mcr_mask_probability) == (0.0, 0.0, 0.0)
+    # a blank line does not end the file; every text without a line is counted
+    write_lines(tasks / "gappy.jsonl", ["", tool_line("9", "img0"), "   ", tool_line("7", "img0")])
+    ds = make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "gappy.jsonl", max_phrases=3)
+    assert ds.texts_without_phrases == 1 and set(ds.phrase_records) == {"7"}
+    write_lines(tasks / "none.jsonl", [tool_line("9", "img0")])
+    assert make_task("mvptr_vqa2", data, tasks, "vqa.jsonl", "none.jsonl", max_phrases=3).texts_without_phrases == 2
+    write_lines(tasks / "ve_one.jsonl", [tool_line("p0", "img0")])
+    with pytest.warns(UserWarning, match=r"mvptr_snli_ve \(train\): 1 of 2 hypotheses have no line in"):
+        make_task("mvptr_snli_ve", data, tasks, "ve.jsonl", "ve_one.jsonl", max_phrases=3)
+
+
+def test_a_tool_text_must_match_the_dataset_text_exactly(data, tasks):
+    """The tool keeps the text's case (its line's text is the annotation's, spaces folded): another case is
+    another text."""
+    write_lines(tasks / "vqa_case.jsonl", [{"question_id": 7, "image_id": "img0", "question": "A  Man riding",
+                                            "answers": ["yes"] * 10}])
+    line = tool_line("7", "img0", "a man riding", [])
+    write_lines(tasks / "case_phrases.jsonl", [{**line, "text": "A Man riding"}])
+    assert make_task("mvptr_vqa2", data, tasks, "vqa_case.jsonl", "case_phrases.jsonl", max_phrases=3).phrase_records
+    write_lines(tasks / "lower_phrases.jsonl", [line])
+    with pytest.raises(ValueError, match="lower_phrases.jsonl:1: id '7' holds the text 'a man riding'"):
+        make_task("mvptr_vqa2", data, tasks, "vqa_case.jsonl", "lower_phrases.jsonl", max_phrases=3)
+
+
+@pytest.mark.filterwarnings("ignore:.*have no line in")
+def test_datasets_read_the_annotation_file_of_their_index(data, tasks, one_record):
+    """``index`` picks one file of a list of annotation files (MMF's multi-file datasets), in every kind."""
+    captions = make(data, annotations=["one.jsonl", "captions.jsonl"], features={"train": ["regions.lmdb"] * 2})
+    assert len(captions) == 1
+    config = captions.config
+    for key in config.processors:
+        registry.unregister(f"mvptr_captions_{key}")
+    second = MVPTRCaptionsDataset("mvptr_captions", config, "train", index=1)
+    assert second.dataset_name == "mvptr_captions" and len(second) == 9
+    write_lines(tasks / "vqa_one.jsonl", [{"question_id": 7, "image_id": "img0", "question": CAPTION_TEXT,
+                                           "answers": ["yes"] * 10}])
+    vqa = make_task("mvptr_vqa2", data, tasks, ["vqa_one.jsonl", "vqa.jsonl"],
+                    features={"train": [str(data / "regions.lmdb")] * 2})
+    assert len(vqa) == 1
+    for key in vqa.config.processors:
+        registry.unregister(f"mvptr_vqa2_{key}")
+    assert len(registry.get_builder_class("mvptr_vqa2").dataset_class("mvptr_vqa2", vqa.config, "train", 1)) == 2
+
+
+def test_retrieval_reads_the_annotation_file_of_its_index(data, tasks):
+    from mmf_multilevel.methods.mvptr.data import MVPTRRetrievalDataset
+
+    write_lines(tasks / "ret_a.jsonl", [{"image_id": "img0", "captions": [CAPTION_TEXT]}])
+    write_lines(tasks / "ret_b.jsonl", [{"image_id": "img0", "captions": [CAPTION_TEXT, OTHER_TEXT]}])
+    config = OmegaConf.load(os.path.join(CONFIG_DIR, "mvptr_coco_retrieval.yaml")).dataset_config.mvptr_coco_retrieval
+    config.data_dir, config.annotations = str(tasks), {"train": ["ret_a.jsonl", "ret_b.jsonl"]}
+    config.features = {"train": [str(data / "regions.lmdb")] * 2}
+    config.feature_dim, config.max_features, config.max_tokens, config.max_phrases, config.max_tags = DIM, 4, 12, 3, 6
+    config.processors.text_processor.params.tokenizer_config.type = str(data / "vocab")
+    ds = MVPTRRetrievalDataset("mvptr_coco_retrieval", config, "train", 1)
+    assert ds.dataset_name == "mvptr_coco_retrieval" and ds.num_texts == 2

@@ -519,7 +519,10 @@ def test_tag_vocab_file_errors_and_blank_lines(data, one_record, tmp_path):
     assert off.object_names == [] and off.untagged_images is None  # neither read nor counted without tags
 
 
-def test_many_untagged_images_are_named_five_at_most(tmp_path):
+@pytest.mark.parametrize("untagged,shown", [
+    (5, "'u0', 'u1', 'u2', 'u3', 'u4'"), (6, "'u0', 'u1', 'u2', 'u3', 'u4' ..."), (7, "'u0', 'u1', 'u2', 'u3', 'u4' ...")])
+def test_untagged_images_are_named_five_at_most(tmp_path, untagged, shown):
+    """Images without ``objects`` are untagged; an image with a single detection is not."""
     root = tmp_path
     vocab = root / "vocab"
     vocab.mkdir()
@@ -527,16 +530,34 @@ def test_many_untagged_images_are_named_five_at_most(tmp_path):
     (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
     with FeatureCacheWriter(str(root / "regions.lmdb"), detector="test", feature_dim=DIM,
                             info={"object_names": NAMES}) as writer:
-        for k in range(8):
-            record = {"features": np.zeros((2, DIM), np.float32), "boxes": np.zeros((2, 4), np.float32),
+        for k in range(untagged + 2):
+            rows = 1 if k == untagged else 2
+            record = {"features": np.zeros((rows, DIM), np.float32), "boxes": np.zeros((rows, 4), np.float32),
                       "image_w": 10, "image_h": 10}
-            if k == 7:
-                record["objects"] = np.array([0, 1])
+            if k >= untagged:
+                record["objects"] = np.array([0] * rows)  # u<untagged>: one detection
             writer.write(f"u{k}", record)
-    write_lines(root / "captions.jsonl", [{"image_id": f"u{k}", "text": "a man"} for k in range(8)])
-    with pytest.warns(UserWarning, match=r"7 of 8 images .* have no detected object .*: 'u0', 'u1', 'u2', 'u3', 'u4' \.\.\.$"):
+    write_lines(root / "captions.jsonl", [{"image_id": f"u{k}", "text": "a man"} for k in range(untagged + 2)])
+    with pytest.warns(UserWarning) as caught:
         ds = unmasked(root, concepts=None)
-    assert ds.untagged_images == 7
+    messages = [str(w.message) for w in caught if "detected object" in str(w.message)]
+    assert messages == [f"mvptr_captions: {untagged} of {untagged + 2} images in {root / 'regions.lmdb'} have no "
+                        f"detected object (their tag sequence is [CLS] [SEP]): {shown}"]
+    assert ds.untagged_images == untagged
+
+
+def test_a_missing_setting_is_named_with_the_dataset(data):
+    with pytest.raises(KeyError, match="dataset_config.mvptr_captions.max_tags is not set"):
+        make_without(data, "max_tags")
+
+
+def make_without(data, key):
+    config = OmegaConf.load(os.path.join(CONFIG_DIR, "mvptr_captions.yaml")).dataset_config.mvptr_captions
+    config.data_dir, config.annotations, config.features = str(data), {"train": "captions.jsonl"}, {"train": "regions.lmdb"}
+    config.feature_dim = DIM
+    config.processors.text_processor.params.tokenizer_config.type = str(data / "vocab")
+    del config[key]
+    return MVPTRCaptionsDataset("mvptr_captions", config, "train")
 
 
 def test_a_text_processor_without_a_tokenizer_is_named(data):

@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from helpers.heads import assert_bert_transform
-from mmf_multilevel.methods.simla.network import MULTIMODAL, TEXT, SIMLATextEncoder
+from mmf_multilevel.methods.simla.network import MULTIMODAL, TEXT, SIMLATextEncoder, base_bert_config
 from mmf_multilevel.methods.simla.pretraining import SIMLAPretrainingHeads
 
 TINY = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -305,3 +305,101 @@ def test_temperature_bounds_and_the_in_place_clamp():
     clamped = heads.clamp_temperature()
     assert clamped is heads.temp and clamped.item() == pytest.approx(0.3) and clamped.requires_grad
     assert heads.temp.grad.item() == 1.0  # the clamp leaves the gradient alone
+
+
+def test_base_bert_config_is_bert_base_with_overrides():
+    reference = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                           intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+    assert base_bert_config().to_dict() == reference.to_dict()
+    assert base_bert_config(num_hidden_layers=2, hidden_act="relu").to_dict() == BertConfig(
+        **{**reference.to_dict(), "num_hidden_layers": 2, "hidden_act": "relu"}).to_dict()
+
+
+def test_from_bert_passes_layout_fusion_layer_and_overrides(tmp_path):
+    bert = BertModel(BertConfig(**{**TINY, "num_hidden_layers": 4}), add_pooling_layer=False)
+    bert.save_pretrained(tmp_path / "bert")
+    enc = SIMLATextEncoder.from_bert(str(tmp_path / "bert"), layout="albef", fusion_layer=3, hidden_dropout_prob=0.25)
+    assert enc.layout == "albef" and enc.fusion_layer == 3 and sorted(enc.cross_attention) == ["3"]
+    assert enc.config.hidden_dropout_prob == 0.25
+    eight = SIMLATextEncoder.from_config(BertConfig(**{**TINY, "num_hidden_layers": 8}), layout="albef")
+    assert eight.fusion_layer == 6 and list(eight.fusion_layers) == [6, 7]  # ALBEF's default, 6
+
+
+def test_albef_fuse_from_text_states_returns_the_maps_asked():
+    torch.manual_seed(0)
+    enc = SIMLATextEncoder.from_config(BertConfig(**{**TINY, "num_hidden_layers": 4}), layout="albef",
+                                       fusion_layer=2).eval()
+    ids, mask, image = batch()
+    states = enc.encode_text(ids, mask)
+    via_fuse = enc.fuse(ids, mask, image, None, True, True, text_states=states)
+    direct = enc.fuse_text(states, mask, image, None, True, True)
+    assert len(via_fuse) == 3
+    torch.testing.assert_close(via_fuse[0], direct[0])
+    assert via_fuse[1][3].shape == (3, 4, 7, 7) and via_fuse[2][3].shape == (3, 4, 7, 6)
+    _, cross_only = enc.fuse(ids, mask, image, None, False, True, text_states=states)
+    assert cross_only[2] is not None
+
+
+def test_mim_and_forward_read_the_image_mask():
+    enc = tiny_encoder()
+    ids, mask, image = batch()
+    image_mask = torch.ones(image.shape[:2], dtype=torch.long)
+    image_mask[0, -2:] = 0
+    changed = image.clone()
+    changed[0, -2:] += torch.randn(2, 32, generator=torch.Generator().manual_seed(5))  # not a shift LayerNorm undoes
+    out = enc.reconstruct_image(image, ids, mask, image_mask)
+    other = enc.reconstruct_image(changed, ids, mask, image_mask)
+    torch.testing.assert_close(out[0, :-2], other[0, :-2])  # padded image tokens are not attended to
+    fused = enc(ids, mask, image=image, image_mask=image_mask, mode=MULTIMODAL)
+    torch.testing.assert_close(fused, enc.fuse(ids, mask, image, image_mask))
+    torch.testing.assert_close(fused, enc(ids, mask, image=changed, image_mask=image_mask, mode=MULTIMODAL))
+    albef = SIMLATextEncoder.from_config(BertConfig(**{**TINY, "num_hidden_layers": 4}), layout="albef", fusion_layer=2)
+    with pytest.raises(ValueError, match=r"^MIM \(reconstruct_image\) needs model_config.simla.layout: simla"):
+        albef.reconstruct_image(image, ids, mask)
+
+
+def test_parameter_counts_name_every_part_and_add_up():
+    from mmf_multilevel.methods.simla.network import parameter_counts
+
+    counts = parameter_counts()
+    bert_head = 768 * 768 + 768 + 2 * 768 + 30522
+    assert counts == {
+        "vision (ViT-B/16 at 256, with the MIM mask token)": counts["vision (ViT-B/16 at 256, with the MIM mask token)"],
+        "text embeddings (word + position + LayerNorm)": 30522 * 768 + 512 * 768 + 2 * 768,
+        "12 BERT layers (self-attention + FFN)": 12 * 7_087_872,
+        "12 cross-attention blocks": 12 * 2_363_904,
+        "text/multimodal encoder": 30522 * 768 + 512 * 768 + 2 * 768 + 12 * 7_087_872 + 12 * 2_363_904,
+        "encoders total": 223_102_464,
+        "head vision_proj": 768 * 256 + 256, "head text_proj": 768 * 256 + 256, "head itm_head": 768 * 2 + 2,
+        "head mlm (decoder tied to the word embeddings)": bert_head,
+        "head mim_head": 768 * 8192 + 8192, "head concept_head": 256 * 30522 + 30522,
+        "head temperature": 1,
+        "heads total": 15_161_719,
+        "all (encoders + heads)": 223_102_464 + 15_161_719,
+    }
+    assert counts["heads total"] == sum(v for k, v in counts.items() if k.startswith("head "))
+    small = parameter_counts(image_size=224)
+    assert small["vision (ViT-B/16 at 224, with the MIM mask token)"] == (
+        counts["vision (ViT-B/16 at 256, with the MIM mask token)"] - (256 - 196) * 768)
+    albef = parameter_counts(layout="albef", fusion_layer=3)
+    assert albef["9 cross-attention blocks (layers 3-11)"] == 9 * 2_363_904
+    assert "vision (ViT-B/16 at 256)" in albef and "head mim_head" not in albef and "head concept_head" not in albef
+    assert albef["all (encoders + heads)"] == albef["encoders total"] + albef["heads total"]
+
+
+def test_counts_command(capsys):
+    from mmf_multilevel.methods.simla.network import main, parameter_counts
+
+    assert main([]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert shown.startswith("usage:") and "SIMLA's text / multimodal encoder: one BERT run in two roles" in shown
+    assert "--counts print the exact base-size parameter counts" in shown
+    assert ("--layout {simla,albef} simla (default): the shared stream; albef: ALBEF's text (6) + fusion (6) layers, "
+            "its heads (no MIM, no concept head)") in shown
+    for argv, expected in ((["--counts"], parameter_counts()),
+                           (["--counts", "--layout", "albef", "--image-size", "224"], parameter_counts(224, "albef"))):
+        assert main(argv) == 0
+        assert capsys.readouterr().out == "".join(f"{value:>13,}  {name}\n" for name, value in expected.items())
+    for argv in (["--layout", "clip"], ["--image-size", "big"]):
+        with pytest.raises(SystemExit):
+            main(argv)

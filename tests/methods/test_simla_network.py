@@ -298,6 +298,7 @@ def test_temperature_bounds_and_the_in_place_clamp():
         with pytest.raises(ValueError, match=rf"^model_config.simla.embed_dim \({embed_dim}\) and "
                                              rf"model_config.simla.image_vocab \({image_vocab}\) must be positive"):
             SIMLAPretrainingHeads(config, vision_width=32, embed_dim=embed_dim, image_vocab=image_vocab)
+    assert SIMLAPretrainingHeads(config, vision_width=32, embed_dim=1, image_vocab=1).text_proj.out_features == 1
     heads = SIMLAPretrainingHeads(config, vision_width=32, embed_dim=4, image_vocab=3, temp_range=(0.01, 0.3))
     heads.temp.sum().backward()
     with torch.no_grad():

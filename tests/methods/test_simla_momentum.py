@@ -199,3 +199,52 @@ def test_alpha_ramps_linearly_over_the_first_epoch():
                 dict(iteration=0, steps_per_epoch=3, alpha=1.5)):
         with pytest.raises(ValueError):
             ramped_alpha(**bad)
+
+
+def test_a_weight_tied_across_modules_does_not_stop_the_pairs_after_it():
+    """The second module's first parameter is the first module's weight: it is paired once, and the second
+    module's bias after it is still paired, copied and averaged."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    copies = MomentumCopies({"first": first, "second": second})
+    assert copies.online("second") is second and copies.online("first") is first
+    assert copies["second"].weight is copies["first"].weight  # tied in the copies too
+    with torch.no_grad():
+        second.bias.add_(1.0)
+        first.weight.add_(1.0)
+    copies.synchronize()
+    torch.testing.assert_close(copies["second"].bias, second.bias)
+    with torch.no_grad():
+        second.bias.add_(2.0)
+    before = copies["second"].bias.clone()
+    copies.update(0.25)  # the m given, not the object's 0.995
+    torch.testing.assert_close(copies["second"].bias, 0.25 * before + 0.75 * second.bias)
+    torch.testing.assert_close(copies["first"].weight, first.weight)  # already equal: the average keeps it
+    copies.update()
+    torch.testing.assert_close(copies["second"].bias, 0.995 * (0.25 * before + 0.75 * second.bias)
+                               + 0.005 * second.bias)
+
+
+def test_queue_sizes_of_one_and_the_generator_alone_fill_the_queues():
+    one = FeatureQueues(embed_dim=1, queue_size=1)
+    assert one.image_queue.shape == (1, 1) and one.image_queue.abs().item() == pytest.approx(1.0)
+    for bad in (dict(embed_dim=0, queue_size=4), dict(embed_dim=4, queue_size=0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            FeatureQueues(**bad)
+    queues = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        queues.append(FeatureQueues(embed_dim=4, queue_size=8, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(queues[0].image_queue, queues[1].image_queue)
+    torch.testing.assert_close(queues[0].text_queue, queues[1].text_queue)
+    replay = torch.Generator().manual_seed(3)
+    image = torch.nn.functional.normalize(torch.randn(4, 8, generator=replay), dim=0)
+    text = torch.nn.functional.normalize(torch.randn(4, 8, generator=replay), dim=0)
+    torch.testing.assert_close(queues[0].image_queue, image)
+    torch.testing.assert_close(queues[0].text_queue, text)
+
+
+def test_alpha_bounds_are_inclusive():
+    assert ramped_alpha(0, steps_per_epoch=1, alpha=0.4) == 0.0 and ramped_alpha(1, 1, alpha=0.4) == pytest.approx(0.4)
+    assert ramped_alpha(5, 10, alpha=0.0) == 0.0 and ramped_alpha(5, 10, alpha=1.0) == pytest.approx(0.5)

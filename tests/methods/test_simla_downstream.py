@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import BertConfig
 
+from helpers.stats import assert_rate
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.simla import testing
 from mmf_multilevel.methods.simla.downstream import (
@@ -437,3 +438,28 @@ def test_the_nlvr2_projects_mapping_reads_a_pre_training_checkpoint_in_the_two_i
             torch.testing.assert_close(state["momentum.copies.text_encoder." + part.format(j)], want)
     torch.testing.assert_close(state["momentum.copies.visual_encoder.vit.pos_embed"],
                                checkpoint["backbone.image_encoder.vit.pos_embed"])
+
+
+def test_text_assignment_draws_follow_the_generator_alone_and_a_batch_of_three_has_neither_pairs():
+    from mmf_multilevel.methods.simla.downstream import text_assignment_pairs
+
+    similarity = torch.randn(5, 5, generator=torch.Generator().manual_seed(1))
+    results = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        results.append(text_assignment_pairs(similarity, generator=torch.Generator().manual_seed(7)))
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    g = torch.Generator().manual_seed(2)
+    labels = torch.cat([text_assignment_pairs(torch.zeros(3, 3), generator=g)[2] for _ in range(300)])
+    assert_rate(float((labels == 2).float().mean()), 1 / 3, labels.numel(), what="neither at a batch of three")
+
+
+def test_answer_losses_without_a_teacher_and_targets_without_answers():
+    g = torch.Generator().manual_seed(0)
+    ids, mask, _, _ = answers_and_states()
+    logits = torch.randn(ids.size(0), ids.size(1), 40, generator=g)
+    torch.testing.assert_close(answer_sequence_loss(logits, ids, mask, None, 0.4), answer_sequence_loss(logits, ids, mask))
+    question, answer, weights = answer_targets(torch.full((2, 3), -1))
+    assert question.dtype == answer.dtype == torch.long and weights.dtype == torch.float32
+    assert question.numel() == answer.numel() == weights.numel() == 0

@@ -227,8 +227,9 @@ def test_a_weight_tied_across_modules_does_not_stop_the_pairs_after_it():
 
 
 def test_queue_sizes_of_one_and_the_generator_alone_fill_the_queues():
-    one = FeatureQueues(embed_dim=1, queue_size=1)
+    one = FeatureQueues(embed_dim=1, queue_size=1, track_ids=True)
     assert one.image_queue.shape == (1, 1) and one.image_queue.abs().item() == pytest.approx(1.0)
+    assert one.queue_ptr.dtype == one.idx_queue.dtype == torch.long  # checkpoints carry integer pointers and ids
     for bad in (dict(embed_dim=0, queue_size=4), dict(embed_dim=4, queue_size=0)):
         with pytest.raises(ValueError, match="must be positive"):
             FeatureQueues(**bad)

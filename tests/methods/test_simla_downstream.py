@@ -463,3 +463,77 @@ def test_answer_losses_without_a_teacher_and_targets_without_answers():
     question, answer, weights = answer_targets(torch.full((2, 3), -1))
     assert question.dtype == answer.dtype == torch.long and weights.dtype == torch.float32
     assert question.numel() == answer.numel() == weights.numel() == 0
+
+
+def test_classification_loss_without_a_teacher_and_the_head_layers():
+    g = torch.Generator().manual_seed(2)
+    logits, targets = torch.randn(4, 3, generator=g), torch.tensor([0, 2, 1, 1])
+    torch.testing.assert_close(distilled_cross_entropy(logits, targets, None, 0.4), F.cross_entropy(logits, targets))
+    from mmf_multilevel.methods.simla.downstream import ClassifierHead
+
+    torch.manual_seed(0)
+    head = ClassifierHead(32, 3)
+    pooled = torch.randn(5, 32, generator=g)
+    first, last = head.mlp[0], head.mlp[-1]
+    assert (first.in_features, first.out_features, last.in_features, last.out_features) == (32, 32, 32, 3)
+    torch.testing.assert_close(head(pooled), last(torch.relu(first(pooled))))
+    with pytest.raises(ValueError, match="at least 2 classes, got 1"):
+        ClassifierHead(32, 1)
+
+
+def test_decoder_settings_checks_and_embedding():
+    config = BertConfig(**TINY)
+    assert config._attn_implementation is None  # a config no model has seen
+    first_layers = AnswerDecoder(config, num_layers=2, first_layer=0)
+    assert first_layers.numbers == ["0", "1"] and first_layers.config is not config
+    assert first_layers.config._attn_implementation == "eager" and config._attn_implementation is None
+    encoder = SIMLATextEncoder.from_config(BertConfig(**TINY))
+    assert AnswerDecoder(encoder.config, 1, 2).config is encoder.config  # a model's config is used as it is
+    for layers, first in ((0, 6), (1, -1)):
+        with pytest.raises(ValueError, match=rf"decoder_layers \({layers}\) must be positive and decoder_from_layer "
+                                             rf"\({first}\) not negative"):
+            AnswerDecoder(config, layers, first)
+    model = decoder()
+    emb = model.embeddings
+    ids = torch.randint(0, 40, (2, 40))  # max_position_embeddings = 40: the longest answer
+    expected = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings.weight[:40])
+    torch.testing.assert_close(model.embed(ids), expected)
+    with pytest.raises(ValueError, match="answer length 41 exceeds max_position_embeddings=40"):
+        model.embed(torch.zeros(2, 41, dtype=torch.long))
+    answer_ids, mask, states, states_mask = answers_and_states()
+    with pytest.raises(ValueError, match=r"answer ids \(3, 4\) and mask \(3, 3\) must be the same"):
+        model(answer_ids[:3], mask[:3, :3], states, states_mask)
+
+
+def test_pair_layer_sources_may_share_no_layer():
+    from mmf_multilevel.methods.simla.downstream import pair_layer_sources
+
+    assert pair_layer_sources(2, 0) == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="nlvr2_shared_layers: -1"):
+        pair_layer_sources(2, -1)
+
+
+def test_fuse_pair_reads_the_masks_and_defaults_them_to_all_real():
+    from mmf_multilevel.methods.simla.downstream import fuse_pair, pair_encoder
+
+    torch.manual_seed(1)
+    paired = pair_encoder(SIMLATextEncoder.from_config(BertConfig(**TINY)), 1).eval()
+    ids, mask, image, _ = answers_and_states(seed=2, questions=5, length=6)
+    ids, mask = ids[:, :4].clone(), mask[:, :4]
+    other = image.flip(0)
+    ones = torch.ones(5, 6, dtype=torch.long)
+    base = fuse_pair(paired, ids, torch.ones_like(mask), (image, other), (ones, ones))
+    torch.testing.assert_close(fuse_pair(paired, ids, None, (image, other)), base)
+    torch.testing.assert_close(fuse_pair(paired, ids, None, (image, other), (None, ones)), base)
+    for slot in (0, 1):
+        image_mask = ones.clone()
+        image_mask[:, -2:] = 0
+        masks = [ones, ones]
+        masks[slot] = image_mask
+        images = [image, other]
+        changed = images[slot].clone()
+        changed[:, -2:] += torch.randn(5, 2, 32, generator=torch.Generator().manual_seed(slot))
+        padded = fuse_pair(paired, ids, mask, images, masks)
+        images[slot] = changed
+        torch.testing.assert_close(fuse_pair(paired, ids, mask, images, masks), padded)  # padded tokens unread
+        assert not torch.allclose(fuse_pair(paired, ids, mask, images), padded)  # unmasked, they are read

@@ -225,3 +225,30 @@ def test_bad_settings_and_batches_are_named():
     with pytest.raises(KeyError, match="'proposal_boxes'"):
         with torch.no_grad():
             model(batch)
+
+
+def test_the_heatmap_of_a_non_square_input_and_of_a_picture_padded_on_the_right():
+    grid_map = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))
+
+    def bicubic(size):
+        return F.interpolate(grid_map.view(1, 1, 3, 4), size=size, mode="bicubic", align_corners=False)[0, 0]
+
+    torch.testing.assert_close(image_heatmap(grid_map, (48, 64), (48, 64), (90, 120)), bicubic((90, 120)))
+    # the picture in the left half: upsampled to the input at the original's scale (90 x 240), cropped
+    torch.testing.assert_close(image_heatmap(grid_map, (48, 64), (48, 32), (90, 120)), bicubic((90, 240))[:90, :120])
+    torch.testing.assert_close(image_heatmap(grid_map, (48, 64), (24, 64), (90, 120)), bicubic((180, 120))[:90, :120])
+    assert image_heatmap(grid_map, (48, 64), (48, 64), (1, 1)).shape == (1, 1)  # a one-pixel picture
+    for content, original in (((0, 64), (90, 120)), ((48, 0), (90, 120)), ((48, 64), (0, 120)), ((48, 64), (90, 0))):
+        with pytest.raises(ValueError, match="image_heatmap: empty picture"):
+            image_heatmap(grid_map, (48, 64), content, original)
+
+
+def test_proposal_scores_use_the_exponent_given():
+    maps = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(3))
+    boxes = torch.tensor([[[0.0, 0.0, 60.0, 40.0], [10.0, 5.0, 30.0, 80.0]]] * 2)
+    sizes, original = torch.tensor([[64, 64]] * 2), torch.tensor([[90, 120]] * 2)
+    scores = proposal_scores(maps, (64, 64), sizes, original, boxes, exponent=1.0)
+    for b in range(2):
+        heat = image_heatmap(maps[b], (64, 64), (64, 64), (90, 120))
+        torch.testing.assert_close(scores[b], box_scores(heat, boxes[b], 1.0))
+    assert not torch.allclose(scores, proposal_scores(maps, (64, 64), sizes, original, boxes))

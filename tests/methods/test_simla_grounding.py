@@ -252,3 +252,15 @@ def test_proposal_scores_use_the_exponent_given():
         heat = image_heatmap(maps[b], (64, 64), (64, 64), (90, 120))
         torch.testing.assert_close(scores[b], box_scores(heat, boxes[b], 1.0))
     assert not torch.allclose(scores, proposal_scores(maps, (64, 64), sizes, original, boxes))
+
+
+def test_box_scores_clip_boxes_at_the_top_left_and_score_tiny_and_inverted_boxes_as_the_official_loop():
+    heat = torch.rand(20, 30, generator=torch.Generator().manual_seed(4))
+    # partly above / left of the map: the rows and columns inside it (not a wrap-around from the far side)
+    expected = float(heat[:12, :10].double().sum()) / ((10 + 5.5) * (12 + 3.2)) ** 0.5
+    assert float(box_scores(heat, torch.tensor([[-5.5, -3.2, 10.0, 12.0]]))) == pytest.approx(expected, rel=1e-6)
+    # a box smaller than a pixel that straddles a pixel corner: that pixel over the box's own area
+    tiny = float(box_scores(heat, torch.tensor([[10.9, 3.9, 11.1, 4.1]])))
+    assert tiny == pytest.approx(float(heat[3, 10]) / (0.2 * 0.2) ** 0.5, rel=1e-5)
+    # x2 < x1 and y2 < y1: a positive area but the official slices are empty
+    assert float(box_scores(heat, torch.tensor([[12.0, 9.0, 4.0, 2.0]]))) == 0.0

@@ -280,3 +280,36 @@ def test_bert_weights_by_path_start_the_encoder_and_options_reach_it(tmp_path, m
     init = build(VisualBERTGrounding, random_initialize=False, initializer_range=0.5, seed=1)
     assert init.backbone.encoder.layer[0].attention.self.query.weight.std().item() == pytest.approx(0.5, rel=0.15)
     assert init.classifier.transform[0].weight.std().item() == pytest.approx(0.5, rel=0.15)  # the scorer too
+
+
+def test_visual_bert_options_and_cache_folder_reach_the_encoder(monkeypatch):
+    """The options VisualBERTBase stores on its config, and ``from_pretrained`` reading MMF's cache folder (as
+    MMF's ``visual_bert`` does: ``<cache_dir>/distributed_-1``)."""
+    from mmf.models.visual_bert import VisualBERTBase
+
+    stored = build(VisualBERTGrounding).backbone.config
+    assert stored.embedding_strategy == "plain" and stored.bypass_transformer is False
+    assert stored.output_attentions is False and stored.output_hidden_states is False
+    seen = {}
+
+    def from_pretrained(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return VisualBERTBase(kwargs.pop("config"), **{k: v for k, v in kwargs.items() if k != "cache_dir"})
+
+    monkeypatch.setattr(VisualBERTBase, "from_pretrained", from_pretrained)
+    monkeypatch.setattr("mmf_multilevel.methods.visual_bert_grounding.model.get_mmf_cache_dir", lambda: "/cache/mmf")
+    build(VisualBERTGrounding, bert_model_name="bert-base-uncased")
+    assert seen["name"] == "bert-base-uncased" and seen["cache_dir"] == os.path.join("/cache/mmf", "distributed_-1")
+    assert seen["embedding_strategy"] == "plain" and seen["bypass_transformer"] is False
+
+
+def test_encode_splits_the_sequence_and_names_the_model_for_missing_regions():
+    model = build(VisualBERTGrounding)
+    sample_list = batch()
+    out = model.encode(sample_list)
+    length = sample_list.input_ids.size(1)
+    torch.testing.assert_close(out["text"], out["sequence"][:, :length])
+    torch.testing.assert_close(out["regions"], out["sequence"][:, length:])
+    del sample_list["image_feature_0"]
+    with pytest.raises(KeyError, match="visual_bert_grounding needs 'image_feature_0'"):
+        model.encode(sample_list)

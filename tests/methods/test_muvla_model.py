@@ -562,3 +562,69 @@ def test_pretraining_heads_follow_the_bert_settings_and_the_tag_head_exists_from
         assert_bert_transform(head.transform, torch.nn.ReLU, eps=1e-6, std=0.5, rel=0.2)
     assert heads.itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.35)
     assert MuVLAPretrainingHeads(network(), 0).mrc is None
+
+
+# ----------------------------------------------------------------------------------------- the adapter's wiring
+def mlm_of(model, sl, labels, features, boxes, region_mask, tag_boxes=None):
+    """The MLM loss recomputed from the backbone and the head (eval mode: no dropout)."""
+    enc = model.backbone(sl.input_ids, sl.input_mask, features, boxes, region_mask, sl.segment_ids, tag_boxes=tag_boxes)
+    rows, cols = (labels >= 0).nonzero(as_tuple=True)
+    return F.cross_entropy(model.heads.mlm(enc["text"][rows, cols]), labels[rows, cols])
+
+
+def test_unpaired_text_batches_run_without_region_positions():
+    model = build(pretraining=dict(itm_weighting="off")).eval()
+    sl = sample_list("text")
+    del sl["image_feature_0"], sl["image_info_0"], sl["is_correct"]
+    sl.dataset_name = "muvla_text"
+    with torch.no_grad():
+        out = model(sl)
+        expected = mlm_of(model, sl, sl.lm_label_ids, torch.zeros(B, 0, FEAT), torch.zeros(B, 0, 5),
+                          torch.zeros(B, 0, dtype=torch.long))
+    assert set(out["losses"]) == {"train/muvla_text/mlm"} and "scores" not in out
+    torch.testing.assert_close(out["losses"]["train/muvla_text/mlm"], expected)
+
+
+def test_task_ids_are_read_from_a_batch_of_one_and_bounded():
+    model = build().train()
+    sl = sample_list("region_tag")
+    assert model._task_of(sl) == "region_tag"  # task 0
+    for key in ("input_ids", "input_mask", "segment_ids", "lm_label_ids", "is_correct", "muvla_task"):
+        sl[key] = sl[key][:1]
+    assert model._task_of(sl) == "region_tag"
+    for bad in (-1, 4):
+        sl.muvla_task = torch.tensor([bad])
+        with pytest.raises(ValueError, match=rf"muvla_task {bad} is not one of"):
+            model._task_of(sl)
+
+
+def test_weighting_off_stays_off_after_its_start():
+    model = build(pretraining=dict(itm_weighting="off", itm_weight_start_update=0)).train()
+    model.on_update_start(TrainingProgress(update=10, epoch=3))
+    assert not model.itm_weighting_active()
+
+
+def test_task_batches_are_taken_as_the_dataset_masked_them_and_their_tag_boxes_reach_the_backbone():
+    """With a μ-VLA task the dataset decided which captions to mask (the negative's label counts); labels and
+    matching are optional; ``tag_boxes`` reach the embedding."""
+    model = build(pretraining=dict(itm_weighting="off")).eval()
+    sl = sample_list()
+    sl.lm_label_ids[1, 1] = 13  # sample 1 is a negative (is_correct 0)
+    regions = model._regions(sl)
+    with torch.no_grad():
+        got = model(sl)["losses"]["train/muvla_image_sentence/mlm"]
+        torch.testing.assert_close(got, mlm_of(model, sl, sl.lm_label_ids, regions.features, regions.boxes,
+                                               regions.mask))
+        sl.tag_boxes = regions.boxes[:, :1].expand(B, T, 5).roll(1, dims=-1).contiguous()
+        tagged = model(sl)["losses"]["train/muvla_image_sentence/mlm"]
+        torch.testing.assert_close(tagged, mlm_of(model, sl, sl.lm_label_ids, regions.features, regions.boxes,
+                                                  regions.mask, sl.tag_boxes.float()))
+        assert not torch.allclose(tagged, got)
+        del sl["tag_boxes"]
+        labels = sl.lm_label_ids
+        del sl["lm_label_ids"]
+        assert set(model(sl)["losses"]) == {"train/muvla_image_sentence/itm"}
+        sl.lm_label_ids = labels
+        del sl["is_correct"]
+        out = model(sl)
+    assert set(out["losses"]) == {"train/muvla_image_sentence/mlm"} and "scores" not in out

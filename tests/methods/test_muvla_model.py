@@ -628,3 +628,65 @@ def test_task_batches_are_taken_as_the_dataset_masked_them_and_their_tag_boxes_r
         del sl["is_correct"]
         out = model(sl)
     assert set(out["losses"]) == {"train/muvla_image_sentence/mlm"} and "scores" not in out
+
+
+@pytest.mark.parametrize("task,settings", [
+    ("region_tag", dict(itm_weighting="batch_mean", itm_weight_source="clean", mrm_normalization="official",
+                        feature_loss="smooth_l1")),
+    ("region_tag", dict(itm_weighting="per_pair", itm_weight_source="clean")),  # R-T is not weighted per pair
+    ("region_phrase", dict(itm_weighting="per_pair", itm_weight_source="clean", rp_mrfr=True)),
+    ("image_sentence", dict(itm_weighting="per_pair", itm_weight_source="masked", is_mrm=True)),
+    ("image_sentence", dict(itm_weighting="per_pair", itm_weight_start_update=5)),  # not yet started: no weights
+])
+def test_the_adapter_hands_each_task_its_inputs_settings_and_weights(task, settings):
+    """Every loss of a task batch equals ``pretraining_losses`` called by hand: the backbone on the corrupted
+    regions, the original features as the regression target, the dataset's masked regions, region-class and
+    phrase labels, the ITM weights from the clean (labels put back, every region kept) or masked pair, and the
+    task's extra losses and the settings."""
+    model = build(pretraining={"itm_weight_start_update": 0, **settings}).eval()
+    with torch.no_grad():  # a matching head whose probabilities tell the pairs apart (the tiny init gives ~0.5 for all)
+        model.heads.itm.classifier.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(6))
+    model.on_update_start(TrainingProgress(update=1, epoch=2))
+    model.training = True  # weighting is on in training only; the modules stay in eval mode (no dropout)
+    sl = sample_list(task)
+    sl.dataset_name = f"muvla_{task}"
+    g = torch.Generator().manual_seed(5)
+    selected = torch.zeros(B, N, dtype=torch.bool)
+    selected[0, 1] = selected[1, 0] = selected[3, 2] = True
+    sl.region_selected, sl.region_zeroed = selected, selected.clone()
+    sl.region_source = torch.full((B, N), -1, dtype=torch.long)
+    sl.mrc_labels = torch.where(selected, torch.randint(0, TAGS, (B, N), generator=g), torch.full((B, N), -1))
+    sl.mrtc_labels = torch.where(selected, torch.randint(5, VOCAB, (B, N), generator=g), torch.full((B, N), -1))
+    tag_boxes = None
+    if task == "region_tag":  # R-T's text is the tags, each with its region's box (no token types then)
+        tag_boxes = sl.tag_boxes = model._regions(sl).boxes[:, :1].expand(B, T, 5).contiguous()
+    pre = model.settings.pretraining
+    with torch.no_grad():
+        got = model(sl)["losses"]
+        regions = model._regions(sl)
+        assert regions.selected is not None and not torch.equal(regions.corrupted, regions.features)
+        args = (sl.input_mask, regions.corrupted, regions.boxes, regions.mask, sl.segment_ids)
+        out = model.backbone(sl.input_ids, *args, tag_boxes=tag_boxes)
+        weights = None
+        if model.itm_weighting_active() and (task != "region_tag" or pre.itm_weighting == "batch_mean"):
+            if pre.itm_weight_source == "clean":
+                clean_ids = torch.where(sl.lm_label_ids >= 0, sl.lm_label_ids, sl.input_ids)
+                clean = model.backbone(clean_ids, sl.input_mask, regions.features, regions.boxes, regions.mask,
+                                       sl.segment_ids, tag_boxes=tag_boxes)
+                logits = model.heads.itm(clean["pooled"])
+            else:
+                logits = model.heads.itm(out["pooled"])
+            weights = itm_pair_weights(logits, sl.is_correct)
+        extra = {"region_tag": {}, "region_phrase": {"use_mrfr": pre.rp_mrfr},  # the paper's extra region losses
+                 "image_sentence": {"use_mrc": pre.is_mrm, "use_mrfr": pre.is_mrm}}[task]
+        expected = pretraining_losses(model.heads, out, task, mlm_labels=sl.lm_label_ids, region_selected=selected,
+                                      region_targets=regions.features, mrc_labels=sl.mrc_labels,
+                                      mrtc_labels=sl.mrtc_labels, itm_labels=sl.is_correct, itm_weights=weights,
+                                      itm_weighting=pre.itm_weighting, mrm_normalization=pre.mrm_normalization,
+                                      feature_loss=pre.feature_loss, **extra)
+    assert set(got) == {f"train/muvla_{task}/{name}" for name in expected}
+    for name, value in expected.items():
+        torch.testing.assert_close(got[f"train/muvla_{task}/{name}"], value)
+    del sl["lm_label_ids"]  # the clean pair of a batch without MLM is the batch itself
+    with torch.no_grad():
+        assert f"train/muvla_{task}/itm" in model(sl)["losses"]

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from mmf_multilevel.methods.simla import testing
 from mmf_multilevel.methods.simla.grounding import (
     box_scores,
+    check_gradcam_layer,
     gradcam_from_attention,
     grounding_scores,
     image_heatmap,
@@ -264,3 +265,65 @@ def test_box_scores_clip_boxes_at_the_top_left_and_score_tiny_and_inverted_boxes
     assert tiny == pytest.approx(float(heat[3, 10]) / (0.2 * 0.2) ** 0.5, rel=1e-5)
     # x2 < x1 and y2 < y1: a positive area but the official slices are empty
     assert float(box_scores(heat, torch.tensor([[12.0, 9.0, 4.0, 2.0]]))) == 0.0
+
+
+def test_grounding_scores_read_the_picture_sizes_the_exponent_and_name_what_is_missing():
+    """A padded batch (two pictures in the top half or the left half of the 64x64 tensor), a non-default box
+    exponent, and a batch without ``image_size`` (the whole tensor is the picture)."""
+    model = build(grounding_box_exponent=1.0)
+    batch = testing.tiny_batch("grounding", batch=4)
+    batch.dataset_type = "val"
+    batch.image_size = torch.tensor([[32, 64], [64, 32], [64, 64], [64, 64]])
+    original = torch.tensor([[90, 120]] * 4)
+    cam = itm_gradcam(model.backbone.text_encoder, model.heads.itm_head, model.backbone.image_encoder(batch.image),
+                      batch.input_ids, batch.input_mask, int(model.settings.gradcam_layer), (4, 4))
+    expected = proposal_scores(cam.maps, (64, 64), batch.image_size, original, batch.proposal_boxes, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(grounding_scores(model, batch), expected)
+        assert not torch.allclose(expected[:2, :5], proposal_scores(cam.maps, (64, 64), torch.tensor([[64, 64]] * 4),
+                                                                    original, batch.proposal_boxes, 1.0)[:2, :5])
+        del batch["image_size"]
+        torch.testing.assert_close(grounding_scores(model, batch), proposal_scores(
+            cam.maps, (64, 64), torch.tensor([[64, 64]] * 4), original, batch.proposal_boxes, 1.0))
+        torch.testing.assert_close(cam.match_logits, model.heads.itm_head(model.backbone.text_encoder.fuse(
+            batch.input_ids, batch.input_mask, model.backbone.image_encoder(batch.image))[:, 0])[:, 1])
+        for key in ("image_height", "image_width"):
+            info = batch.image_info_0
+            kept = info[key]
+            del info[key]
+            with pytest.raises(KeyError, match="simla grounding needs 'image_info_0.image_height' and "
+                                               "'image_info_0.image_width'"):
+                grounding_scores(model, batch)
+            info[key] = kept
+        boxes = batch.proposal_boxes
+        batch.proposal_boxes = None
+        with pytest.raises(KeyError, match="simla grounding needs 'proposal_boxes' in the batch"):
+            grounding_scores(model, batch)
+        batch.proposal_boxes = boxes
+        del batch["input_ids"]
+        with pytest.raises(KeyError, match="simla"):
+            grounding_scores(model, batch)
+
+
+def test_gradcam_of_a_frozen_model_a_one_token_text_and_a_non_square_grid():
+    model = build()
+    batch = testing.tiny_batch("grounding", batch=4)
+    image = model.backbone.image_encoder(batch.image)
+    plain = itm_gradcam(model.backbone.text_encoder, model.heads.itm_head, image, batch.input_ids, batch.input_mask,
+                        1, (4, 4))
+    model.requires_grad_(False)  # no parameter in the graph: the image tokens carry it
+    with torch.no_grad():
+        frozen = itm_gradcam(model.backbone.text_encoder, model.heads.itm_head, image, batch.input_ids,
+                             batch.input_mask, 1, (4, 4))
+    torch.testing.assert_close(frozen.maps, plain.maps)
+    attention = torch.rand(2, 3, 4, 1 + 3 * 4, generator=torch.Generator().manual_seed(1))
+    gradient = torch.randn(2, 3, 4, 1 + 3 * 4, generator=torch.Generator().manual_seed(2))
+    one = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]])
+    maps, tokens = gradcam_from_attention(attention, gradient, one, (3, 4))
+    expected = (attention[..., 1:] * gradient[..., 1:].clamp(min=0)).mean(1)
+    assert maps.shape == (2, 3, 4) and tokens.shape == (2, 4, 3, 4)
+    torch.testing.assert_close(maps[0], expected[0, 0].view(3, 4))  # one real token: its own row
+    torch.testing.assert_close(maps[1], expected[1, :2].mean(0).view(3, 4))
+    for bad in (1.5, True, 2, -1):
+        with pytest.raises(ValueError, match="gradcam_layer must be a 0-based layer index in \\[0, 1\\]"):
+            check_gradcam_layer(bad, 2)

@@ -300,6 +300,11 @@ def test_grounding_scores_read_the_picture_sizes_the_exponent_and_name_what_is_m
         with pytest.raises(KeyError, match="simla grounding needs 'proposal_boxes' in the batch"):
             grounding_scores(model, batch)
         batch.proposal_boxes = boxes
+        image = batch.image
+        del batch["image"]
+        with pytest.raises(KeyError, match="^.simla needs 'image'"):
+            grounding_scores(model, batch)
+        batch.image = image
         del batch["input_ids"]
         with pytest.raises(KeyError, match="simla"):
             grounding_scores(model, batch)

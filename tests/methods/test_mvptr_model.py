@@ -281,3 +281,45 @@ def test_refcoco_scores_and_loss_against_an_independent_computation(loss):
 def test_refcoco_layer_is_checked():
     with pytest.raises(ValueError, match="model_config.mvptr.refcoco.layer must lie in \\[1, 2\\]"):
         _refcoco_model(layer=3)
+
+
+def test_optimizer_groups_decay_weights_but_no_bias_or_layer_norm_and_skip_frozen_parameters():
+    """AdamW's two groups as the official code: ``optimizer.params.weight_decay`` on every weight matrix and
+    embedding, 0 on biases and on every LayerNorm (found here by module type, the region LayerNorm included)."""
+    from mmf.common.registry import registry
+    from mmf.utils.build import build_optimizer
+
+    cls = registry.get_model_class("mvptr")
+    model = cls(OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config("pretraining"),
+                                {"img_layer_norm": True}))  # the region LayerNorm (region_embedding.norm)
+    model.build()
+    model.backbone.word_embeddings.weight.requires_grad_(False)
+    run_config = OmegaConf.create({"model": "mvptr", "model_config": {"mvptr": model.config},
+                                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.05}}})
+    groups = model.get_optimizer_parameters(run_config)
+    assert [group["weight_decay"] for group in groups] == [0.05, 0.0]
+    no_decay = {id(p) for module in model.modules() if isinstance(module, torch.nn.LayerNorm)
+                for p in module.parameters()}
+    no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in trainable if id(p) in no_decay}
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in trainable if id(p) not in no_decay}
+    assert any(".norm." in name for name, _ in model.named_parameters())  # a LayerNorm not named LayerNorm
+    optimizer = build_optimizer(model, run_config)
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(trainable)
+    default = OmegaConf.create({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}})
+    assert model.get_optimizer_parameters(default)[0]["weight_decay"] == 0.01  # the pre-training default
+
+
+def test_retrieval_encoders_for_the_heads_with_matching():
+    from mmf.common.registry import registry
+
+    from mmf_multilevel.methods.mvptr.retrieval import MVPTRDualEncoder
+
+    cls = registry.get_model_class("mvptr")
+    for head, expected in (("pretraining", True), ("retrieval", True), ("vqa", False)):
+        config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config(head))
+        model = cls(config)
+        model.build()
+        encoders = model.retrieval_encoders()
+        assert isinstance(encoders, MVPTRDualEncoder) if expected else encoders is None, head

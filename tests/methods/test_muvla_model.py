@@ -690,3 +690,35 @@ def test_the_adapter_hands_each_task_its_inputs_settings_and_weights(task, setti
     del sl["lm_label_ids"]  # the clean pair of a batch without MLM is the batch itself
     with torch.no_grad():
         assert f"train/muvla_{task}/itm" in model(sl)["losses"]
+
+
+def test_the_vqa_head_follows_its_settings_and_an_empty_question_pools_cls():
+    settings = dict(hidden_dropout_prob=0.3, layer_norm_eps=1e-6, initializer_range=0.5)
+    head = build(training_head_type="classification", num_labels=9, classifier_dropout=0.2, **settings).classifier
+    assert head.dense.out_features == HIDDEN and head.dropout.p == 0.2 and head.LayerNorm.eps == 1e-6  # I = H
+    assert head.dense.weight.std().item() == pytest.approx(0.5, rel=0.15)
+    model = build(training_head_type="classification", num_labels=9, classifier_dropout=0.0).eval()
+    sl = sample_list()
+    sl.input_mask[3] = 0
+    sl.input_mask[3, :2] = 1  # [CLS] [SEP]: the token before [SEP] is [CLS]
+    out = model.encode(sl)
+    torch.testing.assert_close(model(sl)["scores"][3], model.classifier(out["text"][3, 0]))
+
+
+def test_unpaired_text_is_never_weighted_and_a_batch_without_regions_names_the_model():
+    model = build(pretraining=dict(itm_weighting="batch_mean", itm_weight_start_update=0)).eval()
+    with torch.no_grad():
+        model.heads.itm.classifier.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(6))
+    sl = sample_list("text")
+    del sl["image_feature_0"], sl["image_info_0"], sl["is_correct"]
+    sl.dataset_name = "muvla_text"
+    with torch.no_grad():
+        off = model(sl)["losses"]["train/muvla_text/mlm"]
+        model.on_update_start(TrainingProgress(update=3, epoch=2))
+        model.training = True  # weighting on (the modules stay in eval mode)
+        assert model.itm_weighting_active()
+        torch.testing.assert_close(model(sl)["losses"]["train/muvla_text/mlm"], off)
+    regions_missing = sample_list()
+    del regions_missing["image_feature_0"]
+    with pytest.raises(KeyError, match="muvla needs 'image_feature_0'"):
+        model.encode(regions_missing)

@@ -187,3 +187,13 @@ def test_pretraining_without_tags_skips_the_region_class_head_and_a_missing_back
     torch.save({"model": partial}, path)
     with pytest.raises(KeyError, match=r"lacks backbone entries \['backbone.text.bert.encoder.layer.0.output.dense.weight'\]"):
         build(path)
+
+
+def test_a_release_of_another_size_is_named_by_the_setting(tmp_path):
+    state, _ = official_state()
+    key = "model.bert.encoder.layer.0.output.dense.weight"
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1)
+    path = tmp_path / "uvlp.ckpt"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=rf"^model_config.muvla.released_checkpoint={path}: .* has shape"):
+        build(path)

@@ -323,3 +323,84 @@ def test_retrieval_encoders_for_the_heads_with_matching():
         model.build()
         encoders = model.retrieval_encoders()
         assert isinstance(encoders, MVPTRDualEncoder) if expected else encoders is None, head
+
+
+def build_head(head_type, **overrides):
+    from mmf.common.registry import registry
+
+    cls = registry.get_model_class("mvptr")
+    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config(head_type), overrides)
+    torch.manual_seed(0)
+    model = cls(config)
+    model.build()
+    model.init_losses()
+    return model.eval()
+
+
+def test_vqa_reads_the_text_cls_output_and_snli_ve_the_pooler():
+    for head, reads in (("vqa", "cls"), ("snli_ve", "pooled")):
+        model = build_head(head)
+        batch = tiny_batch(head)
+        with torch.no_grad():
+            out = model.encode(batch)
+            states, pooled, _ = model.backbone.fuse(out["text"], out["text_mask"], out["visual"], out["visual_mask"])
+            expected = model.classifier(states[:, 0] if reads == "cls" else pooled)
+            torch.testing.assert_close(model(batch)["scores"], expected)
+
+
+def test_retrieval_training_losses_and_gallery_scores_equal_a_recomputation():
+    """Aligned pairs: VSC over the batch and ITM over the matched pairs and the hardest in-batch negatives (captions
+    of one image never negatives of each other); gallery pairs: the ITM head, or with ``retrieval.uni`` the VSC
+    similarity as log-odds."""
+    from mmf_multilevel.methods.mvptr.losses import hard_negatives, itm_loss, split_negatives, vsc_loss, vsc_scale
+
+    model = build_head("retrieval", retrieval={"itm_negatives": "hardest"}, pretraining={"vsc_max_logit_scale": 2.0})
+    with torch.no_grad():
+        model.backbone.logit_scale.fill_(5.0)  # above the clamp: the setting decides the scale
+    batch = tiny_batch("retrieval", batch=4)
+    batch.image_index = torch.tensor([0, 0, 1, 2])  # captions 0 and 1 describe one image
+    net, max_log = model.backbone, model.settings.pretraining.vsc_max_logit_scale
+    with torch.no_grad():
+        out = model.encode(batch)
+        g_t, g_v = net.global_embeddings(out["text"], out["visual"])
+        loss_vsc, sim = vsc_loss(g_t, g_v, net.logit_scale, max_log)
+        hard_image, hard_text = hard_negatives(sim, "hardest", scale=vsc_scale(net.logit_scale, max_log),
+                                               image_ids=batch.image_index)
+        neg_text, neg_image, _ = split_negatives(hard_image, hard_text)
+        assert (batch.image_index[neg_text] != batch.image_index[neg_image]).all()
+        rows = torch.arange(4)
+        _, pooled, _ = net.fuse(out["text"], out["text_mask"], out["visual"], out["visual_mask"],
+                                torch.cat([rows, neg_text]), torch.cat([rows, neg_image]))
+        logits = model.itm_head(pooled)
+        labels = torch.cat([torch.ones(4, dtype=torch.long), torch.zeros(neg_text.numel(), dtype=torch.long)])
+        got = model(batch)
+        assert set(got["losses"]) == {f"{batch.dataset_type}/mvptr_contract/{k}" for k in ("vsc", "itm")}
+        torch.testing.assert_close(got["losses"][f"{batch.dataset_type}/mvptr_contract/vsc"], loss_vsc)
+        torch.testing.assert_close(got["losses"][f"{batch.dataset_type}/mvptr_contract/itm"], itm_loss(logits, labels))
+        torch.testing.assert_close(got["scores"], logits[:4])
+        batch.pair_image_index = torch.arange(4)  # gallery pairs (evaluation)
+        _, pooled, _ = net.fuse(out["text"], out["text_mask"], out["visual"], out["visual_mask"])
+        torch.testing.assert_close(model(batch)["scores"], model.itm_head(pooled))
+        uni = build_head("retrieval", retrieval={"uni": True}, pretraining={"vsc_max_logit_scale": 2.0})
+        uni.backbone.logit_scale.fill_(5.0)
+        out = uni.encode(batch)
+        g_t, g_v = uni.backbone.global_embeddings(out["text"], out["visual"])
+        similarity = (g_t * g_v).sum(-1) * vsc_scale(uni.backbone.logit_scale, max_log)
+        torch.testing.assert_close(uni(batch)["scores"], torch.stack([-similarity / 2, similarity / 2], dim=-1))
+
+
+def test_sampled_retrieval_negatives_are_drawn_at_the_clamped_scale(monkeypatch):
+    model = build_head("retrieval", retrieval={"itm_negatives": "sampled"}, pretraining={"vsc_max_logit_scale": 1.0})
+    with torch.no_grad():
+        model.backbone.logit_scale.fill_(5.0)
+    calls = []
+    original = model_module.hard_negatives
+
+    def record(sim, mode, scale=None, image_ids=None):
+        calls.append((mode, None if scale is None else float(scale)))
+        return original(sim, mode, scale=scale, image_ids=image_ids)
+
+    monkeypatch.setattr(model_module, "hard_negatives", record)
+    with torch.no_grad():
+        model(tiny_batch("retrieval", batch=4))
+    assert calls == [("sampled", pytest.approx(math.e))]  # exp(min(5, 1))

@@ -404,3 +404,32 @@ def test_sampled_retrieval_negatives_are_drawn_at_the_clamped_scale(monkeypatch)
     with torch.no_grad():
         model(tiny_batch("retrieval", batch=4))
     assert calls == [("sampled", pytest.approx(math.e))]  # exp(min(5, 1))
+
+
+def test_refcoco_loss_name_evaluation_without_gold_ignored_targets_and_a_fixed_scale():
+    batch = tiny_batch("refcoco")
+    batch.gold_box = batch.image_info_0.bbox[:, 1] + torch.tensor([5.0, -5.0, 20.0, 10.0])
+    batch.targets = torch.tensor([1, -100, 2])  # the second expression has no proposal to pick
+    model = _refcoco_model(layer=1, loss="cross_entropy")
+    model.init_losses()  # without a loss of its own MMF adds the configured ones (none here)
+    with torch.no_grad():
+        out = model(batch)
+        scores = out["scores"]
+        want = F.cross_entropy(scores[[0, 2]], torch.tensor([1, 2]))
+    assert set(out["losses"]) == {f"{batch.dataset_type}/{batch.dataset_name}/refcoco"}
+    torch.testing.assert_close(next(iter(out["losses"].values())), want)
+    del batch["gold_box"]  # evaluation on proposals without a gold box: the scores alone
+    with torch.no_grad():
+        bare = model(batch)
+    assert not bare.get("losses") and torch.equal(bare["scores"], scores)  # MMF's empty loss dict at most
+    assert model.classifier.scale.requires_grad
+    assert not _refcoco_model(layer=1, learn_scale=False).classifier.scale.requires_grad  # the official fixed 1
+
+
+def test_random_other_images_never_pick_the_same_image():
+    for _ in range(20):
+        other = model_module._random_other_image(3, None, "cpu")  # no image ids: every sample its own image
+        assert other.dtype == torch.long and (other != torch.arange(3)).all()
+        other = model_module._random_other_image(4, torch.tensor([0, 0, 1, 1]), "cpu")
+        assert (torch.tensor([0, 0, 1, 1])[other] != torch.tensor([0, 0, 1, 1])).all()
+    assert model_module._random_other_image(2, torch.tensor([5, 5]), "cpu").tolist() == [-1, -1]  # one image

@@ -433,3 +433,40 @@ def test_random_other_images_never_pick_the_same_image():
         other = model_module._random_other_image(4, torch.tensor([0, 0, 1, 1]), "cpu")
         assert (torch.tensor([0, 0, 1, 1])[other] != torch.tensor([0, 0, 1, 1])).all()
     assert model_module._random_other_image(2, torch.tensor([5, 5]), "cpu").tolist() == [-1, -1]  # one image
+
+
+def test_the_model_starts_from_bert_weights_by_path_with_concept_rows_and_bert_heads(tmp_path):
+    """``bert_model_name`` (a ``save_pretrained`` folder): BERT's word rows, each concept row the mean of its
+    words' rows (the folder's tokenizer), the MLM and MCR transforms from BERT's ``cls.predictions``, and the
+    network options (``img_layer_norm``, ``num_tag_slots``)."""
+    import json
+
+    from mmf.common.registry import registry
+    from transformers import BertConfig, BertForPreTraining, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "man", "horse", "ride"] + [f"w{i}" for i in range(32)]
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
+    torch.manual_seed(3)
+    bert = BertForPreTraining(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(str(folder))
+    (tmp_path / "id2phrase.json").write_text(json.dumps({"41": ["man"], "43": ["horse", "ride"]}))
+    cls = registry.get_model_class("mvptr")
+    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config("pretraining"),
+                             {"bert_model_name": str(folder), "concepts": str(tmp_path / "id2phrase.json"),
+                              "img_layer_norm": True, "pretraining": {"init_heads_from_bert": True}})
+    model = cls(config)
+    model.build()
+    table = model.backbone.word_embeddings.weight.detach()
+    bert_words = bert.bert.embeddings.word_embeddings.weight.detach()
+    assert table.shape[0] == 44  # the largest concept id + 1
+    torch.testing.assert_close(table[:40], bert_words)
+    torch.testing.assert_close(table[41], bert_words[5])
+    torch.testing.assert_close(table[43], bert_words[6:8].mean(0))
+    for head in (model.heads.mlm, model.heads.mcr):
+        torch.testing.assert_close(head.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
+    assert model.backbone.num_tag_slots == tiny_config("pretraining")["num_tag_slots"]
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in model.backbone.region_embedding.modules())

@@ -1108,3 +1108,29 @@ def test_grid_encoder_and_dictionary_defaults_and_what_reaches_timm(timm_calls):
     for size, dim in ((0, 2), (2, 0)):
         with pytest.raises(ValueError):
             VisualDictionary(size, dim)
+
+
+@pytest.mark.parametrize("use_vd", [False, True])
+def test_in_batch_retrieval_reads_token_types_and_the_configured_visual_source(use_vd):
+    """The t² pairs keep each caption's token types, and read the grid before the dictionary or, with
+    ``use_vd_in_finetune``, its quantised features - as the one-pair path (``encode``) does."""
+    model = build("retrieval", retrieval_in_batch=True, use_vd=True, use_vd_in_finetune=use_vd).train()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # token types and pair scores large enough to tell apart (the tiny init is near 0)
+        model.backbone.text.token_type_embeddings.weight.normal_(0.0, 1.0, generator=g)
+        model.itm_head.classifier.weight.normal_(0.0, 1.0, generator=g)
+    batch = _retrieval_batch()
+    batch.segment_ids = (torch.arange(batch.input_ids.size(1)) >= 2).long().expand_as(batch.input_ids) * batch.input_mask
+    out = model(batch)
+    logits = torch.zeros(3, 3, 2)
+    with torch.no_grad():
+        for i in range(3):
+            for j in range(3):
+                single = tiny._sample_list()
+                single.image, single.image_size = batch.image[i:i + 1], batch.image_size[i:i + 1]
+                single.input_ids, single.input_mask = batch.input_ids[j:j + 1], batch.input_mask[j:j + 1]
+                single.segment_ids = batch.segment_ids[j:j + 1]
+                logits[i, j] = model.itm_head(model.encode(single)["pooled"])[0]
+    loss = out["losses"]["train/coco_retrieval_images/itm"]
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 2), torch.eye(3, dtype=torch.long).view(-1)),
+                               rtol=1e-4, atol=1e-5)

@@ -1134,3 +1134,22 @@ def test_in_batch_retrieval_reads_token_types_and_the_configured_visual_source(u
     loss = out["losses"]["train/coco_retrieval_images/itm"]
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 2), torch.eye(3, dtype=torch.long).view(-1)),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_the_log_line_reports_the_dictionary_usage_and_the_resnet_state():
+    model = build("pretraining")
+    dictionary = model.backbone.dictionary
+    with torch.no_grad():
+        dictionary.last_counts.zero_()
+        dictionary.last_counts[:2] = torch.tensor([3.0, 1.0])
+        dictionary.usage.zero_()
+        dictionary.usage[:5] = 1
+    perplexity = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    model.backbone.encoder.resnet_frozen = True
+    line = model.log_message(TrainingProgress(update=1, epoch=1))
+    assert line == (f"soho visual dictionary: last update used 2 of {model.settings.vd_size} entries (perplexity "
+                    f"{perplexity:.1f}), never used so far {model.settings.vd_size - 5}; ResNet frozen")
+    model.backbone.encoder.resnet_frozen = False
+    assert model.log_message(TrainingProgress(update=1, epoch=1)).endswith("; ResNet training")
+    assert build("retrieval").log_message(TrainingProgress(update=1, epoch=1)) is None
+    assert build("pretraining", use_vd=False).log_message(TrainingProgress(update=1, epoch=1)) is None

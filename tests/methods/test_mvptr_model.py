@@ -470,3 +470,31 @@ def test_the_model_starts_from_bert_weights_by_path_with_concept_rows_and_bert_h
         torch.testing.assert_close(head.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
     assert model.backbone.num_tag_slots == tiny_config("pretraining")["num_tag_slots"]
     assert any(isinstance(m, torch.nn.LayerNorm) for m in model.backbone.region_embedding.modules())
+
+
+def test_encode_reads_token_types_and_a_batch_missing_a_field_is_named():
+    model = build()
+    batch = tiny_batch("pretraining")
+    batch.segment_ids = (torch.arange(batch.input_ids.size(1)) >= 3).long().expand_as(batch.input_ids) * batch.input_mask
+    with torch.no_grad():
+        text = model.encode(batch)["text"]
+        torch.testing.assert_close(text, model.backbone.encode_text(batch.input_ids, batch.input_mask, batch.segment_ids))
+        assert not torch.allclose(text, model.backbone.encode_text(batch.input_ids, batch.input_mask))
+    for key, why in (("tag_ids", "the object tags of the visual encoder"), ("tag_mask", "the object tags of the visual "
+                     "encoder"), ("mcr_label_ids", "the MCR targets"), ("lm_label_ids", "the MLM targets")):
+        broken = tiny_batch("pretraining")
+        del broken[key]
+        with pytest.raises(KeyError, match=rf"mvptr pre-training needs '{key}' in the batch \({why}; dataset "
+                                           "mvptr_captions gives it\\)"):
+            model(broken)
+
+
+def test_nothing_masked_gives_zero_mlm_and_mcr_losses_in_the_graph():
+    model = build().train()
+    batch = tiny_batch("pretraining")
+    batch.lm_label_ids = torch.full_like(batch.lm_label_ids, -100)
+    batch.mcr_label_ids = torch.full_like(batch.mcr_label_ids, -100)
+    losses = model(batch)["losses"]
+    for name in ("mlm", "mcr"):
+        loss = losses[f"{batch.dataset_type}/{batch.dataset_name}/{name}"]
+        assert loss.item() == 0.0 and loss.requires_grad

@@ -853,6 +853,21 @@ def _retrieval_batch(count=3, seed=0):
     return batch
 
 
+def _pairwise_logits(model, batch, count=3):
+    """The matching head's logits ``(count, count, 2)`` of each (image i, caption j) as its own one-pair batch
+    through the fine-tuning path (``encode``)."""
+    logits = torch.zeros(count, count, 2)
+    with torch.no_grad():
+        for i in range(count):
+            for j in range(count):
+                single = tiny._sample_list()
+                single.image, single.image_size = batch.image[i:i + 1], batch.image_size[i:i + 1]
+                single.input_ids, single.input_mask = batch.input_ids[j:j + 1], batch.input_mask[j:j + 1]
+                single.segment_ids = batch.segment_ids[j:j + 1]
+                logits[i, j] = model.itm_head(model.encode(single)["pooled"])[0]
+    return logits
+
+
 def test_in_batch_retrieval_scores_every_image_with_every_caption():
     """§4.2.1: t aligned pairs -> t² (image, caption) pairs, aligned on the diagonal, binary CE over all."""
     model = build("retrieval", retrieval_in_batch=True).train()
@@ -860,16 +875,7 @@ def test_in_batch_retrieval_scores_every_image_with_every_caption():
     out = model(batch)
     (name, loss), = out["losses"].items()
     assert name == "train/coco_retrieval_images/itm" and out["scores"].shape == (3, 2)
-    # independently: each (image i, caption j) as its own one-pair batch through the fine-tuning path
-    logits = torch.zeros(3, 3, 2)
-    with torch.no_grad():
-        for i in range(3):
-            for j in range(3):
-                single = tiny._sample_list()
-                single.image, single.image_size = batch.image[i:i + 1], batch.image_size[i:i + 1]
-                single.input_ids, single.input_mask = batch.input_ids[j:j + 1], batch.input_mask[j:j + 1]
-                single.segment_ids = batch.segment_ids[j:j + 1]
-                logits[i, j] = model.itm_head(model.encode(single)["pooled"])[0]
+    logits = _pairwise_logits(model, batch)  # independently: each (image i, caption j) on its own
     labels = torch.eye(3, dtype=torch.long).view(-1)
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 2), labels), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["scores"], logits.diagonal(dim1=0, dim2=1).transpose(0, 1), rtol=1e-4, atol=1e-5)
@@ -1122,15 +1128,7 @@ def test_in_batch_retrieval_reads_token_types_and_the_configured_visual_source(u
     batch = _retrieval_batch()
     batch.segment_ids = (torch.arange(batch.input_ids.size(1)) >= 2).long().expand_as(batch.input_ids) * batch.input_mask
     out = model(batch)
-    logits = torch.zeros(3, 3, 2)
-    with torch.no_grad():
-        for i in range(3):
-            for j in range(3):
-                single = tiny._sample_list()
-                single.image, single.image_size = batch.image[i:i + 1], batch.image_size[i:i + 1]
-                single.input_ids, single.input_mask = batch.input_ids[j:j + 1], batch.input_mask[j:j + 1]
-                single.segment_ids = batch.segment_ids[j:j + 1]
-                logits[i, j] = model.itm_head(model.encode(single)["pooled"])[0]
+    logits = _pairwise_logits(model, batch)
     loss = out["losses"]["train/coco_retrieval_images/itm"]
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 2), torch.eye(3, dtype=torch.long).view(-1)),
                                rtol=1e-4, atol=1e-5)

@@ -498,3 +498,21 @@ def test_nothing_masked_gives_zero_mlm_and_mcr_losses_in_the_graph():
     for name in ("mlm", "mcr"):
         loss = losses[f"{batch.dataset_type}/{batch.dataset_name}/{name}"]
         assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_task_heads_follow_the_bert_settings_and_every_negative_choice_builds():
+    """The official heads: VQA ``Linear(H, H) -> GELU -> LayerNorm -> Linear(H, answers)`` after dropout 0.3,
+    SNLI-VE dropout + ``Linear(H, 3)``, retrieval's 2-way ITM head with BERT's dropout; one answer is a head too;
+    each ``itm_negatives`` choice builds."""
+    settings = {"hidden_dropout_prob": 0.25, "layer_norm_eps": 1e-6, "initializer_range": 0.5}
+    vqa = build_head("vqa", num_answers=1, **settings).classifier
+    assert vqa.dense.out_features == 32 and vqa.dropout.p == model_module.VQA_DROPOUT and vqa.LayerNorm.eps == 1e-6
+    assert vqa.classifier.out_features == 1 and vqa.dense.weight.std().item() == pytest.approx(0.5, rel=0.2)
+    snli = build_head("snli_ve", **settings).classifier
+    assert isinstance(snli[0], torch.nn.Dropout) and snli[0].p == 0.25 and snli[1].out_features == 3
+    retrieval = build_head("retrieval", **settings).itm_head
+    assert retrieval.classifier.out_features == 2 and retrieval.dropout.p == 0.25
+    assert retrieval.classifier.weight.std().item() == pytest.approx(0.5, rel=0.4)
+    for choice in ("sampled", "hardest", "random"):
+        build_head("retrieval", retrieval={"itm_negatives": choice})
+        build_head("pretraining", pretraining={"itm_negatives": choice})

@@ -32,13 +32,18 @@ CONCEPTS = {"1": ["man"], "100": ["man", "ride", "horse"], "101": ["horse", "on"
 PHRASES = [(6, [2]), (100, [2, 3, 5]), (101, [5, 6, 8]), (102, [8])]  # 6 = "man" reuses its word id
 
 
+def write_vocab(folder, tokens=SPECIALS + WORDS):
+    """A BERT word-piece vocabulary folder (``vocab.txt``, lower-casing tokenizer config) the text processor loads."""
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("mvptr_data")
-    vocab = root / "vocab"
-    vocab.mkdir()
-    (vocab / "vocab.txt").write_text("\n".join(SPECIALS + WORDS) + "\n")
-    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    write_vocab(root / "vocab")
     ids = {w: i for i, w in enumerate(SPECIALS + WORDS)}
     rng = np.random.default_rng(0)
     detections = {"img0": [0, 1, 2, 1, 0], "img1": [4, 3], "img2": [], "img3": [3, 3]}
@@ -524,10 +529,7 @@ def test_tag_vocab_file_errors_and_blank_lines(data, one_record, tmp_path):
 def test_untagged_images_are_named_five_at_most(tmp_path, untagged, shown):
     """Images without ``objects`` are untagged; an image with a single detection is not."""
     root = tmp_path
-    vocab = root / "vocab"
-    vocab.mkdir()
-    (vocab / "vocab.txt").write_text("\n".join(SPECIALS + WORDS) + "\n")
-    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    write_vocab(root / "vocab")
     with FeatureCacheWriter(str(root / "regions.lmdb"), detector="test", feature_dim=DIM,
                             info={"object_names": NAMES}) as writer:
         for k in range(untagged + 2):
@@ -733,10 +735,7 @@ def test_chain_masking_reads_every_position_of_the_selection():
 
 def test_padding_is_the_tokenizer_pad_id(data, tmp_path):
     """[PAD] where the tokenizer has it (id 5 in a vocabulary that puts it there), in the text and the tags."""
-    vocab = tmp_path / "vocab"
-    vocab.mkdir()
-    (vocab / "vocab.txt").write_text("\n".join(["[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", "[PAD]"] + WORDS) + "\n")
-    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    vocab = write_vocab(tmp_path / "vocab", ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", "[PAD]"] + WORDS)
     write_lines(tmp_path / "plain.jsonl", [{"image_id": "img0", "text": "a man"}])
     ds = unmasked(data, annotations=str(tmp_path / "plain.jsonl"),
                   **{"processors.text_processor.params.tokenizer_config.type": str(vocab)})

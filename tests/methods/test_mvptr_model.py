@@ -283,16 +283,24 @@ def test_refcoco_layer_is_checked():
         _refcoco_model(layer=3)
 
 
+def build_head(head_type, **overrides):
+    from mmf.common.registry import registry
+
+    cls = registry.get_model_class("mvptr")
+    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config(head_type), overrides)
+    torch.manual_seed(0)
+    model = cls(config)
+    model.build()
+    model.init_losses()
+    return model.eval()
+
+
 def test_optimizer_groups_decay_weights_but_no_bias_or_layer_norm_and_skip_frozen_parameters():
     """AdamW's two groups as the official code: ``optimizer.params.weight_decay`` on every weight matrix and
     embedding, 0 on biases and on every LayerNorm (found here by module type, the region LayerNorm included)."""
-    from mmf.common.registry import registry
     from mmf.utils.build import build_optimizer
 
-    cls = registry.get_model_class("mvptr")
-    model = cls(OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config("pretraining"),
-                                {"img_layer_norm": True}))  # the region LayerNorm (region_embedding.norm)
-    model.build()
+    model = build_head("pretraining", img_layer_norm=True)  # the region LayerNorm (region_embedding.norm)
     model.backbone.word_embeddings.weight.requires_grad_(False)
     run_config = OmegaConf.create({"model": "mvptr", "model_config": {"mvptr": model.config},
                                    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.05}}})
@@ -312,29 +320,11 @@ def test_optimizer_groups_decay_weights_but_no_bias_or_layer_norm_and_skip_froze
 
 
 def test_retrieval_encoders_for_the_heads_with_matching():
-    from mmf.common.registry import registry
-
     from mmf_multilevel.methods.mvptr.retrieval import MVPTRDualEncoder
 
-    cls = registry.get_model_class("mvptr")
     for head, expected in (("pretraining", True), ("retrieval", True), ("vqa", False)):
-        config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config(head))
-        model = cls(config)
-        model.build()
-        encoders = model.retrieval_encoders()
+        encoders = build_head(head).retrieval_encoders()
         assert isinstance(encoders, MVPTRDualEncoder) if expected else encoders is None, head
-
-
-def build_head(head_type, **overrides):
-    from mmf.common.registry import registry
-
-    cls = registry.get_model_class("mvptr")
-    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config(head_type), overrides)
-    torch.manual_seed(0)
-    model = cls(config)
-    model.build()
-    model.init_losses()
-    return model.eval()
 
 
 def test_vqa_reads_the_text_cls_output_and_snli_ve_the_pooler():
@@ -441,7 +431,6 @@ def test_the_model_starts_from_bert_weights_by_path_with_concept_rows_and_bert_h
     network options (``img_layer_norm``, ``num_tag_slots``)."""
     import json
 
-    from mmf.common.registry import registry
     from transformers import BertConfig, BertForPreTraining, BertTokenizer
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "man", "horse", "ride"] + [f"w{i}" for i in range(32)]
@@ -454,12 +443,8 @@ def test_the_model_starts_from_bert_weights_by_path_with_concept_rows_and_bert_h
                                          intermediate_size=64, max_position_embeddings=64))
     bert.save_pretrained(str(folder))
     (tmp_path / "id2phrase.json").write_text(json.dumps({"41": ["man"], "43": ["horse", "ride"]}))
-    cls = registry.get_model_class("mvptr")
-    config = OmegaConf.merge(OmegaConf.load(cls.config_path()).model_config.mvptr, tiny_config("pretraining"),
-                             {"bert_model_name": str(folder), "concepts": str(tmp_path / "id2phrase.json"),
-                              "img_layer_norm": True, "pretraining": {"init_heads_from_bert": True}})
-    model = cls(config)
-    model.build()
+    model = build_head("pretraining", bert_model_name=str(folder), concepts=str(tmp_path / "id2phrase.json"),
+                       img_layer_norm=True, pretraining={"init_heads_from_bert": True})
     table = model.backbone.word_embeddings.weight.detach()
     bert_words = bert.bert.embeddings.word_embeddings.weight.detach()
     assert table.shape[0] == 44  # the largest concept id + 1

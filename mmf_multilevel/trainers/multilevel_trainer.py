@@ -302,6 +302,21 @@ class MultilevelTrainer(BaseTrainer):
         self.num_updates += 1
 
     def train(self):
+        try:
+            self._train()
+        finally:
+            self.close_tensorboard()
+
+    def close_tensorboard(self):
+        """Flush and close the tensorboard writer while the interpreter is alive. Left to MMF's
+        ``TensorboardLogger.__del__`` at exit, the close waits on a queue whose writer thread (a daemon)
+        has already been stopped, and the process never exits."""
+        logger = getattr(self, "tb_writer", None)
+        if logger is not None and logger.summary_writer is not None:
+            logger.summary_writer.close()
+            logger.summary_writer = None
+
+    def _train(self):
         self.writer.write("===== Model =====")
         self.writer.write(self.model)
         from mmf.utils.general import print_model_parameters

@@ -51,19 +51,28 @@ def _ce(logits, label):
     return math.log(sum(math.exp(v) for v in logits.tolist())) - float(logits[label])
 
 
-def reference(model, batch, negatives):
-    """The five losses from the network's stages, one pair at a time."""
-    net, heads = model.backbone, model.heads
+def stage_one(model, batch):
+    """The text and visual encoders on the batch, and ``joint(t, i)``: the multimodal pass of caption t with image i
+    alone, ``(states, pooled, mask)``."""
     from mmf_multilevel.methods.batch import region_inputs
 
+    net = model.backbone
     regions = region_inputs(batch, "mvptr", model.settings.feature_dim, "6d")
-    n, width, tags = batch.input_ids.size(0), batch.input_ids.size(1), net.num_tag_slots
     text = net.encode_text(batch.input_ids, batch.input_mask)
     visual, vmask = net.encode_visual(batch.tag_ids, batch.tag_mask, regions.features, regions.boxes, regions.mask)
 
     def joint(t, i):
         states, pooled, mask = net.fuse(text[t:t + 1], batch.input_mask[t:t + 1], visual[i:i + 1], vmask[i:i + 1])
         return states[0], pooled[0], mask[0]
+
+    return text, visual, joint
+
+
+def reference(model, batch, negatives):
+    """The five losses from the network's stages, one pair at a time."""
+    net, heads = model.backbone, model.heads
+    n, width, tags = batch.input_ids.size(0), batch.input_ids.size(1), net.num_tag_slots
+    text, visual, joint = stage_one(model, batch)
 
     # MCR: every masked tag of every sample
     terms = [_ce(heads.mcr_logits(visual[b, k]), int(batch.mcr_label_ids[b, k]))
@@ -72,7 +81,7 @@ def reference(model, batch, negatives):
     # VSC
     g_t = [F.normalize(text[b, 0] @ net.txt_proj, dim=0) for b in range(n)]
     g_v = [F.normalize(visual[b, 0] @ net.vis_proj, dim=0) for b in range(n)]
-    scale = math.exp(min(float(net.logit_scale), math.log(100)))
+    scale = math.exp(min(float(net.logit_scale), model.settings.pretraining.vsc_max_logit_scale))
     vsc = 0.0
     for b in range(n):
         row = [scale * float(g_t[b] @ g_v[k]) for k in range(n)]
@@ -92,24 +101,43 @@ def reference(model, batch, negatives):
     return dict(mcr=mcr, vsc=vsc, itm=itm, mlm=mlm), joint
 
 
-def wpg_reference(batch, joint, hard_image, n, width):
-    def score(states, mask, b):
-        phrases = [F.normalize(states[k], dim=0) for k in range(width) if batch.phrase_slots[b, k]]
-        regions = [F.normalize(states[width + k], dim=0) for k in range(states.size(0) - width) if mask[width + k]]
-        if not phrases:
-            return 0.0, False
-        return sum(max(float(p @ r) for r in regions) for p in phrases) / len(phrases), True
+def _phrase_region_score(batch, b, width, text_states, joint_states, joint_mask):
+    """Caption ``b``'s phrases (read from ``text_states``) against the real regions of a multimodal pass."""
+    phrases = [F.normalize(text_states[k], dim=0) for k in range(width) if batch.phrase_slots[b, k]]
+    regions = [F.normalize(joint_states[width + k], dim=0) for k in range(joint_states.size(0) - width)
+               if joint_mask[width + k]]
+    if not phrases:
+        return 0.0, False
+    return sum(max(float(p @ r) for r in regions) for p in phrases) / len(phrases), True
 
+
+def wpg_reference(batch, joint, hard_image, n, width, margin=0.2):
+    """``hard``: (caption b, its hard image) in one multimodal pass against (caption b, image b)."""
     hinges = []
     for b in range(n):
         states, _, mask = joint(b, b)
-        positive, has = score(states, mask, b)
-        if not has:
+        positive, has = _phrase_region_score(batch, b, width, states, states, mask)
+        if not has or hard_image[b] < 0:
             continue
         states, _, mask = joint(b, int(hard_image[b]))
-        negative, _ = score(states, mask, b)
-        hinges.append(max(0.0, 0.2 + negative - positive))
-    return sum(hinges) / len(hinges)
+        negative, _ = _phrase_region_score(batch, b, width, states, states, mask)
+        hinges.append(max(0.0, margin + negative - positive))
+    return sum(hinges) / len(hinges) if hinges else 0.0
+
+
+def random_wpg_reference(batch, joint, other, n, width, margin):
+    """``random``: caption b's phrases from its matched pass against the regions of sample ``other[b]``'s."""
+    hinges = []
+    for b in range(n):
+        states, _, mask = joint(b, b)
+        positive, has = _phrase_region_score(batch, b, width, states, states, mask)
+        if not has or other[b] < 0:
+            continue
+        o = int(other[b])
+        other_states, _, other_mask = joint(o, o)
+        negative, _ = _phrase_region_score(batch, b, width, states, other_states, other_mask)
+        hinges.append(max(0.0, margin + negative - positive))
+    return sum(hinges) / len(hinges) if hinges else 0.0
 
 
 def test_every_loss_equals_an_independent_pair_by_pair_computation(monkeypatch):
@@ -178,7 +206,8 @@ def test_ablations_drop_their_losses_and_inputs():
     batch = tiny_batch("pretraining")
     assert set(losses_of(build(mcr=False)(batch))) == {"vsc", "itm", "mlm", "wpg"}
     del batch["phrase_slots"]
-    with pytest.raises(KeyError, match="phrase_slots"):
+    with pytest.raises(KeyError, match=r"needs 'phrase_slots' in the batch \(the phrase positions WPG reads; "
+                                       "pretraining.wpg: false trains without WPG;"):
         build()(batch)
     del batch["mcr_label_ids"]
     assert set(losses_of(build(mcr=False, wpg=False)(batch))) == {"vsc", "itm", "mlm"}
@@ -444,10 +473,15 @@ def test_the_model_starts_from_bert_weights_by_path_with_concept_rows_and_bert_h
     bert.save_pretrained(str(folder))
     (tmp_path / "id2phrase.json").write_text(json.dumps({"41": ["man"], "43": ["horse", "ride"]}))
     model = build_head("pretraining", bert_model_name=str(folder), concepts=str(tmp_path / "id2phrase.json"),
-                       img_layer_norm=True, pretraining={"init_heads_from_bert": True})
+                       img_layer_norm=True, pretraining={"init_heads_from_bert": True}, num_embeddings=48)
     table = model.backbone.word_embeddings.weight.detach()
     bert_words = bert.bert.embeddings.word_embeddings.weight.detach()
-    assert table.shape[0] == 44  # the largest concept id + 1
+    assert table.shape[0] == 44  # the largest concept id + 1: the concepts decide, not num_embeddings
+    plain = build_head("pretraining", bert_model_name=str(folder), num_embeddings=48)  # no concepts: 48 rows
+    assert plain.backbone.word_embeddings.weight.shape[0] == 48
+    torch.testing.assert_close(plain.backbone.word_embeddings.weight[:40], bert_words)
+    with pytest.raises(FileNotFoundError, match="model_config.mvptr.concepts: no id2phrase.json at "):
+        build_head("pretraining", bert_model_name=str(folder), concepts=str(tmp_path / "missing.json"))
     torch.testing.assert_close(table[:40], bert_words)
     torch.testing.assert_close(table[41], bert_words[5])
     torch.testing.assert_close(table[43], bert_words[6:8].mean(0))
@@ -501,3 +535,149 @@ def test_task_heads_follow_the_bert_settings_and_every_negative_choice_builds():
     for choice in ("sampled", "hardest", "random"):
         build_head("retrieval", retrieval={"itm_negatives": choice})
         build_head("pretraining", pretraining={"itm_negatives": choice})
+
+
+def recorded(monkeypatch, name):
+    """Wrap ``model_module.<name>``: every call's arguments and output are kept."""
+    calls = []
+    real = getattr(model_module, name)
+
+    def record(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+
+    monkeypatch.setattr(model_module, name, record)
+    return calls
+
+
+def test_random_wpg_negatives_are_samples_of_other_images_scored_at_the_margin(monkeypatch):
+    """``wpg_negative: random`` (Eq. 2): caption b's phrases against the regions of a uniformly drawn sample of
+    another image - its own matched pass - at ``wpg_margin``; a caption without phrases is left out. Captions
+    0-2 show one image, so 3 is their only other sample; sample 0 is a valid draw for caption 3."""
+    model = build(itm_negatives="hardest", wpg_negative="random", wpg_margin=0.7)
+    draws = recorded(monkeypatch, "_random_other_image")
+    drew_zero = False
+    for seed in range(8):
+        batch = tiny_batch("pretraining", seed=seed, batch=4)  # caption 1 has no phrase
+        batch.image_index = torch.tensor([5, 5, 5, 7])
+        with torch.no_grad():
+            got = losses_of(model(batch))["wpg"]
+            other = draws[-1][2]
+            assert other[:3].tolist() == [3, 3, 3] and int(other[3]) in (0, 1, 2)
+            drew_zero |= int(other[3]) == 0
+            _, _, joint = stage_one(model, batch)
+            want = random_wpg_reference(batch, joint, other, 4, batch.input_ids.size(1), 0.7)
+        assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-6), seed
+    assert drew_zero
+
+
+def test_hard_wpg_negatives_include_image_0_and_the_margin(monkeypatch):
+    """Every caption's hard image is image 0 (caption 0's is image 1): the captions the ITM half did not pair with
+    their hard image get an extra (caption, image 0) pass, and WPG reads it at ``wpg_margin``."""
+    model = build(wpg_margin=0.9)
+    hard_image, hard_text = torch.tensor([1, 0, 0, 0]), torch.tensor([1, 0, 0, 0])
+    monkeypatch.setattr(model_module, "hard_negatives", lambda *args, **kwargs: (hard_image, hard_text))
+    batch = tiny_batch("pretraining", batch=4)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            got = losses_of(model(batch))["wpg"]
+            _, _, joint = stage_one(model, batch)
+            want = wpg_reference(batch, joint, hard_image, 4, batch.input_ids.size(1), margin=0.9)
+        assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-6), seed
+
+
+@pytest.mark.parametrize("negative", ["hard", "random"])
+def test_wpg_aggregation_reaches_every_score(monkeypatch, negative):
+    calls = recorded(monkeypatch, "wpg_scores")
+    with torch.no_grad():
+        build(wpg_negative=negative, wpg_aggregation="rand_top3")(tiny_batch("pretraining", batch=4))
+    assert [args[4] for args, _, _ in calls] == ["rand_top3", "rand_top3"]  # positives, negatives
+
+
+def test_without_wpg_the_multimodal_pass_holds_the_itm_pairs_alone(monkeypatch):
+    model = build(wpg=False, itm_negatives="hardest")
+    sizes = []
+    real_fuse = model.backbone.fuse
+    monkeypatch.setattr(model.backbone, "fuse", lambda *args, **kwargs: sizes.append(int(args[4].numel())) or
+                        real_fuse(*args, **kwargs))
+    with torch.no_grad():
+        model(tiny_batch("pretraining", batch=4))
+    assert sizes == [4 + 4]  # the matched pairs and the n negatives; no (caption, hard image) rows for WPG
+
+
+def test_pretraining_vsc_and_sampled_negatives_use_the_clamped_scale_and_need_no_image_index(monkeypatch):
+    """``vsc_max_logit_scale`` caps log τ⁻¹ in VSC (Eq. 1) and in the sampled negatives; without ``image_index``
+    each caption is its own image's only caption."""
+    model = build(itm_negatives="sampled", vsc_max_logit_scale=1.0)
+    with torch.no_grad():
+        model.backbone.logit_scale.fill_(5.0)
+    hard = recorded(monkeypatch, "hard_negatives")
+    split = recorded(monkeypatch, "split_negatives")
+    batch = tiny_batch("pretraining", batch=4)
+    del batch["image_index"]
+    with torch.no_grad():
+        got = losses_of(model(batch))["vsc"]
+        text, visual, _ = stage_one(model, batch)
+        g_t, g_v = model.backbone.global_embeddings(text, visual)
+        logits = math.e * g_t @ g_v.t()  # exp(min(5, 1))
+        want = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.t(), torch.arange(4))) / 2
+    torch.testing.assert_close(got, want)
+    (args, kwargs, _), = hard
+    assert args[1] == "sampled" and float(kwargs["scale"]) == pytest.approx(math.e) and kwargs["image_ids"] is None
+    neg_text, neg_image, _ = split[0][2]
+    assert (neg_text != neg_image).all()
+
+
+def test_retrieval_never_pairs_two_captions_of_one_image(monkeypatch):
+    """Fine-tuning's hard negatives are drawn knowing each caption's image (``image_index``)."""
+    model = build_head("retrieval", retrieval={"itm_negatives": "hardest"})
+    hard = recorded(monkeypatch, "hard_negatives")
+    calls = recorded_split(monkeypatch)
+    batch = tiny_batch("retrieval", batch=4)
+    batch.image_index = torch.tensor([0, 0, 1, 2])
+    with torch.no_grad():
+        model(batch)
+    assert hard[0][1]["image_ids"].tolist() == [0, 0, 1, 2]
+    neg_text, neg_image, _ = calls[0]
+    assert neg_text.numel() and (batch.image_index[neg_text] != batch.image_index[neg_image]).all()
+
+
+def test_refcoco_without_any_real_proposal_gives_a_zero_loss_in_the_graph():
+    model = _refcoco_model(layer=1, loss="mse_iou").train()
+    batch = tiny_batch("refcoco")
+    batch.image_info_0.max_features = torch.zeros_like(batch.image_info_0.max_features)
+    out = model(batch)
+    loss = next(iter(out["losses"].values()))
+    assert loss.item() == 0.0 and loss.requires_grad
+    assert torch.isinf(out["scores"]).all()
+
+
+def test_alignment_of_a_refcoco_model_reads_its_scoring_layer():
+    model = _refcoco_model(layer=1)
+    with torch.no_grad():
+        out = model.alignment(tiny_batch("refcoco"))
+    assert "layer 1 of 2" in out["source"]
+    # 4 BERT layers: 2 text, then the multimodal ones; layer 1 of those is BERT's layer index 2
+    assert out["layer"] == "backbone.bert.bert.encoder.layer.2.attention.self"
+
+
+def test_encode_reads_the_regions_of_a_paired_side():
+    model = build()
+    batch, other = tiny_batch("pretraining"), tiny_batch("pretraining", seed=1)
+    from mmf.common.sample import SampleList
+
+    batch.img0 = SampleList({"image_feature_0": other.image_feature_0, "image_info_0": other.image_info_0})
+    swapped = tiny_batch("pretraining")
+    swapped.image_feature_0, swapped.image_info_0 = other.image_feature_0, other.image_info_0
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(batch, side="img0")["visual"], model.encode(swapped)["visual"])
+    with pytest.raises(KeyError, match=r"mvptr needs the paired layout \('img1' missing"):
+        model.encode(batch, side="img1")
+
+
+def test_a_sample_with_one_other_image_always_draws_it():
+    for _ in range(10):
+        assert model_module._random_other_image(2, None, "cpu").tolist() == [1, 0]
+        assert model_module._random_other_image(3, torch.tensor([4, 4, 9]), "cpu")[2].item() in (0, 1)

@@ -165,7 +165,9 @@ class MVPTR(MethodModel):
         return sample_list[key]
 
     def encode(self, sample_list, side=None):
-        """Stage 1 and the matched pairs' stage 2: ``text``, ``visual`` (+ masks), ``states``, ``pooled``."""
+        """Stage 1, the two encoders (paper §3.1; the regions of the ``side`` image of a paired batch): ``text``,
+        ``text_mask``, ``visual`` (the visual [CLS], the tags, the regions), ``visual_mask``. The callers run
+        stage 2 (``backbone.fuse``) on the pairs they need."""
         s = self.settings
         text = text_inputs(sample_list, self.name)
         regions = region_inputs(sample_list, self.name, s.feature_dim, "6d", side=side)

@@ -642,6 +642,12 @@ def test_retrieval_never_pairs_two_captions_of_one_image(monkeypatch):
     assert hard[0][1]["image_ids"].tolist() == [0, 0, 1, 2]
     neg_text, neg_image, _ = calls[0]
     assert neg_text.numel() and (batch.image_index[neg_text] != batch.image_index[neg_image]).all()
+    del batch["image_index"]  # without it each caption is its own image's only caption
+    with torch.no_grad():
+        model(batch)
+    assert hard[1][1]["image_ids"] is None
+    neg_text, neg_image, _ = calls[1]
+    assert (neg_text != neg_image).all()
 
 
 def test_refcoco_without_any_real_proposal_gives_a_zero_loss_in_the_graph():

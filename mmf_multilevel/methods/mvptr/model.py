@@ -196,8 +196,8 @@ class MVPTR(MethodModel):
         if p.mcr:  # §3.2: masked tags from the visual encoder
             labels = self._need(sample_list, "mcr_label_ids", "the MCR targets").to(device).long()
             chosen = labels != IGNORE_INDEX
-            logits = heads.mcr_logits(visual[:, : net.num_tag_slots][chosen])
-            losses["mcr"] = masked_token_loss(logits, labels[chosen]) if bool(chosen.any()) else visual.sum() * 0.0
+            # nothing masked: masked_token_loss gives a zero connected to the graph
+            losses["mcr"] = masked_token_loss(heads.mcr_logits(visual[:, : net.num_tag_slots][chosen]), labels[chosen])
 
         g_t, g_v = net.global_embeddings(text, visual)  # §3.3, Eq. 1
         losses["vsc"], sim = vsc_loss(g_t, g_v, net.logit_scale, p.vsc_max_logit_scale)
@@ -229,8 +229,7 @@ class MVPTR(MethodModel):
 
         lm_labels = self._need(sample_list, "lm_label_ids", "the MLM targets").to(device).long()
         chosen = lm_labels != IGNORE_INDEX
-        mlm_logits = heads.mlm_logits(states[:n, :width][chosen])
-        losses["mlm"] = masked_token_loss(mlm_logits, lm_labels[chosen]) if bool(chosen.any()) else states.sum() * 0.0
+        losses["mlm"] = masked_token_loss(heads.mlm_logits(states[:n, :width][chosen]), lm_labels[chosen])
 
         if p.wpg:
             losses["wpg"] = self._wpg(sample_list, states, joint_mask, n, width, wpg_rows, image_ids)

@@ -1151,3 +1151,219 @@ def test_the_log_line_reports_the_dictionary_usage_and_the_resnet_state():
     assert model.log_message(TrainingProgress(update=1, epoch=1)).endswith("; ResNet training")
     assert build("retrieval").log_message(TrainingProgress(update=1, epoch=1)) is None
     assert build("pretraining", use_vd=False).log_message(TrainingProgress(update=1, epoch=1)) is None
+
+
+# ---------------------------------------------------------------------------------------------- the adapter's wiring
+def _spy_joint(model):
+    calls = []
+    original = model.backbone.joint
+
+    def spy(input_ids, text_mask, visual, visual_mask, grid, masked=None, segment_ids=None):
+        calls.append({"visual": visual, "masked": masked, "segment_ids": segment_ids})
+        return original(input_ids, text_mask, visual, visual_mask, grid, masked=masked, segment_ids=segment_ids)
+
+    model.backbone.joint = spy
+    return calls
+
+
+def test_both_pretraining_passes_read_the_token_types_and_the_mvm_settings(monkeypatch):
+    import mmf_multilevel.methods.soho.model as soho_model
+
+    draws = []
+    real_draw = soho_model.draw_mvm_mask
+    monkeypatch.setattr(soho_model, "draw_mvm_mask", lambda *args, **kwargs: draws.append(args) or
+                        real_draw(*args, **kwargs))
+    model = build(pretraining={"mvm_mask_ratio": 0.5, "mvm_max_ratio": 0.6}).train()
+    calls = _spy_joint(model)
+    batch = tiny.tiny_batch("pretraining")
+    pairs = batch.pairs
+    pairs.segment_ids = (torch.arange(pairs.input_ids.size(1)) >= 3).long().expand_as(pairs.input_ids) * pairs.input_mask
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    model(batch)
+    matched = (pairs.is_correct == 1).nonzero().view(-1)
+    (clean, masked) = calls
+    assert torch.equal(clean["segment_ids"], pairs.segment_ids)
+    assert torch.equal(masked["segment_ids"], pairs.segment_ids[matched])
+    (args,) = draws
+    assert args[3:] == (0.5, 0.6)  # (ids, real cells, mode, mask ratio, max ratio)
+    del pairs["segment_ids"]  # no token types: none reach either pass
+    calls.clear()
+    model(batch)
+    assert [call["segment_ids"] for call in calls] == [None, None]
+
+
+@pytest.mark.parametrize("use_vd", [True, False])
+def test_the_match_logits_read_the_token_types_and_the_pretraining_visual_source(use_vd):
+    model = build(use_vd=use_vd).eval()
+    with torch.no_grad():
+        model.backbone.text.token_type_embeddings.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+    batch = tiny.tiny_batch("vqa")
+    batch.segment_ids = (torch.arange(batch.input_ids.size(1)) >= 2).long().expand_as(batch.input_ids) * batch.input_mask
+    pixels, mask = _pixels(batch)
+    source = "dictionary" if use_vd else "features"
+    with torch.no_grad():
+        got = model.pretraining_match_logits(batch)
+        want = model.heads.itm(model.backbone(batch.input_ids, batch.input_mask, pixels, mask, source=source,
+                                              segment_ids=batch.segment_ids)["pooled"])
+        other = model.heads.itm(model.backbone(batch.input_ids, batch.input_mask, pixels, mask,
+                                               source="features" if use_vd else "dictionary",
+                                               segment_ids=batch.segment_ids)["pooled"])
+        untyped = model.heads.itm(model.backbone(batch.input_ids, batch.input_mask, pixels, mask, source=source)["pooled"])
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, other) and not torch.allclose(got, untyped)
+
+
+def test_pretraining_without_the_dictionary_reads_the_grid_features():
+    model = build(use_vd=False).train()
+    calls = _spy_joint(model)
+    batch = tiny.tiny_batch("pretraining")
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    model(batch)
+    with torch.no_grad():
+        image = model.backbone.encode_image(batch.image, None, quantise=False)
+    torch.testing.assert_close(calls[0]["visual"], image["features"][batch.pairs.pair_image_index])
+
+
+def test_a_batch_without_matched_pairs_keeps_zero_mlm_and_mvm_losses_in_the_graph():
+    model = build().train()
+    batch = tiny.tiny_batch("pretraining")
+    batch.pairs.is_correct = torch.zeros_like(batch.pairs.is_correct)
+    with torch.no_grad():  # trained heads: their biases are not zero
+        model.heads.mlm.bias.fill_(0.5)
+        model.heads.mvm.decoder.bias.fill_(0.5)
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    losses = model(batch)["losses"]
+    assert set(losses) == {f"train/soho_contract/{n}" for n in ("itm", "mlm", "mvm")}
+    for name in ("mlm", "mvm"):
+        loss = losses[f"train/soho_contract/{name}"]
+        assert loss.item() == 0.0 and loss.requires_grad
+    assert losses["train/soho_contract/itm"].item() > 0
+
+
+def test_pair_image_index_and_missing_fields_are_checked_naming_the_dataset():
+    model = build().train()
+    model.on_update_start(TrainingProgress(update=0, epoch=1))
+    for index in ([0, 1, 1], [0, -1], [0, 2]):  # wrong length; negative; one past the last image
+        batch = tiny.one_text_batch(num_images=2)
+        batch.pair_image_index = torch.tensor(index)
+        with pytest.raises(ValueError, match=r"pair_image_index must give each of the 2 texts an image in \[0, 2\)"):
+            model(batch)
+    batch = tiny.one_text_batch(num_images=2)
+    batch.pair_image_index = torch.tensor([1, 1])  # valid: both texts on the second image
+    model(batch)
+    batch = tiny.one_text_batch(num_images=3)
+    batch.image, batch.image_size = batch.image[:2], batch.image_size[:2]  # 3 texts, 2 images
+    with pytest.raises(KeyError, match="3 texts and 2 images but no 'pair_image_index'"):
+        model(batch)
+    batch = tiny.one_text_batch()
+    del batch["is_correct"]
+    with pytest.raises(KeyError, match="from dataset_config.soho_contract"):
+        model(batch)
+    batch = tiny.one_text_batch()
+    del batch["image"]
+    with pytest.raises(KeyError, match="soho needs 'image'"):
+        model(batch)
+
+
+def _bert_folder(tmp_path, layers=3):
+    from transformers import BertForPreTraining
+
+    folder = tmp_path / "bert"
+    torch.manual_seed(7)
+    bert = BertForPreTraining(BertConfig(vocab_size=40, hidden_size=HIDDEN, num_hidden_layers=layers,
+                                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=40))
+    bert.save_pretrained(str(folder))
+    return folder, bert
+
+
+def test_bert_num_layers_keeps_the_first_layers_of_bert_with_the_dropouts_and_its_mlm_head(tmp_path):
+    """Table 7's 3-layer transformer (§4.1): the first ``bert_num_layers`` layers of ``bert_model_name``, the
+    configured dropouts, and with ``init_mlm_from_bert`` BERT's ``cls.predictions`` as the MLM head."""
+    folder, bert = _bert_folder(tmp_path)
+    model = build(bert_model_name=str(folder), bert_num_layers=1, hidden_dropout_prob=0.3,
+                  attention_probs_dropout_prob=0.2, pretraining={"init_mlm_from_bert": True})
+    text = model.backbone.text
+    assert text.config.num_hidden_layers == 1 and len(text.layers) == 1
+    assert text.config.hidden_dropout_prob == 0.3 and text.config.attention_probs_dropout_prob == 0.2
+    torch.testing.assert_close(text.layers[0].attention.self.query.weight,
+                               bert.bert.encoder.layer[0].attention.self.query.weight)
+    torch.testing.assert_close(model.heads.mlm.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
+    torch.testing.assert_close(model.heads.mlm.bias, bert.cls.predictions.bias)
+    assert build(pretraining={"init_mlm_from_bert": True}).heads.mlm is not None  # no BERT named: nothing to load
+    with pytest.raises(ValueError, match="bert_num_layers must be positive"):
+        build(bert_model_name=str(folder), bert_num_layers=0)
+    with pytest.raises(ValueError, match="bert_num_layers keeps the first layers of bert_model_name, which is null"):
+        build(bert_num_layers=2)
+
+
+def test_the_network_settings_reach_the_backbone(timm_calls):
+    from mmf_multilevel.methods.soho.network import GridEncoder as Encoder
+
+    model = build(backbone_pretrained=True, frozen_batch_norm=False, vd_momentum=0.5, visual_token_type=0,
+                  channels_last=False, pool_before_conv=True)
+    net = model.backbone
+    assert timm_calls[-1]["pretrained"] is True
+    assert not any(type(m).__name__.startswith("FrozenBatchNorm") for m in net.encoder.resnet.modules())
+    assert net.dictionary.momentum == 0.5 and net.visual_token_type == 0 and net.encoder.channels_last is False
+    assert net.encoder.pool_before_conv is True
+    default = build()  # the tiny configs' backbone_pretrained: false
+    assert timm_calls[-1]["pretrained"] is False
+    assert any(type(m).__name__.startswith("FrozenBatchNorm") for m in default.backbone.encoder.resnet.modules())
+    assert default.backbone.visual_token_type == 1 and isinstance(default.backbone.encoder, Encoder)
+
+
+def test_task_heads_follow_the_bert_settings_and_one_answer_builds():
+    settings = {"hidden_dropout_prob": 0.25, "layer_norm_eps": 1e-6, "initializer_range": 0.5}
+    vqa = build("vqa", num_answers=1, **settings).classifier
+    assert vqa.dropout.p == 0.25 and vqa.LayerNorm.eps == 1e-6 and vqa.classifier.out_features == 1
+    assert vqa.dense.weight.std().item() == pytest.approx(0.5, rel=0.2)
+    nlvr2 = build("nlvr2", **settings).classifier
+    assert nlvr2.dropout.p == 0.25 and nlvr2.classifier[2].eps == 1e-6 and nlvr2.classifier[3].out_features == 2
+    assert nlvr2.classifier[0].weight.std().item() == pytest.approx(0.5, rel=0.2)
+    snli = build("snli_ve", **settings).classifier
+    assert isinstance(snli[0], torch.nn.Dropout) and snli[0].p == 0.25 and snli[1].out_features == 3
+    itm = build("retrieval", **settings).itm_head
+    assert itm.dropout.p == 0.25 and itm.classifier.out_features == 2
+    assert itm.classifier.weight.std().item() == pytest.approx(0.5, rel=0.4)
+    with pytest.raises(ValueError, match="num_answers must be positive"):
+        build("vqa", num_answers=0)
+
+
+def test_the_optimizer_reads_every_setting_and_the_schedule_waits_for_it():
+    model = build(optimization={"cnn_momentum": 0.5, "cnn_weight_decay": 1e-3, "weight_decay": 0.05,
+                                "lr_steps": [1], "lr_ratio": 0.1})
+    progress = TrainingProgress(update=3, epoch=1)
+    model.on_update_start(progress)  # before configure_optimizer: nothing to step yet
+    assert model.progress is progress
+    optimizer = model.configure_optimizer(None)
+    (sgd,) = optimizer.parts["cnn"].param_groups
+    (adamw,) = optimizer.parts["transformer"].param_groups
+    assert sgd["momentum"] == 0.5 and sgd["weight_decay"] == 1e-3 and adamw["weight_decay"] == 0.05
+
+
+def test_in_batch_retrieval_without_token_types_and_its_errors_name_the_dataset():
+    model = build("retrieval", retrieval_in_batch=True).train()
+    batch = _retrieval_batch()
+    del batch["segment_ids"]
+    assert torch.isfinite(model(batch)["losses"]["train/coco_retrieval_images/itm"])
+    batch.targets = torch.tensor([1, 0, 1])
+    with pytest.raises(ValueError, match=r"set dataset_config.coco_retrieval_images.itm_probability: 0"):
+        model(batch)
+    for field, message in (("input_ids", "soho needs 'input_ids'"), ("image", "soho needs 'image'")):
+        broken = _retrieval_batch()
+        del broken[field]
+        with pytest.raises(KeyError, match=message):
+            model(broken)
+
+
+def test_alignment_reads_the_last_of_three_layers_and_paired_sides_are_named():
+    model = build("vqa", num_hidden_layers=3).eval()
+    with torch.no_grad():
+        out = model.alignment(tiny.tiny_batch("vqa"))
+    assert "layer 3 of 3" in out["source"] and out["layer"].endswith("encoder.layer.2.attention.self")
+    broken = tiny.tiny_batch("vqa")
+    del broken["input_ids"]
+    with pytest.raises(KeyError, match="soho needs 'input_ids'"):
+        model.alignment(broken)
+    with pytest.raises(KeyError, match=r"soho needs the paired layout \('img0' missing"):
+        model.encode(tiny.tiny_batch("vqa"), side="img0")

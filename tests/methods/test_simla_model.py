@@ -202,3 +202,31 @@ def test_alpha_ramp_and_learning_rate_follow_the_pushed_update():
         seen.append((model.alpha, optimizer.param_groups[0]["lr"]))
     assert [a for a, _ in seen] == pytest.approx([0.0, 0.08, 0.16, 0.32, 0.4, 0.4])
     assert [lr for _, lr in seen] == pytest.approx([1e-5, 5.5e-5, 1e-4, 5.5e-5, 1e-5, 1e-5])
+
+
+def test_encode_gives_the_unimodal_outputs_and_their_features_of_a_batch_or_a_side():
+    """``encode``: the ViT's patch sequence and the BERT's text-mode output (the caption as given), the text [CLS]
+    as ``pooled``, and the projected, normalised [CLS] features g_v, g_l (paper §2.2); ``side`` reads that image."""
+    from mmf.common.sample import SampleList
+
+    model = build().eval()
+    batch = testing.tiny_batch("pretraining")
+    with torch.no_grad():
+        out = model.encode(batch)
+        image = model.backbone.image_encoder(batch.image)
+        text = model.backbone.text_encoder.encode_text(batch.input_ids, batch.input_mask)
+        torch.testing.assert_close(out["image"], image)
+        torch.testing.assert_close(out["text"], text)
+        torch.testing.assert_close(out["pooled"], text[:, 0])
+        torch.testing.assert_close(out["image_feat"], F.normalize(model.heads.vision_proj(image[:, 0]), dim=-1))
+        torch.testing.assert_close(out["text_feat"], F.normalize(model.heads.text_proj(text[:, 0]), dim=-1))
+        assert not torch.allclose(text, model.backbone.text_encoder.encode_text(batch.input_ids,
+                                                                                torch.ones_like(batch.input_mask)))
+        flipped = batch.image.flip(-1)
+        batch.img1 = SampleList({"image": flipped, "image_size": batch.image_size})
+        torch.testing.assert_close(model.encode(batch, side="img1")["image"], model.backbone.image_encoder(flipped))
+    with pytest.raises(KeyError, match=r"simla needs the paired layout \('img0' missing"):
+        model.encode(batch, side="img0")
+    del batch["input_ids"]
+    with pytest.raises(KeyError, match="simla needs 'input_ids'"):
+        model.encode(batch)

@@ -207,3 +207,48 @@ def test_sixty_steps_on_a_fixed_batch_lower_both_losses():
         optimizer.step()
     for name in ("itc", "itm"):
         assert history[-1][name] < 0.9 * history[0][name], (name, history[0], history[-1])
+
+
+@pytest.mark.parametrize("with_image_index", [True, False])
+def test_retrieval_losses_and_scores_equal_a_recomputation_from_the_pieces(with_image_index):
+    """ITC (Eq. 2 with the momentum distillation of Eqs. 3-4 at α, the image-aware hard target, the queue all
+    negatives) and ITM (Eq. 5: the B pairs and the hard negatives drawn from the ITC similarities, fused with
+    the text-mode states) recomputed from the encoders, heads and momentum copies; without ``image_index`` every
+    pair is its own image."""
+    from mmf_multilevel.methods.simla.losses import itm_loss, itm_pair_indices, sample_hard_negatives
+
+    model = build(queue_size=12).eval()  # no dropout, no enqueue
+    model.alpha = 0.4
+    with torch.no_grad():  # online and momentum features differ; the fusion reads the cross-attention
+        model.heads.vision_proj.weight.add_(torch.randn_like(model.heads.vision_proj.weight))
+        model.backbone.text_encoder.cross_attention["0"].self.query.weight.mul_(1.5)
+        model.queues.image_queue.copy_(F.normalize(torch.randn_like(model.queues.image_queue), dim=0))
+        model.queues.text_queue.copy_(F.normalize(torch.randn_like(model.queues.text_queue), dim=0))
+    batch = aligned_batch()
+    if not with_image_index:
+        del batch["image_index"]
+    image_ids = torch.tensor(IMAGE_INDEX) if with_image_index else torch.arange(len(IMAGE_INDEX))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = model(batch)
+    losses = {key.rsplit("/", 1)[-1]: value for key, value in out["losses"].items()}
+    ids, mask = batch.input_ids, batch.input_mask
+    with torch.no_grad():
+        vit, bert, heads, m = model.backbone.image_encoder, model.backbone.text_encoder, model.heads, model.momentum
+        image = vit(batch.image)
+        text = bert.encode_text(ids, mask)
+        image_feat = F.normalize(heads.vision_proj(image[:, 0]), dim=-1)
+        text_feat = F.normalize(heads.text_proj(text[:, 0]), dim=-1)
+        image_m = F.normalize(m["vision_proj"](m["visual_encoder"](batch.image)[:, 0]), dim=-1)
+        text_m = F.normalize(m["text_proj"](m["text_encoder"].encode_text(ids, mask)[:, 0]), dim=-1)
+        queue_ids = torch.full((12,), -100, dtype=torch.long)
+        itc = itc_loss(image_feat, text_feat, image_m, text_m, model.queues.image_queue, model.queues.text_queue,
+                       heads.clamp_temperature(), 0.4, image_ids=image_ids, queue_ids=queue_ids)
+        torch.manual_seed(7)  # the negatives are the forward's first random draw
+        neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids=image_ids)
+        text_index, image_index = itm_pair_indices(neg_text, neg_image)
+        fused = bert.fuse(ids[text_index], mask[text_index], image[image_index], text_states=text[text_index])
+        logits = heads.itm_logits(fused[:, 0])
+    torch.testing.assert_close(losses["itc"], itc.loss)
+    torch.testing.assert_close(losses["itm"], itm_loss(logits))
+    torch.testing.assert_close(out["scores"], logits[: len(IMAGE_INDEX)])

@@ -537,3 +537,39 @@ def test_fuse_pair_reads_the_masks_and_defaults_them_to_all_real():
         images[slot] = changed
         torch.testing.assert_close(fuse_pair(paired, ids, mask, images, masks), padded)  # padded tokens unread
         assert not torch.allclose(fuse_pair(paired, ids, mask, images), padded)  # unmasked, they are read
+
+
+def test_the_text_assignment_pre_step_equals_a_recomputation_and_one_caption_gives_a_zero_loss(monkeypatch):
+    """Each caption (as written: its masked words put back) with the two images of ``text_assignment_pairs`` drawn
+    from the vision projection's cosine over 0.07, through the two-image layout, the 3-way head on [CLS]; a batch
+    of one caption has no other image: both slots hold its own and the loss is a zero in the graph."""
+    import mmf_multilevel.methods.simla.model as simla_model
+    from mmf_multilevel.methods.simla.downstream import fuse_pair, text_assignment_pairs
+    from mmf_multilevel.methods.simla.model import ASSIGNMENT_TEMPERATURE
+
+    seen = []
+    monkeypatch.setattr(simla_model, "text_assignment_pairs",
+                        lambda similarity: seen.append(similarity) or text_assignment_pairs(similarity))
+    model = build("nlvr2_assignment").eval()
+    batch = testing.tiny_batch("nlvr2_assignment", batch=6)
+    batch.lm_label_ids = torch.full_like(batch.input_ids, -1)
+    batch.lm_label_ids[:, 1] = batch.input_ids[:, 1]
+    batch.input_ids[:, 1] = testing.MASK
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = model(batch)
+        ids = batch.input_ids.clone()
+        ids[:, 1] = batch.lm_label_ids[:, 1]
+        image = model.backbone.image_encoder(batch.image)
+        feature = F.normalize(model.classifier["vision_proj"](image[:, 0]), dim=-1)
+        torch.manual_seed(3)
+        first, second, labels = text_assignment_pairs(feature @ feature.t() / ASSIGNMENT_TEMPERATURE)
+        hidden = fuse_pair(model.backbone.text_encoder, ids, batch.input_mask, (image[first], image[second]))
+        logits = model.classifier["ta_head"](hidden[:, 0])
+    torch.testing.assert_close(seen[0], feature @ feature.t() / ASSIGNMENT_TEMPERATURE)
+    torch.testing.assert_close(out["scores"], logits)
+    torch.testing.assert_close(out["losses"]["train/simla_contract/nlvr2_assignment"], F.cross_entropy(logits, labels))
+    single = testing.tiny_batch("nlvr2_assignment", batch=1)
+    out = model.train()(single)
+    loss = out["losses"]["train/simla_contract/nlvr2_assignment"]
+    assert out["scores"].shape == (1, 3) and loss.item() == 0.0 and loss.requires_grad

@@ -111,32 +111,20 @@ def _phrase_region_score(batch, b, width, text_states, joint_states, joint_mask)
     return sum(max(float(p @ r) for r in regions) for p in phrases) / len(phrases), True
 
 
-def wpg_reference(batch, joint, hard_image, n, width, margin=0.2):
-    """``hard``: (caption b, its hard image) in one multimodal pass against (caption b, image b)."""
+def wpg_reference(batch, joint, partner, n, width, margin=0.2, negative="hard"):
+    """Eq. 2's hinge, caption by caption. ``hard``: (caption b, image ``partner[b]``) in one multimodal pass;
+    ``random``: caption b's phrases from its matched pass against the regions of sample ``partner[b]``'s."""
     hinges = []
     for b in range(n):
         states, _, mask = joint(b, b)
         positive, has = _phrase_region_score(batch, b, width, states, states, mask)
-        if not has or hard_image[b] < 0:
+        if not has or partner[b] < 0:
             continue
-        states, _, mask = joint(b, int(hard_image[b]))
-        negative, _ = _phrase_region_score(batch, b, width, states, states, mask)
-        hinges.append(max(0.0, margin + negative - positive))
-    return sum(hinges) / len(hinges) if hinges else 0.0
-
-
-def random_wpg_reference(batch, joint, other, n, width, margin):
-    """``random``: caption b's phrases from its matched pass against the regions of sample ``other[b]``'s."""
-    hinges = []
-    for b in range(n):
-        states, _, mask = joint(b, b)
-        positive, has = _phrase_region_score(batch, b, width, states, states, mask)
-        if not has or other[b] < 0:
-            continue
-        o = int(other[b])
-        other_states, _, other_mask = joint(o, o)
-        negative, _ = _phrase_region_score(batch, b, width, states, other_states, other_mask)
-        hinges.append(max(0.0, margin + negative - positive))
+        p = int(partner[b])
+        other_states, _, other_mask = joint(b, p) if negative == "hard" else joint(p, p)
+        phrase_states = other_states if negative == "hard" else states
+        score, _ = _phrase_region_score(batch, b, width, phrase_states, other_states, other_mask)
+        hinges.append(max(0.0, margin + score - positive))
     return sum(hinges) / len(hinges) if hinges else 0.0
 
 
@@ -567,7 +555,7 @@ def test_random_wpg_negatives_are_samples_of_other_images_scored_at_the_margin(m
             assert other[:3].tolist() == [3, 3, 3] and int(other[3]) in (0, 1, 2)
             drew_zero |= int(other[3]) == 0
             _, _, joint = stage_one(model, batch)
-            want = random_wpg_reference(batch, joint, other, 4, batch.input_ids.size(1), 0.7)
+            want = wpg_reference(batch, joint, other, 4, batch.input_ids.size(1), 0.7, negative="random")
         assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-6), seed
     assert drew_zero
 

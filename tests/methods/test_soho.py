@@ -1211,6 +1211,11 @@ def test_the_match_logits_read_the_token_types_and_the_pretraining_visual_source
         untyped = model.heads.itm(model.backbone(batch.input_ids, batch.input_mask, pixels, mask, source=source)["pooled"])
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, other) and not torch.allclose(got, untyped)
+    for field in ("input_ids", "image"):
+        broken = tiny.tiny_batch("vqa")
+        del broken[field]
+        with pytest.raises(KeyError, match=f"soho needs '{field}'"):
+            model.pretraining_match_logits(broken)
 
 
 def test_pretraining_without_the_dictionary_reads_the_grid_features():

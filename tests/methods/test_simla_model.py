@@ -230,3 +230,21 @@ def test_encode_gives_the_unimodal_outputs_and_their_features_of_a_batch_or_a_si
     del batch["input_ids"]
     with pytest.raises(KeyError, match="simla needs 'input_ids'"):
         model.encode(batch)
+
+
+def test_the_dvae_view_undoes_the_normalisation_and_halves_each_side_with_antialiasing():
+    """The dVAE's input (paper §2.3, MIM): the ViT's crop back in [0, 1] (``pixel_mean`` / ``pixel_std`` undone),
+    resized to half of each side as torchvision's antialiased bilinear resize does, in [0, 1]."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    model = build(pixel_mean=[0.2, 0.5, 0.7], pixel_std=[0.1, 0.3, 0.25])
+    pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 3  # values far outside [0, 1]
+    mean = torch.tensor([0.2, 0.5, 0.7]).view(1, 3, 1, 1)
+    std = torch.tensor([0.1, 0.3, 0.25]).view(1, 3, 1, 1)
+    raw = (pixels * std + mean).clamp(0.0, 1.0)
+    assert (raw == 0).any() and (raw == 1).any()
+    want = resize(raw, [16, 24], interpolation=InterpolationMode.BILINEAR, antialias=True).clamp(0.0, 1.0)
+    got = model.dvae_view(pixels)
+    assert got.shape == (2, 3, 16, 24)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

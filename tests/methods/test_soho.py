@@ -1315,6 +1315,7 @@ def test_the_network_settings_reach_the_backbone(timm_calls):
     assert timm_calls[-1]["pretrained"] is False
     assert any(type(m).__name__.startswith("FrozenBatchNorm") for m in default.backbone.encoder.resnet.modules())
     assert default.backbone.visual_token_type == 1 and isinstance(default.backbone.encoder, Encoder)
+    assert default.backbone.encoder.channels_last is True  # the default
 
 
 def test_task_heads_follow_the_bert_settings_and_one_answer_builds():

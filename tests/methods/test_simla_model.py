@@ -248,3 +248,45 @@ def test_the_dvae_view_undoes_the_normalisation_and_halves_each_side_with_antial
     got = model.dvae_view(pixels)
     assert got.shape == (2, 3, 16, 24)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_mim_loss_equals_a_recomputation_from_the_pieces(monkeypatch):
+    """MIM (paper §2.3, Eqs. 6-7): a BEiT block mask with the configured settings, the dVAE tokens of the masked
+    patches as labels, the masked image's tokens through the BERT as queries cross-attending to the unmasked
+    caption's embedding-layer output (its padding masked), the MIM head; the teacher: the momentum ViT, BERT and
+    head on the same mask and memory, distilled at α."""
+    from mmf_multilevel.methods.simla import model as simla_model
+    from mmf_multilevel.methods.simla.losses import distilled_token_loss
+    from mmf_multilevel.methods.simla.vision import block_mask
+
+    masks = []
+    monkeypatch.setattr(simla_model, "block_mask",
+                        lambda *args, **kwargs: masks.append((args, kwargs)) or block_mask(*args, **kwargs))
+    model = build(mim_masked_patches=5, mim_min_block=3, mim_min_aspect=0.5).eval()
+    with torch.no_grad():  # online and momentum heads differ
+        model.heads.mim_head.weight.add_(torch.randn_like(model.heads.mim_head.weight))
+    batch = testing.tiny_batch("pretraining")
+    ids, mask = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids), batch.input_mask
+    assert (mask == 0).any()  # padded captions: the memory mask matters
+    torch.manual_seed(11)
+    with torch.no_grad():
+        got = model._mim_loss(batch.image, ids, mask, 0.4)
+        (args, kwargs), = masks
+        assert kwargs["num_masked"] == 5 and kwargs["min_block"] == 3 and kwargs["min_aspect"] == 0.5
+        vit, bert, m = model.backbone.image_encoder, model.backbone.text_encoder, model.momentum
+        torch.manual_seed(11)
+        mim_mask = block_mask(batch.image.size(0), vit.grid_size, num_masked=5, min_block=3, min_aspect=0.5)
+        labels = model.dvae(model.dvae_view(batch.image))[mim_mask]
+        memory = bert.embed(ids)
+        hidden = bert.encode(bert.embed(inputs_embeds=vit(batch.image, mim_mask)), None, memory=memory,
+                             memory_mask=mask)
+        logits = model.heads.mim_head(hidden[:, 1:][mim_mask])
+        teacher_bert = m["text_encoder"]
+        hidden_m = teacher_bert.encode(teacher_bert.embed(inputs_embeds=m["visual_encoder"](batch.image, mim_mask)),
+                                       None, memory=memory, memory_mask=mask)
+        teacher = m["mim_head"](hidden_m[:, 1:][mim_mask])
+        want = distilled_token_loss(logits, labels, teacher, 0.4)
+        unmasked_memory = bert.encode(bert.embed(inputs_embeds=vit(batch.image, mim_mask)), None, memory=memory)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(unmasked_memory, hidden)  # the memory mask changes the output
+    assert not torch.allclose(teacher, logits)

@@ -573,3 +573,28 @@ def test_the_text_assignment_pre_step_equals_a_recomputation_and_one_caption_giv
     out = model.train()(single)
     loss = out["losses"]["train/simla_contract/nlvr2_assignment"]
     assert out["scores"].shape == (1, 3) and loss.item() == 0.0 and loss.requires_grad
+
+
+def test_vqa_loss_paths_one_answer_index_no_answer_and_evaluation_without_distillation():
+    """VG-QA's single ``answer_index`` trains as a one-answer ``answers_indices``; a batch whose questions have no
+    in-list answer gives a zero loss in the graph; evaluation never distils, whatever α."""
+    model = build("vqa").eval()
+    model.alpha = 0.4
+    batch = testing.tiny_batch("vqa")
+    with torch.no_grad():
+        evaluated = model(batch)["losses"]["train/simla_contract/vqa"]
+        model.alpha = 0.0
+        undistilled = model(batch)["losses"]["train/simla_contract/vqa"]
+        torch.testing.assert_close(evaluated, undistilled)
+        single = testing.tiny_batch("vqa")
+        del single["answers_indices"]
+        single.answer_index = torch.tensor([1, 2, 0, 3])
+        one = testing.tiny_batch("vqa")
+        one.answers_indices = torch.tensor([[1], [2], [0], [3]])
+        torch.testing.assert_close(model(single)["losses"]["train/simla_contract/vqa"],
+                                   model(one)["losses"]["train/simla_contract/vqa"])
+    model.train()
+    none = testing.tiny_batch("vqa")
+    none.answers_indices = torch.full_like(none.answers_indices, -1)
+    loss = model(none)["losses"]["train/simla_contract/vqa"]
+    assert loss.item() == 0.0 and loss.requires_grad

@@ -30,17 +30,27 @@ def build(seed=0, **pretraining):
     return model.eval()
 
 
-def recorded_split(monkeypatch):
+def recorded(monkeypatch, name):
+    """Wrap ``model_module.<name>``: every call's ``(args, kwargs, output)`` is kept."""
     calls = []
-    real = model_module.split_negatives
+    real = getattr(model_module, name)
 
     def record(*args, **kwargs):
         out = real(*args, **kwargs)
-        calls.append(out)
+        calls.append((args, kwargs, out))
         return out
 
-    monkeypatch.setattr(model_module, "split_negatives", record)
+    monkeypatch.setattr(model_module, name, record)
     return calls
+
+
+def recorded_fuse_sizes(monkeypatch, model):
+    """The number of pairs of every multimodal pass of ``model``, and the unwrapped ``fuse``."""
+    sizes = []
+    real = model.backbone.fuse
+    monkeypatch.setattr(model.backbone, "fuse", lambda *args, **kwargs: sizes.append(int(args[4].numel())) or
+                        real(*args, **kwargs))
+    return sizes, real
 
 
 def losses_of(out):
@@ -131,20 +141,13 @@ def wpg_reference(batch, joint, partner, n, width, margin=0.2, negative="hard"):
 def test_every_loss_equals_an_independent_pair_by_pair_computation(monkeypatch):
     model = build(itm_negatives="hardest")
     batch = tiny_batch("pretraining", batch=4)
-    calls = recorded_split(monkeypatch)
-    fused = []
-    real_fuse = model.backbone.fuse
-
-    def fuse(*args, **kwargs):
-        fused.append(int(args[4].numel()))
-        return real_fuse(*args, **kwargs)
-
-    monkeypatch.setattr(model.backbone, "fuse", fuse)
+    calls = recorded(monkeypatch, "split_negatives")
+    fused, real_fuse = recorded_fuse_sizes(monkeypatch, model)
     with torch.no_grad():
         got = losses_of(model(batch))
     monkeypatch.setattr(model.backbone, "fuse", real_fuse)
     with torch.no_grad():
-        want, joint = reference(model, batch, calls[0])
+        want, joint = reference(model, batch, calls[0][2])
         # the hardest image of each caption, recomputed from the VSC similarities
         net = model.backbone
         text = net.encode_text(batch.input_ids, batch.input_mask)
@@ -159,7 +162,7 @@ def test_every_loss_equals_an_independent_pair_by_pair_computation(monkeypatch):
     assert set(got) == {"mcr", "vsc", "itm", "mlm", "wpg"}
     for key in want:
         assert got[key].item() == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
-    neg_text, neg_image, anchored = calls[0]
+    neg_text, neg_image, anchored = calls[0][2]
     assert neg_text.numel() == 4  # n negatives: half (caption, hard image), half (hard caption, image)
     # one multimodal pass: the 4 matched pairs, the 4 negatives, and (caption, hard image) for the 2 captions
     # the ITM half did not pair with their hard image (WPG's negatives), nothing twice
@@ -170,13 +173,13 @@ def test_every_loss_equals_an_independent_pair_by_pair_computation(monkeypatch):
 
 def test_same_image_captions_are_never_negatives(monkeypatch):
     model = build(itm_negatives="sampled", wpg_negative="random")
-    calls = recorded_split(monkeypatch)
+    calls = recorded(monkeypatch, "split_negatives")
     for seed in range(8):
         batch = tiny_batch("pretraining", seed=seed, batch=4)
         batch.image_index = torch.tensor([5, 5, 6, 7])  # captions 0 and 1 show the same image
         with torch.no_grad():
             model(batch)
-        neg_text, neg_image, _ = calls[-1]
+        neg_text, neg_image, _ = calls[-1][2]
         for t, i in zip(neg_text.tolist(), neg_image.tolist()):
             assert int(batch.image_index[t]) != int(batch.image_index[i]), (t, i)
 
@@ -400,17 +403,11 @@ def test_sampled_retrieval_negatives_are_drawn_at_the_clamped_scale(monkeypatch)
     model = build_head("retrieval", retrieval={"itm_negatives": "sampled"}, pretraining={"vsc_max_logit_scale": 1.0})
     with torch.no_grad():
         model.backbone.logit_scale.fill_(5.0)
-    calls = []
-    original = model_module.hard_negatives
-
-    def record(sim, mode, scale=None, image_ids=None):
-        calls.append((mode, None if scale is None else float(scale)))
-        return original(sim, mode, scale=scale, image_ids=image_ids)
-
-    monkeypatch.setattr(model_module, "hard_negatives", record)
+    calls = recorded(monkeypatch, "hard_negatives")
     with torch.no_grad():
         model(tiny_batch("retrieval", batch=4))
-    assert calls == [("sampled", pytest.approx(math.e))]  # exp(min(5, 1))
+    # one draw, sampled at exp(min(5, 1))
+    assert [(args[1], float(kwargs["scale"])) for args, kwargs, _ in calls] == [("sampled", pytest.approx(math.e))]
 
 
 def test_refcoco_loss_name_evaluation_without_gold_ignored_targets_and_a_fixed_scale():
@@ -525,20 +522,6 @@ def test_task_heads_follow_the_bert_settings_and_every_negative_choice_builds():
         build_head("pretraining", pretraining={"itm_negatives": choice})
 
 
-def recorded(monkeypatch, name):
-    """Wrap ``model_module.<name>``: every call's arguments and output are kept."""
-    calls = []
-    real = getattr(model_module, name)
-
-    def record(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append((args, kwargs, out))
-        return out
-
-    monkeypatch.setattr(model_module, name, record)
-    return calls
-
-
 def test_random_wpg_negatives_are_samples_of_other_images_scored_at_the_margin(monkeypatch):
     """``wpg_negative: random`` (Eq. 2): caption b's phrases against the regions of a uniformly drawn sample of
     another image - its own matched pass - at ``wpg_margin``; a caption without phrases is left out. Captions
@@ -586,10 +569,7 @@ def test_wpg_aggregation_reaches_every_score(monkeypatch, negative):
 
 def test_without_wpg_the_multimodal_pass_holds_the_itm_pairs_alone(monkeypatch):
     model = build(wpg=False, itm_negatives="hardest")
-    sizes = []
-    real_fuse = model.backbone.fuse
-    monkeypatch.setattr(model.backbone, "fuse", lambda *args, **kwargs: sizes.append(int(args[4].numel())) or
-                        real_fuse(*args, **kwargs))
+    sizes, _ = recorded_fuse_sizes(monkeypatch, model)
     with torch.no_grad():
         model(tiny_batch("pretraining", batch=4))
     assert sizes == [4 + 4]  # the matched pairs and the n negatives; no (caption, hard image) rows for WPG
@@ -622,19 +602,19 @@ def test_retrieval_never_pairs_two_captions_of_one_image(monkeypatch):
     """Fine-tuning's hard negatives are drawn knowing each caption's image (``image_index``)."""
     model = build_head("retrieval", retrieval={"itm_negatives": "hardest"})
     hard = recorded(monkeypatch, "hard_negatives")
-    calls = recorded_split(monkeypatch)
+    calls = recorded(monkeypatch, "split_negatives")
     batch = tiny_batch("retrieval", batch=4)
     batch.image_index = torch.tensor([0, 0, 1, 2])
     with torch.no_grad():
         model(batch)
     assert hard[0][1]["image_ids"].tolist() == [0, 0, 1, 2]
-    neg_text, neg_image, _ = calls[0]
+    neg_text, neg_image, _ = calls[0][2]
     assert neg_text.numel() and (batch.image_index[neg_text] != batch.image_index[neg_image]).all()
     del batch["image_index"]  # without it each caption is its own image's only caption
     with torch.no_grad():
         model(batch)
     assert hard[1][1]["image_ids"] is None
-    neg_text, neg_image, _ = calls[1]
+    neg_text, neg_image, _ = calls[1][2]
     assert (neg_text != neg_image).all()
 
 

@@ -57,6 +57,34 @@ def build(head_type="pretraining", seed=0, **overrides):
     return model
 
 
+def spy_joint(model):
+    """Every ``backbone.joint`` call's ``input_ids``, ``visual``, ``masked`` and ``segment_ids``."""
+    calls = []
+    original = model.backbone.joint
+
+    def spy(input_ids, text_mask, visual, visual_mask, grid, masked=None, segment_ids=None):
+        calls.append({"input_ids": input_ids, "visual": visual, "masked": masked, "segment_ids": segment_ids})
+        return original(input_ids, text_mask, visual, visual_mask, grid, masked=masked, segment_ids=segment_ids)
+
+    model.backbone.joint = spy
+    return calls
+
+
+def recorded_mvm_draws(monkeypatch):
+    """Every ``draw_mvm_mask`` call of the model: ``(args, mask)``."""
+    import mmf_multilevel.methods.soho.model as soho_model
+
+    draws = []
+    real = soho_model.draw_mvm_mask
+
+    def record(*args, **kwargs):
+        draws.append((args, real(*args, **kwargs)))
+        return draws[-1][1]
+
+    monkeypatch.setattr(soho_model, "draw_mvm_mask", record)
+    return draws
+
+
 def update(model, batch, optimizer, progress, seed=0):
     """One optimizer update as the mmf_multilevel trainer runs it."""
     model.on_update_start(progress)
@@ -508,17 +536,10 @@ def test_the_matching_pass_reads_no_mask_and_the_masked_pass_only_matched_pairs(
     batch = tiny.tiny_batch("pretraining")
     pairs = batch.pairs
     assert (pairs.input_ids == tiny.MASK).any()
-    calls = []
-    original = model.backbone.joint
-
-    def spy(input_ids, text_mask, visual, visual_mask, grid, masked=None, segment_ids=None):
-        calls.append((input_ids.clone(), masked))
-        return original(input_ids, text_mask, visual, visual_mask, grid, masked=masked, segment_ids=segment_ids)
-
-    model.backbone.joint = spy
+    calls = spy_joint(model)
     model.on_update_start(TrainingProgress(update=0, epoch=1))
     model(batch)
-    (itm_ids, itm_masked), (mlm_ids, mlm_masked) = calls
+    (itm_ids, itm_masked), (mlm_ids, mlm_masked) = [(call["input_ids"], call["masked"]) for call in calls]
     assert itm_masked is None and not (itm_ids == tiny.MASK).any()
     assert torch.equal(itm_ids, unmasked_text(pairs.input_ids, pairs.lm_label_ids))
     matched = pairs.is_correct == 1
@@ -595,16 +616,7 @@ def test_total_is_the_sum_of_three_finite_losses_with_their_shapes():
 def test_pretraining_head_shapes(monkeypatch):
     """Spec §8 item 19, the pre-training heads: MVM logits (n_masked, k) over the masked cells of the matched
     pairs, ITM logits (B_pairs, 2); the task heads' shapes are checked in the test below."""
-    import mmf_multilevel.methods.soho.model as soho_model
-
-    masks = []
-
-    def recording(*args, **kwargs):
-        masks.append(tiny_draw(*args, **kwargs))
-        return masks[-1]
-
-    tiny_draw = soho_model.draw_mvm_mask
-    monkeypatch.setattr(soho_model, "draw_mvm_mask", recording)
+    draws = recorded_mvm_draws(monkeypatch)
     model = build().train()
     shapes = {}
     for name in ("mvm", "itm"):
@@ -614,7 +626,7 @@ def test_pretraining_head_shapes(monkeypatch):
     model.on_update_start(TrainingProgress(update=0, epoch=1))
     model(batch)
     pairs = batch.pairs.input_ids.size(0)
-    (mask,) = masks  # one masked pass, over the matched pairs
+    ((_, mask),) = draws  # one masked pass, over the matched pairs
     assert mask.size(0) == int(batch.pairs.is_correct.sum()) and int(mask.sum()) > 0
     assert shapes == {"mvm": (int(mask.sum()), K), "itm": (pairs, 2)}
 
@@ -739,16 +751,10 @@ def test_both_learning_rates_step_down_at_lr_steps_from_the_pushed_update():
 def test_fine_tuning_reads_the_features_and_leaves_the_dictionary(use_vd_in_finetune):
     model = build("vqa", use_vd_in_finetune=use_vd_in_finetune).train()
     batch = tiny.tiny_batch("vqa")
-    seen = {}
-    original = model.backbone.joint
-
-    def spy(input_ids, text_mask, visual, visual_mask, grid, masked=None, segment_ids=None):
-        seen["visual"] = visual
-        return original(input_ids, text_mask, visual, visual_mask, grid, masked=masked, segment_ids=segment_ids)
-
-    model.backbone.joint = spy
+    calls = spy_joint(model)
     model.on_update_start(TrainingProgress(update=0, epoch=1))
     model(batch)
+    (seen,) = calls
     image = model.backbone.encode_image(*_pixels(batch))
     read, other = ("quantised", "features") if use_vd_in_finetune else ("features", "quantised")
     assert torch.equal(seen["visual"], image[read]) and not torch.equal(seen["visual"], image[other])
@@ -1154,27 +1160,10 @@ def test_the_log_line_reports_the_dictionary_usage_and_the_resnet_state():
 
 
 # ---------------------------------------------------------------------------------------------- the adapter's wiring
-def _spy_joint(model):
-    calls = []
-    original = model.backbone.joint
-
-    def spy(input_ids, text_mask, visual, visual_mask, grid, masked=None, segment_ids=None):
-        calls.append({"visual": visual, "masked": masked, "segment_ids": segment_ids})
-        return original(input_ids, text_mask, visual, visual_mask, grid, masked=masked, segment_ids=segment_ids)
-
-    model.backbone.joint = spy
-    return calls
-
-
 def test_both_pretraining_passes_read_the_token_types_and_the_mvm_settings(monkeypatch):
-    import mmf_multilevel.methods.soho.model as soho_model
-
-    draws = []
-    real_draw = soho_model.draw_mvm_mask
-    monkeypatch.setattr(soho_model, "draw_mvm_mask", lambda *args, **kwargs: draws.append(args) or
-                        real_draw(*args, **kwargs))
+    draws = recorded_mvm_draws(monkeypatch)
     model = build(pretraining={"mvm_mask_ratio": 0.5, "mvm_max_ratio": 0.6}).train()
-    calls = _spy_joint(model)
+    calls = spy_joint(model)
     batch = tiny.tiny_batch("pretraining")
     pairs = batch.pairs
     pairs.segment_ids = (torch.arange(pairs.input_ids.size(1)) >= 3).long().expand_as(pairs.input_ids) * pairs.input_mask
@@ -1184,7 +1173,7 @@ def test_both_pretraining_passes_read_the_token_types_and_the_mvm_settings(monke
     (clean, masked) = calls
     assert torch.equal(clean["segment_ids"], pairs.segment_ids)
     assert torch.equal(masked["segment_ids"], pairs.segment_ids[matched])
-    (args,) = draws
+    ((args, _),) = draws
     assert args[3:] == (0.5, 0.6)  # (ids, real cells, mode, mask ratio, max ratio)
     del pairs["segment_ids"]  # no token types: none reach either pass
     calls.clear()
@@ -1220,7 +1209,7 @@ def test_the_match_logits_read_the_token_types_and_the_pretraining_visual_source
 
 def test_pretraining_without_the_dictionary_reads_the_grid_features():
     model = build(use_vd=False).train()
-    calls = _spy_joint(model)
+    calls = spy_joint(model)
     batch = tiny.tiny_batch("pretraining")
     model.on_update_start(TrainingProgress(update=0, epoch=1))
     model(batch)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from helpers.simla import unimodal_features
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.simla import testing
 from mmf_multilevel.methods.simla.losses import itc_loss, itm_labels, itm_pair_indices, sample_hard_negatives
@@ -91,11 +92,9 @@ def test_the_queues_take_the_momentum_features_after_a_training_forward_only():
     assert int(model.queues.queue_ptr) == size
     ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)
     with torch.no_grad():
-        m = model.momentum
-        image_m = F.normalize(m["vision_proj"](m["visual_encoder"](batch.image)[:, 0]), dim=-1)
-        text_m = F.normalize(m["text_proj"](m["text_encoder"].encode_text(ids, batch.input_mask)[:, 0]), dim=-1)
-    torch.testing.assert_close(model.queues.image_queue[:, :size], image_m.t())
-    torch.testing.assert_close(model.queues.text_queue[:, :size], text_m.t())
+        features = unimodal_features(model, batch.image, ids, batch.input_mask)
+    torch.testing.assert_close(model.queues.image_queue[:, :size], features["image_feat_m"].t())
+    torch.testing.assert_close(model.queues.text_queue[:, :size], features["text_feat_m"].t())
     assert torch.equal(model.queues.image_queue[:, size:], queue_image[:, size:])
     assert torch.equal(model.queues.text_queue[:, size:], queue_text[:, size:])
     model.eval()
@@ -127,13 +126,10 @@ def test_itc_and_itm_equal_a_recomputation_from_the_pieces():
     ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)  # the unmasked caption
     mask = batch.input_mask
     with torch.no_grad():
-        vit, bert, heads, m = model.backbone.image_encoder, model.backbone.text_encoder, model.heads, model.momentum
-        image = vit(batch.image)
-        image_feat = F.normalize(heads.vision_proj(image[:, 0]), dim=-1)
-        text_feat = F.normalize(heads.text_proj(bert.encode_text(ids, mask)[:, 0]), dim=-1)
-        image_m = F.normalize(m["vision_proj"](m["visual_encoder"](batch.image)[:, 0]), dim=-1)
-        text_m = F.normalize(m["text_proj"](m["text_encoder"].encode_text(ids, mask)[:, 0]), dim=-1)
-        itc = itc_loss(image_feat, text_feat, image_m, text_m, *queues, heads.temp, 0.4)
+        bert, heads = model.backbone.text_encoder, model.heads
+        f = unimodal_features(model, batch.image, ids, mask)
+        image = f["image"]
+        itc = itc_loss(f["image_feat"], f["text_feat"], f["image_feat_m"], f["text_feat_m"], *queues, heads.temp, 0.4)
         torch.testing.assert_close(losses["itc"], itc.loss)
         torch.manual_seed(7)  # the negatives are the forward's first random draw
         neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i)
@@ -213,13 +209,11 @@ def test_encode_gives_the_unimodal_outputs_and_their_features_of_a_batch_or_a_si
     batch = testing.tiny_batch("pretraining")
     with torch.no_grad():
         out = model.encode(batch)
-        image = model.backbone.image_encoder(batch.image)
-        text = model.backbone.text_encoder.encode_text(batch.input_ids, batch.input_mask)
-        torch.testing.assert_close(out["image"], image)
-        torch.testing.assert_close(out["text"], text)
+        want = unimodal_features(model, batch.image, batch.input_ids, batch.input_mask)
+        text = want["text"]
+        for key in ("image", "text", "image_feat", "text_feat"):
+            torch.testing.assert_close(out[key], want[key])
         torch.testing.assert_close(out["pooled"], text[:, 0])
-        torch.testing.assert_close(out["image_feat"], F.normalize(model.heads.vision_proj(image[:, 0]), dim=-1))
-        torch.testing.assert_close(out["text_feat"], F.normalize(model.heads.text_proj(text[:, 0]), dim=-1))
         assert not torch.allclose(text, model.backbone.text_encoder.encode_text(batch.input_ids,
                                                                                 torch.ones_like(batch.input_mask)))
         flipped = batch.image.flip(-1)

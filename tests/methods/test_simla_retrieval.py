@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from helpers.simla import unimodal_features
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.simla import model as simla_model
 from mmf_multilevel.methods.simla import testing
@@ -234,16 +235,12 @@ def test_retrieval_losses_and_scores_equal_a_recomputation_from_the_pieces(with_
     losses = {key.rsplit("/", 1)[-1]: value for key, value in out["losses"].items()}
     ids, mask = batch.input_ids, batch.input_mask
     with torch.no_grad():
-        vit, bert, heads, m = model.backbone.image_encoder, model.backbone.text_encoder, model.heads, model.momentum
-        image = vit(batch.image)
-        text = bert.encode_text(ids, mask)
-        image_feat = F.normalize(heads.vision_proj(image[:, 0]), dim=-1)
-        text_feat = F.normalize(heads.text_proj(text[:, 0]), dim=-1)
-        image_m = F.normalize(m["vision_proj"](m["visual_encoder"](batch.image)[:, 0]), dim=-1)
-        text_m = F.normalize(m["text_proj"](m["text_encoder"].encode_text(ids, mask)[:, 0]), dim=-1)
+        bert, heads = model.backbone.text_encoder, model.heads
+        f = unimodal_features(model, batch.image, ids, mask)
+        image, text = f["image"], f["text"]
         queue_ids = torch.full((12,), -100, dtype=torch.long)
-        itc = itc_loss(image_feat, text_feat, image_m, text_m, model.queues.image_queue, model.queues.text_queue,
-                       heads.clamp_temperature(), 0.4, image_ids=image_ids, queue_ids=queue_ids)
+        itc = itc_loss(f["image_feat"], f["text_feat"], f["image_feat_m"], f["text_feat_m"], model.queues.image_queue,
+                       model.queues.text_queue, heads.clamp_temperature(), 0.4, image_ids=image_ids, queue_ids=queue_ids)
         torch.manual_seed(7)  # the negatives are the forward's first random draw
         neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids=image_ids)
         text_index, image_index = itm_pair_indices(neg_text, neg_image)

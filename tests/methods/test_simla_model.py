@@ -284,3 +284,142 @@ def test_the_mim_loss_equals_a_recomputation_from_the_pieces(monkeypatch):
     torch.testing.assert_close(got, want)
     assert not torch.allclose(unmasked_memory, hidden)  # the memory mask changes the output
     assert not torch.allclose(teacher, logits)
+
+
+def _perturbed(model):
+    """Online weights moved away from their momentum copies (ViT, BERT, MLM transform, concept head), so a test
+    tells which model a term reads."""
+    with torch.no_grad():
+        for weight in (model.backbone.image_encoder.vit.patch_embed.proj.weight,
+                       model.backbone.text_encoder.cross_attention["0"].self.query.weight,
+                       model.heads.mlm.transform.dense.weight, model.heads.concept_head.weight):
+            weight.add_(0.5 * torch.randn_like(weight))
+    return model
+
+
+def test_the_mlm_loss_equals_a_recomputation_from_the_pieces(monkeypatch):
+    """MLM (paper Eqs. 6-7): the masked caption (as the dataset gave it) through the multimodal BERT reading the
+    online image tokens, the MLM head at the labelled positions; the teacher: the momentum BERT reading the momentum
+    image tokens and the momentum MLM head, distilled at α."""
+    from mmf_multilevel.methods.simla import model as simla_model
+    from mmf_multilevel.methods.simla.losses import mlm_loss
+
+    calls = []
+    monkeypatch.setattr(simla_model, "mlm_loss", lambda *args: calls.append(args) or mlm_loss(*args))
+    torch.manual_seed(3)
+    model = _perturbed(build()).eval()
+    model.alpha = 0.4
+    batch = testing.tiny_batch("pretraining")
+    losses, _ = forward(model, batch)
+    masked, mask, labels = batch.input_ids, batch.input_mask, batch.lm_label_ids
+    keep = labels >= 0
+    with torch.no_grad():
+        bert, m = model.backbone.text_encoder, model.momentum
+        logits = model.heads.mlm(bert.fuse(masked, mask, model.backbone.image_encoder(batch.image))[keep])
+        teacher = m["mlm"](m["text_encoder"].fuse(masked, mask, m["visual_encoder"](batch.image))[keep])
+        want = mlm_loss(logits, labels[keep], teacher, 0.4)
+        (got_logits, got_labels, got_teacher, got_alpha), = calls
+        torch.testing.assert_close(got_logits, logits)
+        torch.testing.assert_close(got_teacher, teacher)
+        assert torch.equal(got_labels, labels[keep]) and got_alpha == 0.4
+        # the recomputation tells the student from the teacher and the masked caption from the original
+        assert not torch.allclose(want, mlm_loss(logits, labels[keep], logits, 0.4))
+        unmasked = torch.where(keep, labels, masked)
+        other = model.heads.mlm(bert.fuse(unmasked, mask, model.backbone.image_encoder(batch.image))[keep])
+        assert not torch.allclose(want, mlm_loss(other, labels[keep], teacher, 0.4))
+    torch.testing.assert_close(losses["mlm"], want)
+    # α = 0: the hard term alone, the momentum model not run
+    model.alpha = 0.0
+    losses, _ = forward(model, batch)
+    torch.testing.assert_close(losses["mlm"], F.cross_entropy(logits, labels[keep]))
+    assert calls[-1][2] is None
+
+
+@pytest.mark.parametrize("settings", [dict(psl_k_per_head=2, psl_num_labels=3, psl_replicate_official=False),
+                                      dict(psl_k_per_head=3, psl_num_labels=2, psl_replicate_official=True)])
+def test_the_psl_loss_equals_a_recomputation_from_the_pieces(settings):
+    """PSL (paper §2.4, Eqs. 8-9): keywords voted from the momentum BERT's last-layer self-attention over the
+    unmasked caption reading the online image tokens (the special tokens and padding excluded, the configured
+    votes), predicted by the concept head from the online image feature, distilled from the momentum concept head
+    on the momentum image feature."""
+    from mmf_multilevel.methods.simla.losses import psl_loss, psl_targets
+
+    torch.manual_seed(3)
+    model = _perturbed(build(**settings)).eval()
+    model.alpha = 0.3
+    batch = testing.tiny_batch("pretraining")
+    losses, _ = forward(model, batch)
+    ids, mask = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids), batch.input_mask
+    with torch.no_grad():
+        f = unimodal_features(model, batch.image, ids, mask)
+        bert_m = model.momentum["text_encoder"]
+        _, attentions = bert_m.fuse(ids, mask, f["image"], output_attentions=True)
+        targets = psl_targets(attentions[-1], ids, bert_m.config.vocab_size, attention_mask=mask,
+                              excluded_ids=(testing.CLS, testing.SEP, testing.PAD), cls_token_id=testing.CLS,
+                              k_per_head=settings["psl_k_per_head"], num_labels=settings["psl_num_labels"],
+                              replicate_official=settings["psl_replicate_official"])
+        logits = model.heads.concept_head(f["image_feat"])
+        teacher = model.momentum["concept_head"](f["image_feat_m"])
+        want = psl_loss(logits, targets, teacher, 0.3)
+        assert targets.sum(-1).max() <= settings["psl_num_labels"] and targets.sum() > 0
+        assert not torch.allclose(want, psl_loss(logits, targets, logits, 0.3))
+    torch.testing.assert_close(losses["psl"], want)
+
+
+def test_a_batch_of_one_keeps_itm_as_a_connected_zero_and_scores_its_pair():
+    """One caption has no in-batch negative (the official loader drops such a batch): ITM is 0 with a gradient
+    path, the scores are the ITM logits of the one pair, the other losses are computed as usual."""
+    from mmf.common.sample import SampleList
+
+    model = build().eval()
+    full = testing.tiny_batch("pretraining")
+    batch = SampleList({key: full[key][:1] for key in ("input_ids", "input_mask", "lm_label_ids", "segment_ids",
+                                                       "image", "image_size")})
+    batch.dataset_name, batch.dataset_type = full.dataset_name, full.dataset_type
+    losses, scores = forward(model, batch)
+    assert set(losses) == set(LOSSES) and float(losses["itm"].detach()) == 0.0 and losses["itm"].requires_grad
+    ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)
+    with torch.no_grad():
+        image = model.backbone.image_encoder(batch.image)
+        want = model.heads.itm_head(model.backbone.text_encoder.fuse(ids, batch.input_mask, image)[:, 0])
+    assert scores.shape == (1, 2)
+    torch.testing.assert_close(scores, want)
+
+
+def test_pretraining_needs_mlm_targets_only_with_mlm_and_reads_the_caption_as_given_without():
+    batch = testing.tiny_batch("pretraining")
+    del batch["lm_label_ids"]
+    with pytest.raises(KeyError, match=r"dataset_config\.simla_contract a masked_token text_processor.*mlm: false"):
+        forward(build().train(), batch)
+    model = build(mlm=False, mim=False, psl=False).eval()
+    model.alpha = 0.4
+    losses, _ = forward(model, batch)
+    with torch.no_grad():
+        f = unimodal_features(model, batch.image, batch.input_ids, batch.input_mask)
+        itc = itc_loss(f["image_feat"], f["text_feat"], f["image_feat_m"], f["text_feat_m"],
+                       model.queues.image_queue, model.queues.text_queue, model.heads.temp, 0.4)
+    torch.testing.assert_close(losses["itc"], itc.loss)
+
+
+def test_log_message_reports_alpha_temperature_queue_and_skipped_batches():
+    model = build(queue_size=12)
+    model.alpha = 0.25
+    with torch.no_grad():
+        model.heads.temp.fill_(0.0625)
+    model.queues.queue_ptr.fill_(8)
+    assert model.log_message(None) == "simla: alpha 0.250, temp 0.0625, queue pointer 8 of 12"
+    model.skipped_enqueues = 3
+    assert model.log_message(None).endswith("queue pointer 8 of 12, 3 batches not enqueued")
+    task = build(training_head_type="snli_ve")
+    task.alpha = 0.5
+    assert task.log_message(None) == "simla: alpha 0.500"
+
+
+def test_the_retrieval_encoders_are_the_dual_encoder_for_pretraining_and_retrieval_only():
+    from mmf_multilevel.methods.simla.retrieval import SIMLADualEncoder
+
+    for head_type in ("pretraining", "retrieval"):
+        model = build(**testing.tiny_config(head_type))
+        encoders = model.retrieval_encoders()
+        assert isinstance(encoders, SIMLADualEncoder) and encoders.model is model
+    assert build(**testing.tiny_config("snli_ve")).retrieval_encoders() is None

@@ -598,3 +598,42 @@ def test_vqa_loss_paths_one_answer_index_no_answer_and_evaluation_without_distil
     none.answers_indices = torch.full_like(none.answers_indices, -1)
     loss = model(none)["losses"]["train/simla_contract/vqa"]
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_vqa_ranking_reads_k_test_and_the_official_score_setting_from_the_config():
+    """Evaluation ranks with the configured ``vqa.k_test`` and ``vqa.count_first_token_twice`` (the official score
+    adds the first token's log-probability once more); the question's own padding mask reaches the decoder."""
+    model = build("vqa", vqa={"k_test": 2, "count_first_token_twice": True}).eval()
+    batch = testing.tiny_batch("vqa")
+    assert (batch.input_mask == 0).any()
+    with torch.no_grad():
+        scores = model(batch)["scores"]
+        states = model.backbone.text_encoder.fuse(batch.input_ids, batch.input_mask,
+                                                  model.backbone.image_encoder(batch.image))
+        want = rank_answers(model.classifier, states, batch.input_mask, model.answer_ids, model.answer_mask, 2, True)
+        plain = rank_answers(model.classifier, states, batch.input_mask, model.answer_ids, model.answer_mask, 2)
+        unmasked = rank_answers(model.classifier, states, torch.ones_like(batch.input_mask), model.answer_ids,
+                                model.answer_mask, 2, True)
+    torch.testing.assert_close(scores, want)
+    assert int((scores > NOT_RANKED).sum(1).max()) == 2
+    assert not torch.allclose(want, plain) and not torch.allclose(want, unmasked)
+
+
+def test_the_candidate_answers_are_tokenised_as_cls_answer_sep_padded_and_truncated():
+    """The answer list through the configured tokenizer: ``[CLS] answer [SEP]``, padded to the longest, cut at
+    ``vqa.max_answer_length``; a tokenizer without the wrapping, or with ids past the BERT's vocabulary, is named."""
+    model = build("vqa")
+    words = {f"w{i}": i for i in range(5, 40)}
+    rows = [[testing.CLS] + [words[w] for w in answer.split()] + [testing.SEP] for answer in testing.TINY_ANSWERS]
+    width = max(len(r) for r in rows)
+    want = torch.tensor([r + [testing.PAD] * (width - len(r)) for r in rows])
+    assert torch.equal(model.answer_ids, want)
+    assert torch.equal(model.answer_mask, (want != testing.PAD).long())
+    assert "answer_ids" not in model.state_dict()
+    cut = build("vqa", vqa={"max_answer_length": 3})
+    assert cut.answer_ids.shape == (len(testing.TINY_ANSWERS), 3)
+    assert cut.answer_ids[2].tolist() == [testing.CLS, words["w7"], testing.SEP]
+    with pytest.raises(ValueError, match=r"vqa.tokenizer .* must wrap each answer as \[CLS\] answer \[SEP\]"):
+        build("vqa", vqa={"max_answer_length": 2})
+    with pytest.raises(ValueError, match=r"vqa.tokenizer .* gives ids up to 12; the BERT has 12 words"):
+        build("vqa", vocab_size=12)

@@ -205,3 +205,36 @@ def test_retrieval_on_the_albef_layout_and_a_pretraining_checkpoint_loads_whole(
     model.load_state_dict(pre.state_dict(), strict=True)
     out = model.train()(testing.tiny_batch("retrieval"))
     assert {k.rsplit("/", 1)[-1] for k in out["losses"]} == {"itc", "itm"}
+
+
+def _text_layer_rows(model):
+    """The rows the online BERT's first text layer (no cross-attention in the ALBEF layout) reads, call by call."""
+    rows = []
+    model.backbone.text_encoder.blocks[0].attention.register_forward_hook(
+        lambda module, args, output: rows.append(args[0].size(0)))
+    return rows
+
+
+@pytest.mark.usefixtures("mmf_global_config")
+@pytest.mark.parametrize("head_type", ["pretraining", "retrieval"])
+def test_the_itm_pairs_reuse_the_text_encoder_output_instead_of_running_the_text_layers_again(head_type):
+    """ALBEF's ``mode="fusion"``: the positives and hard negatives of ITM start from the text encoder's output
+    already computed for ITC, so the text layers run once over the captions (pre-training: once more for the
+    masked caption of MLM); a batch of one image (retrieval's short last batch) likewise."""
+    model = build(head_type, psl=False).eval()
+    batch = testing.tiny_batch(head_type)
+    rows = _text_layer_rows(model)
+    model(batch)
+    size = batch.input_ids.size(0)
+    assert rows == ([size, size] if head_type == "pretraining" else [size])
+    if head_type == "retrieval":
+        batch.image_index = torch.zeros(size, dtype=torch.long)
+        rows.clear()
+        model(batch)
+        assert rows == [size]
+    else:  # a batch of one caption: no negative, the positive's fusion still from the text encoder's output
+        for key in ("input_ids", "input_mask", "lm_label_ids", "segment_ids", "image", "image_size"):
+            batch[key] = batch[key][:1]
+        rows.clear()
+        model(batch)
+        assert rows == [1, 1]

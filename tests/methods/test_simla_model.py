@@ -423,3 +423,33 @@ def test_the_retrieval_encoders_are_the_dual_encoder_for_pretraining_and_retriev
         encoders = model.retrieval_encoders()
         assert isinstance(encoders, SIMLADualEncoder) and encoders.model is model
     assert build(**testing.tiny_config("snli_ve")).retrieval_encoders() is None
+
+
+ENTRY_POINTS = [  # (head type, the call, the field removed)
+    ("pretraining", lambda model, batch: model(batch), "image"),
+    ("pretraining", lambda model, batch: model.pretraining_match_logits(batch), "input_ids"),
+    ("pretraining", lambda model, batch: model.pretraining_match_logits(batch), "image"),
+    ("pretraining", lambda model, batch: model.alignment(batch), "input_ids"),
+    ("pretraining", lambda model, batch: model.alignment(batch), "image"),
+    ("retrieval", lambda model, batch: model(batch), "image"),
+    ("retrieval", lambda model, batch: model.eval()(_gallery(batch)), "input_ids"),
+    ("retrieval", lambda model, batch: model.eval()(_gallery(batch)), "image"),
+    ("vqa", lambda model, batch: model(batch), "image"),
+    ("nlvr2", lambda model, batch: model(batch), "img1"),
+    ("nlvr2_assignment", lambda model, batch: model(batch), "image"),
+]
+
+
+def _gallery(batch):
+    batch.pair_image_index = batch.pop("image_index")
+    batch.pair_text_index = torch.arange(batch.pair_image_index.size(0))
+    return batch
+
+
+@pytest.mark.parametrize("head_type,call,field", ENTRY_POINTS)
+def test_every_entry_point_names_the_model_and_the_missing_field(head_type, call, field):
+    model = build(**testing.tiny_config(head_type))
+    batch = testing.tiny_batch(head_type)
+    del batch[field]
+    with pytest.raises(KeyError, match=rf"simla needs .*'?{field}"):
+        call(model, batch)

@@ -146,6 +146,26 @@ def test_a_batch_of_one_image_has_a_zero_itm_loss_and_aligned_validation_enqueue
     assert int(model.queues.queue_ptr) == 0
 
 
+@pytest.mark.parametrize("image_index", [[0, 0, 0], [0]])
+def test_the_pairs_of_one_image_are_scored_by_the_itm_head_on_their_padded_captions(image_index):
+    """With no other image to draw a negative from (a short last batch, or one pair), the scores are the ITM logits
+    of the pairs themselves - each caption with its padding mask - and the ITM loss is a zero in the graph."""
+    model = build().train()
+    for module in model.modules():  # no dropout, still the training path
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch = aligned_batch(image_index)
+    batch.input_mask[0, -2:] = 0  # the first caption padded too
+    out = model(batch)
+    itm = out["losses"]["train/simla_contract/itm"]
+    assert float(itm.detach()) == 0.0 and itm.requires_grad
+    with torch.no_grad():
+        net = model.backbone
+        fused = net.text_encoder.fuse(batch.input_ids, batch.input_mask, net.image_encoder(batch.image))
+        expected = model.heads.itm_head(fused[:, 0])
+    torch.testing.assert_close(out["scores"], expected)
+
+
 def test_gallery_pairs_are_scored_by_the_itm_match_logit():
     model = build().eval()
     batch = aligned_batch([0, 1, 1, 2])

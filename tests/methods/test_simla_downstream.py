@@ -637,3 +637,118 @@ def test_the_candidate_answers_are_tokenised_as_cls_answer_sep_padded_and_trunca
         build("vqa", vqa={"max_answer_length": 2})
     with pytest.raises(ValueError, match=r"vqa.tokenizer .* gives ids up to 12; the BERT has 12 words"):
         build("vqa", vocab_size=12)
+
+
+def _recorded(monkeypatch, name):
+    """Every call of ``model.<name>`` (the function the SIMLA model module imported) as ``(args, kwargs)``."""
+    import mmf_multilevel.methods.simla.model as simla_model
+
+    calls, original = [], getattr(simla_model, name)
+    monkeypatch.setattr(simla_model, name, lambda *args, **kwargs: calls.append((args, kwargs))
+                        or original(*args, **kwargs))
+    return calls
+
+
+def _momentum_moved(model, scale=0.05):
+    with torch.no_grad():
+        for p in model.momentum.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def test_the_task_teachers_read_the_question_padding_and_run_only_when_distilling(monkeypatch):
+    """SNLI-VE and VQA (paper §3.1, momentum distillation in fine-tuning): the teacher is the momentum ViT and BERT
+    on the question with its padding mask (then the momentum head / decoder); it is computed only in training with
+    α > 0 - in evaluation, or at α = 0, the loss gets no teacher and α = 0, whatever ``model.alpha`` holds."""
+    calls = _recorded(monkeypatch, "distilled_cross_entropy")
+    model = _momentum_moved(build("snli_ve")).train()
+    batch = testing.tiny_batch("snli_ve")
+    assert (batch.input_mask == 0).any()
+    model.alpha = 0.4
+    model(batch)
+    (logits, targets, teacher, alpha), _ = calls[-1]
+    with torch.no_grad():
+        m = model.momentum
+        fused_m = m["text_encoder"].fuse(batch.input_ids, batch.input_mask, m["visual_encoder"](batch.image))
+        torch.testing.assert_close(teacher, m["classifier"](fused_m[:, 0]))
+        unpadded = m["text_encoder"].fuse(batch.input_ids, None, m["visual_encoder"](batch.image))
+        assert not torch.allclose(m["classifier"](unpadded[:, 0]), teacher)
+    assert alpha == 0.4 and torch.equal(targets, batch.targets.long().view(-1))
+    model.alpha = 0.0
+    model(batch)
+    assert calls[-1][0][2:] == (None, 0.0)
+    model.eval().alpha = 0.4
+    with torch.no_grad():
+        out = model(batch)
+    assert calls[-1][0][2:] == (None, 0.0)
+    torch.testing.assert_close(out["losses"]["train/simla_contract/snli_ve"],
+                               F.cross_entropy(out["scores"], batch.targets.long().view(-1)))
+
+    answers = _recorded(monkeypatch, "answer_sequence_loss")
+    vqa = _momentum_moved(build("vqa")).train()
+    batch = testing.tiny_batch("vqa")
+    vqa.alpha = 0.0
+    vqa(batch)
+    assert answers[-1][0][3:] == (None, 0.0)
+    vqa.eval().alpha = 0.4
+    with torch.no_grad():
+        vqa(batch)
+    assert answers[-1][0][3:] == (None, 0.0)
+
+
+def test_vqa_reads_answers_indices_before_answer_index():
+    """A batch with both (VQA v2's processor gives every annotator's answer, some also the majority one): the loss
+    weighs the ``answers_indices``; ``answer_index`` alone is the fallback."""
+    model = build("vqa").eval()
+    batch = testing.tiny_batch("vqa")
+    with torch.no_grad():
+        want = model(batch)["losses"]["train/simla_contract/vqa"]
+        batch.answer_index = torch.tensor([5, 4, 5, 4])
+        torch.testing.assert_close(model(batch)["losses"]["train/simla_contract/vqa"], want)
+
+
+def test_the_momentum_text_encoder_of_a_checkpoint_is_read_in_the_two_image_layout_too():
+    """``prepare_pretrained_state`` rewrites the checkpoint's momentum BERT as its online one (a mapping may start
+    the momentum model from the checkpoint's own momentum copies)."""
+    from mmf_multilevel.methods.simla.downstream import pair_layer_sources
+
+    source = _momentum_moved(build("pretraining", seed=1), scale=0.5)
+    state = source.state_dict()
+    target = build("nlvr2", seed=2)
+    out = target.prepare_pretrained_state(state)
+    part = "text.bert.encoder.layer.{}.output.dense.weight"
+    for j, l in enumerate(pair_layer_sources(2, 1)):
+        for prefix in ("backbone.text_encoder.", "momentum.copies.text_encoder."):
+            torch.testing.assert_close(out[prefix + part.format(j)], state[prefix + part.format(l)])
+    assert not torch.allclose(state["momentum.copies.text_encoder." + part.format(1)],
+                              state["backbone.text_encoder." + part.format(1)])
+    assert build("retrieval").prepare_pretrained_state(state) is state
+
+
+def test_text_assignment_pairs_a_batch_of_two_and_reads_a_lone_captions_padding():
+    """Two captions already have another image to pair with (a real loss); a lone caption's [CLS] is read through
+    the two-image layout with its padding mask and both slots its own image."""
+    from mmf.common.sample import SampleList
+
+    from mmf_multilevel.methods.simla.downstream import fuse_pair
+
+    model = build("nlvr2_assignment").eval()
+    two = testing.tiny_batch("nlvr2_assignment", batch=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loss = model(two)["losses"]["train/simla_contract/nlvr2_assignment"]
+    assert float(loss) > 0
+    full = testing.tiny_batch("nlvr2_assignment", batch=2)
+    lone = SampleList({key: full[key][1:2] for key in ("input_ids", "input_mask", "segment_ids", "image",
+                                                        "image_size")})
+    lone.dataset_name, lone.dataset_type = full.dataset_name, full.dataset_type
+    assert (lone.input_mask == 0).any()
+    with torch.no_grad():
+        scores = model(lone)["scores"]
+        image = model.backbone.image_encoder(lone.image)
+        hidden = fuse_pair(model.backbone.text_encoder, lone.input_ids, lone.input_mask, (image, image))
+        want = model.classifier["ta_head"](hidden[:, 0])
+        unpadded = model.classifier["ta_head"](
+            fuse_pair(model.backbone.text_encoder, lone.input_ids, None, (image, image))[:, 0])
+    torch.testing.assert_close(scores, want)
+    assert not torch.allclose(want, unpadded)

@@ -453,3 +453,52 @@ def test_every_entry_point_names_the_model_and_the_missing_field(head_type, call
     del batch[field]
     with pytest.raises(KeyError, match=rf"simla needs .*'?{field}"):
         call(model, batch)
+
+
+def test_the_alignment_of_a_padded_caption_equals_that_of_the_caption_alone():
+    """The alignment reads the last layer's text-to-patch cross-attention of the first sample: its rows are the
+    caption's real tokens, its columns the patches (a bool mask over the ViT grid), and the caption's padding changes
+    nothing (the multimodal pass masks it)."""
+    from mmf.common.sample import SampleList
+
+    model = build().eval()
+    with torch.no_grad():  # a sharper (far from uniform) cross-attention, so a change in its queries shows
+        cross = model.backbone.text_encoder.cross_attention["1"].self
+        cross.query.weight.mul_(30.0)
+        cross.key.weight.mul_(30.0)
+    full = testing.tiny_batch("pretraining")
+    padded = SampleList({"input_ids": full.input_ids[1:2], "input_mask": full.input_mask[1:2],
+                         "image": full.image[1:2], "image_size": full.image_size[1:2]})
+    length = int(padded.input_mask.sum())
+    assert length < padded.input_ids.size(1)
+    alone = SampleList({"input_ids": padded.input_ids[:, :length], "input_mask": padded.input_mask[:, :length],
+                        "image": padded.image, "image_size": padded.image_size})
+    with torch.no_grad():
+        got, want = model.alignment(padded), model.alignment(alone)
+    grid = tuple(model.backbone.image_encoder.grid_size)
+    assert got["weights"].shape == (length, grid[0] * grid[1])
+    torch.testing.assert_close(got["weights"], want["weights"])
+    assert got["visual_valid"].dtype == torch.bool and bool(got["visual_valid"].all())
+    assert got["source"].startswith("cross-attention, text to image patches, layer 2 of 2")
+    assert got["grid"] == grid and got["cell"] == tuple(model.backbone.image_encoder.vit.patch_embed.patch_size)
+    with pytest.raises(ValueError, match="simla alignment reads one image per text; a nlvr2 model"):
+        build(**testing.tiny_config("nlvr2")).alignment(full)
+
+
+def test_mim_at_alpha_zero_runs_no_teacher(monkeypatch):
+    """α = 0 (the start of the ramp): MIM's loss gets no teacher and the momentum ViT is not run for it."""
+    from mmf_multilevel.methods.simla import model as simla_model
+    from mmf_multilevel.methods.simla.losses import distilled_token_loss
+
+    calls = []
+    monkeypatch.setattr(simla_model, "distilled_token_loss",
+                        lambda *args: calls.append(args) or distilled_token_loss(*args))
+    model = build().eval()
+    batch = testing.tiny_batch("pretraining")
+    ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)
+    runs = []
+    model.momentum["visual_encoder"].register_forward_hook(lambda *args: runs.append(1))
+    with torch.no_grad():
+        model._mim_loss(batch.image, ids, batch.input_mask, 0.0)
+    (_, _, teacher, alpha), = calls
+    assert teacher is None and alpha == 0.0 and not runs

@@ -269,3 +269,16 @@ def test_retrieval_losses_and_scores_equal_a_recomputation_from_the_pieces(with_
     torch.testing.assert_close(losses["itc"], itc.loss)
     torch.testing.assert_close(losses["itm"], itm_loss(logits))
     torch.testing.assert_close(out["scores"], logits[: len(IMAGE_INDEX)])
+
+
+def test_only_the_vit_position_embeddings_are_resampled_on_a_mapped_load():
+    """``adapt_pretrained_tensor``: a position embedding of another grid is resampled; any other tensor - of the same
+    shape or not (the loader then names the mismatch) - comes back as it is."""
+    model = build()
+    own = model.backbone.image_encoder.vit.pos_embed
+    other = torch.randn(3, 5)
+    assert model.adapt_pretrained_tensor("backbone.text_encoder.x.weight", other, torch.zeros(4, 5)) is other
+    same = torch.randn_like(own)
+    assert model.adapt_pretrained_tensor("backbone.image_encoder.vit.pos_embed", same, own) is same
+    bigger = torch.randn(1, 1 + 8 * 8, own.size(2))  # an 8x8 grid for the model's 4x4
+    assert model.adapt_pretrained_tensor("momentum.copies.visual_encoder.vit.pos_embed", bigger, own).shape == own.shape

@@ -337,13 +337,17 @@ def test_the_mlm_loss_equals_a_recomputation_from_the_pieces(monkeypatch):
 
 @pytest.mark.parametrize("settings", [dict(psl_k_per_head=2, psl_num_labels=3, psl_replicate_official=False),
                                       dict(psl_k_per_head=3, psl_num_labels=2, psl_replicate_official=True)])
-def test_the_psl_loss_equals_a_recomputation_from_the_pieces(settings):
+def test_the_psl_loss_equals_a_recomputation_from_the_pieces(settings, monkeypatch):
     """PSL (paper §2.4, Eqs. 8-9): keywords voted from the momentum BERT's last-layer self-attention over the
     unmasked caption reading the online image tokens (the special tokens and padding excluded, the configured
     votes), predicted by the concept head from the online image feature, distilled from the momentum concept head
     on the momentum image feature."""
+    from mmf_multilevel.methods.simla import model as simla_model
     from mmf_multilevel.methods.simla.losses import psl_loss, psl_targets
 
+    calls = []
+    monkeypatch.setattr(simla_model, "psl_targets",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or psl_targets(*args, **kwargs))
     torch.manual_seed(3)
     model = _perturbed(build(**settings)).eval()
     model.alpha = 0.3
@@ -362,6 +366,14 @@ def test_the_psl_loss_equals_a_recomputation_from_the_pieces(settings):
         teacher = model.momentum["concept_head"](f["image_feat_m"])
         want = psl_loss(logits, targets, teacher, 0.3)
         assert targets.sum(-1).max() <= settings["psl_num_labels"] and targets.sum() > 0
+        (args, kwargs), = calls  # the votes' inputs themselves (a small change in them may keep the same votes)
+        torch.testing.assert_close(args[0], attentions[-1])
+        assert torch.equal(args[1], ids) and args[2] == bert_m.config.vocab_size
+        assert torch.equal(kwargs.pop("attention_mask"), mask)
+        assert kwargs == dict(excluded_ids=(testing.CLS, testing.SEP, testing.PAD), cls_token_id=testing.CLS,
+                              k_per_head=settings["psl_k_per_head"], num_labels=settings["psl_num_labels"],
+                              replicate_official=settings["psl_replicate_official"])
+        assert not torch.allclose(attentions[-1], bert_m.fuse(ids, None, f["image"], output_attentions=True)[1][-1])
         assert not torch.allclose(want, psl_loss(logits, targets, logits, 0.3))
     torch.testing.assert_close(losses["psl"], want)
 
@@ -502,3 +514,99 @@ def test_mim_at_alpha_zero_runs_no_teacher(monkeypatch):
         model._mim_loss(batch.image, ids, batch.input_mask, 0.0)
     (_, _, teacher, alpha), = calls
     assert teacher is None and alpha == 0.0 and not runs
+
+
+# ---------------------------------------------------------------------- build and optimisation settings
+def test_the_head_and_momentum_settings_reach_their_modules(tmp_path):
+    """τ and its clamp range, the momentum coefficient (pre-training and the task heads), α at build time, the
+    queue's image tracking (retrieval and grounding only), a fresh skip counter, NLVR2's two classes and no
+    momentum model for the text-assignment pre-step."""
+    model = build(temp=0.05, temp_range=[0.01, 0.2], momentum=0.9, alpha=0.3)
+    assert float(model.heads.temp) == pytest.approx(0.05) and tuple(model.heads.temp_range) == (0.01, 0.2)
+    with torch.no_grad():
+        model.heads.temp.fill_(0.5)
+    assert float(model.heads.clamp_temperature()) == pytest.approx(0.2)
+    assert model.momentum.momentum == 0.9 and model.alpha == 0.3 and model.skipped_enqueues == 0
+    for head_type in ("retrieval", "grounding"):
+        assert build(**testing.tiny_config(head_type), track_queue_ids=True).queues.track_ids
+    assert not build(track_queue_ids=True).queues.track_ids
+    task = build(**testing.tiny_config("snli_ve"), momentum=0.9, alpha=0.3)
+    assert task.momentum.momentum == 0.9 and task.alpha == 0.3 and task.skipped_enqueues == 0
+    nlvr2 = build(**testing.tiny_config("nlvr2"))
+    assert nlvr2.classifier(torch.zeros(1, 32)).shape == (1, 2)
+    assert build(**testing.tiny_config("nlvr2_assignment")).momentum is None
+
+
+def test_the_mlm_head_starts_from_the_named_berts_only_when_asked(tmp_path):
+    from transformers import BertConfig, BertForPreTraining
+
+    from mmf_multilevel.methods.testing import TINY_BERT
+
+    torch.manual_seed(7)
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings")
+    bert = BertForPreTraining(BertConfig(**{k: TINY_BERT[k] for k in keys}))
+    with torch.no_grad():
+        bert.cls.predictions.bias.normal_()
+    bert.save_pretrained(str(tmp_path / "bert"))
+    model = build(bert_model_name=str(tmp_path / "bert"), init_mlm_from_bert=True)
+    head = bert.cls.predictions
+    torch.testing.assert_close(model.heads.mlm.transform.dense.weight, head.transform.dense.weight)
+    torch.testing.assert_close(model.heads.mlm.bias, head.bias)
+    fresh = build(bert_model_name=str(tmp_path / "bert"), init_mlm_from_bert=False)
+    assert not torch.allclose(fresh.heads.mlm.transform.dense.weight, head.transform.dense.weight)
+    build(init_mlm_from_bert=True)  # no BERT named: nothing to load
+
+
+def test_the_dvae_settings_build_its_tokenizer_or_read_its_file(tmp_path):
+    from mmf_multilevel.methods.simla.vision import DVAETokenizer
+
+    model = build(dvae_random_hidden=4, dvae_random_blocks=1)
+    encoder = model.dvae.encoder
+    assert (encoder.n_hid, encoder.n_blk_per_group, model.dvae.vocab_size) == (4, 1, testing.IMAGE_VOCAB)
+    saved = DVAETokenizer.random(n_hid=4, n_blk_per_group=1, vocab_size=testing.IMAGE_VOCAB, seed=3)
+    torch.save(saved.state_dict(), tmp_path / "dvae.pth")
+    loaded = build(dvae_path=str(tmp_path / "dvae.pth")).dvae
+    for key, value in saved.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def test_the_optimizer_groups_lr_and_weight_decay_follow_the_settings():
+    """AdamW (paper §2.5) with the configured weight decay on every matrix and τ, none on biases and LayerNorm
+    weights; its learning rate is ``lr_at`` from the start; frozen parameters and the momentum copies are left out;
+    a cosine one update long ends at ``min_lr``; α ramps to the configured value; the pushed progress is kept."""
+    model = build(alpha=0.3, alpha_ramp_updates=4,
+                  optimization=dict(weight_decay=0.05, warmup_updates=2, total_updates=3, lr=1e-4, warmup_lr=1e-5,
+                                    min_lr=1e-6))
+    frozen = model.heads.itm_head.weight
+    frozen.requires_grad_(False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = model.get_optimizer_parameters(None)
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "backbone.image_encoder.vit.patch_embed.proj.weight" in decay_names and "heads.temp" in decay_names
+    layer_norms = {n for n in names.values() if "LayerNorm.weight" in n and not n.startswith("momentum.")}
+    assert layer_norms and layer_norms <= no_decay_names
+    assert "heads.itm_head.weight" not in decay_names | no_decay_names
+    assert all(not n.startswith("momentum.") for n in decay_names | no_decay_names)
+    optimizer = model.configure_optimizer(None)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+    progress = TrainingProgress(update=3, epoch=1)
+    model.on_update_start(progress)
+    assert model.progress is progress
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6) and model.alpha == pytest.approx(0.225)
+
+
+def test_the_forward_hands_mim_the_unmasked_caption_its_padding_and_alpha(monkeypatch):
+    model = build().eval()
+    model.alpha = 0.3
+    calls = []
+    original = model._mim_loss
+    monkeypatch.setattr(model, "_mim_loss", lambda *args: calls.append(args) or original(*args))
+    batch = testing.tiny_batch("pretraining")
+    losses, _ = forward(model, batch)
+    (pixels, ids, mask, alpha), = calls
+    assert pixels is batch.image and alpha == 0.3 and torch.equal(mask, batch.input_mask)
+    assert torch.equal(ids, torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids))
+    assert "mim" in losses

@@ -336,7 +336,8 @@ def test_the_mlm_loss_equals_a_recomputation_from_the_pieces(monkeypatch):
 
 
 @pytest.mark.parametrize("settings", [dict(psl_k_per_head=2, psl_num_labels=3, psl_replicate_official=False),
-                                      dict(psl_k_per_head=3, psl_num_labels=2, psl_replicate_official=True)])
+                                      dict(psl_k_per_head=3, psl_num_labels=2, psl_replicate_official=True,
+                                           num_hidden_layers=3)])
 def test_the_psl_loss_equals_a_recomputation_from_the_pieces(settings, monkeypatch):
     """PSL (paper §2.4, Eqs. 8-9): keywords voted from the momentum BERT's last-layer self-attention over the
     unmasked caption reading the online image tokens (the special tokens and padding excluded, the configured
@@ -385,8 +386,9 @@ def test_a_batch_of_one_keeps_itm_as_a_connected_zero_and_scores_its_pair():
 
     model = build().eval()
     full = testing.tiny_batch("pretraining")
-    batch = SampleList({key: full[key][:1] for key in ("input_ids", "input_mask", "lm_label_ids", "segment_ids",
-                                                       "image", "image_size")})
+    batch = SampleList({key: full[key][1:2] for key in ("input_ids", "input_mask", "lm_label_ids", "segment_ids",
+                                                        "image", "image_size")})
+    assert (batch.input_mask == 0).any()  # a padded caption: its mask matters
     batch.dataset_name, batch.dataset_type = full.dataset_name, full.dataset_type
     losses, scores = forward(model, batch)
     assert set(losses) == set(LOSSES) and float(losses["itm"].detach()) == 0.0 and losses["itm"].requires_grad
@@ -396,6 +398,11 @@ def test_a_batch_of_one_keeps_itm_as_a_connected_zero_and_scores_its_pair():
         want = model.heads.itm_head(model.backbone.text_encoder.fuse(ids, batch.input_mask, image)[:, 0])
     assert scores.shape == (1, 2)
     torch.testing.assert_close(scores, want)
+    two = SampleList({key: full[key][:2] for key in ("input_ids", "input_mask", "lm_label_ids", "segment_ids",
+                                                     "image", "image_size")})
+    two.dataset_name, two.dataset_type = full.dataset_name, full.dataset_type
+    losses, scores = forward(model, two)
+    assert scores.shape == (6, 2) and float(losses["itm"].detach()) > 0  # two captions: the negatives are drawn
 
 
 def test_pretraining_needs_mlm_targets_only_with_mlm_and_reads_the_caption_as_given_without():
@@ -610,3 +617,35 @@ def test_the_forward_hands_mim_the_unmasked_caption_its_padding_and_alpha(monkey
     assert pixels is batch.image and alpha == 0.3 and torch.equal(mask, batch.input_mask)
     assert torch.equal(ids, torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids))
     assert "mim" in losses
+
+
+def test_the_network_settings_reach_the_vit_and_the_bert(monkeypatch, tmp_path):
+    """The ViT's timm name, resolution, hub-weights switch, mask-token init and extra options; a BERT named by path
+    read with the configured dropouts and the layout (ALBEF: the fusion layers from ``fusion_layer``)."""
+    from transformers import BertConfig, BertModel
+
+    from mmf_multilevel.methods.simla import model as simla_model
+    from mmf_multilevel.methods.testing import TINY_BERT
+
+    calls = []
+    original = simla_model.SIMLAImageEncoder
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **dict(kwargs, pretrained=False))
+
+    monkeypatch.setattr(simla_model, "SIMLAImageEncoder", recording)
+    build(vit_pretrained=True, mask_token_init="trunc_normal")
+    (args, kwargs), = calls
+    assert args == (testing.TINY_VIT["vit"],)
+    assert kwargs == dict(image_size=testing.IMAGE_SIZE, pretrained=True, mask_token=True,
+                          mask_token_init="trunc_normal", **testing.TINY_VIT["vit_options"])
+
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings")
+    BertModel(BertConfig(**{k: TINY_BERT[k] for k in keys})).save_pretrained(str(tmp_path / "bert"))
+    model = build(bert_model_name=str(tmp_path / "bert"), hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2,
+                  layout="albef", fusion_layer=1, mim=False)
+    text = model.backbone.text_encoder
+    assert (text.config.hidden_dropout_prob, text.config.attention_probs_dropout_prob) == (0.3, 0.2)
+    assert text.layout == "albef" and list(text.fusion_layers) == [1]

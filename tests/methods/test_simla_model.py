@@ -39,6 +39,29 @@ def momentum_parameters(model):
     return {id(p) for p in model.momentum.parameters()}
 
 
+PRETRAINING_FIELDS = ("input_ids", "input_mask", "lm_label_ids", "segment_ids", "image", "image_size")
+
+
+def rows_of(full, rows):
+    """The pre-training sample list ``full`` cut to ``rows`` (a slice), with its dataset name and type."""
+    from mmf.common.sample import SampleList
+
+    batch = SampleList({key: full[key][rows] for key in PRETRAINING_FIELDS})
+    batch.dataset_name, batch.dataset_type = full.dataset_name, full.dataset_type
+    return batch
+
+
+def tiny_bert_config():
+    """The tiny BERT of ``methods/testing.py`` as a transformers ``BertConfig`` (to save a BERT folder)."""
+    from transformers import BertConfig
+
+    from mmf_multilevel.methods.testing import TINY_BERT
+
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings")
+    return BertConfig(**{k: TINY_BERT[k] for k in keys})
+
+
 def test_the_momentum_copies_never_reach_an_optimizer():
     model = build()
     copies = momentum_parameters(model)
@@ -382,14 +405,10 @@ def test_the_psl_loss_equals_a_recomputation_from_the_pieces(settings, monkeypat
 def test_a_batch_of_one_keeps_itm_as_a_connected_zero_and_scores_its_pair():
     """One caption has no in-batch negative (the official loader drops such a batch): ITM is 0 with a gradient
     path, the scores are the ITM logits of the one pair, the other losses are computed as usual."""
-    from mmf.common.sample import SampleList
-
     model = build().eval()
     full = testing.tiny_batch("pretraining")
-    batch = SampleList({key: full[key][1:2] for key in ("input_ids", "input_mask", "lm_label_ids", "segment_ids",
-                                                        "image", "image_size")})
+    batch = rows_of(full, slice(1, 2))
     assert (batch.input_mask == 0).any()  # a padded caption: its mask matters
-    batch.dataset_name, batch.dataset_type = full.dataset_name, full.dataset_type
     losses, scores = forward(model, batch)
     assert set(losses) == set(LOSSES) and float(losses["itm"].detach()) == 0.0 and losses["itm"].requires_grad
     ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)
@@ -398,10 +417,7 @@ def test_a_batch_of_one_keeps_itm_as_a_connected_zero_and_scores_its_pair():
         want = model.heads.itm_head(model.backbone.text_encoder.fuse(ids, batch.input_mask, image)[:, 0])
     assert scores.shape == (1, 2)
     torch.testing.assert_close(scores, want)
-    two = SampleList({key: full[key][:2] for key in ("input_ids", "input_mask", "lm_label_ids", "segment_ids",
-                                                     "image", "image_size")})
-    two.dataset_name, two.dataset_type = full.dataset_name, full.dataset_type
-    losses, scores = forward(model, two)
+    losses, scores = forward(model, rows_of(full, slice(0, 2)))
     assert scores.shape == (6, 2) and float(losses["itm"].detach()) > 0  # two captions: the negatives are drawn
 
 
@@ -545,14 +561,10 @@ def test_the_head_and_momentum_settings_reach_their_modules(tmp_path):
 
 
 def test_the_mlm_head_starts_from_the_named_berts_only_when_asked(tmp_path):
-    from transformers import BertConfig, BertForPreTraining
-
-    from mmf_multilevel.methods.testing import TINY_BERT
+    from transformers import BertForPreTraining
 
     torch.manual_seed(7)
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings")
-    bert = BertForPreTraining(BertConfig(**{k: TINY_BERT[k] for k in keys}))
+    bert = BertForPreTraining(tiny_bert_config())
     with torch.no_grad():
         bert.cls.predictions.bias.normal_()
     bert.save_pretrained(str(tmp_path / "bert"))
@@ -622,10 +634,9 @@ def test_the_forward_hands_mim_the_unmasked_caption_its_padding_and_alpha(monkey
 def test_the_network_settings_reach_the_vit_and_the_bert(monkeypatch, tmp_path):
     """The ViT's timm name, resolution, hub-weights switch, mask-token init and extra options; a BERT named by path
     read with the configured dropouts and the layout (ALBEF: the fusion layers from ``fusion_layer``)."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     from mmf_multilevel.methods.simla import model as simla_model
-    from mmf_multilevel.methods.testing import TINY_BERT
 
     calls = []
     original = simla_model.SIMLAImageEncoder
@@ -641,9 +652,7 @@ def test_the_network_settings_reach_the_vit_and_the_bert(monkeypatch, tmp_path):
     assert kwargs == dict(image_size=testing.IMAGE_SIZE, pretrained=True, mask_token=True,
                           mask_token_init="trunc_normal", **testing.TINY_VIT["vit_options"])
 
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings")
-    BertModel(BertConfig(**{k: TINY_BERT[k] for k in keys})).save_pretrained(str(tmp_path / "bert"))
+    BertModel(tiny_bert_config()).save_pretrained(str(tmp_path / "bert"))
     model = build(bert_model_name=str(tmp_path / "bert"), hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2,
                   layout="albef", fusion_layer=1, mim=False)
     text = model.backbone.text_encoder

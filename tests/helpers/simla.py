@@ -1,5 +1,23 @@
 """References shared by SIMLA's model tests."""
+import torch
 import torch.nn.functional as F
+
+#: the fields of the tiny pre-training batch (``methods/simla/testing.tiny_batch``)
+PRETRAINING_FIELDS = ("input_ids", "input_mask", "lm_label_ids", "segment_ids", "image", "image_size")
+
+
+def rows_of(full, rows, fields=PRETRAINING_FIELDS):
+    """The sample list ``full`` cut to ``rows`` (a slice) over ``fields``, with its dataset name and type."""
+    from mmf.common.sample import SampleList
+
+    batch = SampleList({key: full[key][rows] for key in fields})
+    batch.dataset_name, batch.dataset_type = full.dataset_name, full.dataset_type
+    return batch
+
+
+def unmasked_ids(batch):
+    """The caption as written: the masked words (``lm_label_ids`` >= 0) put back into ``input_ids``."""
+    return torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)
 
 
 def unimodal_features(model, pixels, ids, mask):

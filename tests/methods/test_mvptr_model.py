@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from helpers import spies
 from mmf_multilevel.methods.mvptr import model as model_module
 from mmf_multilevel.methods.mvptr.testing import tiny_batch, tiny_config
 from mmf_multilevel.methods.progress import TrainingProgress
@@ -32,16 +33,7 @@ def build(seed=0, **pretraining):
 
 def recorded(monkeypatch, name):
     """Wrap ``model_module.<name>``: every call's ``(args, kwargs, output)`` is kept."""
-    calls = []
-    real = getattr(model_module, name)
-
-    def record(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append((args, kwargs, out))
-        return out
-
-    monkeypatch.setattr(model_module, name, record)
-    return calls
+    return spies.recorded(monkeypatch, model_module, name)
 
 
 def recorded_fuse_sizes(monkeypatch, model):

@@ -11,8 +11,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import BertConfig
 
+from helpers.simla import rows_of
+from helpers.spies import recorded
 from helpers.stats import assert_rate
 from mmf_multilevel.methods.progress import TrainingProgress
+from mmf_multilevel.methods.simla import model as simla_model
 from mmf_multilevel.methods.simla import testing
 from mmf_multilevel.methods.simla.downstream import (
     NOT_RANKED,
@@ -543,13 +546,10 @@ def test_the_text_assignment_pre_step_equals_a_recomputation_and_one_caption_giv
     """Each caption (as written: its masked words put back) with the two images of ``text_assignment_pairs`` drawn
     from the vision projection's cosine over 0.07, through the two-image layout, the 3-way head on [CLS]; a batch
     of one caption has no other image: both slots hold its own and the loss is a zero in the graph."""
-    import mmf_multilevel.methods.simla.model as simla_model
     from mmf_multilevel.methods.simla.downstream import fuse_pair, text_assignment_pairs
     from mmf_multilevel.methods.simla.model import ASSIGNMENT_TEMPERATURE
 
-    seen = []
-    monkeypatch.setattr(simla_model, "text_assignment_pairs",
-                        lambda similarity: seen.append(similarity) or text_assignment_pairs(similarity))
+    seen = recorded(monkeypatch, simla_model, "text_assignment_pairs")
     model = build("nlvr2_assignment").eval()
     batch = testing.tiny_batch("nlvr2_assignment", batch=6)
     batch.lm_label_ids = torch.full_like(batch.input_ids, -1)
@@ -566,7 +566,7 @@ def test_the_text_assignment_pre_step_equals_a_recomputation_and_one_caption_giv
         first, second, labels = text_assignment_pairs(feature @ feature.t() / ASSIGNMENT_TEMPERATURE)
         hidden = fuse_pair(model.backbone.text_encoder, ids, batch.input_mask, (image[first], image[second]))
         logits = model.classifier["ta_head"](hidden[:, 0])
-    torch.testing.assert_close(seen[0], feature @ feature.t() / ASSIGNMENT_TEMPERATURE)
+    torch.testing.assert_close(seen[0][0][0], feature @ feature.t() / ASSIGNMENT_TEMPERATURE)
     torch.testing.assert_close(out["scores"], logits)
     torch.testing.assert_close(out["losses"]["train/simla_contract/nlvr2_assignment"], F.cross_entropy(logits, labels))
     single = testing.tiny_batch("nlvr2_assignment", batch=1)
@@ -639,16 +639,6 @@ def test_the_candidate_answers_are_tokenised_as_cls_answer_sep_padded_and_trunca
         build("vqa", vocab_size=12)
 
 
-def _recorded(monkeypatch, name):
-    """Every call of ``model.<name>`` (the function the SIMLA model module imported) as ``(args, kwargs)``."""
-    import mmf_multilevel.methods.simla.model as simla_model
-
-    calls, original = [], getattr(simla_model, name)
-    monkeypatch.setattr(simla_model, name, lambda *args, **kwargs: calls.append((args, kwargs))
-                        or original(*args, **kwargs))
-    return calls
-
-
 def _momentum_moved(model, scale=0.05):
     with torch.no_grad():
         for p in model.momentum.parameters():
@@ -660,13 +650,13 @@ def test_the_task_teachers_read_the_question_padding_and_run_only_when_distillin
     """SNLI-VE and VQA (paper §3.1, momentum distillation in fine-tuning): the teacher is the momentum ViT and BERT
     on the question with its padding mask (then the momentum head / decoder); it is computed only in training with
     α > 0 - in evaluation, or at α = 0, the loss gets no teacher and α = 0, whatever ``model.alpha`` holds."""
-    calls = _recorded(monkeypatch, "distilled_cross_entropy")
+    calls = recorded(monkeypatch, simla_model, "distilled_cross_entropy")
     model = _momentum_moved(build("snli_ve")).train()
     batch = testing.tiny_batch("snli_ve")
     assert (batch.input_mask == 0).any()
     model.alpha = 0.4
     model(batch)
-    (logits, targets, teacher, alpha), _ = calls[-1]
+    (logits, targets, teacher, alpha), _, _ = calls[-1]
     with torch.no_grad():
         m = model.momentum
         fused_m = m["text_encoder"].fuse(batch.input_ids, batch.input_mask, m["visual_encoder"](batch.image))
@@ -684,7 +674,7 @@ def test_the_task_teachers_read_the_question_padding_and_run_only_when_distillin
     torch.testing.assert_close(out["losses"]["train/simla_contract/snli_ve"],
                                F.cross_entropy(out["scores"], batch.targets.long().view(-1)))
 
-    answers = _recorded(monkeypatch, "answer_sequence_loss")
+    answers = recorded(monkeypatch, simla_model, "answer_sequence_loss")
     vqa = _momentum_moved(build("vqa")).train()
     batch = testing.tiny_batch("vqa")
     vqa.alpha = 0.0
@@ -728,8 +718,6 @@ def test_the_momentum_text_encoder_of_a_checkpoint_is_read_in_the_two_image_layo
 def test_text_assignment_pairs_a_batch_of_two_and_reads_a_lone_captions_padding():
     """Two captions already have another image to pair with (a real loss); a lone caption's [CLS] is read through
     the two-image layout with its padding mask and both slots its own image."""
-    from mmf.common.sample import SampleList
-
     from mmf_multilevel.methods.simla.downstream import fuse_pair
 
     model = build("nlvr2_assignment").eval()
@@ -739,9 +727,7 @@ def test_text_assignment_pairs_a_batch_of_two_and_reads_a_lone_captions_padding(
         loss = model(two)["losses"]["train/simla_contract/nlvr2_assignment"]
     assert float(loss) > 0
     full = testing.tiny_batch("nlvr2_assignment", batch=2)
-    lone = SampleList({key: full[key][1:2] for key in ("input_ids", "input_mask", "segment_ids", "image",
-                                                        "image_size")})
-    lone.dataset_name, lone.dataset_type = full.dataset_name, full.dataset_type
+    lone = rows_of(full, slice(1, 2), ("input_ids", "input_mask", "segment_ids", "image", "image_size"))
     assert (lone.input_mask == 0).any()
     with torch.no_grad():
         scores = model(lone)["scores"]

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from helpers.simla import unimodal_features
+from helpers.simla import rows_of, unimodal_features, unmasked_ids
+from helpers.spies import recorded
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.simla import testing
 from mmf_multilevel.methods.simla.losses import itc_loss, itm_labels, itm_pair_indices, sample_hard_negatives
@@ -37,18 +38,6 @@ def forward(model, batch, seed=1):
 
 def momentum_parameters(model):
     return {id(p) for p in model.momentum.parameters()}
-
-
-PRETRAINING_FIELDS = ("input_ids", "input_mask", "lm_label_ids", "segment_ids", "image", "image_size")
-
-
-def rows_of(full, rows):
-    """The pre-training sample list ``full`` cut to ``rows`` (a slice), with its dataset name and type."""
-    from mmf.common.sample import SampleList
-
-    batch = SampleList({key: full[key][rows] for key in PRETRAINING_FIELDS})
-    batch.dataset_name, batch.dataset_type = full.dataset_name, full.dataset_type
-    return batch
 
 
 def tiny_bert_config():
@@ -113,7 +102,7 @@ def test_the_queues_take_the_momentum_features_after_a_training_forward_only():
     forward(model, batch)
     size = batch.input_ids.size(0)
     assert int(model.queues.queue_ptr) == size
-    ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)
+    ids = unmasked_ids(batch)
     with torch.no_grad():
         features = unimodal_features(model, batch.image, ids, batch.input_mask)
     torch.testing.assert_close(model.queues.image_queue[:, :size], features["image_feat_m"].t())
@@ -146,7 +135,7 @@ def test_itc_and_itm_equal_a_recomputation_from_the_pieces():
     batch = testing.tiny_batch("pretraining")
     queues = (model.queues.image_queue.clone(), model.queues.text_queue.clone())
     losses, scores = forward(model, batch, seed=7)
-    ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)  # the unmasked caption
+    ids = unmasked_ids(batch)  # the unmasked caption
     mask = batch.input_mask
     with torch.no_grad():
         bert, heads = model.backbone.text_encoder, model.heads
@@ -276,19 +265,17 @@ def test_the_mim_loss_equals_a_recomputation_from_the_pieces(monkeypatch):
     from mmf_multilevel.methods.simla.losses import distilled_token_loss
     from mmf_multilevel.methods.simla.vision import block_mask
 
-    masks = []
-    monkeypatch.setattr(simla_model, "block_mask",
-                        lambda *args, **kwargs: masks.append((args, kwargs)) or block_mask(*args, **kwargs))
+    masks = recorded(monkeypatch, simla_model, "block_mask")
     model = build(mim_masked_patches=5, mim_min_block=3, mim_min_aspect=0.5).eval()
     with torch.no_grad():  # online and momentum heads differ
         model.heads.mim_head.weight.add_(torch.randn_like(model.heads.mim_head.weight))
     batch = testing.tiny_batch("pretraining")
-    ids, mask = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids), batch.input_mask
+    ids, mask = unmasked_ids(batch), batch.input_mask
     assert (mask == 0).any()  # padded captions: the memory mask matters
     torch.manual_seed(11)
     with torch.no_grad():
         got = model._mim_loss(batch.image, ids, mask, 0.4)
-        (args, kwargs), = masks
+        (args, kwargs, _), = masks
         assert kwargs["num_masked"] == 5 and kwargs["min_block"] == 3 and kwargs["min_aspect"] == 0.5
         vit, bert, m = model.backbone.image_encoder, model.backbone.text_encoder, model.momentum
         torch.manual_seed(11)
@@ -327,8 +314,7 @@ def test_the_mlm_loss_equals_a_recomputation_from_the_pieces(monkeypatch):
     from mmf_multilevel.methods.simla import model as simla_model
     from mmf_multilevel.methods.simla.losses import mlm_loss
 
-    calls = []
-    monkeypatch.setattr(simla_model, "mlm_loss", lambda *args: calls.append(args) or mlm_loss(*args))
+    calls = recorded(monkeypatch, simla_model, "mlm_loss")
     torch.manual_seed(3)
     model = _perturbed(build()).eval()
     model.alpha = 0.4
@@ -341,7 +327,7 @@ def test_the_mlm_loss_equals_a_recomputation_from_the_pieces(monkeypatch):
         logits = model.heads.mlm(bert.fuse(masked, mask, model.backbone.image_encoder(batch.image))[keep])
         teacher = m["mlm"](m["text_encoder"].fuse(masked, mask, m["visual_encoder"](batch.image))[keep])
         want = mlm_loss(logits, labels[keep], teacher, 0.4)
-        (got_logits, got_labels, got_teacher, got_alpha), = calls
+        ((got_logits, got_labels, got_teacher, got_alpha), _, _), = calls
         torch.testing.assert_close(got_logits, logits)
         torch.testing.assert_close(got_teacher, teacher)
         assert torch.equal(got_labels, labels[keep]) and got_alpha == 0.4
@@ -355,7 +341,7 @@ def test_the_mlm_loss_equals_a_recomputation_from_the_pieces(monkeypatch):
     model.alpha = 0.0
     losses, _ = forward(model, batch)
     torch.testing.assert_close(losses["mlm"], F.cross_entropy(logits, labels[keep]))
-    assert calls[-1][2] is None
+    assert calls[-1][0][2] is None
 
 
 @pytest.mark.parametrize("settings", [dict(psl_k_per_head=2, psl_num_labels=3, psl_replicate_official=False),
@@ -369,15 +355,13 @@ def test_the_psl_loss_equals_a_recomputation_from_the_pieces(settings, monkeypat
     from mmf_multilevel.methods.simla import model as simla_model
     from mmf_multilevel.methods.simla.losses import psl_loss, psl_targets
 
-    calls = []
-    monkeypatch.setattr(simla_model, "psl_targets",
-                        lambda *args, **kwargs: calls.append((args, kwargs)) or psl_targets(*args, **kwargs))
+    calls = recorded(monkeypatch, simla_model, "psl_targets")
     torch.manual_seed(3)
     model = _perturbed(build(**settings)).eval()
     model.alpha = 0.3
     batch = testing.tiny_batch("pretraining")
     losses, _ = forward(model, batch)
-    ids, mask = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids), batch.input_mask
+    ids, mask = unmasked_ids(batch), batch.input_mask
     with torch.no_grad():
         f = unimodal_features(model, batch.image, ids, mask)
         bert_m = model.momentum["text_encoder"]
@@ -390,7 +374,7 @@ def test_the_psl_loss_equals_a_recomputation_from_the_pieces(settings, monkeypat
         teacher = model.momentum["concept_head"](f["image_feat_m"])
         want = psl_loss(logits, targets, teacher, 0.3)
         assert targets.sum(-1).max() <= settings["psl_num_labels"] and targets.sum() > 0
-        (args, kwargs), = calls  # the votes' inputs themselves (a small change in them may keep the same votes)
+        (args, kwargs, _), = calls  # the votes' inputs themselves (a small change in them may keep the same votes)
         torch.testing.assert_close(args[0], attentions[-1])
         assert torch.equal(args[1], ids) and args[2] == bert_m.config.vocab_size
         assert torch.equal(kwargs.pop("attention_mask"), mask)
@@ -411,7 +395,7 @@ def test_a_batch_of_one_keeps_itm_as_a_connected_zero_and_scores_its_pair():
     assert (batch.input_mask == 0).any()  # a padded caption: its mask matters
     losses, scores = forward(model, batch)
     assert set(losses) == set(LOSSES) and float(losses["itm"].detach()) == 0.0 and losses["itm"].requires_grad
-    ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)
+    ids = unmasked_ids(batch)
     with torch.no_grad():
         image = model.backbone.image_encoder(batch.image)
         want = model.heads.itm_head(model.backbone.text_encoder.fuse(ids, batch.input_mask, image)[:, 0])
@@ -523,19 +507,16 @@ def test_the_alignment_of_a_padded_caption_equals_that_of_the_caption_alone():
 def test_mim_at_alpha_zero_runs_no_teacher(monkeypatch):
     """α = 0 (the start of the ramp): MIM's loss gets no teacher and the momentum ViT is not run for it."""
     from mmf_multilevel.methods.simla import model as simla_model
-    from mmf_multilevel.methods.simla.losses import distilled_token_loss
 
-    calls = []
-    monkeypatch.setattr(simla_model, "distilled_token_loss",
-                        lambda *args: calls.append(args) or distilled_token_loss(*args))
+    calls = recorded(monkeypatch, simla_model, "distilled_token_loss")
     model = build().eval()
     batch = testing.tiny_batch("pretraining")
-    ids = torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids)
+    ids = unmasked_ids(batch)
     runs = []
     model.momentum["visual_encoder"].register_forward_hook(lambda *args: runs.append(1))
     with torch.no_grad():
         model._mim_loss(batch.image, ids, batch.input_mask, 0.0)
-    (_, _, teacher, alpha), = calls
+    ((_, _, teacher, alpha), _, _), = calls
     assert teacher is None and alpha == 0.0 and not runs
 
 
@@ -620,14 +601,12 @@ def test_the_optimizer_groups_lr_and_weight_decay_follow_the_settings():
 def test_the_forward_hands_mim_the_unmasked_caption_its_padding_and_alpha(monkeypatch):
     model = build().eval()
     model.alpha = 0.3
-    calls = []
-    original = model._mim_loss
-    monkeypatch.setattr(model, "_mim_loss", lambda *args: calls.append(args) or original(*args))
+    calls = recorded(monkeypatch, model, "_mim_loss")
     batch = testing.tiny_batch("pretraining")
     losses, _ = forward(model, batch)
-    (pixels, ids, mask, alpha), = calls
+    ((pixels, ids, mask, alpha), _, _), = calls
     assert pixels is batch.image and alpha == 0.3 and torch.equal(mask, batch.input_mask)
-    assert torch.equal(ids, torch.where(batch.lm_label_ids >= 0, batch.lm_label_ids, batch.input_ids))
+    assert torch.equal(ids, unmasked_ids(batch))
     assert "mim" in losses
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import BertConfig
 
+from helpers import spies
 from helpers.heads import assert_bert_transform
 from mmf_multilevel.methods.progress import TrainingProgress
 from mmf_multilevel.methods.soho import testing as tiny
@@ -71,18 +72,10 @@ def spy_joint(model):
 
 
 def recorded_mvm_draws(monkeypatch):
-    """Every ``draw_mvm_mask`` call of the model: ``(args, mask)``."""
+    """Every ``draw_mvm_mask`` call of the model: ``(args, kwargs, mask)``."""
     import mmf_multilevel.methods.soho.model as soho_model
 
-    draws = []
-    real = soho_model.draw_mvm_mask
-
-    def record(*args, **kwargs):
-        draws.append((args, real(*args, **kwargs)))
-        return draws[-1][1]
-
-    monkeypatch.setattr(soho_model, "draw_mvm_mask", record)
-    return draws
+    return spies.recorded(monkeypatch, soho_model, "draw_mvm_mask")
 
 
 def update(model, batch, optimizer, progress, seed=0):
@@ -626,7 +619,7 @@ def test_pretraining_head_shapes(monkeypatch):
     model.on_update_start(TrainingProgress(update=0, epoch=1))
     model(batch)
     pairs = batch.pairs.input_ids.size(0)
-    ((_, mask),) = draws  # one masked pass, over the matched pairs
+    ((_, _, mask),) = draws  # one masked pass, over the matched pairs
     assert mask.size(0) == int(batch.pairs.is_correct.sum()) and int(mask.sum()) > 0
     assert shapes == {"mvm": (int(mask.sum()), K), "itm": (pairs, 2)}
 
@@ -1173,7 +1166,7 @@ def test_both_pretraining_passes_read_the_token_types_and_the_mvm_settings(monke
     (clean, masked) = calls
     assert torch.equal(clean["segment_ids"], pairs.segment_ids)
     assert torch.equal(masked["segment_ids"], pairs.segment_ids[matched])
-    ((args, _),) = draws
+    ((args, _, _),) = draws
     assert args[3:] == (0.5, 0.6)  # (ids, real cells, mode, mask ratio, max ratio)
     del pairs["segment_ids"]  # no token types: none reach either pass
     calls.clear()
